@@ -1,0 +1,113 @@
+"""Tunnel frames between relay and transceiver: a version byte, then one MessagePack array.
+
+The msgspec Structs below are the schema and the single source of truth. The relay's hot path
+does not run the encoder per packet: it writes the data-frame header in place with
+:func:`data_header`, a fixed-width encoding of the same array that the decoder reads back as
+a :class:`Data` (tests hold the two to each other). Fixed widths keep the header a constant
+24 bytes for an IPv4 client (36 for IPv6), so the relay can reserve it as headroom in front
+of the received payload.
+
+Direction and meaning:
+
+- ``Data``            both ways: relay→transceiver carries a client datagram; transceiver→relay
+                      carries a datagram for that client. ``handle`` names the relay's flow.
+- ``Heartbeat``       transceiver→relay, every second: alive, load, draining.
+- ``SessionClosed``   transceiver→relay: drop every flow of that ufrag now.
+- ``Drain``           transceiver→relay: it takes no new sessions; existing flows stay.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Annotated
+
+import msgspec
+
+FRAME_VERSION = 1
+_VERSION_BYTE = bytes([FRAME_VERSION])
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Handle = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
+
+
+class Data(msgspec.Struct, array_like=True, frozen=True, tag=1):
+    handle: Handle
+    ip: bytes  # packed client IP, 4 or 16 bytes
+    port: Port
+    payload: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.ip) not in (4, 16):
+            raise ValueError("ip must be 4 or 16 bytes")
+
+
+class Heartbeat(msgspec.Struct, array_like=True, frozen=True, tag=2):
+    sessions: Annotated[int, msgspec.Meta(ge=0)]
+    capacity: Annotated[int, msgspec.Meta(ge=0)]
+    draining: bool = False
+
+
+class SessionClosed(msgspec.Struct, array_like=True, frozen=True, tag=3):
+    ufrag: Annotated[str, msgspec.Meta(max_length=256)]
+
+
+class Drain(msgspec.Struct, array_like=True, frozen=True, tag=4):
+    deadline_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+
+
+Frame = Data | Heartbeat | SessionClosed | Drain
+
+FRAME_ERROR_REASONS = frozenset({"frame_empty", "frame_bad_version", "frame_malformed"})
+
+
+class FrameError(Exception):
+    """Bytes that are not a tunnel frame; ``reason`` is one of FRAME_ERROR_REASONS."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Frame)
+
+
+def encode_frame(frame: Frame) -> bytes:
+    return _VERSION_BYTE + _encoder.encode(frame)
+
+
+def decode_frame(buf: bytes | memoryview) -> Frame:
+    if not buf:
+        raise FrameError("frame_empty")
+    if buf[0] != FRAME_VERSION:
+        raise FrameError("frame_bad_version", f"version byte {buf[0]}")
+    try:
+        return _decoder.decode(memoryview(buf)[1:])
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise FrameError("frame_malformed", str(exc)) from None
+
+
+# --- fixed-width data-frame header, for writing in place on the hot path -------------------
+# version, fixarray(5), tag 1, uint64 handle, bin8 ip, uint16 port, bin16 payload length
+_HEADER_V4 = struct.Struct("!BBBBQBB4sBHBH")
+_HEADER_V6 = struct.Struct("!BBBBQBB16sBHBH")
+DATA_HEADER_LEN_V4 = _HEADER_V4.size  # 24
+DATA_HEADER_LEN_V6 = _HEADER_V6.size  # 36
+MAX_PAYLOAD = 0xFFFF
+
+
+def data_header_len(ip: bytes) -> int:
+    return DATA_HEADER_LEN_V4 if len(ip) == 4 else DATA_HEADER_LEN_V6
+
+
+def data_prefix(handle: int, ip: bytes, port: int) -> bytes:
+    """Header bytes up to (not including) the 2-byte payload length: constant per flow, cache it."""
+    header_struct = _HEADER_V4 if len(ip) == 4 else _HEADER_V6
+    return header_struct.pack(FRAME_VERSION, 0x95, 0x01, 0xCF, handle, 0xC4, len(ip), ip, 0xCD, port, 0xC5, 0)[:-2]
+
+
+def data_header(handle: int, ip: bytes, port: int, payload_len: int) -> bytes:
+    """The full fixed-width header of a Data frame; ``header + payload`` decodes as :class:`Data`."""
+    if payload_len > MAX_PAYLOAD:
+        raise ValueError("payload larger than 65535 bytes")
+    return data_prefix(handle, ip, port) + payload_len.to_bytes(2, "big")

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Shared set-up for scripts/demo and scripts/test: a project venv in .venv with rtcrelay
+# installed editable. Idempotent and quick when nothing changed (keyed on pyproject.toml).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_install() {
+    # apt only when something is missing; 'update' once per call.
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@"
+}
+
+if ! "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11)' 2>/dev/null; then
+    echo "rtcrelay needs Python 3.11 (found: $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2
+    exit 1
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    if ! "$PY" -m venv "$VENV" 2>/dev/null; then
+        rm -rf "$VENV"
+        apt_install python3-venv
+        "$PY" -m venv "$VENV"
+    fi
+fi
+
+stamp="$VENV/.rtcrelay-installed"
+extras="${RTCRELAY_EXTRAS:-test}"
+want="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)-$extras"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e "$ROOT[$extras]"
+    echo "$want" > "$stamp"
+fi

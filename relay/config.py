@@ -1,0 +1,86 @@
+"""The relay's settings (``/etc/rtcrelay/relay.toml``, ``RTCRELAY_RELAY_*``, flags)."""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+
+from relay.config_file import load_config, parse_host_port, parse_networks
+
+ENV_PREFIX = "RTCRELAY_RELAY_"
+
+
+class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Instance name: names the shm table and its lock files, so two relays can share a host.
+    name: str = "default"
+    # Public UDP addresses clients send to ("0.0.0.0:3478", "[::]:3478"); one socket per worker each.
+    listen: list[str] = msgspec.field(default_factory=lambda: ["0.0.0.0:3478"])
+    # Worker processes; 0 = one per CPU.
+    workers: int = 0
+    # Where each worker's tunnel socket binds; transceivers must reach it. Port 0: ephemeral,
+    # else tunnel_port + worker index.
+    tunnel_host: str = "127.0.0.1"
+    tunnel_port: int = 0
+    # Tunnel frames are accepted only from these networks (the transceivers').
+    transceiver_networks: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    route_keys_file: str = ""
+    cluster_id: int | None = None
+    # How old a route token may be when its session is new to the relay (seconds).
+    token_max_age: float = 300.0
+    table_dir: str = "/dev/shm"
+    flow_capacity: int = 65536  # slots per worker partition (power of two)
+    session_capacity: int = 16384  # per worker partition (power of two)
+    max_flows_per_session: int = 8
+    idle_timeout: float = 30.0  # a little above ICE's consent-freshness window
+    heartbeat_timeout: float = 3.0  # a transceiver silent this long loses its flows
+    admin_listen: str = "127.0.0.1:9478"  # "" disables the admin HTTP endpoint
+    socket_buffer: int = 8 << 20
+    batch: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError("`name`: use letters, digits, '-' and '_' only")
+        if not self.listen:
+            raise ValueError("`listen`: at least one address is needed")
+        for index, text in enumerate(self.listen):
+            parse_host_port(text, f"listen[{index}]")
+        if self.workers < 0 or self.workers > 256:
+            raise ValueError("`workers`: 0 (one per CPU) to 256")
+        parse_host_port(f"{_bracket(self.tunnel_host)}:{self.tunnel_port}", "tunnel_host/tunnel_port")
+        parse_networks(self.transceiver_networks, "transceiver_networks")
+        if self.admin_listen:
+            parse_host_port(self.admin_listen, "admin_listen")
+        for key in ("flow_capacity", "session_capacity"):
+            value = getattr(self, key)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"`{key}`: {value} is not a power of two ≥ 16")
+        if not 1 <= self.max_flows_per_session <= 64:
+            raise ValueError("`max_flows_per_session`: 1 to 64")
+        for key in ("token_max_age", "idle_timeout", "heartbeat_timeout"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"`{key}`: must be > 0 seconds")
+        if self.cluster_id is not None and not 0 <= self.cluster_id < 65536:
+            raise ValueError("`cluster_id`: 0 to 65535")
+        if not 1 <= self.batch <= 1024:
+            raise ValueError("`batch`: 1 to 1024")
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+    @property
+    def table_path(self) -> str:
+        return os.path.join(self.table_dir, f"rtcrelay-{self.name}.table")
+
+    @property
+    def stats_path(self) -> str:
+        return os.path.join(self.table_dir, f"rtcrelay-{self.name}.stats")
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def load_relay_config(path: str | None, overrides: dict | None = None) -> RelayConfig:
+    return load_config(RelayConfig, path, env_prefix=ENV_PREFIX, overrides=overrides)

@@ -1,0 +1,86 @@
+"""The relay's counters: their names (one row per worker in the counter block) and the
+Prometheus text rendering. Pure: values in, text out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from relay.decision import DECISION_DROP_REASONS
+from relay.tunnel_frame import FRAME_ERROR_REASONS
+
+# Drops the worker itself decides, beyond the decision function's and the frame decoder's.
+WORKER_DROP_REASONS = frozenset(
+    {
+        "oversized",  # datagram larger than the receive buffer
+        "table_full",  # partition at its load cap: new flow refused, old ones kept
+        "session_table_full",
+        "session_flow_limit",  # too many flows (5-tuples) for one ufrag
+        "ufrag_too_long",
+        "tunnel_source_not_allowed",  # tunnel frame from outside transceiver_networks
+        "tunnel_unexpected_frame",  # a frame kind the relay does not take
+        "tunnel_unknown_flow",  # return frame whose handle names no live flow
+        "tunnel_foreign_flow",  # handle live, but owned by another transceiver or client
+        "send_failed",  # the kernel refused a send (buffer full, unreachable)
+    }
+)
+DROP_REASONS = tuple(sorted(DECISION_DROP_REASONS | FRAME_ERROR_REASONS | WORKER_DROP_REASONS))
+
+STATE_COUNTERS = ("pid", "ready", "heartbeat_ms", "flows", "transceivers")
+TRAFFIC_COUNTERS = (
+    "client_packets",  # client → transceiver, forwarded
+    "client_bytes",
+    "transceiver_packets",  # transceiver → client, forwarded
+    "transceiver_bytes",
+    "flows_learned",
+    "flows_adopted",
+    "flows_expired",
+    "flows_closed",  # session closed or transceiver gone
+    "heartbeats",
+)
+WORKER_COUNTERS: tuple[str, ...] = STATE_COUNTERS + TRAFFIC_COUNTERS + tuple(f"drop_{r}" for r in DROP_REASONS)
+COUNTER_INDEX = {name: i for i, name in enumerate(WORKER_COUNTERS)}
+
+
+def render_prometheus(rows: Sequence[Mapping[str, int]], table_totals: Mapping[str, int] | None = None) -> str:
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_text: str) -> None:
+        out.append(f"# HELP rtcrelay_{name} {help_text}")
+        out.append(f"# TYPE rtcrelay_{name} {kind}")
+
+    family("packets_total", "counter", "Datagrams forwarded, by worker and direction.")
+    for w, row in enumerate(rows):
+        out.append(f'rtcrelay_packets_total{{worker="{w}",direction="to_transceiver"}} {row.get("client_packets", 0)}')
+        out.append(f'rtcrelay_packets_total{{worker="{w}",direction="to_client"}} {row.get("transceiver_packets", 0)}')
+    family("bytes_total", "counter", "Payload bytes forwarded, by worker and direction.")
+    for w, row in enumerate(rows):
+        out.append(f'rtcrelay_bytes_total{{worker="{w}",direction="to_transceiver"}} {row.get("client_bytes", 0)}')
+        out.append(f'rtcrelay_bytes_total{{worker="{w}",direction="to_client"}} {row.get("transceiver_bytes", 0)}')
+    family("drops_total", "counter", "Datagrams dropped, by worker and reason.")
+    for w, row in enumerate(rows):
+        for reason in DROP_REASONS:
+            out.append(f'rtcrelay_drops_total{{worker="{w}",reason="{reason}"}} {row.get("drop_" + reason, 0)}')
+    for name, help_text in (
+        ("flows_learned", "Flows created from authenticated STUN."),
+        ("flows_adopted", "Flows taken over from another worker's partition."),
+        ("flows_expired", "Flows removed after the idle timeout."),
+        ("flows_closed", "Flows removed because their session closed or their transceiver went silent."),
+        ("heartbeats", "Transceiver heartbeats received."),
+    ):
+        family(f"{name}_total", "counter", help_text)
+        for w, row in enumerate(rows):
+            out.append(f'rtcrelay_{name}_total{{worker="{w}"}} {row.get(name, 0)}')
+    family("flows", "gauge", "Flows in each worker's local table.")
+    for w, row in enumerate(rows):
+        out.append(f'rtcrelay_flows{{worker="{w}"}} {row.get("flows", 0)}')
+    family("worker_ready", "gauge", "1 when the worker serves.")
+    for w, row in enumerate(rows):
+        out.append(f'rtcrelay_worker_ready{{worker="{w}"}} {row.get("ready", 0)}')
+    family("transceivers", "gauge", "Transceivers heard from within the heartbeat timeout.")
+    for w, row in enumerate(rows):
+        out.append(f'rtcrelay_transceivers{{worker="{w}"}} {row.get("transceivers", 0)}')
+    if table_totals:
+        family("table", "gauge", "Shared flow table: entries, capacity and refusals.")
+        for key, value in sorted(table_totals.items()):
+            out.append(f'rtcrelay_table{{field="{key}"}} {value}')
+    return "\n".join(out) + "\n"

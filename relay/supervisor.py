@@ -1,0 +1,314 @@
+"""The relay supervisor: owns every socket and the shared table, runs and restarts the workers.
+
+It is deliberately not on the packet path. It:
+
+- opens (or receives from systemd) the public SO_REUSEPORT sockets, one per worker and
+  listen address, and one tunnel socket per worker; hands them to the fd store so a
+  restarted relay gets the very same sockets back;
+- creates the shared flow table, or reopens it after a restart of the whole relay;
+- starts each worker as ``python -m relay.worker`` with its sockets passed by fd, and restarts
+  a dead one with the same sockets and the same partition (backoff against crash loops);
+- tells systemd READY=1 once every worker serves, STATUS=, WATCHDOG=1 while every worker's
+  heartbeat is fresh, STOPPING=1 on the way out; SIGHUP reloads route keys in every worker;
+- serves /metrics, /healthz and /readyz on the admin address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from relay import systemd
+from relay.config import RelayConfig
+from relay.config_file import parse_host_port
+from relay.keys import load_keyring
+from relay.metrics import WORKER_COUNTERS, render_prometheus
+from relay.sockets import adopt_fd, bound_address, open_udp
+from relay.worker_spec import PublicSocket, WorkerSpec, encode_spec
+from shm.counters import CounterBlock
+from shm.flowtable import FlowTable, LayoutMismatch
+
+log = logging.getLogger("rtcrelay.relay")
+
+RESTART_BACKOFF_MAX_S = 5.0
+HEARTBEAT_STALE_S = 5.0  # a worker that has not flushed for this long is killed and restarted
+
+
+@dataclass
+class WorkerSlot:
+    index: int
+    public: list[socket.socket]
+    tunnel: socket.socket
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    crash_streak: int = 0
+    next_start: float = 0.0
+    pidfd: int | None = None
+    exits: list[int] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, config: RelayConfig, *, keep_table: bool = True) -> None:
+        self.config = config
+        self.keep_table = keep_table
+        self.keys_path = config.route_keys_file or None
+        load_keyring(self.keys_path)  # fail at start, naming the problem, not in every worker
+        self.workers: list[WorkerSlot] = []
+        self.table: FlowTable | None = None
+        self.counters: CounterBlock | None = None
+        self.ready_sent = False
+        self.stopping = False
+        self._stop = asyncio.Event()
+        self._admin: web.AppRunner | None = None
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def open_sockets(self) -> None:
+        inherited = systemd.listen_fds()
+        systemd.unset_listen_env()
+        stored = {name: fds[0] for name, fds in inherited.items() if name.startswith(("public-", "tunnel-"))}
+        activated = [fd for name, fds in inherited.items() if not name.startswith(("public-", "tunnel-")) for fd in fds]
+        activated_by_addr: dict[tuple[str, int], list[socket.socket]] = {}
+        for fd in activated:
+            sock = adopt_fd(fd)
+            activated_by_addr.setdefault(bound_address(sock), []).append(sock)
+        listen = [parse_host_port(text, "listen") for text in self.config.listen]
+        for index in range(self.config.worker_count):
+            public = []
+            for j, (host, port) in enumerate(listen):
+                name = f"public-{index}-{j}"
+                if name in stored:
+                    public.append(adopt_fd(stored.pop(name)))
+                elif activated_by_addr.get((host, port)):
+                    public.append(activated_by_addr[(host, port)].pop())
+                else:
+                    public.append(open_udp(host, port, reuseport=True, buffer_size=self.config.socket_buffer))
+            name = f"tunnel-{index}"
+            if name in stored:
+                tunnel = adopt_fd(stored.pop(name))
+            else:
+                tunnel_port = self.config.tunnel_port + index if self.config.tunnel_port else 0
+                tunnel = open_udp(self.config.tunnel_host, tunnel_port, reuseport=False, buffer_size=self.config.socket_buffer)
+            self.workers.append(WorkerSlot(index, public, tunnel))
+        for leftover in [*stored.values()]:
+            os.close(leftover)  # a socket for a worker index this configuration no longer has
+        for socks in activated_by_addr.values():
+            for sock in socks:
+                sock.close()
+        self._store_fds()
+
+    def _store_fds(self) -> None:
+        """Give systemd's fd store a copy of every socket: a restarted relay gets them back."""
+        for slot in self.workers:
+            for j, sock in enumerate(slot.public):
+                systemd.notify(f"FDSTORE=1\nFDNAME=public-{slot.index}-{j}", [sock.fileno()])
+            systemd.notify(f"FDSTORE=1\nFDNAME=tunnel-{slot.index}", [slot.tunnel.fileno()])
+
+    def open_table(self) -> None:
+        cfg = self.config
+        layout = dict(
+            partitions=cfg.worker_count,
+            flow_capacity=cfg.flow_capacity,
+            session_capacity=cfg.session_capacity,
+            max_flows_per_session=cfg.max_flows_per_session,
+        )
+        table = None
+        if os.path.exists(cfg.table_path):
+            try:
+                table = FlowTable.open(cfg.table_path, **layout)
+                log.info("reopened flow table %s (flows kept across the restart)", cfg.table_path)
+            except LayoutMismatch as exc:
+                log.warning("flow table %s has another layout (%s): creating a new one", cfg.table_path, exc)
+        if table is None:
+            table = FlowTable.create(cfg.table_path, **layout)
+        self.table = table
+        self.counters = CounterBlock.create(cfg.stats_path, WORKER_COUNTERS, rows=cfg.worker_count)
+
+    # -- workers ------------------------------------------------------------------------------
+
+    def spawn(self, slot: WorkerSlot) -> None:
+        spec = WorkerSpec(
+            index=slot.index,
+            config=self.config,
+            public=[PublicSocket(sock.fileno(), *bound_address(sock)) for sock in slot.public],
+            tunnel_fd=slot.tunnel.fileno(),
+            supervisor_pid=os.getpid(),
+        )
+        fds = [sock.fileno() for sock in slot.public] + [slot.tunnel.fileno()]
+        env = dict(os.environ, RTCRELAY_WORKER_SPEC=encode_spec(spec))
+        env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
+        slot.process = subprocess.Popen([sys.executable, "-m", "relay.worker"], pass_fds=fds, env=env)
+        slot.started_at = time.monotonic()
+        slot.pidfd = os.pidfd_open(slot.process.pid)
+        asyncio.get_running_loop().add_reader(slot.pidfd, self._on_exit, slot)
+        log.info("worker %d started (pid %d)", slot.index, slot.process.pid)
+
+    def _on_exit(self, slot: WorkerSlot) -> None:
+        loop = asyncio.get_running_loop()
+        assert slot.pidfd is not None and slot.process is not None
+        loop.remove_reader(slot.pidfd)
+        os.close(slot.pidfd)
+        slot.pidfd = None
+        code = slot.process.wait()
+        slot.exits.append(code)
+        if self.stopping:
+            return
+        uptime = time.monotonic() - slot.started_at
+        slot.crash_streak = slot.crash_streak + 1 if uptime < 10 else 1
+        delay = min(0.05 * 2 ** (slot.crash_streak - 1), RESTART_BACKOFF_MAX_S)
+        slot.restarts += 1
+        log.warning("worker %d (pid %d) exited with %d after %.1f s; restarting in %.2f s", slot.index, slot.process.pid, code, uptime, delay)
+        slot.process = None
+        loop.call_later(delay, self._respawn, slot)
+
+    def _respawn(self, slot: WorkerSlot) -> None:
+        if not self.stopping and slot.process is None:
+            self.spawn(slot)
+
+    def worker_rows(self) -> list[dict[str, int]]:
+        assert self.counters is not None
+        return [self.counters.load_row(slot.index) for slot in self.workers]
+
+    def worker_is_serving(self, slot: WorkerSlot, row: dict[str, int]) -> bool:
+        return slot.process is not None and row["pid"] == slot.process.pid and row["ready"] == 1
+
+    # -- main loop ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
+        self.open_sockets()
+        self.open_table()
+        for slot in self.workers:
+            self.spawn(slot)
+        await self._start_admin()
+        watchdog = systemd.watchdog_interval()
+        tick = min(0.25, watchdog or 0.25)
+        try:
+            while not self._stop.is_set():
+                self._check_workers(watchdog)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), tick)
+        finally:
+            await self.shutdown()
+
+    def _check_workers(self, watchdog: float | None) -> None:
+        rows = self.worker_rows()
+        now_ms = int(time.time() * 1000)
+        serving = 0
+        healthy = True
+        for slot, row in zip(self.workers, rows):
+            if self.worker_is_serving(slot, row):
+                serving += 1
+                if now_ms - row["heartbeat_ms"] > HEARTBEAT_STALE_S * 1000:
+                    healthy = False
+                    assert slot.process is not None
+                    log.error("worker %d (pid %d) stopped flushing for %.1f s: killing it", slot.index, slot.process.pid, (now_ms - row["heartbeat_ms"]) / 1000)
+                    with contextlib.suppress(ProcessLookupError):
+                        slot.process.kill()
+        flows = sum(row["flows"] for row in rows)
+        if serving == len(self.workers) and not self.ready_sent:
+            self.ready_sent = True
+            log.info("relay ready: %d workers on %s", serving, ", ".join(self.config.listen))
+            systemd.notify(f"READY=1\nSTATUS=serving: {serving} workers, {flows} flows")
+        elif self.ready_sent:
+            systemd.notify(f"STATUS=serving: {serving}/{len(self.workers)} workers, {flows} flows")
+        if watchdog is not None and healthy:
+            systemd.notify("WATCHDOG=1")
+
+    def reload_keys(self) -> None:
+        try:
+            load_keyring(self.keys_path)
+        except Exception as exc:  # keep serving with the old keys, say why
+            log.error("SIGHUP: route keys not reloaded: %s", exc)
+            return
+        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        for slot in self.workers:
+            if slot.process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    slot.process.send_signal(signal.SIGHUP)
+        log.info("SIGHUP: route keys reloaded in %d workers", len(self.workers))
+        systemd.notify("READY=1")
+
+    async def shutdown(self) -> None:
+        self.stopping = True
+        systemd.notify("STOPPING=1")
+        for slot in self.workers:
+            if slot.process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    slot.process.terminate()
+        deadline = time.monotonic() + 5.0
+        for slot in self.workers:
+            if slot.process is None:
+                continue
+            try:
+                slot.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                slot.process.kill()
+                slot.process.wait()
+        if self._admin is not None:
+            await self._admin.cleanup()
+        for slot in self.workers:
+            for sock in slot.public:
+                sock.close()
+            slot.tunnel.close()
+        if self.table is not None:
+            self.table.close()
+            if not self.keep_table:
+                self.table.unlink()
+        if self.counters is not None:
+            self.counters.close()
+            if not self.keep_table:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.config.stats_path)
+        log.info("relay stopped")
+
+    # -- admin HTTP ---------------------------------------------------------------------------
+
+    async def _start_admin(self) -> None:
+        if not self.config.admin_listen:
+            return
+        host, port = parse_host_port(self.config.admin_listen, "admin_listen")
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        self._admin = web.AppRunner(app, access_log=None)
+        await self._admin.setup()
+        await web.TCPSite(self._admin, host, port).start()
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        assert self.table is not None
+        body = render_prometheus(self.worker_rows(), self.table.totals())
+        return web.Response(text=body, content_type="text/plain", charset="utf-8")
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        alive = sum(1 for slot in self.workers if slot.process is not None and slot.process.poll() is None)
+        status = 200 if alive == len(self.workers) else 503
+        return web.json_response({"workers": len(self.workers), "alive": alive}, status=status)
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        serving = sum(1 for slot, row in zip(self.workers, self.worker_rows()) if self.worker_is_serving(slot, row))
+        status = 200 if serving == len(self.workers) and not self.stopping else 503
+        return web.json_response({"workers": len(self.workers), "serving": serving}, status=status)
+
+
+def run_relay(config: RelayConfig, *, keep_table: bool = True) -> None:
+    """Run the relay until SIGTERM/SIGINT (the `rtcrelay relay` command)."""
+    import uvloop
+
+    uvloop.run(Supervisor(config, keep_table=keep_table).run())
+

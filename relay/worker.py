@@ -1,0 +1,335 @@
+"""A relay worker process: the packet path. Started by the supervisor as ``python -m relay.worker``.
+
+Client → transceiver (per batch of up to ``batch`` datagrams from one recvmmsg):
+    hit: the source's sockaddr bytes are a key of the local dict → write the flow's fixed
+         24-byte tunnel header into the headroom in front of the payload → queue for sendmmsg
+         to the flow's transceiver. No copy, no allocation beyond the batch tuples.
+    miss: :func:`relay.decision.decide` (demux, STUN, route token, integrity), then learn the
+         flow in this worker's shm partition, or adopt one found in another partition.
+
+Transceiver → client: a tunnel frame whose 22-byte prefix equals the flow's own prefix
+(handle, client IP and port; the transceiver writes the same fixed-width header) from the
+flow's transceiver address is sent on; anything else goes through the msgspec decoder
+(control frames, compact encodings) and is validated the same way. The relay sends only to
+clients it has a flow for: it is no reflector.
+
+Housekeeping once a second: per-flow counters to shm, the worker's counter row (heartbeat for
+the supervisor's watchdog), an incremental expiry sweep, and the heartbeat timeout of each
+transceiver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from relay.config_file import parse_networks
+from relay.decision import AuthPolicy, Drop, Forward, Learn, decide
+from relay.flows import FlowEntry, LocalFlows
+from relay.keys import load_keyring
+from relay.metrics import COUNTER_INDEX, WORKER_COUNTERS
+from relay.mmsg import BatchReceiver, BatchSender, decode_sockaddr
+from relay.tunnel_frame import (
+    DATA_HEADER_LEN_V6,
+    Data,
+    Drain,
+    FrameError,
+    Heartbeat,
+    SessionClosed,
+    decode_frame,
+)
+from relay.worker_spec import WorkerSpec, decode_spec
+from shm.counters import CounterBlock
+
+log = logging.getLogger("rtcrelay.relay")
+
+BUFSIZE = 2048  # larger than any WebRTC datagram (MTU-bound); bigger ones are counted "oversized"
+HEADROOM = 64  # ≥ DATA_HEADER_LEN_V6
+MAX_BATCHES_PER_WAKEUP = 16  # then yield to the other sockets
+HOUSEKEEPING_S = 1.0
+SWEEP_SLOTS_PER_TICK = 4096
+
+_C = COUNTER_INDEX
+_DATA_TAG = b"\x01\x95\x01\xcf"  # version, fixarray(5), tag 1, uint64 marker: our fixed header
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        cfg = spec.config
+        self.index = spec.index
+        self.auth = AuthPolicy(load_keyring(cfg.route_keys_file or None), cfg.token_max_age, cfg.cluster_id)
+        self.allowed_networks = parse_networks(cfg.transceiver_networks, "transceiver_networks")
+        self.counts = [0] * len(WORKER_COUNTERS)
+        self.counters = CounterBlock.attach(cfg.stats_path, writable=True)
+        self.flows = LocalFlows(cfg, spec.index)
+        self.public = [socket.socket(fileno=p.fd) for p in spec.public]
+        self.public_addr = [(ipaddress.ip_address(p.host).packed, p.port) for p in spec.public]
+        self.tunnel = socket.socket(fileno=spec.tunnel_fd)
+        self.flows.configure(self.tunnel.family, self.public_addr)
+        batch = cfg.batch
+        self.public_rx = [BatchReceiver(s, batch=batch, bufsize=BUFSIZE, headroom=HEADROOM) for s in self.public]
+        self.public_tx = [BatchSender(s, batch=batch) for s in self.public]
+        self.tunnel_rx = BatchReceiver(self.tunnel, batch=batch, bufsize=BUFSIZE + DATA_HEADER_LEN_V6, headroom=0)
+        self.tunnel_tx = BatchSender(self.tunnel, batch=batch)
+        self._tunnel_source_ok: dict[bytes, bool] = {}
+        self._stop = asyncio.Event()
+
+    # -- client → transceiver -----------------------------------------------------------------
+
+    def on_public_readable(self, which: int) -> None:
+        rx = self.public_rx[which]
+        tx = self.tunnel_tx
+        get = self.flows.by_key.get
+        buffer = rx.buffer
+        offsets = rx.offsets
+        now = time.monotonic()
+        packets = 0
+        nbytes = 0
+        for _ in range(MAX_BATCHES_PER_WAKEUP):
+            n = rx.recv()
+            if not n:
+                break
+            keys = rx.keys()
+            lengths = rx.lengths
+            for i in range(n):
+                entry = get(keys[i])
+                length = lengths[i]
+                if entry is None or rx.truncated_count:
+                    self.on_public_miss(which, i, now)
+                    continue
+                off = offsets[i]
+                hl = entry.header_len
+                buffer[off - hl : off - 2] = entry.prefix
+                buffer[off - 2 : off] = length.to_bytes(2, "big")
+                tx.add_rx(entry.tunnel_dest, rx, i, hl)
+                entry.packets_in += 1
+                entry.bytes_in += length
+                entry.last_seen = now
+                packets += 1
+                nbytes += length
+            tx.flush()
+            if n < rx.batch:
+                break
+        counts = self.counts
+        counts[_C["client_packets"]] += packets
+        counts[_C["client_bytes"]] += nbytes
+
+    def on_public_miss(self, which: int, i: int, now: float) -> None:
+        rx = self.public_rx[which]
+        if rx.truncated(i):
+            self.drop("oversized")
+            return
+        key = rx.keys()[i]
+        entry = self.flows.by_key.get(key)  # a flow learned earlier in this same batch
+        if entry is None:
+            source = rx.address(i)
+            datagram = bytes(rx.payload(i))
+            decision = decide(datagram, source, self.flows.view(self.public_addr[which]), self.auth, time.time())
+            if isinstance(decision, Drop):
+                self.drop(decision.reason)
+                return
+            if isinstance(decision, Learn):
+                entry, refusal = self.flows.learn(key, source, which, self.public_addr[which], decision, now)
+                if entry is None:
+                    self.drop(refusal)
+                    return
+                self.counts[_C["flows_learned"]] += 1
+            else:
+                assert isinstance(decision, Forward)
+                entry, refusal = self.flows.adopt(key, which, decision.flow, now)
+                if entry is None:
+                    self.drop(refusal)
+                    return
+                self.counts[_C["flows_adopted"]] += 1
+        length = rx.lengths[i]
+        off = rx.offsets[i]
+        hl = entry.header_len
+        rx.buffer[off - hl : off - 2] = entry.prefix
+        rx.buffer[off - 2 : off] = length.to_bytes(2, "big")
+        self.tunnel_tx.add_rx(entry.tunnel_dest, rx, i, hl)
+        entry.packets_in += 1
+        entry.bytes_in += length
+        entry.last_seen = now
+        self.counts[_C["client_packets"]] += 1
+        self.counts[_C["client_bytes"]] += length
+
+    # -- transceiver → client -----------------------------------------------------------------
+
+    def on_tunnel_readable(self) -> None:
+        rx = self.tunnel_rx
+        by_handle = self.flows.by_handle
+        buffer = rx.buffer
+        offsets = rx.offsets
+        senders = self.public_tx
+        source_ok = self._tunnel_source_ok
+        now = time.monotonic()
+        packets = 0
+        nbytes = 0
+        for _ in range(MAX_BATCHES_PER_WAKEUP):
+            n = rx.recv()
+            if not n:
+                break
+            keys = rx.keys()
+            lengths = rx.lengths
+            for i in range(n):
+                key = keys[i]
+                allowed = source_ok.get(key)
+                if allowed is None:
+                    allowed = self._classify_tunnel_source(key)
+                if not allowed:
+                    self.drop("tunnel_source_not_allowed")
+                    continue
+                off = offsets[i]
+                length = lengths[i]
+                if rx.truncated_count and rx.truncated(i):
+                    self.drop("oversized")
+                    continue
+                if buffer[off : off + 4] == _DATA_TAG:
+                    entry = by_handle.get(int.from_bytes(buffer[off + 4 : off + 12], "big"))
+                    if entry is not None:
+                        hl = entry.header_len
+                        if (
+                            entry.tunnel_dest == key
+                            and buffer[off : off + hl - 2] == entry.prefix
+                            and int.from_bytes(buffer[off + hl - 2 : off + hl], "big") == length - hl
+                        ):
+                            senders[entry.public_index].add(entry.client_key, buffer[off + hl : off + length])
+                            entry.packets_out += 1
+                            entry.bytes_out += length - hl
+                            entry.last_seen = now
+                            packets += 1
+                            nbytes += length - hl
+                            continue
+                self.on_tunnel_frame(key, bytes(buffer[off : off + length]), now)
+            for tx in senders:
+                tx.flush()
+            if n < rx.batch:
+                break
+        self.counts[_C["transceiver_packets"]] += packets
+        self.counts[_C["transceiver_bytes"]] += nbytes
+
+    def _classify_tunnel_source(self, key: bytes) -> bool:
+        ip = ipaddress.ip_address(decode_sockaddr(key)[0])
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        allowed = any(ip in net for net in self.allowed_networks)
+        if len(self._tunnel_source_ok) > 4096:
+            self._tunnel_source_ok.clear()  # bounded: junk sources must not grow it forever
+        self._tunnel_source_ok[key] = allowed
+        return allowed
+
+    def on_tunnel_frame(self, key: bytes, raw: bytes, now: float) -> None:
+        """The slow path: any frame that is not our fixed-width Data for a known flow."""
+        try:
+            frame = decode_frame(raw)
+        except FrameError as exc:
+            self.drop(exc.reason)
+            return
+        if isinstance(frame, Data):
+            entry = self.flows.by_handle.get(frame.handle)
+            if entry is None:
+                self.drop("tunnel_unknown_flow")
+                return
+            if entry.tunnel_dest != key or entry.client != (frame.ip, frame.port):
+                self.drop("tunnel_foreign_flow")
+                return
+            self.public_tx[entry.public_index].add(entry.client_key, frame.payload)
+            entry.packets_out += 1
+            entry.bytes_out += len(frame.payload)
+            entry.last_seen = now
+            self.counts[_C["transceiver_packets"]] += 1
+            self.counts[_C["transceiver_bytes"]] += len(frame.payload)
+        elif isinstance(frame, Heartbeat):
+            self.flows.transceiver_heartbeat(key, now, frame.draining)
+            self.counts[_C["heartbeats"]] += 1
+        elif isinstance(frame, SessionClosed):
+            self.counts[_C["flows_closed"]] += self.flows.close_session(frame.ufrag, key)
+        elif isinstance(frame, Drain):
+            self.flows.transceiver_heartbeat(key, now, True)
+        else:  # pragma: no cover - the union has no other members
+            self.drop("tunnel_unexpected_frame")
+
+    # -- bookkeeping --------------------------------------------------------------------------
+
+    def drop(self, reason: str) -> None:
+        self.counts[_C["drop_" + reason]] += 1
+
+    def housekeeping(self) -> None:
+        now = time.monotonic()
+        self.flows.flush_counters()
+        self.counts[_C["flows_expired"]] += self.flows.sweep(now, SWEEP_SLOTS_PER_TICK)
+        self.counts[_C["flows_closed"]] += self.flows.expire_silent_transceivers(now, self.spec.config.heartbeat_timeout)
+        self.publish_counters(ready=1)
+
+    def publish_counters(self, ready: int) -> None:
+        counts = self.counts
+        counts[_C["pid"]] = os.getpid()
+        counts[_C["ready"]] = ready
+        counts[_C["heartbeat_ms"]] = int(time.time() * 1000)
+        counts[_C["flows"]] = len(self.flows.by_key)
+        counts[_C["transceivers"]] = self.flows.transceiver_count()
+        self.counters.store_row(self.index, counts)
+
+    def reload_keys(self) -> None:
+        try:
+            keyring = load_keyring(self.spec.config.route_keys_file or None)
+        except Exception as exc:
+            log.error("worker %d: route keys not reloaded: %s", self.index, exc)
+            return
+        self.auth = AuthPolicy(keyring, self.auth.token_max_age, self.auth.cluster)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        report = self.flows.take_over(time.monotonic())
+        log.info("worker %d (pid %d) owns partition %d: %s", self.index, os.getpid(), self.index, report)
+        for which, sock in enumerate(self.public):
+            loop.add_reader(sock.fileno(), self.on_public_readable, which)
+        loop.add_reader(self.tunnel.fileno(), self.on_tunnel_readable)
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
+        self.publish_counters(ready=1)
+        while not self._stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), HOUSEKEEPING_S)
+            if os.getppid() != self.spec.supervisor_pid:
+                log.error("worker %d: supervisor gone, exiting", self.index)
+                break
+            self.housekeeping()
+        for sock in self.public:
+            loop.remove_reader(sock.fileno())
+        loop.remove_reader(self.tunnel.fileno())
+        self.flows.flush_counters()
+        self.publish_counters(ready=0)
+        self.flows.close()
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: the kernel sends SIGTERM if the supervisor dies, even by kill -9."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    spec = decode_spec(os.environ.pop("RTCRELAY_WORKER_SPEC"))
+    _die_with_parent()
+    if os.getppid() != spec.supervisor_pid:
+        sys.exit(1)
+    import uvloop
+
+    uvloop.run(Worker(spec).run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""What the supervisor tells a worker process it starts: its index, config and inherited fds."""
+
+from __future__ import annotations
+
+import msgspec
+
+from relay.config import RelayConfig
+
+
+class PublicSocket(msgspec.Struct, array_like=True):
+    fd: int
+    host: str
+    port: int
+
+
+class WorkerSpec(msgspec.Struct):
+    index: int
+    config: RelayConfig
+    public: list[PublicSocket]
+    tunnel_fd: int
+    supervisor_pid: int
+
+
+def encode_spec(spec: WorkerSpec) -> str:
+    return msgspec.json.encode(spec).decode()
+
+
+def decode_spec(text: str) -> WorkerSpec:
+    return msgspec.json.decode(text, type=WorkerSpec)

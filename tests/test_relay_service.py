@@ -1,0 +1,282 @@
+"""The relay as a real multi-process service on loopback: real sockets, workers, shared memory."""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.tunnel_frame import Data, data_header
+from shm.flowtable import FlowTable
+from tests.relayproc import (
+    Client,
+    FakeTransceiver,
+    RelayProcess,
+    cleanup_relay,
+    dtls_like,
+    rtp_like,
+    start_relay,
+    wait_for,
+    write_keys,
+)
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[RelayProcess]:
+    proc = start_relay(tmp_path, workers=2, config={"heartbeat_timeout": 30.0})
+    yield proc
+    cleanup_relay(proc)
+
+
+@pytest.fixture
+def transceiver() -> Iterator[FakeTransceiver]:
+    fake = FakeTransceiver()
+    yield fake
+    fake.close()
+
+
+def connect(relay: RelayProcess, transceiver: FakeTransceiver, client: Client | None = None) -> tuple[Client, Data, tuple[str, int], str]:
+    """A client's first STUN check reaches the transceiver; returns the flow's first frame."""
+    client = client or Client(relay.address)
+    ufrag = transceiver.token(relay.keyring)
+    request = client.binding_request(ufrag, keyring=relay.keyring)
+    client.send(request)
+    frame, tunnel = transceiver.recv_data()
+    assert frame.payload == request
+    assert (socket.inet_ntoa(frame.ip), frame.port) == client.address
+    return client, frame, tunnel, ufrag
+
+
+def flows_in_table(relay: RelayProcess) -> list:
+    view = FlowTable.attach_readonly(relay.table_path)
+    try:
+        return list(view.flows())
+    finally:
+        view.close()
+
+
+def test_traffic_flows_both_ways_through_two_workers(relay: RelayProcess, transceiver: FakeTransceiver) -> None:
+    clients = []
+    for _ in range(12):  # enough sources that the reuseport hash spreads them over both workers
+        client, first, tunnel, _ufrag = connect(relay, transceiver)
+        clients.append((client, first, tunnel))
+    tunnels = {tunnel for _c, _f, tunnel in clients}
+    for client, first, tunnel in clients:
+        for seq in range(5):
+            payload = dtls_like() if seq == 0 else rtp_like(seq)
+            client.send(payload)
+            frame, source = transceiver.recv_data()
+            assert frame.payload == payload and frame.handle == first.handle and source == tunnel
+            answer = rtp_like(1000 + seq)
+            transceiver.reply(tunnel, frame, answer)
+            got, sender = client.recv()
+            assert got == answer and sender == relay.address  # from the public address
+    transceiver.heartbeat(tunnels.pop()) if len(tunnels) == 1 else [transceiver.heartbeat(t) for t in tunnels]
+    relay.wait_flushed(lambda rows: sum(r["client_packets"] for r in rows) >= 72 and sum(r["transceiver_packets"] for r in rows) >= 60)
+    flows = flows_in_table(relay)
+    assert len(flows) == 12
+    assert {f.partition for f in flows} == {0, 1}, "both workers should own flows"
+    wait_for(lambda: all(f.packets_in == 6 and f.packets_out == 5 for f in flows_in_table(relay)), 5, "per-flow counters flushed to shm")
+    status, metrics = relay.http("/metrics")
+    assert status == 200 and 'rtcrelay_packets_total{worker="0",direction="to_transceiver"}' in metrics
+    for client, *_ in clients:
+        client.close()
+
+
+def test_unauthenticated_input_creates_no_flow(relay: RelayProcess, transceiver: FakeTransceiver) -> None:
+    client = Client(relay.address)
+    ufrag = transceiver.token(relay.keyring)
+    other_keyring_ufrag = transceiver.token(type(relay.keyring)({1: b"x" * 32}, 1))
+    client.send(client.binding_request(other_keyring_ufrag, password="p" * 22))  # forged token
+    client.send(client.binding_request(ufrag, password="wrong-password-xxxxxxx"))  # wrong integrity
+    client.send(client.binding_request(transceiver.token(relay.keyring, now=time.time() - 3600), keyring=relay.keyring))  # expired
+    client.send(client.binding_request(transceiver.token(type(relay.keyring)({9: b"k" * 32}, 9)), password="p" * 22))  # unknown key id
+    client.send(rtp_like(1))  # non-STUN from an unknown address
+    client.send(b"\xff" * 50)
+    assert transceiver.drain(0.5) == []
+    relay.wait_flushed(lambda rows: sum(r["drop_token_bad_mac"] + r["drop_stun_bad_integrity"] + r["drop_token_expired"]
+                                        + r["drop_token_unknown_key"] + r["drop_unknown_flow"] + r["drop_not_webrtc"] for r in rows) == 6,
+                       what="six drops counted by reason")
+    rows = relay.rows()
+    for reason in ("token_bad_mac", "stun_bad_integrity", "token_expired", "token_unknown_key", "unknown_flow", "not_webrtc"):
+        assert sum(r["drop_" + reason] for r in rows) == 1, reason
+    assert flows_in_table(relay) == []
+    assert client.nothing_arrives()
+
+
+def test_return_frames_for_unknown_or_foreign_flows_send_nothing(relay: RelayProcess, transceiver: FakeTransceiver) -> None:
+    client_a, frame_a, tunnel_a, _ = connect(relay, transceiver)
+    client_b = Client(relay.address)
+    intruder = FakeTransceiver()
+    try:
+        # Unknown handle.
+        transceiver.reply(tunnel_a, Data(frame_a.handle ^ 0x5555, frame_a.ip, frame_a.port, b""), b"\x80" * 20)
+        # Known handle, but steering it at another client (reflection attempt).
+        forged = Data(frame_a.handle, socket.inet_aton(client_b.address[0]), client_b.address[1], b"")
+        transceiver.reply(tunnel_a, forged, b"\x80" * 20)
+        # Known handle and client, but from a transceiver that does not own the flow.
+        intruder.reply(tunnel_a, frame_a, b"\x80" * 20)
+        assert client_a.nothing_arrives() and client_b.nothing_arrives()
+        relay.wait_flushed(lambda rows: sum(r["drop_tunnel_unknown_flow"] + r["drop_tunnel_foreign_flow"] for r in rows) == 3,
+                           what="return-path drops counted")
+        # The owner still gets through.
+        transceiver.reply(tunnel_a, frame_a, b"\x80ok")
+        assert client_a.recv()[0] == b"\x80ok"
+    finally:
+        intruder.close()
+        client_a.close()
+        client_b.close()
+
+
+def test_killed_worker_is_restarted_on_the_same_socket_without_losing_flows(relay: RelayProcess, transceiver: FakeTransceiver) -> None:
+    conns = [connect(relay, transceiver) for _ in range(8)]
+    relay.wait_flushed(lambda rows: sum(r["flows"] for r in rows) == 8, what="flows published")
+    victim_index = max(range(relay.workers), key=lambda i: relay.rows()[i]["flows"])
+    victim = relay.worker_pids()[victim_index]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: relay.rows()[victim_index]["pid"] not in (0, victim) and relay.rows()[victim_index]["ready"] == 1, 10, "worker restart")
+    assert len(flows_in_table(relay)) == 8
+    for client, first, tunnel, _ in conns:
+        payload = rtp_like(99)
+        client.send(payload)  # no new STUN: the restarted worker reloaded its flows
+        frame, source = transceiver.recv_data()
+        assert frame.payload == payload and frame.handle == first.handle and source == tunnel
+        transceiver.reply(tunnel, frame, b"\x80back")
+        assert client.recv()[0] == b"\x80back"
+    assert "exited with -9" in relay.log()
+    for client, *_ in conns:
+        client.close()
+
+
+def test_session_closed_removes_all_flows_of_the_ufrag(relay: RelayProcess, transceiver: FakeTransceiver) -> None:
+    client, _frame, tunnel, ufrag = connect(relay, transceiver)
+    rebound = Client(relay.address)  # the same session from a second address (NAT rebinding)
+    rebound.send(rebound.binding_request(ufrag, keyring=relay.keyring))
+    _frame2, tunnel2 = transceiver.recv_data()
+    bystander, *_ = connect(relay, transceiver)  # another session: must survive
+    wait_for(lambda: len(flows_in_table(relay)) == 3, 5, "three flows")
+    # Each worker that delivered a flow of the session hears the close, as the transceiver does it.
+    for t in {tunnel, tunnel2}:
+        transceiver.close_session(t, ufrag)
+    wait_for(lambda: [f.ufrag for f in flows_in_table(relay)] not in ([], None) and len(flows_in_table(relay)) == 1, 5,
+             "flows of the closed session removed")
+    assert flows_in_table(relay)[0].ufrag.decode() != ufrag
+    client.send(rtp_like(5))
+    rebound.send(rtp_like(5))
+    assert transceiver.drain(0.3) == []
+    relay.wait_flushed(lambda rows: sum(r["flows_closed"] for r in rows) == 2, what="closed flows counted")
+    for c in (client, rebound, bystander):
+        c.close()
+
+
+def test_idle_flows_expire(tmp_path: Path, transceiver: FakeTransceiver) -> None:
+    relay = start_relay(tmp_path, workers=1, config={"idle_timeout": 1.0, "heartbeat_timeout": 30.0})
+    try:
+        client, *_ = connect(relay, transceiver)
+        wait_for(lambda: len(flows_in_table(relay)) == 1, 5, "flow learned")
+        wait_for(lambda: flows_in_table(relay) == [], 6, "idle flow expired")
+        assert relay.total("flows_expired") >= 1 or wait_for(lambda: relay.total("flows_expired") >= 1, 3, "expiry counted")
+        client.send(rtp_like(1))
+        assert transceiver.drain(0.3) == []
+        client.close()
+    finally:
+        cleanup_relay(relay)
+
+
+def test_silent_transceiver_loses_its_flows(tmp_path: Path, transceiver: FakeTransceiver) -> None:
+    relay = start_relay(tmp_path, workers=1, config={"heartbeat_timeout": 1.5})
+    try:
+        alive = FakeTransceiver()
+        client_dead, *_ = connect(relay, transceiver)
+        client_alive, _, tunnel, _ = connect(relay, alive)
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:  # one transceiver keeps heartbeating, the other is silent
+            alive.heartbeat(tunnel)
+            time.sleep(0.3)
+        flows = flows_in_table(relay)
+        assert [f.target_port for f in flows] == [alive.address[1]]
+        assert relay.total("flows_closed") == 1
+        alive.close()
+        client_dead.close()
+        client_alive.close()
+    finally:
+        cleanup_relay(relay)
+
+
+def test_sighup_rotates_keys_without_dropping_flows(tmp_path: Path, transceiver: FakeTransceiver) -> None:
+    old = secrets.token_bytes(32)
+    new = secrets.token_bytes(32)
+    relay = start_relay(tmp_path, workers=2, keyring_secrets={1: old}, active=1, config={"heartbeat_timeout": 30.0})
+    try:
+        client_old, frame_old, tunnel_old, _ = connect(relay, transceiver)
+        from relay.route_token import RouteKeyring
+
+        rotated = RouteKeyring({1: old, 2: new}, 2)
+        write_keys(relay.keys_path, {1: old, 2: new}, 2)
+        relay.proc.send_signal(signal.SIGHUP)
+        client_new = Client(relay.address)
+
+        def new_key_accepted() -> bool:
+            client_new.send(client_new.binding_request(transceiver.token(rotated), keyring=rotated))
+            return any(isinstance(f, Data) and f.port == client_new.address[1] for f in transceiver.drain(0.2))
+
+        wait_for(new_key_accepted, 5, "a token signed with the new key accepted")
+        # Retire the old key: new sessions signed with it are refused, the live flow stays.
+        write_keys(relay.keys_path, {2: new}, 2)
+        relay.proc.send_signal(signal.SIGHUP)
+        late = Client(relay.address)
+
+        def old_key_refused() -> bool:
+            late.send(late.binding_request(transceiver.token(RouteKeyring({1: old}, 1)), keyring=RouteKeyring({1: old}, 1)))
+            return not any(isinstance(f, Data) and f.port == late.address[1] for f in transceiver.drain(0.2))
+
+        wait_for(old_key_refused, 5, "the retired key refused")
+        client_old.send(rtp_like(3))
+        frame, _ = transceiver.recv_data()
+        assert frame.handle == frame_old.handle
+        for c in (client_old, client_new, late):
+            c.close()
+    finally:
+        cleanup_relay(relay)
+
+
+def test_socket_activation_and_sd_notify(tmp_path: Path, transceiver: FakeTransceiver) -> None:
+    public = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    public.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    public.bind(("127.0.0.1", 0))
+    port = public.getsockname()[1]
+    notify_path = str(tmp_path / "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(10)
+    os.dup2(public.fileno(), 3, inheritable=True) if public.fileno() != 3 else None
+    try:
+        relay = start_relay(
+            tmp_path, workers=1, port=port,
+            prefix=["sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh"],
+            env={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "public", "NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "400000"},
+            pass_fds=(3,), wait=False,
+        )
+        try:
+            messages: list[str] = []
+            wait_for(lambda: messages.append(notify.recv(4096).decode()) or any("READY=1" in m for m in messages), 20, "READY=1")
+            wait_for(lambda: messages.append(notify.recv(4096).decode()) or any("WATCHDOG=1" in m for m in messages), 10, "WATCHDOG=1")
+            assert any(m.startswith("FDSTORE=1") for m in messages), messages
+            public.close()
+            os.close(3)
+            # The relay serves on the socket it was handed.
+            client, *_ = connect(relay, transceiver)
+            client.close()
+            relay.stop()
+            wait_for(lambda: messages.append(notify.recv(4096).decode()) or any("STOPPING=1" in m for m in messages), 10, "STOPPING=1")
+            assert relay.proc.returncode == 0
+        finally:
+            cleanup_relay(relay)
+    finally:
+        notify.close()
+        public.close()

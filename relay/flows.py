@@ -3,6 +3,11 @@
 The dicts are the truth for forwarding (one lookup per packet); the partition is the truth
 that survives the worker (a restarted worker reloads its dicts from it) and that other
 workers and the CLI can read. Every change goes to shm first, then to the dicts.
+
+Times: the packet path keeps ``time.monotonic()`` floats; shm keeps integer milliseconds of
+the same clock (system-wide, so every worker and the CLI agree). A backward-shift delete can
+move a flow to another slot, which changes its handle: the old handle stays an alias of the
+entry, so return frames the transceiver sent with it still validate.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from relay.config import RelayConfig
 from relay.decision import Learn
 from relay.mmsg import sockaddr_for
 from relay.tunnel_frame import data_header_len, data_prefix
-from shm.flowtable import Flow, FlowTable, InsertStatus, LookupStatus
+from shm.flowtable import Flow, FlowTable, InsertStatus, PartitionWriter, TakeoverReport
+from shm.layout import ip16
 
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 
@@ -26,12 +32,13 @@ _REFUSALS = {
 }
 
 
-def ip16(ip: bytes) -> bytes:
-    return _V4_MAPPED + ip if len(ip) == 4 else ip
-
-
 def unmap(ip: bytes) -> bytes:
+    """16-byte IPv4-mapped → 4-byte IPv4; IPv6 unchanged."""
     return ip[12:] if ip[:12] == _V4_MAPPED else ip
+
+
+def ms(seconds: float) -> int:
+    return int(seconds * 1000)
 
 
 class FlowEntry:
@@ -39,7 +46,7 @@ class FlowEntry:
 
     __slots__ = (
         "client_key", "client", "public_index", "handle", "prefix", "header_len", "tunnel_dest",
-        "target", "ufrag", "packets_in", "bytes_in", "packets_out", "bytes_out", "last_seen",
+        "target", "ufrag", "packets_in", "bytes_in", "packets_out", "bytes_out", "last_seen", "aliases",
     )
 
     def __init__(self, client_key: bytes, client: tuple[bytes, int], public_index: int, handle: int,
@@ -55,6 +62,12 @@ class FlowEntry:
         self.ufrag = ufrag
         self.packets_in = self.bytes_in = self.packets_out = self.bytes_out = 0
         self.last_seen = now
+        self.aliases: list[int] = []
+
+    def rehandle(self, handle: int) -> None:
+        self.aliases.append(self.handle)
+        self.handle = handle
+        self.prefix = data_prefix(handle, self.client[0], self.client[1])
 
 
 class TableView:
@@ -64,10 +77,10 @@ class TableView:
 
     def __init__(self, table: FlowTable, local: tuple[bytes, int]) -> None:
         self.table = table
-        self.local = local
+        self.local = (ip16(local[0]), local[1])
 
     def find(self, source: tuple[bytes, int]) -> Flow | None:
-        found = self.table.lookup(ip16(source[0]), source[1], ip16(self.local[0]), self.local[1])
+        found = self.table.lookup(ip16(source[0]), source[1], *self.local)
         return found if isinstance(found, Flow) else None
 
     def session_known(self, ufrag: str) -> bool:
@@ -75,7 +88,7 @@ class TableView:
 
 
 class LocalFlows:
-    def __init__(self, config: RelayConfig, index: int) -> None:
+    def __init__(self, config: RelayConfig, index: int, tunnel_family: int, publics: list[tuple[bytes, int]]) -> None:
         self.table = FlowTable.open(
             config.table_path,
             partitions=config.worker_count,
@@ -83,27 +96,21 @@ class LocalFlows:
             session_capacity=config.session_capacity,
             max_flows_per_session=config.max_flows_per_session,
         )
-        self.writer = self.table.own(index)
+        self.writer: PartitionWriter | None = None
         self.index = index
         self.idle_timeout = config.idle_timeout
+        self.tunnel_family = tunnel_family
+        self.publics = publics
         self.by_key: dict[bytes, FlowEntry] = {}
         self.by_handle: dict[int, FlowEntry] = {}
         self.by_ufrag: dict[str, set[bytes]] = {}
-        # transceiver sockaddr → [last heartbeat (monotonic), draining]
+        # transceiver sockaddr → [last heartbeat (monotonic s), draining]
         self.transceivers: dict[bytes, list[Any]] = {}
-        self._tunnel_family = socket.AF_INET
-        self._views: dict[tuple[bytes, int], TableView] = {}
-        self._publics: list[tuple[bytes, int]] = []
+        self.views = [TableView(self.table, local) for local in publics]
 
-    def configure(self, tunnel_family: int, publics: list[tuple[bytes, int]]) -> None:
-        self._tunnel_family = tunnel_family
-        self._publics = publics
-
-    def view(self, local: tuple[bytes, int]) -> TableView:
-        view = self._views.get(local)
-        if view is None:
-            view = self._views[local] = TableView(self.table, local)
-        return view
+    def _own(self) -> PartitionWriter:
+        assert self.writer is not None, "take_over() first"
+        return self.writer
 
     # -- changes ------------------------------------------------------------------------------
 
@@ -120,6 +127,8 @@ class LocalFlows:
         if entry is None:
             return
         self.by_handle.pop(entry.handle, None)
+        for alias in entry.aliases:
+            self.by_handle.pop(alias, None)
         keys = self.by_ufrag.get(entry.ufrag)
         if keys is not None:
             keys.discard(client_key)
@@ -127,39 +136,46 @@ class LocalFlows:
                 del self.by_ufrag[entry.ufrag]
 
     def _tunnel_dest(self, target_ip: bytes, target_port: int) -> bytes | None:
-        if self._tunnel_family == socket.AF_INET:
+        """The transceiver's address in the tunnel socket's sockaddr form (None: unreachable)."""
+        if self.tunnel_family == socket.AF_INET:
             return sockaddr_for(target_ip, target_port, socket.AF_INET) if len(target_ip) == 4 else None
         return sockaddr_for(ip16(target_ip), target_port, socket.AF_INET6)
 
     def learn(self, client_key: bytes, source: tuple[bytes, int], public_index: int,
-              local: tuple[bytes, int], learned: Learn, now: float) -> tuple[FlowEntry | None, str]:
+              learned: Learn, now: float) -> tuple[FlowEntry | None, str]:
         tunnel_dest = self._tunnel_dest(learned.target_ip, learned.target_port)
         if tunnel_dest is None:
-            return None, "token_bad_length"  # a target this relay's tunnel cannot reach
-        result = self.writer.insert(
-            ip16(source[0]), source[1], ip16(local[0]), local[1],
-            ip16(learned.target_ip), learned.target_port, learned.ufrag.encode(), now,
+            return None, "token_target_unreachable"
+        local = self.views[public_index].local
+        result = self._own().insert(
+            ip16(source[0]), source[1], local[0], local[1],
+            ip16(learned.target_ip), learned.target_port, learned.ufrag.encode(), ms(now),
         )
-        if result.status not in (InsertStatus.OK, InsertStatus.EXISTS):
-            return None, _REFUSALS.get(result.status, "table_full")
+        if not result.has_flow:
+            return None, _REFUSALS[result.status]
         entry = FlowEntry(client_key, source, public_index, result.handle, tunnel_dest,
                           (learned.target_ip, learned.target_port), learned.ufrag, now)
         return self._add(entry, now), ""
 
     def adopt(self, client_key: bytes, public_index: int, flow: Flow, now: float) -> tuple[FlowEntry | None, str]:
-        result = self.writer.adopt(flow)
-        if result.status not in (InsertStatus.OK, InsertStatus.EXISTS):
-            return None, _REFUSALS.get(result.status, "table_full")
-        return self._add(self._entry_from(flow, result.handle, client_key, public_index, now), now), ""
+        result = self._own().adopt(flow)
+        if not result.has_flow:
+            return None, _REFUSALS[result.status]
+        entry = self._entry_from(flow, result.handle, client_key, public_index)
+        if entry is None:
+            return None, "token_target_unreachable"
+        entry.last_seen = now
+        return self._add(entry, now), ""
 
-    def _entry_from(self, flow: Flow, handle: int, client_key: bytes, public_index: int, now: float) -> FlowEntry:
+    def _entry_from(self, flow: Flow, handle: int, client_key: bytes, public_index: int) -> FlowEntry | None:
         target = (unmap(flow.target_ip), flow.target_port)
-        tunnel_dest = self._tunnel_dest(*target) or b""
+        tunnel_dest = self._tunnel_dest(*target)
+        if tunnel_dest is None:
+            return None
         entry = FlowEntry(client_key, (unmap(flow.client_ip), flow.client_port), public_index, handle,
-                          tunnel_dest, target, flow.ufrag.decode(), now)
-        entry.packets_in, entry.bytes_in = flow.packets_in, flow.bytes_in
-        entry.packets_out, entry.bytes_out = flow.packets_out, flow.bytes_out
-        entry.last_seen = max(flow.last_seen, now - self.idle_timeout / 2)
+                          tunnel_dest, target, (flow.ufrag or b"").decode(), flow.last_seen / 1000)
+        entry.packets_in, entry.bytes_in = flow.pkts_in, flow.bytes_in
+        entry.packets_out, entry.bytes_out = flow.pkts_out, flow.bytes_out
         return entry
 
     def close_session(self, ufrag: str, tunnel_key: bytes) -> int:
@@ -167,10 +183,11 @@ class LocalFlows:
         keys = self.by_ufrag.get(ufrag)
         if not keys or any(self.by_key[k].tunnel_dest != tunnel_key for k in keys):
             return 0
-        removed = self.writer.delete_session(ufrag.encode())
+        self._own().delete_session(ufrag.encode())
+        count = len(keys)
         for key in list(keys):
             self._remove(key)
-        return max(len(removed), 0)
+        return count
 
     def transceiver_heartbeat(self, tunnel_key: bytes, now: float, draining: bool) -> None:
         state = self.transceivers.get(tunnel_key)
@@ -180,10 +197,8 @@ class LocalFlows:
             state[0] = now
             state[1] = draining
 
-    def transceiver_count(self) -> int:
-        return len(self.transceivers)
-
     def expire_silent_transceivers(self, now: float, timeout: float) -> int:
+        """Drop every flow of a transceiver not heard from for ``timeout`` seconds."""
         removed = 0
         for tunnel_key, (last, _draining) in list(self.transceivers.items()):
             if now - last <= timeout:
@@ -193,40 +208,52 @@ class LocalFlows:
             if not keys:
                 continue
             target = self.by_key[keys[0]].target
-            self.writer.delete_target(ip16(target[0]), target[1])
+            self._own().delete_target(ip16(target[0]), target[1])
             for key in keys:
                 self._remove(key)
             removed += len(keys)
         return removed
 
     def flush_counters(self) -> None:
-        flush = self.writer.flush_counters
+        flush = self._own().flush_counters
         for entry in self.by_key.values():
-            flush(entry.handle, entry.packets_in, entry.bytes_in, entry.packets_out, entry.bytes_out, entry.last_seen)
+            flush(entry.handle, entry.packets_in, entry.bytes_in, entry.packets_out, entry.bytes_out, ms(entry.last_seen))
 
     def sweep(self, now: float, max_slots: int) -> int:
-        removed = self.writer.sweep(now, self.idle_timeout, max_slots)
-        keys = {f.handle for f in removed}
+        """Expire idle flows (call right after flush_counters, so shm has the latest last_seen)."""
+        removed = self._own().sweep(ms(now), ms(self.idle_timeout), max_slots)
         count = 0
-        for handle in keys:
-            entry = self.by_handle.get(handle)
+        for flow in removed:
+            entry = self.by_handle.get(flow.handle)
             if entry is not None:
                 self._remove(entry.client_key)
                 count += 1
         return count
 
-    def take_over(self, now: float) -> object:
-        """Own the partition: repair what a dead predecessor left, reload the dicts from it."""
-        report = self.writer.takeover()
+    def _on_move(self, old_handle: int, new_handle: int) -> None:
+        entry = self.by_handle.get(old_handle)
+        if entry is not None:
+            entry.rehandle(new_handle)
+            self.by_handle[new_handle] = entry
+
+    def take_over(self, now: float) -> TakeoverReport:
+        """Own the partition (flock + repair what a dead predecessor left), reload the dicts."""
+        self.writer = self.table.own(self.index, on_move=self._on_move)
+        report = self.writer.takeover()  # idempotent: own() already repaired; this reports it
         for flow in self.writer.flows():
             local = (unmap(flow.local_ip), flow.local_port)
-            public_index = self._publics.index(local) if local in self._publics else 0
-            client = (unmap(flow.client_ip), flow.client_port)
-            family = socket.AF_INET if len(self._publics[public_index][0]) == 4 else socket.AF_INET6
-            client_key = sockaddr_for(client[0] if family == socket.AF_INET else ip16(client[0]), client[1], family)
-            self._add(self._entry_from(flow, flow.handle, client_key, public_index, now), now)
+            if local not in self.publics:
+                continue  # a listen address this configuration no longer has: let it expire
+            public_index = self.publics.index(local)
+            client_ip = unmap(flow.client_ip)
+            family = socket.AF_INET if len(local[0]) == 4 else socket.AF_INET6
+            client_key = sockaddr_for(client_ip if family == socket.AF_INET else ip16(client_ip), flow.client_port, family)
+            entry = self._entry_from(flow, flow.handle, client_key, public_index)
+            if entry is not None:
+                self._add(entry, now)
         return report
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
         self.table.close()

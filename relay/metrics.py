@@ -16,6 +16,7 @@ WORKER_DROP_REASONS = frozenset(
         "session_table_full",
         "session_flow_limit",  # too many flows (5-tuples) for one ufrag
         "ufrag_too_long",
+        "token_target_unreachable",  # the token's transceiver address family is not the tunnel's
         "tunnel_source_not_allowed",  # tunnel frame from outside transceiver_networks
         "tunnel_unexpected_frame",  # a frame kind the relay does not take
         "tunnel_unknown_flow",  # return frame whose handle names no live flow

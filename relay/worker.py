@@ -33,7 +33,7 @@ import time
 
 from relay.config_file import parse_networks
 from relay.decision import AuthPolicy, Drop, Forward, Learn, decide
-from relay.flows import FlowEntry, LocalFlows
+from relay.flows import LocalFlows
 from relay.keys import load_keyring
 from relay.metrics import COUNTER_INDEX, WORKER_COUNTERS
 from relay.mmsg import BatchReceiver, BatchSender, decode_sockaddr
@@ -70,11 +70,10 @@ class Worker:
         self.allowed_networks = parse_networks(cfg.transceiver_networks, "transceiver_networks")
         self.counts = [0] * len(WORKER_COUNTERS)
         self.counters = CounterBlock.attach(cfg.stats_path, writable=True)
-        self.flows = LocalFlows(cfg, spec.index)
         self.public = [socket.socket(fileno=p.fd) for p in spec.public]
         self.public_addr = [(ipaddress.ip_address(p.host).packed, p.port) for p in spec.public]
         self.tunnel = socket.socket(fileno=spec.tunnel_fd)
-        self.flows.configure(self.tunnel.family, self.public_addr)
+        self.flows = LocalFlows(cfg, spec.index, self.tunnel.family, self.public_addr)
         batch = cfg.batch
         self.public_rx = [BatchReceiver(s, batch=batch, bufsize=BUFSIZE, headroom=HEADROOM) for s in self.public]
         self.public_tx = [BatchSender(s, batch=batch) for s in self.public]
@@ -133,12 +132,12 @@ class Worker:
         if entry is None:
             source = rx.address(i)
             datagram = bytes(rx.payload(i))
-            decision = decide(datagram, source, self.flows.view(self.public_addr[which]), self.auth, time.time())
+            decision = decide(datagram, source, self.flows.views[which], self.auth, time.time())
             if isinstance(decision, Drop):
                 self.drop(decision.reason)
                 return
             if isinstance(decision, Learn):
-                entry, refusal = self.flows.learn(key, source, which, self.public_addr[which], decision, now)
+                entry, refusal = self.flows.learn(key, source, which, decision, now)
                 if entry is None:
                     self.drop(refusal)
                     return
@@ -276,7 +275,7 @@ class Worker:
         counts[_C["ready"]] = ready
         counts[_C["heartbeat_ms"]] = int(time.time() * 1000)
         counts[_C["flows"]] = len(self.flows.by_key)
-        counts[_C["transceivers"]] = self.flows.transceiver_count()
+        counts[_C["transceivers"]] = len(self.flows.transceivers)
         self.counters.store_row(self.index, counts)
 
     def reload_keys(self) -> None:

@@ -81,7 +81,7 @@ def test_traffic_flows_both_ways_through_two_workers(relay: RelayProcess, transc
     flows = flows_in_table(relay)
     assert len(flows) == 12
     assert {f.partition for f in flows} == {0, 1}, "both workers should own flows"
-    wait_for(lambda: all(f.packets_in == 6 and f.packets_out == 5 for f in flows_in_table(relay)), 5, "per-flow counters flushed to shm")
+    wait_for(lambda: all(f.pkts_in == 6 and f.pkts_out == 5 for f in flows_in_table(relay)), 5, "per-flow counters flushed to shm")
     status, metrics = relay.http("/metrics")
     assert status == 200 and 'rtcrelay_packets_total{worker="0",direction="to_transceiver"}' in metrics
     for client, *_ in clients:
@@ -229,17 +229,22 @@ def test_sighup_rotates_keys_without_dropping_flows(tmp_path: Path, transceiver:
         # Retire the old key: new sessions signed with it are refused, the live flow stays.
         write_keys(relay.keys_path, {2: new}, 2)
         relay.proc.send_signal(signal.SIGHUP)
-        late = Client(relay.address)
+        old_only = RouteKeyring({1: old}, 1)
 
         def old_key_refused() -> bool:
-            late.send(late.binding_request(transceiver.token(RouteKeyring({1: old}, 1)), keyring=RouteKeyring({1: old}, 1)))
-            return not any(isinstance(f, Data) and f.port == late.address[1] for f in transceiver.drain(0.2))
+            late = Client(relay.address)  # a fresh source each try: a probe that raced the reload made a flow
+            try:
+                late.send(late.binding_request(transceiver.token(old_only), keyring=old_only))
+                return not any(isinstance(f, Data) and f.port == late.address[1] for f in transceiver.drain(0.2))
+            finally:
+                late.close()
 
         wait_for(old_key_refused, 5, "the retired key refused")
-        client_old.send(rtp_like(3))
+        client_old.send(rtp_like(3))  # the live flow signed with the retired key keeps forwarding
         frame, _ = transceiver.recv_data()
         assert frame.handle == frame_old.handle
-        for c in (client_old, client_new, late):
+        relay.wait_flushed(lambda rows: sum(r["drop_token_unknown_key"] for r in rows) >= 1, what="unknown key counted")
+        for c in (client_old, client_new):
             c.close()
     finally:
         cleanup_relay(relay)
@@ -254,13 +259,14 @@ def test_socket_activation_and_sd_notify(tmp_path: Path, transceiver: FakeTransc
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(notify_path)
     notify.settimeout(10)
-    os.dup2(public.fileno(), 3, inheritable=True) if public.fileno() != 3 else None
+    fd = public.fileno()
     try:
+        # As systemd does it: the socket at fd 3, LISTEN_PID naming the service's own pid.
         relay = start_relay(
             tmp_path, workers=1, port=port,
-            prefix=["sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh"],
+            prefix=["bash", "-c", f'exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ exec "$@"', "bash"],
             env={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "public", "NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "400000"},
-            pass_fds=(3,), wait=False,
+            pass_fds=(fd,), wait=False,
         )
         try:
             messages: list[str] = []
@@ -268,7 +274,6 @@ def test_socket_activation_and_sd_notify(tmp_path: Path, transceiver: FakeTransc
             wait_for(lambda: messages.append(notify.recv(4096).decode()) or any("WATCHDOG=1" in m for m in messages), 10, "WATCHDOG=1")
             assert any(m.startswith("FDSTORE=1") for m in messages), messages
             public.close()
-            os.close(3)
             # The relay serves on the socket it was handed.
             client, *_ = connect(relay, transceiver)
             client.close()

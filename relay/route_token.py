@@ -155,19 +155,8 @@ def issue_token(
     return _b64(bytes(body) + mac)
 
 
-def decode_token(
-    keyring: RouteKeyring,
-    ufrag: str,
-    now: float,
-    *,
-    max_age: float | None = 300.0,
-    cluster: int | None = None,
-) -> RouteToken:
-    """Check a ufrag and return what it says, or raise TokenError naming the first failed check.
-
-    ``max_age=None`` skips the age check (a flow of a session the relay already knows).
-    ``cluster``: this relay's cluster id; a token naming another cluster is refused.
-    """
+def _parse(ufrag: str) -> tuple[RouteToken, bytes, bytes]:
+    """The token's fields, its signed body and its MAC; checks length, charset and version only."""
     if not MIN_UFRAG_LEN <= len(ufrag) <= MAX_UFRAG_LEN or len(ufrag) % 4 == 1:
         raise TokenError("token_bad_length", f"{len(ufrag)} chars")
     raw_text = ufrag.encode("ascii", "replace")
@@ -188,30 +177,52 @@ def decode_token(
     if len(raw) != expected:
         raise TokenError("token_bad_length", f"{len(raw)} bytes, layout needs {expected}")
     body, mac = raw[:-MAC_LEN], raw[-MAC_LEN:]
-    good = keyring.mac(key_id, body)
-    if good is None:
-        raise TokenError("token_unknown_key", f"key id {key_id}")
-    if not hmac.compare_digest(good, mac):
-        raise TokenError("token_bad_mac")
     pos = 2
     target_ip = body[pos : pos + ip_len]
     pos += ip_len
     (port,) = _PORT.unpack_from(body, pos)
     pos += 2
-    token_cluster = None
+    cluster = None
     if has_cluster:
-        (token_cluster,) = _PORT.unpack_from(body, pos)
+        (cluster,) = _PORT.unpack_from(body, pos)
         pos += 2
     issued_at, nonce = _TAIL.unpack_from(body, pos)
-    if token_cluster is not None and token_cluster != cluster:
-        raise TokenError("token_wrong_cluster", f"token cluster {token_cluster}, relay cluster {cluster}")
+    return RouteToken(vf >> 4, key_id, target_ip, port, cluster, issued_at, nonce), body, mac
+
+
+def inspect_token(ufrag: str) -> RouteToken:
+    """What a ufrag claims, WITHOUT checking its MAC (for tools that have no secret)."""
+    return _parse(ufrag)[0]
+
+
+def decode_token(
+    keyring: RouteKeyring,
+    ufrag: str,
+    now: float,
+    *,
+    max_age: float | None = 300.0,
+    cluster: int | None = None,
+) -> RouteToken:
+    """Check a ufrag and return what it says, or raise TokenError naming the first failed check.
+
+    ``max_age=None`` skips the age check (a flow of a session the relay already knows).
+    ``cluster``: this relay's cluster id; a token naming another cluster is refused.
+    """
+    token, body, mac = _parse(ufrag)
+    good = keyring.mac(token.key_id, body)
+    if good is None:
+        raise TokenError("token_unknown_key", f"key id {token.key_id}")
+    if not hmac.compare_digest(good, mac):
+        raise TokenError("token_bad_mac")
+    if token.cluster is not None and token.cluster != cluster:
+        raise TokenError("token_wrong_cluster", f"token cluster {token.cluster}, relay cluster {cluster}")
     if max_age is not None:
-        age = now - issued_at
+        age = now - token.issued_at
         if age > max_age:
             raise TokenError("token_expired", f"issued {age:.0f} s ago, max age {max_age:.0f} s")
         if age < -MAX_FUTURE_SKEW_S:
             raise TokenError("token_not_yet_valid", f"issued {-age:.0f} s in the future")
-    return RouteToken(vf >> 4, key_id, target_ip, port, token_cluster, issued_at, nonce)
+    return token
 
 
 def derive_password(keyring: RouteKeyring, ufrag: str, key_id: int | None = None) -> str:

@@ -1,0 +1,106 @@
+"""Transceiver metrics and their Prometheus text rendering (no client library needed for this few)."""
+
+from __future__ import annotations
+
+import bisect
+import collections
+from collections.abc import Iterable
+
+from transceiver.sdp import OFFER_ERROR_REASONS
+from transceiver.tunnel import TunnelCounters
+
+__all__ = ["Histogram", "TransceiverMetrics", "render"]
+
+# Offer -> connected, seconds: ~40 ms on loopback, seconds when many offers arrive at once.
+SETUP_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0)
+
+# Why a session ended; "connect_timeout" and "failed" are failures.
+CLOSE_REASONS = ("deleted", "peer_closed", "failed", "connect_timeout", "drain_deadline", "shutdown", "error")
+# Why an offer got no session, besides the SDP reasons.
+REJECT_REASONS = tuple(sorted(OFFER_ERROR_REASONS)) + (
+    "unsupported_media_type",
+    "at_capacity",
+    "draining",
+    "internal_error",
+)
+
+
+class Histogram:
+    def __init__(self, buckets: Iterable[float]) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)  # last: +Inf
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+        self.count += 1
+
+
+class TransceiverMetrics:
+    def __init__(self) -> None:
+        self.sessions_created = 0
+        self.sessions_connected = 0
+        self.closed: collections.Counter[str] = collections.Counter({r: 0 for r in CLOSE_REASONS})
+        self.rejected: collections.Counter[str] = collections.Counter({r: 0 for r in REJECT_REASONS})
+        self.setup_seconds = Histogram(SETUP_BUCKETS)
+
+
+def _num(value: float) -> str:
+    # Counters stay exact integers (":g" would print 1234567 as 1.23457e+06).
+    return str(value) if isinstance(value, int) else repr(float(value))
+
+
+def render(metrics: TransceiverMetrics, tunnel: TunnelCounters, *, sessions: int, capacity: int, draining: bool) -> str:
+    out: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> None:
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {kind}")
+        out.extend(f"{name}{labels} {_num(value)}" for labels, value in samples)
+
+    metric("rtcrelay_transceiver_sessions", "gauge", "Sessions open now.", [("", sessions)])
+    metric("rtcrelay_transceiver_capacity", "gauge", "Most sessions at once.", [("", capacity)])
+    metric("rtcrelay_transceiver_draining", "gauge", "1 while draining.", [("", int(draining))])
+    metric("rtcrelay_transceiver_sessions_created_total", "counter", "Offers answered.", [("", metrics.sessions_created)])
+    metric("rtcrelay_transceiver_sessions_connected_total", "counter", "Sessions that reached connected.", [("", metrics.sessions_connected)])
+    metric(
+        "rtcrelay_transceiver_sessions_closed_total",
+        "counter",
+        "Sessions ended, by reason.",
+        [(f'{{reason="{r}"}}', n) for r, n in sorted(metrics.closed.items())],
+    )
+    metric(
+        "rtcrelay_transceiver_offers_rejected_total",
+        "counter",
+        "Offers refused, by reason.",
+        [(f'{{reason="{r}"}}', n) for r, n in sorted(metrics.rejected.items())],
+    )
+    h = metrics.setup_seconds
+    cumulative = 0
+    samples: list[tuple[str, float]] = []
+    for bound, count in zip((*h.buckets, float("inf")), h.counts):
+        cumulative += count
+        samples.append((f'_bucket{{le="{"+Inf" if bound == float("inf") else f"{bound:g}"}"}}', cumulative))
+    samples += [("_sum", h.total), ("_count", h.count)]
+    out.append("# HELP rtcrelay_transceiver_setup_seconds Offer received to connected (ICE + DTLS).")
+    out.append("# TYPE rtcrelay_transceiver_setup_seconds histogram")
+    out.extend(f"rtcrelay_transceiver_setup_seconds{suffix} {_num(value)}" for suffix, value in samples)
+    for name, value, help_text in (
+        ("datagrams_in", tunnel.datagrams_in, "Datagrams received on the tunnel socket."),
+        ("frames_in", tunnel.frames_in, "Data frames delivered to sessions."),
+        ("frames_out", tunnel.frames_out, "Data frames sent to relays."),
+        ("bytes_in", tunnel.bytes_in, "Payload bytes delivered to sessions."),
+        ("bytes_out", tunnel.bytes_out, "Payload bytes sent to relays."),
+        ("control_out", tunnel.control_out, "Heartbeat, SessionClosed and Drain frames sent."),
+        ("flows_moved", tunnel.flows_moved, "Flows now reached through another relay address or handle."),
+    ):
+        metric(f"rtcrelay_transceiver_tunnel_{name}_total", "counter", help_text, [("", value)])
+    metric(
+        "rtcrelay_transceiver_tunnel_drops_total",
+        "counter",
+        "Tunnel datagrams dropped, by reason.",
+        [(f'{{reason="{r}"}}', n) for r, n in sorted(tunnel.drops.items())],
+    )
+    return "\n".join(out) + "\n"

@@ -1,0 +1,340 @@
+"""Session lifecycle: offer -> answer -> connected -> closed, and the registry of sessions.
+
+One :class:`Session` per call: an ``RTCPeerConnection`` (no ICE servers) whose ICE goes
+through the tunnel (transceiver/ice_tunnel.py), a :class:`~transceiver.pipeline.Pipeline`, and
+the tasks that feed it. A session ends exactly once, for one reason (metrics count them):
+
+- ``deleted``          DELETE /v1/sessions/{id}
+- ``peer_closed``      the client closed (DTLS close_notify: aiortc closes the connection)
+- ``failed``           ICE or DTLS failed, including consent expiry mid-call (~30 s)
+- ``connect_timeout``  never connected: the watchdog's job, since aioice keeps polling for
+                       checks forever when the offer had no candidates (it cannot know the
+                       client will never come)
+- ``drain_deadline`` / ``shutdown`` / ``error``
+
+On close the connection is closed first (so the DTLS close_notify still reaches the client
+through the tunnel), then the tunnel link, which tells the relays ``SessionClosed(ufrag)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcdatachannel import RTCDataChannel
+from av import AudioFrame
+
+from relay.route_token import RouteKeyring, derive_password, issue_token
+from relay.tunnel_frame import Heartbeat
+from transceiver import audio_level, ice_tunnel
+from transceiver.metrics import TransceiverMetrics
+from transceiver.pipeline import OutgoingAudioTrack, Pipeline, PipelineFactory
+from transceiver.sdp import OfferError, prepare_offer
+from transceiver.tunnel import SessionLink, TunnelEndpoint
+
+__all__ = ["Session", "SessionManager", "SessionRejected"]
+
+log = logging.getLogger("rtcrelay.transceiver.session")
+
+# aiortc spends ~1.5 ms of pure Python per outgoing audio frame on the level extension.
+audio_level.install()
+
+Addr = tuple[str, int]
+CLOSE_STEP_TIMEOUT_S = 5.0  # bound each close step: a stuck pipeline must not keep a session
+MESSAGE_QUEUE = 256
+
+
+class SessionRejected(Exception):
+    """No new session now: ``reason`` is ``at_capacity`` or ``draining``."""
+
+    def __init__(self, reason: str, retry_after_s: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class Session:
+    def __init__(self, manager: SessionManager, pipeline: Pipeline) -> None:
+        self.manager = manager
+        self.id = secrets.token_urlsafe(12)
+        self.ufrag = issue_token(manager.keyring, manager.route_ip, manager.route_port, manager.clock())
+        self.pipeline = pipeline
+        self.started = time.monotonic()  # offer received
+        self.setup_seconds: float | None = None  # offer -> connected
+        self.close_reason: str | None = None
+        self.connected = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.pc: RTCPeerConnection | None = None
+        self.link: SessionLink | None = None
+        self.ice: ice_tunnel.TunnelIce | None = None
+        self.outgoing = OutgoingAudioTrack()
+        self.channels: dict[str, RTCDataChannel] = {}
+        self._messages: asyncio.Queue[tuple[str | bytes, str]] = asyncio.Queue(MESSAGE_QUEUE)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._close_task: asyncio.Task[None] | None = None
+
+    @property
+    def state(self) -> str:
+        if self.close_reason is not None:
+            return "closed"
+        return self.pc.connectionState if self.pc is not None else "new"
+
+    # -- negotiation --------------------------------------------------------------------
+
+    async def negotiate(self, offer: str) -> str:
+        """Apply a prepared offer, route ICE through the tunnel, return the SDP answer."""
+        pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.on("connectionstatechange", self._on_connection_state)
+        pc.on("datachannel", self._on_datachannel)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
+        except Exception as exc:  # aiortc's parser raises anything from AssertionError to KeyError
+            raise OfferError("sdp_rejected", f"{type(exc).__name__}: {exc}") from None
+
+        self.link = self.manager.tunnel.register(self.ufrag)
+        password = derive_password(self.manager.keyring, self.ufrag)
+        self.ice = ice_tunnel.attach(
+            pc, ufrag=self.ufrag, password=password, local_addresses=self.manager.relay_public, send=self.link.sendto
+        )
+        self.link.receive = self.ice.datagram_received
+
+        # The first audio m-line carries the call; other audio/video m-lines are answered inactive
+        # (a receiving track nobody reads would queue frames forever).
+        audio = next((t for t in pc.getTransceivers() if t.kind == "audio"), None)
+        if audio is not None:
+            pc.addTrack(self.outgoing)  # joins that transceiver (sendrecv, or sendonly if the caller only listens)
+        for transceiver in pc.getTransceivers():
+            if transceiver is not audio:
+                transceiver.direction = "inactive"
+        incoming = audio.receiver.track if audio is not None else None
+        await self.pipeline.start(self)
+        if incoming is not None:
+            self._spawn(self._pump_audio(incoming))
+        self._spawn(self._pump_messages())
+
+        await pc.setLocalDescription(await pc.createAnswer())
+        self._spawn(self._watchdog())
+        return pc.localDescription.sdp
+
+    # -- PipelineIO -----------------------------------------------------------------------
+
+    def send_audio(self, frame: AudioFrame) -> None:
+        self.outgoing.push(frame)
+
+    def send_message(self, message: str | bytes, channel: str | None = None) -> None:
+        if channel is not None:
+            target = self.channels.get(channel)
+        else:
+            target = next((c for c in self.channels.values() if c.readyState == "open"), None)
+        if target is not None and target.readyState == "open":
+            target.send(message)
+
+    # -- events and tasks ---------------------------------------------------------------
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_connection_state(self) -> None:
+        assert self.pc is not None
+        state = self.pc.connectionState
+        if state == "connected" and not self.connected.is_set():
+            self.setup_seconds = time.monotonic() - self.started
+            self.connected.set()
+            self.manager._session_connected(self)
+        elif state == "failed":
+            self.close_soon("failed")
+        elif state == "closed":
+            self.close_soon("peer_closed")
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        self.channels[channel.label] = channel
+
+        @channel.on("message")
+        def on_message(message: str | bytes) -> None:
+            if self._messages.full():
+                log.warning("session %s: data-channel backlog full, message dropped", self.id)
+                return
+            self._messages.put_nowait((message, channel.label))
+
+    async def _pump_audio(self, track: MediaStreamTrack) -> None:
+        try:
+            while True:
+                frame = await track.recv()
+                await self.pipeline.on_audio_frame(frame)
+        except MediaStreamError:
+            pass  # the call's audio ended
+        except Exception:
+            log.exception("session %s: pipeline failed on audio", self.id)
+            self.close_soon("error")
+
+    async def _pump_messages(self) -> None:
+        try:
+            while True:
+                message, label = await self._messages.get()
+                await self.pipeline.on_message(message, label)
+        except Exception:
+            log.exception("session %s: pipeline failed on a message", self.id)
+            self.close_soon("error")
+
+    async def _watchdog(self) -> None:
+        try:
+            await asyncio.wait_for(self.connected.wait(), self.manager.connect_timeout)
+        except asyncio.TimeoutError:
+            log.info("session %s: not connected after %.1f s, closing", self.id, self.manager.connect_timeout)
+            self.close_soon("connect_timeout")
+
+    # -- close ----------------------------------------------------------------------------
+
+    def close_soon(self, reason: str) -> None:
+        """Close from a callback or from one of the session's own tasks."""
+        if self._close_task is None and self.close_reason is None:
+            self._close_task = asyncio.ensure_future(self.close(reason))
+
+    async def close(self, reason: str) -> None:
+        """End the session (idempotent: later calls wait for the first one)."""
+        if self.close_reason is not None:
+            await self.closed.wait()
+            return
+        self.close_reason = reason
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        self.outgoing.stop()
+        for step, what in ((self.pipeline.close, "pipeline"), (self.pc.close if self.pc else None, "connection")):
+            if step is None:
+                continue
+            try:
+                await asyncio.wait_for(step(), CLOSE_STEP_TIMEOUT_S)
+            except Exception:
+                log.exception("session %s: closing the %s failed", self.id, what)
+        if self.link is not None:
+            self.link.close()  # after the connection: its DTLS close_notify still had a way out
+        self.manager._session_closed(self, reason)
+        self.closed.set()
+
+
+class SessionManager:
+    """All sessions of this process: admission, drain, and what the heartbeat says."""
+
+    def __init__(
+        self,
+        *,
+        tunnel: TunnelEndpoint,
+        keyring: RouteKeyring,
+        route_target: tuple[bytes, int],
+        relay_public: Sequence[Addr],
+        max_sessions: int,
+        connect_timeout: float,
+        pipeline_factory: PipelineFactory,
+        metrics: TransceiverMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.tunnel = tunnel
+        self.keyring = keyring
+        self.route_ip, self.route_port = route_target
+        self.relay_public = list(relay_public)
+        self.max_sessions = max_sessions
+        self.connect_timeout = connect_timeout
+        self.pipeline_factory = pipeline_factory
+        self.metrics = metrics or TransceiverMetrics()
+        self.clock = clock
+        self.sessions: dict[str, Session] = {}
+        self.draining = False
+        self._pending = 0  # offers being negotiated: they count against capacity
+        self._idle = asyncio.Event()
+        self._idle.set()
+        tunnel.heartbeat_source = self.heartbeat
+
+    @property
+    def load(self) -> int:
+        return len(self.sessions) + self._pending
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(sessions=self.load, capacity=self.max_sessions, draining=self.draining)
+
+    async def create(self, offer: str) -> tuple[Session, str]:
+        """Answer an offer: (session, SDP answer). Raises SessionRejected or OfferError."""
+        if self.draining:
+            raise SessionRejected("draining")
+        if self.load >= self.max_sessions:
+            raise SessionRejected("at_capacity", retry_after_s=2)
+        self._pending += 1
+        session: Session | None = None
+        try:
+            prepared = prepare_offer(offer)
+            session = Session(self, self.pipeline_factory())
+            answer = await session.negotiate(prepared)
+        except BaseException:
+            if session is not None:
+                session.close_reason = "rejected"  # not a session yet: no metrics, just cleanup
+                await _quiet_close(session)
+            raise
+        finally:
+            self._pending -= 1
+        self.sessions[session.id] = session
+        self._idle.clear()
+        self.metrics.sessions_created += 1
+        if self.draining:  # drain began while this offer was negotiated
+            session.close_soon("drain_deadline")
+        return session, answer
+
+    def get(self, session_id: str) -> Session | None:
+        return self.sessions.get(session_id)
+
+    async def end(self, session_id: str, reason: str = "deleted") -> bool:
+        session = self.sessions.get(session_id)
+        if session is None:
+            return False
+        await session.close(reason)
+        return True
+
+    async def drain(self, deadline_s: float) -> None:
+        """Take no new sessions, tell the relays, let calls end by themselves until the deadline."""
+        self.draining = True
+        self.tunnel.send_drain(deadline_s)
+        self.tunnel.send_heartbeat()
+        try:
+            await asyncio.wait_for(self._idle.wait(), deadline_s)
+        except asyncio.TimeoutError:
+            pass
+        await self.close_all("drain_deadline")
+
+    async def close_all(self, reason: str) -> None:
+        await asyncio.gather(*(s.close(reason) for s in list(self.sessions.values())))
+
+    def _session_connected(self, session: Session) -> None:
+        if session.close_reason is None and session.setup_seconds is not None:
+            self.metrics.sessions_connected += 1
+            self.metrics.setup_seconds.observe(session.setup_seconds)
+
+    def _session_closed(self, session: Session, reason: str) -> None:
+        if self.sessions.pop(session.id, None) is not None:
+            self.metrics.closed[reason] += 1
+            log.info("session %s closed: %s", session.id, reason)
+        if not self.sessions:
+            self._idle.set()
+
+
+async def _quiet_close(session: Session) -> None:
+    # Undo a half-negotiated session; close() would count it, and it has nothing to count.
+    session.outgoing.stop()
+    for task in list(session._tasks):
+        task.cancel()
+    for step in (session.pipeline.close, session.pc.close if session.pc else None):
+        if step is None:
+            continue
+        try:
+            await asyncio.wait_for(step(), CLOSE_STEP_TIMEOUT_S)
+        except Exception:
+            log.exception("cleaning up a rejected offer failed")
+    if session.link is not None:
+        session.link.close()
+    session.closed.set()

@@ -1,0 +1,129 @@
+"""HTTP signalling, WHIP-style (RFC 9725), plus health, readiness and metrics.
+
+- ``POST /v1/sessions`` with ``Content-Type: application/sdp`` and an SDP offer:
+  ``201 Created``, the SDP answer (``application/sdp``), ``Location: /v1/sessions/{id}``.
+  ``415`` for another content type, ``400`` with a ``reason: detail`` line for an offer this
+  service will not answer (malformed, not BUNDLE, no audio/data channel, ...), ``413`` when
+  too large, ``503`` with ``Retry-After`` at capacity, ``503`` while draining.
+- ``DELETE /v1/sessions/{id}``: ``204``, or ``404`` for an unknown (or already ended) session.
+- ``GET /healthz`` (the process answers), ``GET /readyz`` (``503`` while draining),
+  ``GET /metrics`` (Prometheus text).
+
+The answer carries every candidate (there is one: the relay's address) and
+``a=end-of-candidates``, so WHIP's trickle PATCH is not supported (``405``, as RFC 9725 allows).
+CORS is open (``*``, exposing ``Location``) so a demo page served elsewhere can call it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from transceiver.metrics import render
+from transceiver.sdp import MAX_OFFER_BYTES, OfferError
+from transceiver.session import SessionManager, SessionRejected
+
+__all__ = ["make_app", "SESSIONS_PATH"]
+
+log = logging.getLogger("rtcrelay.transceiver.signalling")
+
+SESSIONS_PATH = "/v1/sessions"
+SDP = "application/sdp"
+_CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": "Location",
+}
+_PREFLIGHT = {
+    **_CORS,
+    "Access-Control-Allow-Methods": "POST, DELETE, OPTIONS",
+    "Access-Control-Allow-Headers": "Content-Type, Authorization",
+    "Access-Control-Max-Age": "600",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:  # aiohttp's own 404/405 responses need the headers too
+        exc.headers.update(_CORS)
+        raise
+    response.headers.update(_CORS)
+    return response
+
+
+def make_app(manager: SessionManager) -> web.Application:
+    # client_max_size: aiohttp answers 413 itself past it.
+    app = web.Application(middlewares=[_cors], client_max_size=MAX_OFFER_BYTES)
+    metrics = manager.metrics
+
+    def reject(status: int, reason: str, detail: str = "", headers: dict[str, str] | None = None) -> web.Response:
+        metrics.rejected[reason] += 1
+        text = f"{reason}: {detail}\n" if detail else f"{reason}\n"
+        return web.Response(status=status, text=text, headers=headers)
+
+    async def create_session(request: web.Request) -> web.Response:
+        if request.content_type != SDP:
+            return reject(415, "unsupported_media_type", f"Content-Type must be {SDP}, not {request.content_type!r}")
+        try:
+            offer = await request.text()
+        except web.HTTPRequestEntityTooLarge:
+            return reject(413, "sdp_too_large", f"at most {MAX_OFFER_BYTES} bytes")
+        except UnicodeDecodeError:
+            return reject(400, "sdp_malformed", "the offer is not text")
+        try:
+            session, answer = await manager.create(offer)
+        except SessionRejected as exc:
+            headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+            detail = "the transceiver is draining" if exc.reason == "draining" else "too many sessions"
+            return reject(503, exc.reason, detail, headers)
+        except OfferError as exc:
+            return reject(400, exc.reason, exc.detail)
+        except Exception:
+            log.exception("offer failed")
+            return reject(500, "internal_error")
+        return web.Response(
+            status=201,
+            body=answer.encode(),
+            content_type=SDP,
+            headers={"Location": f"{SESSIONS_PATH}/{session.id}"},
+        )
+
+    async def delete_session(request: web.Request) -> web.Response:
+        if not await manager.end(request.match_info["session_id"]):
+            return web.Response(status=404, text="unknown session\n")
+        return web.Response(status=204)
+
+    async def preflight(request: web.Request) -> web.Response:
+        return web.Response(status=204, headers=_PREFLIGHT)
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(request: web.Request) -> web.Response:
+        if manager.draining:
+            return web.Response(status=503, text="draining\n")
+        return web.Response(text="ready\n")
+
+    async def metrics_text(request: web.Request) -> web.Response:
+        body = render(
+            metrics,
+            manager.tunnel.counters,
+            sessions=len(manager.sessions),
+            capacity=manager.max_sessions,
+            draining=manager.draining,
+        )
+        return web.Response(text=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    app.router.add_post(SESSIONS_PATH, create_session)
+    app.router.add_route("OPTIONS", SESSIONS_PATH, preflight)
+    app.router.add_delete(SESSIONS_PATH + "/{session_id}", delete_session)
+    app.router.add_route("OPTIONS", SESSIONS_PATH + "/{session_id}", preflight)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_text)
+    return app

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from relay.route_token import RouteKeyring
-from tests.relayproc import RTCRELAY, Client, FakeTransceiver, RelayProcess, cleanup_relay, start_relay, wait_for, write_keys
+from relayproc import RTCRELAY, Client, FakeTransceiver, RelayProcess, cleanup_relay, start_relay, wait_for, write_keys
 
 runner = CliRunner()
 

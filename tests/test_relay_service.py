@@ -13,7 +13,7 @@ import pytest
 
 from relay.tunnel_frame import Data, data_header
 from shm.flowtable import FlowTable
-from tests.relayproc import (
+from relayproc import (
     Client,
     FakeTransceiver,
     RelayProcess,

@@ -1,0 +1,148 @@
+"""aiortc clients → the real multi-process relay → a transceiver: whole calls on loopback.
+
+The relay runs as `rtcrelay relay` (supervisor + 2 SO_REUSEPORT workers + shm table); the
+transceiver and the clients share this test's event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import aioice.ice
+import pytest
+import uvloop
+
+from relayproc import RelayProcess, cleanup_relay, start_relay
+from shm.flowtable import FlowTable
+from transceiver.service import Transceiver, TransceiverConfig
+from webrtc_peer import Client, wait_for
+
+SDP = {"Content-Type": "application/sdp"}
+
+
+@pytest.fixture(autouse=True)
+def loopback_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    # aioice skips 127.0.0.1 when gathering; the clients must stay on the loopback.
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+
+
+@pytest.fixture
+def relay(tmp_path: Path):
+    proc = start_relay(tmp_path, workers=2, config={"heartbeat_timeout": 3.0})
+    yield proc
+    cleanup_relay(proc)
+
+
+def run(main: Callable[[], Awaitable[None]], timeout: float = 90) -> None:
+    async def bounded() -> None:
+        await asyncio.wait_for(main(), timeout)
+
+    uvloop.run(bounded())
+
+
+class Call:
+    """One transceiver behind the real relay, and the calls made through it."""
+
+    def __init__(self, relay: RelayProcess) -> None:
+        self.relay = relay
+        self.clients: list[Client] = []
+
+    async def __aenter__(self) -> "Call":
+        host, port = self.relay.address
+        config = TransceiverConfig(relay_public_addresses=[f"{host}:{port}"], http_port=0, route_keys_file=str(self.relay.keys_path))
+        self.tx = Transceiver(config)
+        await self.tx.start()
+        self.http = aiohttp.ClientSession()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for client in self.clients:
+            await client.close()
+        await self.tx.stop()
+        await self.http.close()
+
+    @property
+    def base(self) -> str:
+        assert self.tx.http_address is not None
+        return f"http://127.0.0.1:{self.tx.http_address[1]}"
+
+    @property
+    def tunnel_port(self) -> int:
+        assert self.tx.tunnel is not None and self.tx.tunnel.local_address is not None
+        return self.tx.tunnel.local_address[1]
+
+    async def dial(self) -> Client:
+        client = Client()
+        self.clients.append(client)
+        async with self.http.post(f"{self.base}/v1/sessions", data=await client.offer(), headers=SDP) as response:
+            assert response.status == 201, await response.text()
+            client.location = response.headers["Location"]
+            await client.accept(await response.text())
+        return client
+
+    async def connected(self, client: Client, timeout: float = 20) -> None:
+        await wait_for(lambda: client.pc.connectionState == "connected", timeout, "the client to connect through the relay")
+
+    def relay_flows(self) -> list:
+        view = FlowTable.attach_readonly(self.relay.table_path)
+        try:
+            return list(view.flows())
+        finally:
+            view.close()
+
+
+def test_a_call_through_the_real_relay(relay: RelayProcess) -> None:
+    async def main() -> None:
+        async with Call(relay) as call:
+            client = await call.dial()
+            await call.connected(client)
+            assert await client.roundtrip("hello through the relay") == "hello through the relay"
+            assert await client.hears_echo() > 1000  # the echoed tone, not silence
+            assert client.selected_remote() == relay.address
+            flows = call.relay_flows()
+            assert len(flows) == 1
+            assert flows[0].target_port == call.tunnel_port and flows[0].ufrag.decode() == client.server_ufrag
+            # Hang up with DELETE: the transceiver tells the relay, which forgets the flow at once.
+            async with call.http.delete(f"{call.base}{client.location}") as response:
+                assert response.status == 204
+            await wait_for(lambda: call.relay_flows() == [], 5, "the relay to drop the closed session's flow")
+
+    run(main)
+
+
+def test_ten_concurrent_calls_through_the_real_relay(relay: RelayProcess) -> None:
+    async def main() -> None:
+        async with Call(relay) as call:
+            clients = await asyncio.gather(*(call.dial() for _ in range(10)))
+            await asyncio.gather(*(call.connected(c, timeout=30) for c in clients))
+            echoes = await asyncio.gather(*(c.roundtrip(f"call {i}", timeout=15) for i, c in enumerate(clients)))
+            assert echoes == [f"call {i}" for i in range(10)]
+            levels = await asyncio.gather(*(c.hears_echo(timeout=20) for c in clients))
+            assert all(level > 1000 for level in levels)
+            flows = call.relay_flows()
+            assert len(flows) == 10 and {f.ufrag.decode() for f in flows} == {c.server_ufrag for c in clients}
+            # Both workers carry calls (the kernel's reuseport hash spreads the client ports).
+            assert len({f.worker for f in flows}) == 2
+
+    run(main, timeout=150)
+
+
+def test_stopped_transceiver_loses_its_flows_and_new_calls_go_elsewhere(relay: RelayProcess) -> None:
+    async def main() -> None:
+        async with Call(relay) as first:
+            client = await first.dial()
+            await first.connected(client)
+            assert len(first.relay_flows()) == 1
+            # The transceiver vanishes without a word (no SessionClosed: its tunnel closes).
+            assert first.tx.tunnel is not None
+            first.tx.tunnel.close()
+            await wait_for(lambda: first.relay_flows() == [], 8, "the relay to drop a silent transceiver's flows")
+            async with Call(relay) as second:
+                other = await second.dial()
+                await second.connected(other)
+                assert await other.roundtrip("still serving") == "still serving"
+                assert [f.target_port for f in second.relay_flows()] == [second.tunnel_port]
+
+    run(main, timeout=120)

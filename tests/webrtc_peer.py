@@ -1,0 +1,114 @@
+"""A stock aiortc caller for tests: a 440 Hz tone, an "echo" data channel, what comes back.
+
+Shared by the transceiver tests (fake relay) and the end-to-end tests (real relay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av import AudioFrame
+
+
+class SineTrack(MediaStreamTrack):
+    """A 440 Hz tone at about -12 dBov, paced in real time, 20 ms frames of 48 kHz mono."""
+
+    kind = "audio"
+
+    def __init__(self, amplitude: int = 8000) -> None:
+        super().__init__()
+        self.amplitude = amplitude
+        self._start: float | None = None
+        self._pts = 0
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.monotonic()
+        else:
+            self._pts += 960
+            await asyncio.sleep(max(0.0, self._start + self._pts / 48000 - time.monotonic()))
+        t = (np.arange(960) + self._pts) / 48000
+        samples = (self.amplitude * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+        frame = AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = 48000
+        frame.pts = self._pts
+        frame.time_base = fractions.Fraction(1, 48000)
+        return frame
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class Client:
+    """A stock aiortc caller: a tone, a data channel, and what comes back."""
+
+    def __init__(self, audio: bool = True) -> None:
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.track = SineTrack() if audio else None
+        if self.track is not None:
+            self.pc.addTrack(self.track)
+        self.dc = self.pc.createDataChannel("echo")
+        self.messages: asyncio.Queue[str | bytes] = asyncio.Queue()
+        self.dc.on("message", self.messages.put_nowait)
+        self.rms: list[float] = []  # per received frame
+        self.location: str | None = None
+        self.answer: str | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+        @self.pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            self._reader = asyncio.ensure_future(self._read(track))
+
+    async def _read(self, track: MediaStreamTrack) -> None:
+        try:
+            while True:
+                frame = await track.recv()
+                samples = frame.to_ndarray().astype(np.float64)
+                self.rms.append(math.sqrt(float(np.mean(samples * samples))))
+        except MediaStreamError:
+            pass
+
+    async def offer(self) -> str:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return self.pc.localDescription.sdp
+
+    async def accept(self, answer: str) -> None:
+        self.answer = answer
+        await self.pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+
+    @property
+    def server_ufrag(self) -> str:
+        assert self.answer is not None
+        return next(line.split(":", 1)[1] for line in self.answer.splitlines() if line.startswith("a=ice-ufrag:"))
+
+    async def roundtrip(self, text: str, timeout: float = 5) -> str | bytes:
+        await wait_for(lambda: self.dc.readyState == "open", timeout, "the data channel to open")
+        self.dc.send(text)
+        return await asyncio.wait_for(self.messages.get(), timeout)
+
+    async def hears_echo(self, timeout: float = 8) -> float:
+        await wait_for(lambda: any(r > 1000 for r in self.rms), timeout, "echoed audio that is not silence")
+        return max(self.rms)
+
+    def selected_remote(self) -> tuple[str, int]:
+        # aiortc has no public API for the selected pair; the nominated pair is it.
+        return self.pc.sctp.transport.transport._connection._nominated[1].remote_addr  # type: ignore[union-attr]
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        await self.pc.close()

@@ -63,6 +63,7 @@ class RelayProcess:
     keyring: RouteKeyring
     log_path: Path
     workers: int
+    config_path: Path
 
     @property
     def address(self) -> tuple[str, int]:
@@ -129,7 +130,10 @@ class RelayProcess:
 
 def start_relay(tmp_path: Path, *, workers: int = 2, config: dict | None = None, keyring_secrets: dict[int, bytes] | None = None,
                 active: int = 1, env: dict[str, str] | None = None, prefix: list[str] | None = None,
-                pass_fds: tuple[int, ...] = (), wait: bool = True, port: int | None = None) -> RelayProcess:
+                pass_fds: tuple[int, ...] = (), wait: bool = True, port: int | None = None,
+                popen: Callable[..., subprocess.Popen[bytes]] | None = None) -> RelayProcess:
+    """Start `rtcrelay relay` with a fresh name, table dir and keys; ``popen`` may replace
+    subprocess.Popen (e.g. FdStore.popen, to pass stored sockets)."""
     name = "t" + uuid.uuid4().hex[:10]
     table_dir = Path("/dev/shm") / f"rtcrelay-test-{name}"
     table_dir.mkdir()
@@ -152,16 +156,23 @@ def start_relay(tmp_path: Path, *, workers: int = 2, config: dict | None = None,
     config_path = tmp_path / f"{name}.toml"
     config_path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items()) + "\n")
     log_path = tmp_path / f"{name}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            (prefix or []) + RTCRELAY + ["relay", "--config", str(config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-            pass_fds=pass_fds, start_new_session=True,
-        )
-    relay = RelayProcess(proc, port, admin_port, name, table_dir, keys_path, RouteKeyring(secrets_by_id, active), log_path, workers)
+    relay = RelayProcess(None, port, admin_port, name, table_dir, keys_path, RouteKeyring(secrets_by_id, active),  # type: ignore[arg-type]
+                         log_path, workers, config_path)
+    relay.proc = spawn_relay(relay, env=env, prefix=prefix, pass_fds=pass_fds, popen=popen)
     if wait:
         relay.wait_ready()
     return relay
+
+
+def spawn_relay(relay: RelayProcess, *, env: dict[str, str] | None = None, prefix: list[str] | None = None,
+                pass_fds: tuple[int, ...] = (), popen: Callable[..., subprocess.Popen[bytes]] | None = None) -> subprocess.Popen[bytes]:
+    """(Re)start the relay process of ``relay`` with its config; its log is appended to."""
+    args = (prefix or []) + RTCRELAY + ["relay", "--config", str(relay.config_path)]
+    with open(relay.log_path, "ab") as log:
+        if popen is not None:
+            return popen(args, env or {}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                pass_fds=pass_fds, start_new_session=True)
 
 
 def cleanup_relay(relay: RelayProcess) -> None:

@@ -65,6 +65,7 @@ class Client:
         self.messages: asyncio.Queue[str | bytes] = asyncio.Queue()
         self.dc.on("message", self.messages.put_nowait)
         self.rms: list[float] = []  # per received frame
+        self.arrivals: list[float] = []  # monotonic time of each received frame
         self.location: str | None = None
         self.answer: str | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -77,6 +78,7 @@ class Client:
         try:
             while True:
                 frame = await track.recv()
+                self.arrivals.append(time.monotonic())
                 samples = frame.to_ndarray().astype(np.float64)
                 self.rms.append(math.sqrt(float(np.mean(samples * samples))))
         except MediaStreamError:
@@ -103,6 +105,11 @@ class Client:
     async def hears_echo(self, timeout: float = 8) -> float:
         await wait_for(lambda: any(r > 1000 for r in self.rms), timeout, "echoed audio that is not silence")
         return max(self.rms)
+
+    def longest_gap(self, start: float, end: float) -> float:
+        """The longest silence (s) between received frames in [start, end], edges included."""
+        times = [start] + [t for t in self.arrivals if start <= t <= end] + [end]
+        return max(b - a for a, b in zip(times, times[1:]))
 
     def selected_remote(self) -> tuple[str, int]:
         # aiortc has no public API for the selected pair; the nominated pair is it.

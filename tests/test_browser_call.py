@@ -1,0 +1,478 @@
+"""End to end with a real browser: headless Chromium calls the echo transceiver through the relay.
+
+The scenario: the real multi-process relay (tests/relayproc.py), the transceiver in a
+subprocess (route keys = the relay's keys file, its only ICE candidate = the relay's
+127.0.0.1:port), the demo page (cli/demo_page.py), and Chromium driven over the DevTools
+protocol (tests/cdp.py) to the page; ``window.__call()``, then checks that
+
+- the connection is ``connected``, a data-channel message comes back, inbound audio has
+  ≥ 50 packets and ``totalAudioEnergy > 0`` (the fake microphone's tone, echoed);
+- the selected candidate pair is 127.0.0.1 ↔ the relay's 127.0.0.1:port;
+- the relay's shared-memory flow table holds the browser's flow (client 127.0.0.1:port as
+  the browser's side of the pair, target = the transceiver's tunnel port);
+- after ``window.__hangup()`` (DELETE → the transceiver's ``SessionClosed``) the flow is gone
+  from the table within a few seconds.
+
+Why a network namespace: Chromium gathers a host candidate on every interface, and may pick
+its non-loopback host address (here eth0's 192.0.2.x) as the local side of the pair; the
+kernel still carries those packets over ``lo``, but the relay then sees a 192.0.2.x source.
+No Chromium switch restricts gathering to the loopback (``--force-webrtc-ip-handling-policy``
+only offers the default-route interface, which is eth0). So the whole scenario runs in a
+fresh network namespace that has only ``lo`` (``unshare --net``: as root, else in a user
+namespace too): Chromium's only candidate is 127.0.0.1 (``--allow-loopback-in-peer-connection``),
+and no packet of the test can reach any other interface — the namespace has none.
+
+The pytest process starts the scenario (this file run as a script) in that namespace, reads
+its JSON report and asserts on it. A missing Chromium is a failure, not a skip:
+``scripts/test`` installs it (scripts/browser-deps.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import traceback
+import urllib.request
+import wave
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SCENARIO_TIMEOUT_S = 90.0  # the scenario's own deadline (it cleans up after it)
+CHILD_TIMEOUT_S = 150.0  # the pytest side's last resort
+MIN_INBOUND_PACKETS = 50
+FLOW_GONE_TIMEOUT_S = 5.0
+
+TRANSCEIVER_MAIN = """
+import json, logging, sys
+import msgspec
+from transceiver.service import TransceiverConfig, serve
+logging.basicConfig(level=logging.DEBUG if "-v" in sys.argv[2:] else logging.INFO,
+                    format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+logging.getLogger("aioice").setLevel(logging.INFO)
+serve(msgspec.convert(json.loads(sys.argv[1]), TransceiverConfig))
+"""
+
+
+# ---------------------------------------------------------------------------------------
+# the pytest side
+# ---------------------------------------------------------------------------------------
+
+
+def _only_loopback() -> bool:
+    return [name for _, name in socket.if_nameindex()] == ["lo"]
+
+
+def _namespace_prefix() -> list[str]:
+    """How to run the scenario where only ``lo`` exists ([] when that is already so here)."""
+    if _only_loopback():
+        return []
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.fail("the browser test needs `unshare` (util-linux) to run Chromium in a loopback-only network namespace")
+    options = [["--net"]] if os.geteuid() == 0 else []
+    options.append(["--user", "--map-root-user", "--net"])  # unprivileged: a user namespace too
+    errors = []
+    for opts in options:
+        probe = subprocess.run([unshare, *opts, "--", sys.executable, "-c", "pass"], capture_output=True, text=True, timeout=10)
+        if probe.returncode == 0:
+            return [unshare, *opts, "--"]
+        errors.append(f"unshare {' '.join(opts)}: {probe.stderr.strip() or probe.returncode}")
+    pytest.fail("cannot create a network namespace for the browser test (Chromium must see only the loopback):\n"
+                + "\n".join(errors))
+
+
+def _kill_groups(pids_file: Path) -> None:
+    """Last resort after a hung scenario: the process groups it recorded (all ours)."""
+    try:
+        pids = json.loads(pids_file.read_text())
+    except (OSError, ValueError):
+        return
+    for pid in pids.values():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(missing)"
+
+
+@pytest.mark.browser
+def test_browser_call(tmp_path: Path) -> None:
+    from cdp import find_chromium
+
+    chromium = find_chromium()
+    if chromium is None:
+        where = os.environ.get("RTCRELAY_CHROMIUM") or "/usr/lib/chromium/chromium, /usr/bin/chromium"
+        pytest.fail(f"Chromium not found ({where}): the browser test needs it; scripts/test installs it with "
+                    "scripts/browser-deps.sh (apt install chromium), or set RTCRELAY_CHROMIUM=/path/to/chromium")
+    prefix = _namespace_prefix()
+    out = tmp_path / "scenario"
+    out.mkdir()
+    cmd = [*prefix, sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--chromium", chromium]
+    paths = [str(HERE), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    started = time.monotonic()
+    with open(out / "scenario.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                start_new_session=True)
+        try:
+            proc.wait(CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            _kill_groups(out / "pids.json")
+            pytest.fail(f"the browser scenario did not finish in {CHILD_TIMEOUT_S} s:\n{_tail(out / 'scenario.log')}")
+    elapsed = time.monotonic() - started
+
+    report_path = out / "report.json"
+    if not report_path.exists():
+        pytest.fail(f"the browser scenario exited with {proc.returncode} and no report:\n{_tail(out / 'scenario.log', 60)}")
+    report: dict[str, Any] = json.loads(report_path.read_text())
+    details = "\n".join(
+        [
+            f"scenario exit {proc.returncode}, {elapsed:.1f} s; files in {out}",
+            f"report: {json.dumps({k: v for k, v in report.items() if k != 'logs'}, indent=1, default=str)}",
+            *(f"--- {name} (tail) ---\n{text}" for name, text in report.get("logs", {}).items()),
+        ]
+    )
+    print(f"\nbrowser call: namespace {' '.join(prefix) or '(current, loopback only)'}; "
+          f"timings {report.get('timings')}; screenshot {report.get('screenshot')}")
+
+    assert report.get("error") is None, f"the scenario failed: {report['error']}\n{details}"
+    assert report["interfaces"] == ["lo"], f"the scenario ran with other interfaces: {report['interfaces']}\n{details}"
+    page = report["page"]
+    relay_addr = f"127.0.0.1:{report['relay_port']}"
+    assert page["connectionState"] == "connected", details
+    assert page["dataChannelEcho"], f"no data-channel message came back\n{details}"
+    assert json.loads(page["dataChannelEcho"]).get("type") == "ping", details
+    assert page["inboundPackets"] >= MIN_INBOUND_PACKETS, details
+    assert page["totalAudioEnergy"] > 0, f"the echoed audio is silent\n{details}"
+    assert page["selectedPair"]["remote"] == relay_addr, details
+    assert page["selectedPair"]["local"].rpartition(":")[0] == "127.0.0.1", details
+
+    flows = report["flows_in_call"]
+    assert flows, f"the relay's flow table has no flow for the call\n{details}"
+    browser_flows = [f for f in flows if f["client"] == page["selectedPair"]["local"]]
+    assert browser_flows, f"no flow from the browser's {page['selectedPair']['local']}\n{details}"
+    for flow in flows:
+        assert flow["client"].startswith("127.0.0.1:"), f"the relay saw a non-loopback client: {flow}\n{details}"
+        assert flow["local"] == relay_addr, details
+        assert flow["target"] == f"127.0.0.1:{report['transceiver_tunnel_port']}", details
+        assert flow["ufrag"] == report["server_ufrag"], details
+    assert browser_flows[0]["pkts_in"] > 0 and browser_flows[0]["pkts_out"] > 0, details
+
+    assert report["hangup"]["hangupStatus"] == 204, details
+    assert report["flows_after_hangup"] == [], f"flows left {FLOW_GONE_TIMEOUT_S} s after hang-up\n{details}"
+
+
+def test_demo_page_app() -> None:
+    """The page, its static files and config.json; no browser needed."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from cli.demo_page import make_demo_app
+
+    async def main() -> None:
+        app = make_demo_app("http://127.0.0.1:9999/v1/sessions", "127.0.0.1:3478")
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            resp = await client.get("/")
+            assert resp.status == 200 and resp.content_type == "text/html"
+            assert "<title>rtcrelay demo call</title>" in await resp.text()
+            csp = resp.headers["Content-Security-Policy"]
+            assert "connect-src 'self' http://127.0.0.1:9999" in csp and "script-src 'self'" in csp
+            resp = await client.get("/config.json")
+            assert await resp.json() == {"signalling_url": "http://127.0.0.1:9999/v1/sessions", "relay": "127.0.0.1:3478"}
+            assert resp.headers["Cache-Control"] == "no-store"
+            for name in ("call.js", "style.css"):
+                assert (await client.get(f"/static/{name}")).status == 200
+            assert (await client.get("/static/../demo_page.py")).status in (403, 404)
+            assert (await client.get("/nope")).status == 404
+            # no external URL anywhere in the page
+            for name in ("index.html", "call.js", "style.css"):
+                text = (ROOT / "cli" / "static" / name).read_text()
+                assert "https://" not in text and "//cdn" not in text, name
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+# ---------------------------------------------------------------------------------------
+# the scenario (this file run as a script, inside the namespace)
+# ---------------------------------------------------------------------------------------
+
+
+def _loopback_up() -> None:
+    """``ip link set lo up`` without iproute2 (a fresh namespace's lo is down)."""
+    import fcntl
+
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        req = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, siocgifflags, req))[1]
+        if not flags & iff_up:
+            fcntl.ioctl(sock, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
+
+
+def _write_tone(path: Path, seconds: float = 2.0, freq: float = 440.0, rate: int = 48000) -> None:
+    """A 440 Hz tone (about -12 dBFS) for the fake microphone (Chromium loops the file)."""
+    frames = bytearray()
+    for i in range(int(seconds * rate)):
+        frames += struct.pack("<h", int(8000 * math.sin(2 * math.pi * freq * i / rate)))
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(bytes(frames))
+
+
+def _free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _addr(ip16: bytes, port: int) -> str:
+    from shm.layout import ip_str
+
+    ip = ip_str(ip16)
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _read_flows(table_path: str) -> list[dict[str, Any]]:
+    from shm.flowtable import FlowTable
+
+    view = FlowTable.attach_readonly(table_path)
+    try:
+        return [
+            {
+                "client": _addr(f.client_ip, f.client_port),
+                "local": _addr(f.local_ip, f.local_port),
+                "target": _addr(f.target_ip, f.target_port),
+                "ufrag": f.ufrag.decode() if f.ufrag else None,
+                "worker": f.worker,
+                "pkts_in": f.pkts_in,
+                "pkts_out": f.pkts_out,
+            }
+            for f in view.flows()
+        ]
+    finally:
+        view.close()
+
+
+class Scenario:
+    def __init__(self, out: Path, chromium: str, chromium_args: list[str]) -> None:
+        self.out = out
+        self.chromium = chromium
+        self.chromium_args = chromium_args
+        self.report: dict[str, Any] = {"error": None, "timings": {}, "logs": {}}
+        self.pids: dict[str, int] = {}
+        self.relay: Any = None
+        self.transceiver: subprocess.Popen[bytes] | None = None
+        self.demo_runner: Any = None
+        self.browser: Any = None
+        self.page: Any = None
+
+    def _record_pid(self, name: str, pid: int) -> None:
+        self.pids[name] = pid
+        (self.out / "pids.json").write_text(json.dumps(self.pids))
+
+    async def run(self) -> None:
+        from aiohttp import web
+
+        from cdp import Browser
+        from cli.demo_page import make_demo_app
+        from relayproc import start_relay, wait_for
+
+        timings = self.report["timings"]
+        self.report["interfaces"] = [name for _, name in socket.if_nameindex()]
+
+        # relay: the real multi-process one
+        t = time.monotonic()
+        self.relay = await asyncio.to_thread(start_relay, self.out, workers=2)
+        self._record_pid("relay", self.relay.proc.pid)
+        relay_addr = f"127.0.0.1:{self.relay.port}"
+        self.report["relay_port"] = self.relay.port
+        timings["relay_ready_s"] = round(time.monotonic() - t, 3)
+
+        # transceiver: a subprocess, tokens signed with the relay's keys, its candidate the relay
+        http_port = _free_port(socket.SOCK_STREAM)
+        tunnel_port = _free_port(socket.SOCK_DGRAM)
+        self.report["transceiver_tunnel_port"] = tunnel_port
+        config = {
+            "tunnel_host": "127.0.0.1",
+            "tunnel_port": tunnel_port,
+            "relay_public_addresses": [relay_addr],
+            "http_host": "127.0.0.1",
+            "http_port": http_port,
+            "route_keys_file": str(self.relay.keys_path),
+            "connect_timeout": 20.0,
+            "drain_deadline": 1.0,
+        }
+        t = time.monotonic()
+        with open(self.out / "transceiver.log", "wb") as log:
+            self.transceiver = subprocess.Popen(
+                [sys.executable, "-c", TRANSCEIVER_MAIN, json.dumps(config)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
+            )
+        self._record_pid("transceiver", self.transceiver.pid)
+        signalling_url = f"http://127.0.0.1:{http_port}/v1/sessions"
+
+        def transceiver_ready() -> bool:
+            if self.transceiver is not None and self.transceiver.poll() is not None:
+                raise AssertionError(f"the transceiver exited with {self.transceiver.returncode}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=1) as resp:
+                    return resp.status == 200
+            except OSError:
+                return False
+
+        await asyncio.to_thread(wait_for, transceiver_ready, 20.0, "transceiver readiness")
+        timings["transceiver_ready_s"] = round(time.monotonic() - t, 3)
+
+        # the demo page
+        self.demo_runner = web.AppRunner(make_demo_app(signalling_url, relay_addr), access_log=None)
+        await self.demo_runner.setup()
+        page_port = _free_port(socket.SOCK_STREAM)
+        await web.TCPSite(self.demo_runner, "127.0.0.1", page_port).start()
+        page_url = f"http://127.0.0.1:{page_port}/"
+
+        # Chromium
+        tone = self.out / "tone.wav"
+        _write_tone(tone)
+        self.browser = await Browser.launch(self.out / "browser", executable=self.chromium, fake_audio_file=tone,
+                                            extra_args=self.chromium_args)
+        self._record_pid("chromium", self.browser.proc.pid)
+        timings["browser_launch_s"] = round(self.browser.launch_seconds, 3)
+        self.report["chromium"] = {"version": self.browser.version.get("product"), "args": self.browser.args[1:]}
+
+        t = time.monotonic()
+        self.page = page = await self.browser.new_page(page_url)
+        await page.wait_for("window.__result && window.__result.phase === 'ready'", 10, what="the page to read config.json",
+                            show="window.__result")
+        timings["page_load_s"] = round(time.monotonic() - t, 3)
+
+        t = time.monotonic()
+        await page.evaluate("window.__call()", timeout=20)
+        timings["call_to_answer_s"] = round(time.monotonic() - t, 3)
+        self.report["offer_candidates"] = await page.evaluate(
+            "(window.__sdp.offer || '').split(/\\r?\\n/).filter(l => l.startsWith('a=candidate:'))")
+        await page.wait_for("window.__result.connectionState === 'connected' || window.__result.error", 20,
+                            what="connectionState 'connected'", show="window.__result")
+        timings["call_to_connected_s"] = round(time.monotonic() - t, 3)
+        self.report["page"] = await page.evaluate("window.__result")
+        if self.report["page"]["error"]:
+            raise AssertionError(f"the page reports: {self.report['page']['error']}")
+        await page.wait_for(
+            f"(r => r.dataChannelEcho && r.inboundPackets >= {MIN_INBOUND_PACKETS} && r.totalAudioEnergy > 0"
+            " && r.selectedPair.remote)(window.__result)",
+            20, what=f"an echo, {MIN_INBOUND_PACKETS}+ audio packets with energy, a selected pair", show="window.__result",
+        )
+        timings["call_to_media_s"] = round(time.monotonic() - t, 3)
+        await asyncio.sleep(0.6)  # one more stats round for the screenshot
+        self.report["page"] = await page.evaluate("window.__result")
+        self.report["screenshot"] = str(await page.screenshot(self.out / "call.png"))
+
+        # the relay's flow table: the browser's flow
+        flows = _read_flows(self.relay.table_path)
+        self.report["flows_in_call"] = flows
+        self.report["server_ufrag"] = self.report["page"]["serverUfrag"]
+
+        # hang up: DELETE -> SessionClosed -> the flow leaves the table
+        t = time.monotonic()
+        self.report["hangup"] = await page.evaluate("window.__hangup()", timeout=15)
+        timings["hangup_http_s"] = round(time.monotonic() - t, 3)
+        deadline = time.monotonic() + FLOW_GONE_TIMEOUT_S
+        remaining = _read_flows(self.relay.table_path)
+        while remaining and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            remaining = _read_flows(self.relay.table_path)
+        timings["hangup_to_flow_gone_s"] = round(time.monotonic() - t, 3) if not remaining else None
+        self.report["flows_after_hangup"] = remaining
+        self.report["page_after_hangup"] = await page.evaluate("window.__result")
+
+    async def failure_evidence(self) -> None:
+        if self.page is not None:
+            with contextlib.suppress(Exception):
+                self.report["page"] = await self.page.evaluate("window.__result", timeout=3)
+            with contextlib.suppress(Exception):
+                self.report["screenshot"] = str(await self.page.screenshot(self.out / "failure.png", timeout=5))
+            with contextlib.suppress(Exception):
+                self.report["sdp"] = await self.page.evaluate("window.__sdp", timeout=3)
+        if self.relay is not None:
+            with contextlib.suppress(Exception):
+                self.report["flows_at_failure"] = _read_flows(self.relay.table_path)
+
+    async def close(self) -> None:
+        if self.page is not None:
+            self.report["logs"]["page console"] = self.page.console_tail(40)
+        if self.browser is not None:
+            self.report["logs"]["chromium"] = self.browser.stderr_tail(25)
+            with contextlib.suppress(Exception):
+                await self.browser.close()
+        if self.demo_runner is not None:
+            with contextlib.suppress(Exception):
+                await self.demo_runner.cleanup()
+        if self.transceiver is not None:
+            if self.transceiver.poll() is None:
+                self.transceiver.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.to_thread(self.transceiver.wait, 10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.transceiver.pid, signal.SIGKILL)
+                    await asyncio.to_thread(self.transceiver.wait, 5)
+            self.report["logs"]["transceiver"] = _tail(self.out / "transceiver.log", 40)
+        if self.relay is not None:
+            from relayproc import cleanup_relay
+
+            self.report["logs"]["relay"] = self.relay.log()[-4000:]
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(cleanup_relay, self.relay)
+
+
+async def _scenario(out: Path, chromium: str, chromium_args: list[str]) -> dict[str, Any]:
+    scenario = Scenario(out, chromium, chromium_args)
+    try:
+        await asyncio.wait_for(scenario.run(), SCENARIO_TIMEOUT_S)
+    except BaseException as exc:  # noqa: BLE001 - everything goes into the report
+        kind = "timed out" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
+        scenario.report["error"] = f"{kind}: {exc}"
+        scenario.report["traceback"] = traceback.format_exc()
+        await scenario.failure_evidence()
+    finally:
+        await scenario.close()
+    return scenario.report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="the browser-call scenario (run by test_browser_call)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--chromium", required=True)
+    parser.add_argument("--chromium-arg", action="append", default=[], help="an extra Chromium switch (debugging)")
+    args = parser.parse_args()
+    if not _only_loopback():
+        print("warning: running with interfaces other than lo:", socket.if_nameindex(), file=sys.stderr)
+    _loopback_up()
+    report = asyncio.run(_scenario(args.out, args.chromium, args.chromium_arg))
+    (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    print(json.dumps({k: v for k, v in report.items() if k != "logs"}, indent=1, default=str))
+    return 0 if report["error"] is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

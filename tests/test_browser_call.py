@@ -1,17 +1,16 @@
 """End to end with a real browser: headless Chromium calls the echo transceiver through the relay.
 
-The scenario: the real multi-process relay (tests/relayproc.py), the transceiver in a
-subprocess (route keys = the relay's keys file, its only ICE candidate = the relay's
-127.0.0.1:port), the demo page (cli/demo_page.py), and Chromium driven over the DevTools
-protocol (tests/cdp.py) to the page; ``window.__call()``, then checks that
+The scenario: ``rtcrelay up`` (the README's main job: the multi-process relay, a transceiver
+and the demo page, on free ports), and Chromium driven over the DevTools protocol
+(tests/cdp.py) to the page; ``window.__call()``, then checks that
 
 - the connection is ``connected``, a data-channel message comes back, inbound audio has
   ≥ 50 packets and ``totalAudioEnergy > 0`` (the fake microphone's tone, echoed);
 - the selected candidate pair is 127.0.0.1 ↔ the relay's 127.0.0.1:port;
-- the relay's shared-memory flow table holds the browser's flow (client 127.0.0.1:port as
-  the browser's side of the pair, target = the transceiver's tunnel port);
+- ``rtcrelay flows list --json`` shows the browser's flow (client = the browser's side of the
+  pair, transceiver = what ``rtcrelay ufrag decode`` reads in the server ufrag);
 - after ``window.__hangup()`` (DELETE → the transceiver's ``SessionClosed``) the flow is gone
-  from the table within a few seconds.
+  from the table within a few seconds; Ctrl-C stops ``rtcrelay up`` with exit 0 and no table left.
 
 Why a network namespace: Chromium gathers a host candidate on every interface, and may pick
 its non-loopback host address (here eth0's 192.0.2.x) as the local side of the pair; the
@@ -43,7 +42,6 @@ import subprocess
 import sys
 import time
 import traceback
-import urllib.request
 import wave
 from pathlib import Path
 from typing import Any
@@ -57,15 +55,7 @@ CHILD_TIMEOUT_S = 150.0  # the pytest side's last resort
 MIN_INBOUND_PACKETS = 50
 FLOW_GONE_TIMEOUT_S = 5.0
 
-TRANSCEIVER_MAIN = """
-import json, logging, sys
-import msgspec
-from transceiver.service import TransceiverConfig, serve
-logging.basicConfig(level=logging.DEBUG if "-v" in sys.argv[2:] else logging.INFO,
-                    format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-logging.getLogger("aioice").setLevel(logging.INFO)
-serve(msgspec.convert(json.loads(sys.argv[1]), TransceiverConfig))
-"""
+RTCRELAY = [sys.executable, "-m", "cli.main"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,13 +164,15 @@ def test_browser_call(tmp_path: Path) -> None:
     assert browser_flows, f"no flow from the browser's {page['selectedPair']['local']}\n{details}"
     for flow in flows:
         assert flow["client"].startswith("127.0.0.1:"), f"the relay saw a non-loopback client: {flow}\n{details}"
-        assert flow["local"] == relay_addr, details
-        assert flow["target"] == f"127.0.0.1:{report['transceiver_tunnel_port']}", details
+        assert flow["relay"] == relay_addr, details
+        assert flow["transceiver"] == report["transceiver_tunnel"], details
         assert flow["ufrag"] == report["server_ufrag"], details
-    assert browser_flows[0]["pkts_in"] > 0 and browser_flows[0]["pkts_out"] > 0, details
+    assert browser_flows[0]["packets_in"] > 0 and browser_flows[0]["packets_out"] > 0, details
 
     assert report["hangup"]["hangupStatus"] == 204, details
     assert report["flows_after_hangup"] == [], f"flows left {FLOW_GONE_TIMEOUT_S} s after hang-up\n{details}"
+    assert report["up_exit"] == 0, f"rtcrelay up did not stop cleanly on Ctrl-C\n{details}"
+    assert report["table_left"] is False, f"rtcrelay up left its shm table behind\n{details}"
 
 
 def test_demo_page_app() -> None:
@@ -247,34 +239,6 @@ def _free_port(kind: int) -> int:
         return sock.getsockname()[1]
 
 
-def _addr(ip16: bytes, port: int) -> str:
-    from shm.layout import ip_str
-
-    ip = ip_str(ip16)
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
-def _read_flows(table_path: str) -> list[dict[str, Any]]:
-    from shm.flowtable import FlowTable
-
-    view = FlowTable.attach_readonly(table_path)
-    try:
-        return [
-            {
-                "client": _addr(f.client_ip, f.client_port),
-                "local": _addr(f.local_ip, f.local_port),
-                "target": _addr(f.target_ip, f.target_port),
-                "ufrag": f.ufrag.decode() if f.ufrag else None,
-                "worker": f.worker,
-                "pkts_in": f.pkts_in,
-                "pkts_out": f.pkts_out,
-            }
-            for f in view.flows()
-        ]
-    finally:
-        view.close()
-
-
 class Scenario:
     def __init__(self, out: Path, chromium: str, chromium_args: list[str]) -> None:
         self.out = out
@@ -282,9 +246,8 @@ class Scenario:
         self.chromium_args = chromium_args
         self.report: dict[str, Any] = {"error": None, "timings": {}, "logs": {}}
         self.pids: dict[str, int] = {}
-        self.relay: Any = None
-        self.transceiver: subprocess.Popen[bytes] | None = None
-        self.demo_runner: Any = None
+        self.up: subprocess.Popen[bytes] | None = None
+        self.name = ""
         self.browser: Any = None
         self.page: Any = None
 
@@ -292,65 +255,43 @@ class Scenario:
         self.pids[name] = pid
         (self.out / "pids.json").write_text(json.dumps(self.pids))
 
-    async def run(self) -> None:
-        from aiohttp import web
+    async def cli(self, *args: str) -> str:
+        """An `rtcrelay` command, as an operator runs it; its stdout."""
+        proc = await asyncio.to_thread(subprocess.run, [*RTCRELAY, *args], capture_output=True, text=True, timeout=30, cwd=ROOT)
+        if proc.returncode != 0:
+            raise AssertionError(f"rtcrelay {' '.join(args)} exited with {proc.returncode}: {proc.stderr}")
+        return proc.stdout
 
+    async def flows(self) -> list[dict[str, Any]]:
+        return json.loads(await self.cli("flows", "list", "--json", "--name", self.name))
+
+    async def run(self) -> None:
         from cdp import Browser
-        from cli.demo_page import make_demo_app
-        from relayproc import start_relay, wait_for
+        from relayproc import wait_for
 
         timings = self.report["timings"]
         self.report["interfaces"] = [name for _, name in socket.if_nameindex()]
 
-        # relay: the real multi-process one
+        # the README's main job: `rtcrelay up` (relay + transceiver + demo page), on free ports
+        ports = {flag: _free_port(kind) for flag, kind in (("--relay-port", socket.SOCK_DGRAM), ("--http-port", socket.SOCK_STREAM),
+                                                            ("--signalling-port", socket.SOCK_STREAM), ("--admin-port", socket.SOCK_STREAM))}
+        self.name = f"browser{os.getpid()}"
+        args = [arg for flag, port in ports.items() for arg in (flag, str(port))]
         t = time.monotonic()
-        self.relay = await asyncio.to_thread(start_relay, self.out, workers=2)
-        self._record_pid("relay", self.relay.proc.pid)
-        relay_addr = f"127.0.0.1:{self.relay.port}"
-        self.report["relay_port"] = self.relay.port
-        timings["relay_ready_s"] = round(time.monotonic() - t, 3)
+        with open(self.out / "up.log", "wb") as log:
+            self.up = subprocess.Popen([*RTCRELAY, "up", *args, "--name", self.name], stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True, cwd=ROOT)
+        self._record_pid("up", self.up.pid)
+        self.report["relay_port"] = ports["--relay-port"]
+        page_url = f"http://127.0.0.1:{ports['--http-port']}/"
 
-        # transceiver: a subprocess, tokens signed with the relay's keys, its candidate the relay
-        http_port = _free_port(socket.SOCK_STREAM)
-        tunnel_port = _free_port(socket.SOCK_DGRAM)
-        self.report["transceiver_tunnel_port"] = tunnel_port
-        config = {
-            "tunnel_host": "127.0.0.1",
-            "tunnel_port": tunnel_port,
-            "relay_public_addresses": [relay_addr],
-            "http_host": "127.0.0.1",
-            "http_port": http_port,
-            "route_keys_file": str(self.relay.keys_path),
-            "connect_timeout": 20.0,
-            "drain_deadline": 1.0,
-        }
-        t = time.monotonic()
-        with open(self.out / "transceiver.log", "wb") as log:
-            self.transceiver = subprocess.Popen(
-                [sys.executable, "-c", TRANSCEIVER_MAIN, json.dumps(config)],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
-            )
-        self._record_pid("transceiver", self.transceiver.pid)
-        signalling_url = f"http://127.0.0.1:{http_port}/v1/sessions"
+        def up_ready() -> bool:
+            if self.up is not None and self.up.poll() is not None:
+                raise AssertionError(f"rtcrelay up exited with {self.up.returncode}:\n{_tail(self.out / 'up.log')}")
+            return "rtcrelay demo is up" in (self.out / "up.log").read_text(errors="replace")
 
-        def transceiver_ready() -> bool:
-            if self.transceiver is not None and self.transceiver.poll() is not None:
-                raise AssertionError(f"the transceiver exited with {self.transceiver.returncode}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=1) as resp:
-                    return resp.status == 200
-            except OSError:
-                return False
-
-        await asyncio.to_thread(wait_for, transceiver_ready, 20.0, "transceiver readiness")
-        timings["transceiver_ready_s"] = round(time.monotonic() - t, 3)
-
-        # the demo page
-        self.demo_runner = web.AppRunner(make_demo_app(signalling_url, relay_addr), access_log=None)
-        await self.demo_runner.setup()
-        page_port = _free_port(socket.SOCK_STREAM)
-        await web.TCPSite(self.demo_runner, "127.0.0.1", page_port).start()
-        page_url = f"http://127.0.0.1:{page_port}/"
+        await asyncio.to_thread(wait_for, up_ready, 45.0, "rtcrelay up to print its banner")
+        timings["up_ready_s"] = round(time.monotonic() - t, 3)
 
         # Chromium
         tone = self.out / "tone.wav"
@@ -388,20 +329,22 @@ class Scenario:
         self.report["page"] = await page.evaluate("window.__result")
         self.report["screenshot"] = str(await page.screenshot(self.out / "call.png"))
 
-        # the relay's flow table: the browser's flow
-        flows = _read_flows(self.relay.table_path)
+        # the relay's flow table, as an operator reads it: the browser's flow
+        flows = await self.flows()
         self.report["flows_in_call"] = flows
-        self.report["server_ufrag"] = self.report["page"]["serverUfrag"]
+        self.report["server_ufrag"] = ufrag = self.report["page"]["serverUfrag"]
+        decoded = json.loads(await self.cli("ufrag", "decode", ufrag, "--json"))
+        self.report["transceiver_tunnel"] = decoded["target"]  # the route token names the transceiver
 
         # hang up: DELETE -> SessionClosed -> the flow leaves the table
         t = time.monotonic()
         self.report["hangup"] = await page.evaluate("window.__hangup()", timeout=15)
         timings["hangup_http_s"] = round(time.monotonic() - t, 3)
         deadline = time.monotonic() + FLOW_GONE_TIMEOUT_S
-        remaining = _read_flows(self.relay.table_path)
+        remaining = await self.flows()
         while remaining and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-            remaining = _read_flows(self.relay.table_path)
+            remaining = await self.flows()
         timings["hangup_to_flow_gone_s"] = round(time.monotonic() - t, 3) if not remaining else None
         self.report["flows_after_hangup"] = remaining
         self.report["page_after_hangup"] = await page.evaluate("window.__result")
@@ -414,9 +357,9 @@ class Scenario:
                 self.report["screenshot"] = str(await self.page.screenshot(self.out / "failure.png", timeout=5))
             with contextlib.suppress(Exception):
                 self.report["sdp"] = await self.page.evaluate("window.__sdp", timeout=3)
-        if self.relay is not None:
+        if self.up is not None:
             with contextlib.suppress(Exception):
-                self.report["flows_at_failure"] = _read_flows(self.relay.table_path)
+                self.report["flows_at_failure"] = await self.flows()
 
     async def close(self) -> None:
         if self.page is not None:
@@ -425,24 +368,18 @@ class Scenario:
             self.report["logs"]["chromium"] = self.browser.stderr_tail(25)
             with contextlib.suppress(Exception):
                 await self.browser.close()
-        if self.demo_runner is not None:
-            with contextlib.suppress(Exception):
-                await self.demo_runner.cleanup()
-        if self.transceiver is not None:
-            if self.transceiver.poll() is None:
-                self.transceiver.send_signal(signal.SIGTERM)
+        if self.up is not None:
+            # Ctrl-C, as a person stops the demo: everything must stop cleanly, table removed.
+            if self.up.poll() is None:
+                self.up.send_signal(signal.SIGINT)
                 try:
-                    await asyncio.to_thread(self.transceiver.wait, 10)
+                    await asyncio.to_thread(self.up.wait, 20)
                 except subprocess.TimeoutExpired:
-                    os.killpg(self.transceiver.pid, signal.SIGKILL)
-                    await asyncio.to_thread(self.transceiver.wait, 5)
-            self.report["logs"]["transceiver"] = _tail(self.out / "transceiver.log", 40)
-        if self.relay is not None:
-            from relayproc import cleanup_relay
-
-            self.report["logs"]["relay"] = self.relay.log()[-4000:]
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(cleanup_relay, self.relay)
+                    os.killpg(self.up.pid, signal.SIGKILL)
+                    await asyncio.to_thread(self.up.wait, 5)
+            self.report["up_exit"] = self.up.returncode
+            self.report["table_left"] = os.path.exists(f"/dev/shm/rtcrelay-{self.name}.table")
+            self.report["logs"]["up"] = _tail(self.out / "up.log", 40)
 
 
 async def _scenario(out: Path, chromium: str, chromium_args: list[str]) -> dict[str, Any]:

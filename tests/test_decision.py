@@ -13,7 +13,6 @@ from relay.route_token import RouteKeyring, derive_password, issue_token
 from relay.stun import (
     ATTR_USERNAME,
     BINDING_REQUEST,
-    BINDING_SUCCESS,
     build_binding_request,
     build_binding_success,
     build_message,

@@ -16,7 +16,7 @@ import pytest
 
 from fdstore import FdStore
 from relay_calls import Call, run
-from relayproc import RelayProcess, cleanup_relay, spawn_relay, start_relay
+from relayproc import cleanup_relay, spawn_relay, start_relay
 from webrtc_peer import Client, wait_for
 
 CALLS = 20

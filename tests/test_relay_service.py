@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.tunnel_frame import Data, data_header
+from relay.tunnel_frame import Data
 from shm.flowtable import FlowTable
 from relayproc import (
     Client,

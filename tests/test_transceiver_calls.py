@@ -8,8 +8,6 @@ other interfaces and skip 127.0.0.1) and have no STUN server.
 from __future__ import annotations
 
 import asyncio
-import fractions
-import math
 import os
 import re
 import signal
@@ -24,11 +22,8 @@ from typing import Any
 
 import aiohttp
 import aioice.ice
-import numpy as np
 import pytest
 import uvloop
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
 from fake_relay import FakeRelay
@@ -420,10 +415,10 @@ def test_run_transceiver_notifies_systemd_and_drains_on_sigterm(tmp_path: Any) -
     sock.bind(notify_path)
     sock.settimeout(30)
     code = textwrap.dedent(
-        f"""
+        """
         from transceiver.service import TransceiverConfig, serve
         serve(TransceiverConfig(relay_public_addresses=["127.0.0.1:3478"], http_port=0,
-                                route_secrets={{1: b"x" * 32}}, route_key_id=1, drain_deadline=5))
+                                route_secrets={1: b"x" * 32}, route_key_id=1, drain_deadline=5))
         """
     )
     env = {**os.environ, "NOTIFY_SOCKET": notify_path, "PYTHONPATH": os.getcwd()}

@@ -47,6 +47,7 @@ class FlowEntry:
     __slots__ = (
         "client_key", "client", "public_index", "handle", "prefix", "header_len", "tunnel_dest",
         "target", "ufrag", "packets_in", "bytes_in", "packets_out", "bytes_out", "last_seen", "aliases",
+        "flushed_activity",
     )
 
     def __init__(self, client_key: bytes, client: tuple[bytes, int], public_index: int, handle: int,
@@ -62,6 +63,7 @@ class FlowEntry:
         self.ufrag = ufrag
         self.packets_in = self.bytes_in = self.packets_out = self.bytes_out = 0
         self.last_seen = now
+        self.flushed_activity = 0  # packets_in + packets_out at the last flush
         self.aliases: list[int] = []
 
     def rehandle(self, handle: int) -> None:
@@ -176,6 +178,7 @@ class LocalFlows:
                           tunnel_dest, target, (flow.ufrag or b"").decode(), flow.last_seen / 1000)
         entry.packets_in, entry.bytes_in = flow.pkts_in, flow.bytes_in
         entry.packets_out, entry.bytes_out = flow.pkts_out, flow.bytes_out
+        entry.flushed_activity = flow.pkts_in + flow.pkts_out
         return entry
 
     def close_session(self, ufrag: str, tunnel_key: bytes) -> int:
@@ -214,9 +217,15 @@ class LocalFlows:
             removed += len(keys)
         return removed
 
-    def flush_counters(self) -> None:
+    def flush_counters(self, now: float) -> None:
+        """Counters to shm. The packet path does not stamp every packet: a flow whose counters
+        moved since the last flush was seen now (±1 s, ample for a 30 s idle timeout)."""
         flush = self._own().flush_counters
         for entry in self.by_key.values():
+            activity = entry.packets_in + entry.packets_out
+            if activity != entry.flushed_activity:
+                entry.flushed_activity = activity
+                entry.last_seen = now
             flush(entry.handle, entry.packets_in, entry.bytes_in, entry.packets_out, entry.bytes_out, ms(entry.last_seen))
 
     def sweep(self, now: float, max_slots: int) -> int:

@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 
@@ -44,6 +45,7 @@ from relay.tunnel_frame import (
     FrameError,
     Heartbeat,
     SessionClosed,
+    data_header_len,
     decode_frame,
 )
 from relay.worker_spec import WorkerSpec, decode_spec
@@ -77,6 +79,8 @@ class Worker:
         batch = cfg.batch
         self.public_rx = [BatchReceiver(s, batch=batch, bufsize=BUFSIZE, headroom=HEADROOM) for s in self.public]
         self.public_tx = [BatchSender(s, batch=batch) for s in self.public]
+        # The fixed tunnel header: the flow's 22/34-byte prefix, then the payload length.
+        self.public_header = [struct.Struct(f"!{data_header_len(ip) - 2}sH") for ip, _port in self.public_addr]
         self.tunnel_rx = BatchReceiver(self.tunnel, batch=batch, bufsize=BUFSIZE + DATA_HEADER_LEN_V6, headroom=0)
         self.tunnel_tx = BatchSender(self.tunnel, batch=batch)
         self._tunnel_source_ok: dict[bytes, bool] = {}
@@ -88,9 +92,11 @@ class Worker:
         rx = self.public_rx[which]
         tx = self.tunnel_tx
         get = self.flows.by_key.get
+        header = self.public_header[which]
+        pack_header = header.pack_into
+        hl = header.size
         buffer = rx.buffer
         offsets = rx.offsets
-        now = time.monotonic()
         packets = 0
         nbytes = 0
         for _ in range(MAX_BATCHES_PER_WAKEUP):
@@ -99,23 +105,29 @@ class Worker:
                 break
             keys = rx.keys()
             lengths = rx.lengths
+            dests: list[bytes | None] = [None] * n
+            misses: list[int] = []
             for i in range(n):
                 entry = get(keys[i])
-                length = lengths[i]
-                if entry is None or rx.truncated_count:
-                    self.on_public_miss(which, i, now)
+                if entry is None:
+                    misses.append(i)
                     continue
-                off = offsets[i]
-                hl = entry.header_len
-                buffer[off - hl : off - 2] = entry.prefix
-                buffer[off - 2 : off] = length.to_bytes(2, "big")
-                tx.add_rx(entry.tunnel_dest, rx, i, hl)
+                length = lengths[i]
+                pack_header(buffer, offsets[i] - hl, entry.prefix, length)
+                dests[i] = entry.tunnel_dest
                 entry.packets_in += 1
                 entry.bytes_in += length
-                entry.last_seen = now
                 packets += 1
                 nbytes += length
-            tx.flush()
+            if rx.truncated_count:  # a truncated datagram may have hit a flow: never forward it
+                misses = sorted(set(misses) | {i for i in range(n) if rx.truncated(i)})
+            if len(misses) < n:
+                tx.send_rx(rx, dests, hl, misses)
+            if misses:
+                now = time.monotonic()
+                for i in misses:
+                    self.on_public_miss(which, i, now)
+                tx.flush()
             if n < rx.batch:
                 break
         counts = self.counts
@@ -150,14 +162,11 @@ class Worker:
                     return
                 self.counts[_C["flows_adopted"]] += 1
         length = rx.lengths[i]
-        off = rx.offsets[i]
-        hl = entry.header_len
-        rx.buffer[off - hl : off - 2] = entry.prefix
-        rx.buffer[off - 2 : off] = length.to_bytes(2, "big")
-        self.tunnel_tx.add_rx(entry.tunnel_dest, rx, i, hl)
+        header = self.public_header[which]
+        header.pack_into(rx.buffer, rx.offsets[i] - header.size, entry.prefix, length)
+        self.tunnel_tx.add_rx(entry.tunnel_dest, rx, i, header.size)
         entry.packets_in += 1
         entry.bytes_in += length
-        entry.last_seen = now
         self.counts[_C["client_packets"]] += 1
         self.counts[_C["client_bytes"]] += length
 
@@ -204,7 +213,6 @@ class Worker:
                             senders[entry.public_index].add(entry.client_key, buffer[off + hl : off + length])
                             entry.packets_out += 1
                             entry.bytes_out += length - hl
-                            entry.last_seen = now
                             packets += 1
                             nbytes += length - hl
                             continue
@@ -244,7 +252,6 @@ class Worker:
             self.public_tx[entry.public_index].add(entry.client_key, frame.payload)
             entry.packets_out += 1
             entry.bytes_out += len(frame.payload)
-            entry.last_seen = now
             self.counts[_C["transceiver_packets"]] += 1
             self.counts[_C["transceiver_bytes"]] += len(frame.payload)
         elif isinstance(frame, Heartbeat):
@@ -264,7 +271,7 @@ class Worker:
 
     def housekeeping(self) -> None:
         now = time.monotonic()
-        self.flows.flush_counters()
+        self.flows.flush_counters(now)
         self.counts[_C["flows_expired"]] += self.flows.sweep(now, SWEEP_SLOTS_PER_TICK)
         self.counts[_C["flows_closed"]] += self.flows.expire_silent_transceivers(now, self.spec.config.heartbeat_timeout)
         self.publish_counters(ready=1)
@@ -307,7 +314,7 @@ class Worker:
         for sock in self.public:
             loop.remove_reader(sock.fileno())
         loop.remove_reader(self.tunnel.fileno())
-        self.flows.flush_counters()
+        self.flows.flush_counters(time.monotonic())
         self.publish_counters(ready=0)
         self.flows.close()
 

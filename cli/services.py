@@ -28,9 +28,12 @@ def relay(
     setup_logging(verbose)
     overrides = {"listen": listen or None, "workers": workers, "name": name, "route_keys_file": route_keys,
                  "admin_listen": admin, "tunnel_host": tunnel_host}
+    from relay.supervisor import ActivationMismatch
+    from shm.flowtable import ShmError
+
     try:
         run_relay(load_relay_config(config, overrides), keep_table=not ephemeral)
-    except ConfigError as exc:
+    except (ConfigError, ActivationMismatch, ShmError) as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}")

@@ -67,7 +67,8 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     @property
     def worker_count(self) -> int:
-        return self.workers or os.cpu_count() or 1
+        # The CPUs this process may run on (affinity, cpusets), not every CPU of the host.
+        return self.workers or len(os.sched_getaffinity(0)) or 1
 
     @property
     def table_path(self) -> str:

@@ -33,7 +33,7 @@ from relay.config import RelayConfig
 from relay.config_file import parse_host_port
 from relay.keys import load_keyring
 from relay.metrics import WORKER_COUNTERS, render_prometheus
-from relay.sockets import adopt_fd, bound_address, open_udp
+from relay.sockets import adopt_fd, bound_address, open_udp, set_buffers
 from relay.worker_spec import PublicSocket, WorkerSpec, encode_spec
 from shm.counters import CounterBlock
 from shm.flowtable import FlowTable, LayoutMismatch
@@ -56,6 +56,27 @@ class WorkerSlot:
     next_start: float = 0.0
     pidfd: int | None = None
     exits: list[int] = field(default_factory=list)
+
+
+class ActivationMismatch(Exception):
+    """Socket activation passed a number of sockets that does not fit the configuration."""
+
+
+def check_activation(activated: dict[tuple[str, int], list[socket.socket]], listen: list[tuple[str, int]],
+                     workers: int, restored: bool) -> None:
+    """Refuse to start with a socket unit that does not match: fewer sockets than workers would
+    make the relay bind the rest itself (impossible as non-root: the kernel only lets one user
+    share a reuseport group), more would leave sockets in the group that nobody reads."""
+    if restored:
+        return  # the fd store gave back our own sockets; activation fds are the same ones again
+    for address, socks in activated.items():
+        if address not in listen:
+            raise ActivationMismatch(f"socket activation passed {address[0]}:{address[1]}, which is not in `listen` {listen}")
+        if len(socks) != workers:
+            raise ActivationMismatch(
+                f"socket activation passed {len(socks)} sockets for {address[0]}:{address[1]} but workers = {workers}: "
+                "give the .socket unit one ListenDatagram= line per worker, or set workers to match"
+            )
 
 
 class Supervisor:
@@ -82,8 +103,10 @@ class Supervisor:
         activated_by_addr: dict[tuple[str, int], list[socket.socket]] = {}
         for fd in activated:
             sock = adopt_fd(fd)
+            set_buffers(sock, self.config.socket_buffer)
             activated_by_addr.setdefault(bound_address(sock), []).append(sock)
         listen = [parse_host_port(text, "listen") for text in self.config.listen]
+        check_activation(activated_by_addr, listen, self.config.worker_count, restored=any(n.startswith("public-") for n in stored))
         for index in range(self.config.worker_count):
             public = []
             for j, (host, port) in enumerate(listen):

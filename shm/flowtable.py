@@ -267,6 +267,10 @@ class PartitionBusy(ShmError):
         self.lock_path = lock_path
 
 
+class NoSpace(ShmError):
+    """The filesystem (tmpfs) cannot hold a table of the asked size."""
+
+
 class StaleTable(ShmError):
     """The file at the table's path was replaced since this process attached: reopen it."""
 
@@ -1127,6 +1131,18 @@ class FlowTable(_Reader):
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
             try:
                 os.ftruncate(fd, size)
+                # Reserve every page now: a sparse file on a too-small tmpfs (a container's
+                # default 64 MiB /dev/shm) would SIGBUS a worker at its first write far in.
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EFBIG):
+                        raise
+                    raise NoSpace(
+                        f"no room for the flow table: {path} needs {size / 2**20:.1f} MiB in "
+                        f"{os.path.dirname(path) or '.'}; enlarge it (containers: --shm-size) or lower "
+                        "flow_capacity / session_capacity / workers"
+                    ) from None
                 with mmap.mmap(fd, HEADER_SIZE) as head_map:
                     HEADER.pack_into(
                         head_map,

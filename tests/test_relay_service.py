@@ -5,6 +5,7 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from relay.tunnel_frame import Data
 from shm.flowtable import FlowTable
 from relayproc import (
+    RTCRELAY,
     Client,
     FakeTransceiver,
     RelayProcess,
@@ -285,3 +287,41 @@ def test_socket_activation_and_sd_notify(tmp_path: Path, transceiver: FakeTransc
     finally:
         notify.close()
         public.close()
+
+
+def test_socket_activation_with_too_few_sockets_is_refused_clearly(tmp_path: Path) -> None:
+    public = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    public.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    public.bind(("127.0.0.1", 0))
+    fd = public.fileno()
+    try:
+        relay = start_relay(
+            tmp_path, workers=2, port=public.getsockname()[1],
+            prefix=["bash", "-c", f'exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ exec "$@"', "bash"],
+            env={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "public"}, pass_fds=(fd,), wait=False,
+        )
+        try:
+            assert relay.proc.wait(30) == 1
+            assert "passed 1 sockets for 127.0.0.1" in relay.log() and "one ListenDatagram= line per worker" in relay.log()
+            assert "Traceback" not in relay.log()
+        finally:
+            cleanup_relay(relay)
+    finally:
+        public.close()
+
+
+def test_a_table_that_does_not_fit_in_shm_is_refused_at_start(tmp_path: Path) -> None:
+    # A 2 MiB tmpfs in a private mount namespace stands in for a container's small /dev/shm.
+    keys = tmp_path / "keys.toml"
+    write_keys(keys, {1: secrets.token_bytes(32)}, 1)
+    small = tmp_path / "small-shm"
+    small.mkdir()
+    script = (f"mount -t tmpfs -o size=2m tmpfs {small} && exec \"$@\"")
+    result = subprocess.run(
+        ["unshare", "--mount", "bash", "-c", script, "bash", *RTCRELAY, "relay", "--route-keys", str(keys),
+         "--listen", "127.0.0.1:0", "--admin", "", "--workers", "1"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "RTCRELAY_RELAY_TABLE_DIR": str(small)},
+    )
+    assert result.returncode == 1, result.stderr
+    assert "no room for the flow table" in result.stderr and "--shm-size" in result.stderr
+    assert "Traceback" not in result.stderr

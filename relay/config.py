@@ -37,6 +37,8 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     admin_listen: str = "127.0.0.1:9478"  # "" disables the admin HTTP endpoint
     socket_buffer: int = 8 << 20
     batch: int = 64
+    # A warm spare process per worker takes over a crashed worker's partition in milliseconds.
+    standby_workers: bool = True
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():

@@ -334,7 +334,23 @@ def main() -> None:
         sys.exit(1)
     import uvloop
 
-    uvloop.run(Worker(spec).run())
+    worker = Worker(spec)  # imports done, table attached, buffers allocated: ready to serve
+    if spec.go_fd is not None:
+        # A standby: wait for the supervisor's word. EOF (the supervisor closed the pipe or
+        # died) means "not needed": exit without having touched the partition. A key reload
+        # (SIGHUP) must not kill it; it reads the keys when it takes over.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        channel = socket.socket(fileno=spec.go_fd)
+        try:
+            channel.sendall(b"r")
+            go = channel.recv(16)
+        except ConnectionError:  # the supervisor let it go while it was starting
+            go = b""
+        if not go:
+            sys.exit(0)
+        channel.close()
+        worker.reload_keys()  # keys may have rotated while it waited
+    uvloop.run(worker.run())
 
 
 if __name__ == "__main__":

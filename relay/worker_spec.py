@@ -19,6 +19,7 @@ class WorkerSpec(msgspec.Struct):
     public: list[PublicSocket]
     tunnel_fd: int
     supervisor_pid: int
+    go_fd: int | None = None  # a standby's socketpair end: say ready, wait for "go" before taking over
 
 
 def encode_spec(spec: WorkerSpec) -> str:

@@ -6,6 +6,7 @@ call drops, no flow is lost, and measures the longest audio gap a caller heard.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -64,6 +65,8 @@ def test_worker_kill_9_under_20_calls_drops_nothing(tmp_path: Path) -> None:
             before = five_tuples(call)
             assert len(before) == CALLS
             for round_ in range(2):  # kill one worker, then the other
+                # The supervisor keeps a warm standby per worker; kill once they are ready.
+                await wait_for(lambda: json.loads(relay.http("/healthz")[1])["standbys_ready"] == relay.workers, 30, "ready standbys")
                 rows = relay.rows()
                 victim_index = round_ % relay.workers
                 victim = rows[victim_index]["pid"]
@@ -78,6 +81,7 @@ def test_worker_kill_9_under_20_calls_drops_nothing(tmp_path: Path) -> None:
                 assert max(gaps) < 3.0, "audio must resume within a few hundred ms of the restart"
             assert five_tuples(call) == before  # 0 flows lost, none re-created elsewhere
             assert relay.log().count("exited with -9") == 2
+            assert relay.log().count("its standby took over") == 2
 
     try:
         run(main, timeout=240)

@@ -325,3 +325,23 @@ def test_a_table_that_does_not_fit_in_shm_is_refused_at_start(tmp_path: Path) ->
     assert result.returncode == 1, result.stderr
     assert "no room for the flow table" in result.stderr and "--shm-size" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_standby_takes_over_and_a_new_standby_follows(relay: RelayProcess, transceiver: FakeTransceiver) -> None:
+    import json
+
+    client, first, tunnel, _ = connect(relay, transceiver)
+    wait_for(lambda: json.loads(relay.http("/healthz")[1])["standbys_ready"] == 2, 30, "two ready standbys")
+    index = next(i for i, row in enumerate(relay.rows()) if row["flows"] == 1)
+    victim = relay.rows()[index]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: relay.rows()[index]["pid"] not in (0, victim) and relay.rows()[index]["ready"] == 1, 10, "takeover")
+    client.send(rtp_like(7))
+    frame, _ = transceiver.recv_data()
+    assert frame.handle == first.handle
+    assert "its standby took over" in relay.log()
+    # The slot gets a new spare, so a second crash is covered too.
+    wait_for(lambda: json.loads(relay.http("/healthz")[1])["standbys_ready"] == 2, 30, "a new standby")
+    client.close()
+    assert relay.stop() == 0
+    assert "Traceback" not in relay.log()

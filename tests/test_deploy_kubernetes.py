@@ -11,20 +11,17 @@ limit that fits the table, and configs that load with the real loaders.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tool_venv import tools_venv
 
-from relay.config_file import ConfigError, load_config
 from relay.config import RelayConfig
+from relay.config_file import ConfigError, load_config
 from transceiver.service import TransceiverConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,23 +29,6 @@ K8S = REPO / "deploy" / "kubernetes"
 TOOLS = ("kubernetes-validate==1.37.0", "PyYAML==6.0.3")
 KUBERNETES_VERSION = "1.30.0"
 SLOT_BYTES = 128
-
-
-def tools_venv(requirements: tuple[str, ...]) -> Path:
-    """A venv with pinned tools from the package index, cached under ~/.cache (keyed by the pins)."""
-    key = hashlib.sha256("\n".join(requirements).encode()).hexdigest()[:12]
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rtcrelay-deploy-tools" / key
-    if (root / ".complete").exists():
-        return root
-    shutil.rmtree(root, ignore_errors=True)  # a half-made one (venvs are not relocatable: made in place)
-    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True, timeout=120)
-    result = subprocess.run([str(root / "bin" / "python"), "-m", "pip", "install", "-q", *requirements],
-                            capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.fail(f"could not install {requirements} from the package index:\n{result.stderr[-3000:]}")
-    (root / ".complete").write_text("ok\n")
-    return root
 
 
 def manifest_files() -> list[Path]:

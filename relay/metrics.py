@@ -37,6 +37,7 @@ TRAFFIC_COUNTERS = (
     "flows_expired",
     "flows_closed",  # session closed or transceiver gone
     "heartbeats",
+    "internal_errors",  # batches lost to a bug (logged with a traceback): must stay 0
 )
 WORKER_COUNTERS: tuple[str, ...] = STATE_COUNTERS + TRAFFIC_COUNTERS + tuple(f"drop_{r}" for r in DROP_REASONS)
 COUNTER_INDEX = {name: i for i, name in enumerate(WORKER_COUNTERS)}
@@ -67,6 +68,7 @@ def render_prometheus(rows: Sequence[Mapping[str, int]], table_totals: Mapping[s
         ("flows_expired", "Flows removed after the idle timeout."),
         ("flows_closed", "Flows removed because their session closed or their transceiver went silent."),
         ("heartbeats", "Transceiver heartbeats received."),
+        ("internal_errors", "Batches lost to an internal error (a bug; logged)."),
     ):
         family(f"{name}_total", "counter", help_text)
         for w, row in enumerate(rows):

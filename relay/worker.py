@@ -105,7 +105,7 @@ class Worker:
                 break
             keys = rx.keys()
             lengths = rx.lengths
-            dests: list[bytes | None] = [None] * n
+            dests = [b""] * n  # send_rx wants bytes even in the slots it skips
             misses: list[int] = []
             for i in range(n):
                 entry = get(keys[i])
@@ -266,6 +266,18 @@ class Worker:
 
     # -- bookkeeping --------------------------------------------------------------------------
 
+    def guarded(self, handler, *args: object) -> None:  # noqa: ANN001
+        """Run a socket handler; a bug must cost a counted batch, never the worker's loop."""
+        try:
+            handler(*args)
+        except Exception:
+            self.counts[_C["internal_errors"]] += 1
+            if self.counts[_C["internal_errors"]] <= 10:  # the first ones with a traceback
+                log.exception("worker %d: a batch failed", self.index)
+            for tx in (self.tunnel_tx, *self.public_tx):
+                with contextlib.suppress(Exception):
+                    tx.flush()
+
     def drop(self, reason: str) -> None:
         self.counts[_C["drop_" + reason]] += 1
 
@@ -298,8 +310,8 @@ class Worker:
         report = self.flows.take_over(time.monotonic())
         log.info("worker %d (pid %d) owns partition %d: %s", self.index, os.getpid(), self.index, report)
         for which, sock in enumerate(self.public):
-            loop.add_reader(sock.fileno(), self.on_public_readable, which)
-        loop.add_reader(self.tunnel.fileno(), self.on_tunnel_readable)
+            loop.add_reader(sock.fileno(), self.guarded, self.on_public_readable, which)
+        loop.add_reader(self.tunnel.fileno(), self.guarded, self.on_tunnel_readable)
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload_keys)

@@ -345,3 +345,35 @@ def test_standby_takes_over_and_a_new_standby_follows(relay: RelayProcess, trans
     client.close()
     assert relay.stop() == 0
     assert "Traceback" not in relay.log()
+
+
+def test_new_flows_arriving_in_a_batch_with_known_ones_lose_nothing(tmp_path: Path, transceiver: FakeTransceiver) -> None:
+    # One worker, so every datagram lands in the same receive batches: first checks of new
+    # clients interleaved with media of known ones (a bug once dropped such mixed batches).
+    relay = start_relay(tmp_path, workers=1, config={"heartbeat_timeout": 60.0})
+    try:
+        known = [connect(relay, transceiver)[0] for _ in range(4)]
+        newcomers = [Client(relay.address) for _ in range(24)]
+        requests = [c.binding_request(transceiver.token(relay.keyring), keyring=relay.keyring) for c in newcomers]
+        relay.proc.send_signal(signal.SIGSTOP)  # hold the worker's supervisor; the worker keeps going
+        for worker in relay.worker_pids():
+            os.kill(worker, signal.SIGSTOP)  # everything below queues, then arrives as one batch
+        try:
+            for i, (client, request) in enumerate(zip(newcomers, requests)):
+                known[i % 4].send(rtp_like(i))
+                client.send(request)
+        finally:
+            for worker in relay.worker_pids():
+                os.kill(worker, signal.SIGCONT)
+            relay.proc.send_signal(signal.SIGCONT)
+        frames = []
+        while len(frames) < 48:
+            frames.append(transceiver.recv_data(timeout=3)[0])
+        assert {f.port for f in frames if f.payload[:1] == b"\x00"} == {c.address[1] for c in newcomers}
+        assert sum(1 for f in frames if f.payload[:1] == b"\x80") == 24
+        relay.wait_flushed(lambda rows: rows[0]["flows_learned"] == 28, what="all flows learned")
+        assert relay.rows()[0]["internal_errors"] == 0
+        for c in known + newcomers:
+            c.close()
+    finally:
+        cleanup_relay(relay)

@@ -21,6 +21,7 @@ from aiohttp import web
 from relay.config_file import load_config, parse_host_port, parse_networks
 from relay.route_token import MIN_SECRET_LEN, RouteKeyring
 from relay.systemd import notify, watchdog_interval
+from transceiver import inline_executor
 from transceiver.pipeline import EchoPipeline, PipelineFactory
 from transceiver.session import SessionManager
 from transceiver.signalling import make_app
@@ -63,6 +64,9 @@ class TransceiverConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     connect_timeout: float = 20.0  # offer -> connected, else the watchdog closes the session
     drain_deadline: float = 30.0  # SIGTERM -> remaining calls closed
     heartbeat_interval: float = 1.0
+    # Encode audio on the event loop instead of aiortc's thread pool (cheaper: see
+    # transceiver/inline_executor.py). Turn off for a pipeline that blocks in executors.
+    inline_codec_work: bool = True
 
     def __post_init__(self) -> None:
         parse_host_port(f"{_bracket(self.tunnel_host)}:{self.tunnel_port}", "tunnel_host/tunnel_port")
@@ -128,6 +132,8 @@ class Transceiver:
 
     async def start(self) -> None:
         cfg = self.config
+        if cfg.inline_codec_work:
+            inline_executor.install(asyncio.get_running_loop())
         keyring = cfg.keyring()
         self.tunnel = await open_tunnel(
             cfg.tunnel_host,

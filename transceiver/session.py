@@ -31,7 +31,7 @@ from av import AudioFrame
 
 from relay.route_token import RouteKeyring, derive_password, issue_token
 from relay.tunnel_frame import Heartbeat
-from transceiver import audio_level, ice_tunnel
+from transceiver import audio_level, ice_tunnel, opus_voice
 from transceiver.metrics import TransceiverMetrics
 from transceiver.pipeline import OutgoingAudioTrack, Pipeline, PipelineFactory
 from transceiver.sdp import OfferError, prepare_offer
@@ -43,6 +43,7 @@ log = logging.getLogger("rtcrelay.transceiver.session")
 
 # aiortc spends ~1.5 ms of pure Python per outgoing audio frame on the level extension.
 audio_level.install()
+opus_voice.install()
 
 Addr = tuple[str, int]
 CLOSE_STEP_TIMEOUT_S = 5.0  # bound each close step: a stuck pipeline must not keep a session

@@ -350,8 +350,10 @@ def main() -> None:
     if spec.go_fd is not None:
         # A standby: wait for the supervisor's word. EOF (the supervisor closed the pipe or
         # died) means "not needed": exit without having touched the partition. A key reload
-        # (SIGHUP) must not kill it; it reads the keys when it takes over.
+        # (SIGHUP) must not kill it (it reads the keys when it takes over), nor a terminal's
+        # Ctrl-C to the whole process group (SIGINT): the supervisor decides when it leaves.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         channel = socket.socket(fileno=spec.go_fd)
         try:
             channel.sendall(b"r")

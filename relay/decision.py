@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from relay.demux import PacketKind, classify
-from relay.route_token import TOKEN_ERROR_REASONS, RouteKeyring, TokenError, decode_token
+from relay.route_token import TOKEN_ERROR_REASONS, RouteKeyring, TokenError, check_age, decode_token
 from relay.stun import STUN_ERROR_REASONS, StunError, parse_binding_request
 
 FlowT = TypeVar("FlowT")
@@ -112,15 +112,12 @@ def authenticate(datagram: bytes, flows: FlowView[object], auth: AuthPolicy, now
     server_ufrag, colon, _client_ufrag = username.partition(":")
     if not colon or not server_ufrag:
         return Drop("stun_bad_username")
-    known_session = flows.session_known(server_ufrag)
     try:
-        token = decode_token(
-            auth.keyring,
-            server_ufrag,
-            now,
-            max_age=None if known_session else auth.token_max_age,
-            cluster=auth.cluster,
-        )
+        token = decode_token(auth.keyring, server_ufrag, now, max_age=None, cluster=auth.cluster)
+        # Only a signed token reaches the table (junk ufrags must not fill its caches); a
+        # session the relay already knows (NAT rebinding mid-call) is not age-checked.
+        if not flows.session_known(server_ufrag):
+            check_age(token, now, auth.token_max_age)
     except TokenError as exc:
         return Drop(exc.reason)
     password = auth.keyring.password(token.key_id, server_ufrag)

@@ -120,6 +120,8 @@ class RouteKeyring:
         secret = self._secrets.get(key_id)
         if secret is None:
             return None
+        if not ufrag.isascii():
+            raise TokenError("token_bad_charset", "a ufrag is ASCII")
         return _b64(hmac.digest(secret, b"pwd" + ufrag.encode("ascii"), "sha256"))
 
 
@@ -217,12 +219,17 @@ def decode_token(
     if token.cluster is not None and token.cluster != cluster:
         raise TokenError("token_wrong_cluster", f"token cluster {token.cluster}, relay cluster {cluster}")
     if max_age is not None:
-        age = now - token.issued_at
-        if age > max_age:
-            raise TokenError("token_expired", f"issued {age:.0f} s ago, max age {max_age:.0f} s")
-        if age < -MAX_FUTURE_SKEW_S:
-            raise TokenError("token_not_yet_valid", f"issued {-age:.0f} s in the future")
+        check_age(token, now, max_age)
     return token
+
+
+def check_age(token: RouteToken, now: float, max_age: float) -> None:
+    """TokenError unless the token was issued within ``max_age`` seconds (and not in the future)."""
+    age = now - token.issued_at
+    if age > max_age:
+        raise TokenError("token_expired", f"issued {age:.0f} s ago, max age {max_age:.0f} s")
+    if age < -MAX_FUTURE_SKEW_S:
+        raise TokenError("token_not_yet_valid", f"issued {-age:.0f} s in the future")
 
 
 def derive_password(keyring: RouteKeyring, ufrag: str, key_id: int | None = None) -> str:

@@ -83,7 +83,8 @@ def decode_frame(buf: bytes | memoryview) -> Frame:
         raise FrameError("frame_bad_version", f"version byte {buf[0]}")
     try:
         return _decoder.decode(memoryview(buf)[1:])
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        # msgspec reports a str field that is not UTF-8 as UnicodeDecodeError.
         raise FrameError("frame_malformed", str(exc)) from None
 
 

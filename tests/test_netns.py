@@ -1,0 +1,266 @@
+"""A whole aiortc call across three network namespaces, where only the relay connects the two sides.
+
+::
+
+    [client ns]  10.250.1.1 --veth-- 10.250.1.2  [relay ns]  10.250.2.2 --veth-- 10.250.2.1  [transceiver ns]
+                 (stock aiortc)       public :3478  (rtcrelay relay,  tunnel           (rtcrelay transceiver,
+                                                     2 workers)                         tunnel + HTTP)
+
+The namespaces, veth pairs and addresses are made by this test and exist only inside its
+namespaces (deleted at the end, even on failure). The relay namespace does not forward IP
+(ip_forward 0), the client knows only its /24 and the transceiver has no route at all to the
+client's network: the call can only work through the relay's public socket and its tunnel.
+Signalling (the SDP offer and answer) is carried out of band by the test, as an HTTP POST made
+inside the transceiver's namespace.
+
+Each party is a subprocess under ``ip netns exec``; every wait is bounded. Where ``ip netns``
+is not permitted, the test fails saying so.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from relayproc import RelayProcess, cleanup_relay, start_relay, wait_for
+
+from shm.flowtable import FlowTable
+from shm.layout import ip16
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+CLIENT_IP = "10.250.1.1"
+RELAY_PUBLIC_IP = "10.250.1.2"
+RELAY_TUNNEL_IP = "10.250.2.2"
+TRANSCEIVER_IP = "10.250.2.1"
+RELAY_PORT = 3478
+SIGNALLING = "127.0.0.1:8080"  # the transceiver namespace's own loopback
+
+
+def run(args: list[str], timeout: float = 20, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=check, **kwargs)  # type: ignore[call-overload]
+
+
+@dataclass
+class Topology:
+    client: str
+    relay: str
+    transceiver: str
+    made: list[str] = field(default_factory=list)
+
+    def exec(self, ns: str) -> list[str]:
+        return ["ip", "netns", "exec", ns]
+
+
+def _require_netns() -> None:
+    if shutil.which("ip") is None:
+        pytest.fail("the `ip` command (iproute2) is missing: this test needs `ip netns`")
+    probe = f"rtcr-probe-{uuid.uuid4().hex[:6]}"
+    made = run(["ip", "netns", "add", probe], check=False)
+    if made.returncode != 0:
+        pytest.fail(f"`ip netns add` is not permitted here (needs root / CAP_SYS_ADMIN): {made.stderr.strip()}")
+    run(["ip", "netns", "del", probe], check=False)
+
+
+@pytest.fixture
+def topology() -> Iterator[Topology]:
+    _require_netns()
+    tag = uuid.uuid4().hex[:6]
+    topo = Topology(f"rtcr-{tag}-cli", f"rtcr-{tag}-rly", f"rtcr-{tag}-trx")
+    try:
+        for ns in (topo.client, topo.relay, topo.transceiver):
+            run(["ip", "netns", "add", ns])
+            topo.made.append(ns)
+            run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            run(topo.exec(ns) + ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv4.ip_forward=0"])
+        # veth pairs made inside the namespaces: nothing touches the host's own network namespace
+        run(["ip", "-n", topo.client, "link", "add", f"vc{tag}", "type", "veth", "peer", "name", f"vrc{tag}", "netns", topo.relay])
+        run(["ip", "-n", topo.relay, "link", "add", f"vrt{tag}", "type", "veth", "peer", "name", f"vt{tag}", "netns", topo.transceiver])
+        for ns, dev, addr in ((topo.client, f"vc{tag}", CLIENT_IP), (topo.relay, f"vrc{tag}", RELAY_PUBLIC_IP),
+                              (topo.relay, f"vrt{tag}", RELAY_TUNNEL_IP), (topo.transceiver, f"vt{tag}", TRANSCEIVER_IP)):
+            run(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev])
+            run(["ip", "-n", ns, "link", "set", dev, "up"])
+        yield topo
+    finally:
+        for ns in topo.made:
+            run(["ip", "netns", "del", ns], check=False)
+        leftover = run(["ip", "netns", "list"], check=False).stdout
+        assert not any(ns in leftover for ns in topo.made), f"namespaces left behind: {leftover}"
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
+
+
+def start_transceiver(topo: Topology, relay: RelayProcess, tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    config = tmp_path / "transceiver.toml"
+    settings = {
+        "tunnel_host": TRANSCEIVER_IP,
+        "tunnel_advertise_host": TRANSCEIVER_IP,
+        "relay_public_addresses": [f"{RELAY_PUBLIC_IP}:{RELAY_PORT}"],
+        "relay_networks": ["10.250.2.0/24"],
+        "http_host": SIGNALLING.split(":")[0],
+        "http_port": int(SIGNALLING.split(":")[1]),
+        "route_keys_file": str(relay.keys_path),
+    }
+    config.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items()) + "\n")
+    log_path = tmp_path / "transceiver.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(topo.exec(topo.transceiver) + [sys.executable, "-c", "from cli.main import app; app()",
+                                "transceiver", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
+                                env=_env(), cwd=ROOT, start_new_session=True)
+    return proc, log_path
+
+
+CLIENT_SCRIPT = r"""
+import asyncio, json, sys
+from webrtc_peer import Client, wait_for
+
+async def main():
+    client = Client()
+    print(json.dumps({"offer": await client.offer()}), flush=True)
+    loop = asyncio.get_running_loop()
+    line = await loop.run_in_executor(None, sys.stdin.readline)
+    await client.accept(json.loads(line)["answer"])
+    await wait_for(lambda: client.pc.connectionState == "connected", 25, "the call to connect")
+    echo = await client.roundtrip("hello across three namespaces", timeout=10)
+    level = await client.hears_echo(timeout=15)
+    print(json.dumps({"echo": echo, "level": level, "remote": list(client.selected_remote()),
+                      "ufrag": client.server_ufrag}), flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)  # the test looks at the relay meanwhile
+    await client.close()
+
+asyncio.run(asyncio.wait_for(main(), 75))
+"""
+
+POST_OFFER = r"""
+import sys, urllib.request
+req = urllib.request.Request("http://" + sys.argv[1] + "/v1/sessions", data=sys.stdin.buffer.read(),
+                             headers={"Content-Type": "application/sdp"}, method="POST")
+with urllib.request.urlopen(req, timeout=15) as resp:
+    sys.stdout.write(resp.read().decode())
+"""
+
+UNREACHABLE_PROBE = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    s.sendto(b"x", (sys.argv[1], 9))
+except OSError as exc:
+    print(exc.errno)
+else:
+    print("sent")
+"""
+
+
+def _kill(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def table_flows(relay: RelayProcess) -> list:
+    view = FlowTable.attach_readonly(relay.table_path)
+    try:
+        return list(view.flows())
+    finally:
+        view.close()
+
+
+def test_a_call_works_only_through_the_relay_across_namespaces(topology: Topology, tmp_path: Path) -> None:
+    topo = topology
+    relay = transceiver = client = None
+    try:
+        # The isolation this test relies on, checked first.
+        route = run(["ip", "-n", topo.transceiver, "route", "get", CLIENT_IP], check=False)
+        assert route.returncode != 0 and "unreachable" in route.stderr.lower(), route
+        probe = run(topo.exec(topo.transceiver) + [sys.executable, "-c", UNREACHABLE_PROBE, CLIENT_IP])
+        assert probe.stdout.strip() == "101", probe  # ENETUNREACH
+        assert run(topo.exec(topo.relay) + ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == "0"
+
+        relay = start_relay(tmp_path, workers=2, prefix=topo.exec(topo.relay), wait=False, port=RELAY_PORT, config={
+            "listen": [f"{RELAY_PUBLIC_IP}:{RELAY_PORT}"], "tunnel_host": RELAY_TUNNEL_IP,
+            "transceiver_networks": ["10.250.2.0/24"], "admin_listen": "127.0.0.1:9478", "heartbeat_timeout": 5.0})
+
+        def relay_ready() -> bool:
+            if relay.proc.poll() is not None:
+                raise AssertionError(f"relay exited with {relay.proc.returncode}:\n{relay.log()}")
+            try:
+                rows = relay.rows()
+            except (OSError, ValueError):
+                return False
+            return len(rows) == 2 and all(r["ready"] == 1 and r["pid"] for r in rows)
+
+        wait_for(relay_ready, 20, "the relay in its namespace")
+        transceiver, tx_log = start_transceiver(topo, relay, tmp_path)
+
+        def transceiver_up() -> bool:
+            if transceiver.poll() is not None:
+                raise AssertionError(f"transceiver exited with {transceiver.returncode}:\n{tx_log.read_text()}")
+            return "transceiver up" in tx_log.read_text(errors="replace")
+
+        wait_for(transceiver_up, 20, "the transceiver in its namespace")
+
+        client = subprocess.Popen(topo.exec(topo.client) + [sys.executable, "-c", CLIENT_SCRIPT], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT,
+                                  start_new_session=True)
+        assert client.stdin is not None and client.stdout is not None
+
+        def client_failed(what: str) -> AssertionError:
+            _kill(client)
+            err = client.stderr.read() if client.stderr else ""
+            return AssertionError(f"client: {what}\n{err[-4000:]}\nrelay:\n{relay.log()[-2000:]}\n"
+                                  f"transceiver:\n{tx_log.read_text()[-2000:]}")
+
+        offer_line = client.stdout.readline()  # bounded: the client's own 75 s timeout
+        if not offer_line:
+            raise client_failed("no offer")
+        offer = json.loads(offer_line)["offer"]
+        assert CLIENT_IP in offer  # the client offers its own address, which the transceiver cannot reach
+        answer = run(topo.exec(topo.transceiver) + [sys.executable, "-c", POST_OFFER, SIGNALLING], input=offer, timeout=30).stdout
+        candidates = [line for line in answer.splitlines() if line.startswith("a=candidate")]
+        assert candidates and all(f"{RELAY_PUBLIC_IP} {RELAY_PORT}" in c for c in candidates), candidates
+        client.stdin.write(json.dumps({"answer": answer}) + "\n")
+        client.stdin.flush()
+        line = client.stdout.readline()
+        if not line:
+            raise client_failed("the call did not complete")
+        result = json.loads(line)
+        assert result["echo"] == "hello across three namespaces"
+        assert result["level"] > 1000  # the echoed tone, not silence
+        assert result["remote"] == [RELAY_PUBLIC_IP, RELAY_PORT]  # the relay's public address, the only candidate
+
+        # The relay carries the live call: one flow from the client's address to the transceiver's tunnel.
+        assert [(f.client_ip, f.target_ip, f.ufrag.decode()) for f in table_flows(relay)] == [
+            (ip16(socket.inet_aton(CLIENT_IP)), ip16(socket.inet_aton(TRANSCEIVER_IP)), result["ufrag"])]
+        relay.wait_flushed(lambda rows: sum(r["client_packets"] for r in rows) > 50
+                           and sum(r["transceiver_packets"] for r in rows) > 50, what="media counted both ways")
+        rows = relay.rows()
+        client.stdin.write("bye\n")
+        client.stdin.flush()
+        client.communicate(timeout=30)
+        assert client.returncode == 0
+        # Hanging up ends the session: the transceiver tells the relay, which forgets the flow.
+        wait_for(lambda: table_flows(relay) == [], 10, "the flow removed after the hang-up")
+        print("\nFIGURES netns: " + json.dumps({
+            "client_packets": sum(r["client_packets"] for r in rows),
+            "transceiver_packets": sum(r["transceiver_packets"] for r in rows),
+            "level": round(result["level"]), "remote": result["remote"]}))
+    finally:
+        _kill(client)
+        _kill(transceiver)
+        if relay is not None:
+            cleanup_relay(relay)

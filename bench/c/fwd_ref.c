@@ -1,0 +1,318 @@
+/*
+ * fwd_ref: the C reference forwarder for the relay benchmark (bench/relay.py).
+ *
+ * What it does per datagram is what the relay does on its hot path, in C:
+ *   recvmmsg (batch 64) from the public UDP socket
+ *   -> look the source address up in a tiny open-addressing table (the relay's dict hit;
+ *      a miss inserts, so every flow is a hit after its first packet)
+ *   -> prepend the relay's 24-byte tunnel header
+ *   -> sendmmsg to the target over a connected UDP socket.
+ *
+ * The header is a version byte then a MessagePack array [1, handle, ip, port, payload]:
+ *   0x01 | 0x95 | 0x01 | 0xcf u64be(handle) | 0xc4 0x04 ip[4] | 0xcd u16be(port) | 0xc5 u16be(len)
+ * followed by the payload (24 + len bytes on the wire). The handle is fixed per source
+ * address (a 64-bit mix of ip:port).
+ *
+ * Usage: fwd_ref -l 127.0.0.1:PORT -t 127.0.0.1:PORT [-n workers] [-r rcvbuf] [-b batch]
+ *   -n N  N SO_REUSEPORT worker processes (default 1: the process itself is the worker)
+ *   -r B  receive buffer of the public socket(s), bytes (SO_RCVBUFFORCE when allowed,
+ *         else SO_RCVBUF, capped by net.core.rmem_max); default 256 MiB
+ * Prints one line when every worker's socket is bound:
+ *   READY pids=<pid>[,<pid>...] rcvbuf=<effective bytes>
+ * and, on SIGTERM/SIGINT, one summary line per worker on stderr. Nothing per packet.
+ * IPv4 only (the header carries a 4-byte client address).
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define HDR 24
+#define MAX_PAYLOAD 2048
+#define MAX_BATCH 256
+#define MAX_WORKERS 64
+#define TABLE_BITS 16 /* 65536 slots, filled at most to 3/4 */
+
+static volatile sig_atomic_t g_stop = 0;
+static pid_t g_children[MAX_WORKERS];
+static int g_nchildren = 0;
+
+static void on_term(int sig) {
+    (void)sig;
+    g_stop = 1;
+}
+
+static void die(const char *what) {
+    perror(what);
+    exit(2);
+}
+
+static int parse_addr(const char *s, struct sockaddr_in *out) {
+    char host[64];
+    const char *colon = strrchr(s, ':');
+    if (!colon || (size_t)(colon - s) >= sizeof host) return -1;
+    memcpy(host, s, (size_t)(colon - s));
+    host[colon - s] = 0;
+    memset(out, 0, sizeof *out);
+    out->sin_family = AF_INET;
+    if (inet_pton(AF_INET, host, &out->sin_addr) != 1) return -1;
+    long port = strtol(colon + 1, NULL, 10);
+    if (port < 0 || port > 65535) return -1;
+    out->sin_port = htons((uint16_t)port);
+    return 0;
+}
+
+static int set_rcvbuf(int fd, int bytes) {
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &bytes, sizeof bytes) != 0) {
+        if (setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes) != 0) die("SO_RCVBUF");
+    }
+    int eff = 0;
+    socklen_t len = sizeof eff;
+    getsockopt(fd, SOL_SOCKET, SO_RCVBUF, &eff, &len);
+    return eff;
+}
+
+/* ---- the tiny flow table: open addressing, linear probing, u64 keys ---- */
+struct slot {
+    uint64_t key; /* 0 = empty; else (1<<63) | ip<<16 | port */
+    uint64_t handle;
+};
+static struct slot *g_table;
+static uint32_t g_table_used;
+
+static inline uint64_t mix64(uint64_t x) { /* splitmix64 finaliser */
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    x ^= x >> 31;
+    return x;
+}
+
+static inline uint64_t lookup(uint32_t ip_be, uint16_t port_be, uint64_t *misses) {
+    uint64_t key = (1ULL << 63) | ((uint64_t)ip_be << 16) | port_be;
+    uint32_t mask = (1u << TABLE_BITS) - 1;
+    uint32_t i = (uint32_t)((key * 0x9e3779b97f4a7c15ULL) >> (64 - TABLE_BITS));
+    for (uint32_t probe = 0; probe <= mask; probe++, i = (i + 1) & mask) {
+        struct slot *s = &g_table[i];
+        if (s->key == key) return s->handle;
+        if (s->key == 0) {
+            uint64_t h = mix64(key);
+            (*misses)++;
+            if (g_table_used < (3u << TABLE_BITS) / 4) { /* full table: forward, don't insert */
+                s->key = key;
+                s->handle = h;
+                g_table_used++;
+            }
+            return h;
+        }
+    }
+    (*misses)++;
+    return mix64(key);
+}
+
+static inline void put_be16(uint8_t *p, uint16_t v) {
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+static inline void put_be64(uint8_t *p, uint64_t v) {
+    for (int k = 7; k >= 0; k--) {
+        p[k] = (uint8_t)v;
+        v >>= 8;
+    }
+}
+
+static int worker(int in_fd, const struct sockaddr_in *target, int batch) {
+    int out_fd = socket(AF_INET, SOCK_DGRAM, 0);
+    if (out_fd < 0) die("socket(out)");
+    if (connect(out_fd, (const struct sockaddr *)target, sizeof *target) != 0) die("connect(target)");
+    /* wake up now and then to notice SIGTERM even if it lands between two checks */
+    struct timeval tv = {.tv_sec = 0, .tv_usec = 200000};
+    setsockopt(in_fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+
+    g_table = calloc((size_t)1 << TABLE_BITS, sizeof(struct slot));
+    uint8_t *bufs = aligned_alloc(64, (size_t)batch * (HDR + MAX_PAYLOAD));
+    struct mmsghdr *rx = calloc((size_t)batch, sizeof *rx);
+    struct mmsghdr *tx = calloc((size_t)batch, sizeof *tx);
+    struct iovec *rx_iov = calloc((size_t)batch, sizeof *rx_iov);
+    struct iovec *tx_iov = calloc((size_t)batch, sizeof *tx_iov);
+    struct sockaddr_in *src = calloc((size_t)batch, sizeof *src);
+    if (!g_table || !bufs || !rx || !tx || !rx_iov || !tx_iov || !src) die("calloc");
+    for (int i = 0; i < batch; i++) {
+        uint8_t *b = bufs + (size_t)i * (HDR + MAX_PAYLOAD);
+        rx_iov[i].iov_base = b + HDR; /* payload lands after room for the header */
+        rx_iov[i].iov_len = MAX_PAYLOAD;
+        rx[i].msg_hdr.msg_iov = &rx_iov[i];
+        rx[i].msg_hdr.msg_iovlen = 1;
+        rx[i].msg_hdr.msg_name = &src[i];
+        tx_iov[i].iov_base = b;
+        tx[i].msg_hdr.msg_iov = &tx_iov[i];
+        tx[i].msg_hdr.msg_iovlen = 1;
+    }
+
+    uint64_t n_rx = 0, n_tx = 0, n_drop = 0, n_miss = 0, n_send_err = 0;
+    while (!g_stop) {
+        for (int i = 0; i < batch; i++) rx[i].msg_hdr.msg_namelen = sizeof src[i];
+        int n = recvmmsg(in_fd, rx, (unsigned)batch, MSG_WAITFORONE, NULL);
+        if (n < 0) {
+            if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) continue;
+            die("recvmmsg");
+        }
+        n_rx += (uint64_t)n;
+        int m = 0;
+        for (int i = 0; i < n; i++) {
+            unsigned len = rx[i].msg_len;
+            if ((rx[i].msg_hdr.msg_flags & MSG_TRUNC) || src[i].sin_family != AF_INET) {
+                n_drop++;
+                continue;
+            }
+            uint32_t ip_be = src[i].sin_addr.s_addr;
+            uint16_t port_be = src[i].sin_port;
+            uint64_t handle = lookup(ip_be, port_be, &n_miss);
+            uint8_t *h = (uint8_t *)rx_iov[i].iov_base - HDR;
+            h[0] = 0x01; /* tunnel frame version */
+            h[1] = 0x95; /* fixarray(5) */
+            h[2] = 0x01; /* kind: data */
+            h[3] = 0xcf; /* uint64 handle */
+            put_be64(h + 4, handle);
+            h[12] = 0xc4; /* bin8, 4 bytes: client IPv4 */
+            h[13] = 0x04;
+            memcpy(h + 14, &ip_be, 4);
+            h[18] = 0xcd; /* uint16: client port */
+            memcpy(h + 19, &port_be, 2);
+            h[21] = 0xc5; /* bin16: payload */
+            put_be16(h + 22, (uint16_t)len);
+            tx_iov[m].iov_base = h;
+            tx_iov[m].iov_len = HDR + len;
+            m++;
+        }
+        int done = 0, retries = 0;
+        while (done < m) {
+            int r = sendmmsg(out_fd, tx + done, (unsigned)(m - done), 0);
+            if (r < 0) {
+                /* ECONNREFUSED: an ICMP from an earlier send to a closed port; the next send works */
+                if ((errno == EINTR || errno == ECONNREFUSED || errno == EAGAIN) && ++retries < 8) continue;
+                n_send_err += (uint64_t)(m - done);
+                break;
+            }
+            done += r;
+        }
+        n_tx += (uint64_t)done;
+    }
+    fprintf(stderr,
+            "fwd_ref worker %d: rx=%llu tx=%llu dropped=%llu table_misses=%llu send_errors=%llu flows=%u\n",
+            (int)getpid(), (unsigned long long)n_rx, (unsigned long long)n_tx, (unsigned long long)n_drop,
+            (unsigned long long)n_miss, (unsigned long long)n_send_err, g_table_used);
+    return 0;
+}
+
+static void usage(void) {
+    fprintf(stderr, "usage: fwd_ref -l IP:PORT -t IP:PORT [-n workers] [-r rcvbuf_bytes] [-b batch]\n");
+    exit(2);
+}
+
+int main(int argc, char **argv) {
+    struct sockaddr_in listen_addr, target;
+    int have_l = 0, have_t = 0, workers = 1, batch = 64;
+    long rcvbuf = 256L << 20;
+    int opt;
+    while ((opt = getopt(argc, argv, "l:t:n:r:b:")) != -1) {
+        switch (opt) {
+        case 'l': if (parse_addr(optarg, &listen_addr)) usage(); have_l = 1; break;
+        case 't': if (parse_addr(optarg, &target)) usage(); have_t = 1; break;
+        case 'n': workers = atoi(optarg); break;
+        case 'r': rcvbuf = atol(optarg); break;
+        case 'b': batch = atoi(optarg); break;
+        default: usage();
+        }
+    }
+    if (!have_l || !have_t || workers < 1 || workers > MAX_WORKERS || batch < 1 || batch > MAX_BATCH ||
+        rcvbuf < 4096 || rcvbuf > (1L << 30))
+        usage();
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_term; /* no SA_RESTART: a blocked recvmmsg returns EINTR */
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+
+    /* every socket is bound before READY, so the harness can send right after it */
+    int fds[MAX_WORKERS];
+    int eff = 0;
+    for (int w = 0; w < workers; w++) {
+        int fd = socket(AF_INET, SOCK_DGRAM, 0);
+        if (fd < 0) die("socket");
+        int one = 1;
+        if (workers > 1 && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) die("SO_REUSEPORT");
+        eff = set_rcvbuf(fd, (int)rcvbuf);
+        if (bind(fd, (struct sockaddr *)&listen_addr, sizeof listen_addr) != 0) die("bind");
+        fds[w] = fd;
+    }
+
+    if (workers == 1) {
+        printf("READY pids=%d rcvbuf=%d\n", (int)getpid(), eff);
+        fflush(stdout);
+        return worker(fds[0], &target, batch);
+    }
+
+    pid_t parent = getpid();
+    for (int w = 0; w < workers; w++) {
+        pid_t pid = fork();
+        if (pid < 0) die("fork");
+        if (pid == 0) {
+            prctl(PR_SET_PDEATHSIG, SIGTERM);
+            if (getppid() != parent) _exit(0);
+            for (int k = 0; k < workers; k++)
+                if (k != w) close(fds[k]);
+            _exit(worker(fds[w], &target, batch));
+        }
+        g_children[g_nchildren++] = pid;
+    }
+    for (int w = 0; w < workers; w++) close(fds[w]);
+    printf("READY pids=");
+    for (int k = 0; k < g_nchildren; k++) printf(k ? ",%d" : "%d", (int)g_children[k]);
+    printf(" rcvbuf=%d\n", eff);
+    fflush(stdout);
+
+    /* supervisor: wait for SIGTERM (or a dead worker), then stop every worker, bounded */
+    int alive = g_nchildren;
+    while (!g_stop && alive == g_nchildren) {
+        int status;
+        pid_t r = waitpid(-1, &status, WNOHANG);
+        if (r > 0) alive--;
+        else if (r < 0 && errno == ECHILD) alive = 0;
+        else usleep(50000); /* polling: no race between the flag check and a blocking wait */
+    }
+    for (int k = 0; k < g_nchildren; k++) {
+        kill(g_children[k], SIGCONT); /* a stopped worker must run to see SIGTERM */
+        kill(g_children[k], SIGTERM);
+    }
+    struct timespec t0, now;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        int status;
+        pid_t r = waitpid(-1, &status, WNOHANG);
+        if (r < 0 && errno == ECHILD) break;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (now.tv_sec - t0.tv_sec >= 3) {
+            for (int k = 0; k < g_nchildren; k++) kill(g_children[k], SIGKILL);
+            while (waitpid(-1, &status, 0) > 0) {}
+            break;
+        }
+        if (r == 0) usleep(10000);
+    }
+    return 0;
+}

@@ -1,0 +1,529 @@
+/*
+ * loadgen: UDP load generator and sink for the relay benchmark (bench/relay.py).
+ *
+ * Payload (S bytes, default 140, host byte order, S >= 24):
+ *   u32 magic "RBEN" | u32 flow id | u64 sequence number (per flow) | u64 CLOCK_MONOTONIC ns | filler
+ * The sink finds it at (datagram length - S), so it works behind any header the forwarder
+ * prepends; datagrams without the magic there (e.g. forwarded STUN preambles) count as "other".
+ *
+ * loadgen gen -t IP:PORT [-f flows] [-s size] (-n count | -r pps -d seconds) [-b batch]
+ *             [-P preamble_file] [-w preamble_wait_ms] [-G] [-T max_seconds]
+ *   F flows = F UDP sockets bound to ephemeral ports of the target's loopback family, each
+ *   connected to the target. Batches of b datagrams go out with sendmmsg, flow after flow.
+ *   -n: as fast as possible, N datagrams in all (drain tests).  -r/-d: paced at R pps for D s,
+ *   with clock_nanosleep(TIMER_ABSTIME) between batches (batch 1 for latency runs).
+ *   -P: a file of records (u32 big-endian length + bytes); flow i sends record i once before
+ *   any traffic (e.g. a STUN Binding Request the relay learns the flow from), then waits -w ms.
+ *   -G: after the preambles print "ARMED" and wait for a line (or EOF) on stdin before sending.
+ *   Prints one JSON line at the end: sent, send_errors, start_ns, end_ns, pps, ...
+ *
+ * loadgen sink [-B bind_ip] [-p port] [-s size] [-e expected] [-i idle_ms] [-T max_seconds]
+ *              [-D late_ns] [-L max_latency_samples] [-r rcvbuf] [-H] [-K]
+ *   Prints "READY <port> rcvbuf=<bytes>" once bound, receives with recvmmsg, and prints one
+ *   JSON line when it has `expected` datagrams, or was idle for idle_ms after the first one,
+ *   or after max_seconds, or on SIGTERM/SIGINT: received, first/last rx time, latency
+ *   percentiles (one-way: rx time - tx timestamp, same clock), late (> late_ns), loss by
+ *   sequence gaps, header length seen; -H also checks the 24-byte relay tunnel header.
+ *   -K also records kernel receive timestamps (SO_TIMESTAMPNS, CLOCK_REALTIME, taken when the
+ *   sender's packet reaches this socket): k_first/k_last/k_span/k_pps stay exact even if the sink
+ *   itself was stopped (SIGSTOP) while packets queued — the drain test uses that.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAGIC 0x4E454252u /* "RBEN" little-endian */
+#define MIN_SIZE 24
+#define MAX_DGRAM 4096
+#define MAX_BATCH 256
+#define MAX_FLOWS 65536
+#define HDR 24
+
+static volatile sig_atomic_t g_stop = 0;
+static void on_term(int sig) {
+    (void)sig;
+    g_stop = 1;
+}
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void sleep_until(uint64_t t) {
+    struct timespec ts = {.tv_sec = (time_t)(t / 1000000000ull), .tv_nsec = (long)(t % 1000000000ull)};
+    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR && !g_stop) {}
+}
+
+static void die(const char *what) {
+    perror(what);
+    exit(2);
+}
+
+static void fail(const char *msg) {
+    fprintf(stderr, "loadgen: %s\n", msg);
+    exit(2);
+}
+
+/* "IP:PORT" or "[IPv6]:PORT" */
+static int parse_addr(const char *s, struct sockaddr_storage *out, socklen_t *outlen) {
+    char host[80];
+    const char *colon = strrchr(s, ':');
+    if (!colon) return -1;
+    const char *h = s;
+    size_t hl = (size_t)(colon - s);
+    if (hl >= 2 && h[0] == '[' && h[hl - 1] == ']') {
+        h++;
+        hl -= 2;
+    }
+    if (hl >= sizeof host) return -1;
+    memcpy(host, h, hl);
+    host[hl] = 0;
+    long port = strtol(colon + 1, NULL, 10);
+    if (port < 0 || port > 65535) return -1;
+    memset(out, 0, sizeof *out);
+    struct sockaddr_in *a4 = (struct sockaddr_in *)out;
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)out;
+    if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
+        a4->sin_family = AF_INET;
+        a4->sin_port = htons((uint16_t)port);
+        *outlen = sizeof *a4;
+        return 0;
+    }
+    if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
+        a6->sin6_family = AF_INET6;
+        a6->sin6_port = htons((uint16_t)port);
+        *outlen = sizeof *a6;
+        return 0;
+    }
+    return -1;
+}
+
+static int set_rcvbuf(int fd, int bytes) {
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &bytes, sizeof bytes) != 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes);
+    int eff = 0;
+    socklen_t len = sizeof eff;
+    getsockopt(fd, SOL_SOCKET, SO_RCVBUF, &eff, &len);
+    return eff;
+}
+
+static void install_signals(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_term; /* no SA_RESTART */
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+}
+
+/* ------------------------------------------------------------------ gen */
+
+struct preambles {
+    uint8_t *data;
+    size_t *off;
+    uint32_t *len;
+    size_t n;
+};
+
+static void read_preambles(const char *path, struct preambles *p) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die(path);
+    size_t cap = 0, size = 0;
+    uint8_t *data = NULL;
+    for (;;) {
+        if (size + 65536 > cap) {
+            cap = cap ? cap * 2 : 1 << 20;
+            data = realloc(data, cap);
+            if (!data) die("realloc");
+        }
+        size_t r = fread(data + size, 1, cap - size, f);
+        size += r;
+        if (r == 0) break;
+    }
+    fclose(f);
+    size_t n = 0, pos = 0, ncap = 1024;
+    p->off = malloc(ncap * sizeof *p->off);
+    p->len = malloc(ncap * sizeof *p->len);
+    while (pos + 4 <= size) {
+        uint32_t l = ((uint32_t)data[pos] << 24) | ((uint32_t)data[pos + 1] << 16) | ((uint32_t)data[pos + 2] << 8) |
+                     data[pos + 3];
+        pos += 4;
+        if (l > MAX_DGRAM || pos + l > size) fail("preamble file: bad record length");
+        if (n == ncap) {
+            ncap *= 2;
+            p->off = realloc(p->off, ncap * sizeof *p->off);
+            p->len = realloc(p->len, ncap * sizeof *p->len);
+        }
+        p->off[n] = pos;
+        p->len[n] = l;
+        n++;
+        pos += l;
+    }
+    if (pos != size) fail("preamble file: trailing bytes");
+    p->data = data;
+    p->n = n;
+}
+
+static int cmd_gen(int argc, char **argv) {
+    struct sockaddr_storage target;
+    socklen_t tlen = 0;
+    int have_t = 0, flows = 64, size = 140, batch = 0, wait_go = 0;
+    long long count = 0;
+    double rate = 0, duration = 0, max_s = 60;
+    long preamble_wait_ms = 100;
+    const char *preamble_path = NULL;
+    int opt;
+    while ((opt = getopt(argc, argv, "t:f:s:n:r:d:b:P:w:GT:")) != -1) {
+        switch (opt) {
+        case 't': if (parse_addr(optarg, &target, &tlen)) fail("bad -t"); have_t = 1; break;
+        case 'f': flows = atoi(optarg); break;
+        case 's': size = atoi(optarg); break;
+        case 'n': count = atoll(optarg); break;
+        case 'r': rate = atof(optarg); break;
+        case 'd': duration = atof(optarg); break;
+        case 'b': batch = atoi(optarg); break;
+        case 'P': preamble_path = optarg; break;
+        case 'w': preamble_wait_ms = atol(optarg); break;
+        case 'G': wait_go = 1; break;
+        case 'T': max_s = atof(optarg); break;
+        default: fail("usage: loadgen gen -t IP:PORT [-f flows] [-s size] (-n count | -r pps -d s) ...");
+        }
+    }
+    if (!have_t) fail("gen: -t IP:PORT is required");
+    if (flows < 1 || flows > MAX_FLOWS) fail("gen: -f out of range");
+    if (size < MIN_SIZE || size > MAX_DGRAM) fail("gen: -s must be 24..4096");
+    int paced = rate > 0;
+    if (paced) {
+        if (duration <= 0) fail("gen: -r needs -d seconds");
+        count = (long long)(rate * duration + 0.5);
+    }
+    if (count <= 0) fail("gen: give -n count or -r pps -d seconds");
+    if (max_s <= 0) max_s = 60;
+    if (batch <= 0) {
+        batch = paced ? (int)(rate * 50e-6) : 64; /* paced: one batch per ~50 us */
+        if (batch < 1) batch = 1;
+        if (batch > 64) batch = 64;
+    }
+    if (batch > MAX_BATCH) batch = MAX_BATCH;
+
+    struct preambles pre = {0};
+    if (preamble_path) {
+        read_preambles(preamble_path, &pre);
+        if ((int)pre.n < flows) fail("gen: fewer preamble records than flows");
+    }
+
+    int family = target.ss_family;
+    int *fds = malloc((size_t)flows * sizeof *fds);
+    uint64_t *seq = calloc((size_t)flows, sizeof *seq);
+    if (!fds || !seq) die("malloc");
+    for (int i = 0; i < flows; i++) {
+        int fd = socket(family, SOCK_DGRAM, 0);
+        if (fd < 0) die("socket (raise the open files limit for many flows)");
+        struct sockaddr_storage local;
+        memset(&local, 0, sizeof local);
+        socklen_t llen;
+        if (family == AF_INET) {
+            struct sockaddr_in *a = (struct sockaddr_in *)&local;
+            a->sin_family = AF_INET;
+            a->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+            llen = sizeof *a;
+        } else {
+            struct sockaddr_in6 *a = (struct sockaddr_in6 *)&local;
+            a->sin6_family = AF_INET6;
+            a->sin6_addr = in6addr_loopback;
+            llen = sizeof *a;
+        }
+        if (bind(fd, (struct sockaddr *)&local, llen) != 0) die("bind flow socket");
+        if (connect(fd, (struct sockaddr *)&target, tlen) != 0) die("connect flow socket");
+        fds[i] = fd;
+    }
+
+    uint64_t preambles_sent = 0, send_errors = 0;
+    if (pre.n) {
+        for (int i = 0; i < flows; i++) {
+            if (send(fds[i], pre.data + pre.off[i], pre.len[i], 0) == (ssize_t)pre.len[i]) preambles_sent++;
+            else send_errors++;
+        }
+        if (preamble_wait_ms > 0) sleep_until(now_ns() + (uint64_t)preamble_wait_ms * 1000000ull);
+    }
+    if (wait_go) {
+        printf("ARMED\n");
+        fflush(stdout);
+        struct pollfd pfd = {.fd = 0, .events = POLLIN};
+        int pr = poll(&pfd, 1, (int)(max_s * 1000));
+        if (pr <= 0) fail("gen: no go signal on stdin");
+        char line[64];
+        if (read(0, line, sizeof line) < 0) die("read stdin");
+    }
+
+    uint8_t *bufs = calloc((size_t)batch, (size_t)size);
+    struct mmsghdr *msgs = calloc((size_t)batch, sizeof *msgs);
+    struct iovec *iov = calloc((size_t)batch, sizeof *iov);
+    if (!bufs || !msgs || !iov) die("calloc");
+    for (int i = 0; i < batch; i++) {
+        uint8_t *b = bufs + (size_t)i * size;
+        for (int k = MIN_SIZE; k < size; k++) b[k] = (uint8_t)(0x80 | (k & 0x3f)); /* looks like RTP */
+        iov[i].iov_base = b;
+        iov[i].iov_len = (size_t)size;
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+
+    uint64_t t_start = now_ns();
+    uint64_t t_limit = t_start + (uint64_t)(max_s * 1e9);
+    double ns_per_pkt = paced ? 1e9 / rate : 0;
+    long long sent = 0, attempted = 0;
+    uint32_t flow = 0;
+    while (attempted < count && !g_stop) {
+        int n = batch;
+        if (count - attempted < n) n = (int)(count - attempted);
+        if (paced) sleep_until(t_start + (uint64_t)((double)attempted * ns_per_pkt));
+        uint64_t ts = now_ns();
+        if (ts > t_limit) break;
+        for (int i = 0; i < n; i++) {
+            uint8_t *b = bufs + (size_t)i * size;
+            uint32_t magic = MAGIC;
+            uint64_t s = seq[flow]++;
+            memcpy(b, &magic, 4);
+            memcpy(b + 4, &flow, 4);
+            memcpy(b + 8, &s, 8);
+            memcpy(b + 16, &ts, 8);
+        }
+        int done = 0, retries = 0;
+        while (done < n) {
+            int r = sendmmsg(fds[flow], msgs + done, (unsigned)(n - done), 0);
+            if (r < 0) {
+                if ((errno == EINTR || errno == ECONNREFUSED || errno == EAGAIN || errno == ENOBUFS) && ++retries < 8)
+                    continue;
+                break;
+            }
+            done += r;
+        }
+        send_errors += (uint64_t)(n - done);
+        sent += done;
+        attempted += n;
+        flow = (flow + 1) % (uint32_t)flows;
+    }
+    uint64_t t_end = now_ns();
+    double el = (double)(t_end - t_start);
+    printf("{\"mode\":\"gen\",\"flows\":%d,\"size\":%d,\"batch\":%d,\"target_pps\":%.0f,\"planned\":%lld,"
+           "\"sent\":%lld,\"send_errors\":%" PRIu64 ",\"preambles\":%" PRIu64 ",\"start_ns\":%" PRIu64
+           ",\"end_ns\":%" PRIu64 ",\"elapsed_ns\":%" PRIu64 ",\"pps\":%.1f}\n",
+           flows, size, batch, paced ? rate : 0.0, count, sent, send_errors, preambles_sent, t_start, t_end,
+           t_end - t_start, el > 0 ? (double)sent * 1e9 / el : 0.0);
+    fflush(stdout);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ sink */
+
+static int cmp_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static int64_t pct(const int64_t *v, size_t n, double q) {
+    if (!n) return -1;
+    size_t i = (size_t)(q * (double)n);
+    if (i >= n) i = n - 1;
+    return v[i];
+}
+
+static int header_ok(const uint8_t *h, int size) {
+    return h[0] == 0x01 && h[1] == 0x95 && h[2] == 0x01 && h[3] == 0xcf && h[12] == 0xc4 && h[13] == 0x04 &&
+           h[18] == 0xcd && h[21] == 0xc5 && (((int)h[22] << 8) | h[23]) == size;
+}
+
+static int cmd_sink(int argc, char **argv) {
+    const char *bind_ip = "127.0.0.1";
+    int port = 0, size = 140, check_hdr = 0, kstamp = 0, rcvbuf = 64 << 20;
+    long long expected = 0;
+    long idle_ms = 1000;
+    double max_s = 60;
+    int64_t late_ns = 10 * 1000000LL;
+    size_t max_samples = 4u << 20;
+    int opt;
+    while ((opt = getopt(argc, argv, "B:p:s:e:i:T:D:L:r:HK")) != -1) {
+        switch (opt) {
+        case 'B': bind_ip = optarg; break;
+        case 'p': port = atoi(optarg); break;
+        case 's': size = atoi(optarg); break;
+        case 'e': expected = atoll(optarg); break;
+        case 'i': idle_ms = atol(optarg); break;
+        case 'T': max_s = atof(optarg); break;
+        case 'D': late_ns = atoll(optarg); break;
+        case 'L': max_samples = (size_t)atoll(optarg); break;
+        case 'r': rcvbuf = atoi(optarg); break;
+        case 'H': check_hdr = 1; break;
+        case 'K': kstamp = 1; break;
+        default: fail("usage: loadgen sink [-B ip] [-p port] [-s size] [-e expected] [-i idle_ms] [-T max_s] ...");
+        }
+    }
+    if (size < MIN_SIZE || size > MAX_DGRAM) fail("sink: -s must be 24..4096");
+
+    struct sockaddr_storage addr;
+    socklen_t alen;
+    char spec[128];
+    snprintf(spec, sizeof spec, strchr(bind_ip, ':') ? "[%s]:%d" : "%s:%d", bind_ip, port);
+    if (parse_addr(spec, &addr, &alen)) fail("sink: bad -B/-p");
+    int fd = socket(addr.ss_family, SOCK_DGRAM, 0);
+    if (fd < 0) die("socket");
+    int eff = set_rcvbuf(fd, rcvbuf);
+    if (bind(fd, (struct sockaddr *)&addr, alen) != 0) die("bind sink");
+    struct timeval tv = {.tv_sec = 0, .tv_usec = 50000};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    int one = 1;
+    if (kstamp && setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof one) != 0) die("SO_TIMESTAMPNS");
+    struct sockaddr_storage bound;
+    socklen_t blen = sizeof bound;
+    getsockname(fd, (struct sockaddr *)&bound, &blen);
+    int bport = ntohs(bound.ss_family == AF_INET ? ((struct sockaddr_in *)&bound)->sin_port
+                                                 : ((struct sockaddr_in6 *)&bound)->sin6_port);
+
+    enum { B = 64 };
+    static uint8_t bufs[B][MAX_DGRAM];
+    struct mmsghdr msgs[B];
+    struct iovec iov[B];
+    static union {
+        char buf[CMSG_SPACE(sizeof(struct timespec))];
+        struct cmsghdr align;
+    } ctl[B];
+    memset(msgs, 0, sizeof msgs);
+    for (int i = 0; i < B; i++) {
+        iov[i].iov_base = bufs[i];
+        iov[i].iov_len = MAX_DGRAM;
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    int64_t *lat = malloc(max_samples * sizeof *lat);
+    uint64_t *fcount = calloc(MAX_FLOWS, sizeof *fcount);
+    uint64_t *fmax = calloc(MAX_FLOWS, sizeof *fmax); /* highest seq seen + 1 */
+    if (!lat || !fcount || !fmax) die("malloc");
+
+    printf("READY %d rcvbuf=%d\n", bport, eff);
+    fflush(stdout);
+
+    uint64_t received = 0, other = 0, bytes = 0, late = 0, reordered = 0, hdr_ok = 0, hdr_bad = 0;
+    uint64_t first_rx = 0, last_rx = 0, flows_seen = 0, k_first = 0, k_last = 0, k_missing = 0;
+    long hdr_min = -1, hdr_max = -1;
+    size_t nlat = 0;
+    uint64_t t_start = now_ns(), t_limit = t_start + (uint64_t)(max_s * 1e9);
+    const char *reason = "max_time";
+    for (;;) {
+        if (g_stop) { reason = "signal"; break; }
+        if (expected > 0 && received >= (uint64_t)expected) { reason = "expected"; break; }
+        uint64_t t = now_ns();
+        if (t > t_limit) { reason = "max_time"; break; }
+        if (received && idle_ms > 0 && t - last_rx > (uint64_t)idle_ms * 1000000ull) { reason = "idle"; break; }
+        if (kstamp)
+            for (int i = 0; i < B; i++) {
+                msgs[i].msg_hdr.msg_control = ctl[i].buf;
+                msgs[i].msg_hdr.msg_controllen = sizeof ctl[i].buf;
+            }
+        int n = recvmmsg(fd, msgs, B, MSG_WAITFORONE, NULL);
+        if (n < 0) {
+            if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) continue;
+            die("recvmmsg");
+        }
+        uint64_t rx = now_ns();
+        for (int i = 0; i < n; i++) {
+            int len = (int)msgs[i].msg_len;
+            const uint8_t *b = bufs[i];
+            uint32_t magic;
+            if (len < size || (memcpy(&magic, b + len - size, 4), magic != MAGIC)) {
+                other++;
+                continue;
+            }
+            const uint8_t *p = b + len - size;
+            uint32_t flow;
+            uint64_t seq, ts;
+            memcpy(&flow, p + 4, 4);
+            memcpy(&seq, p + 8, 8);
+            memcpy(&ts, p + 16, 8);
+            if (flow >= MAX_FLOWS) {
+                other++;
+                continue;
+            }
+            if (!received) first_rx = rx;
+            last_rx = rx;
+            if (kstamp) {
+                uint64_t kt = 0;
+                for (struct cmsghdr *c = CMSG_FIRSTHDR(&msgs[i].msg_hdr); c; c = CMSG_NXTHDR(&msgs[i].msg_hdr, c))
+                    if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS) {
+                        struct timespec kts;
+                        memcpy(&kts, CMSG_DATA(c), sizeof kts);
+                        kt = (uint64_t)kts.tv_sec * 1000000000ull + (uint64_t)kts.tv_nsec;
+                    }
+                if (!kt) k_missing++;
+                else {
+                    if (!k_first || kt < k_first) k_first = kt;
+                    if (kt > k_last) k_last = kt;
+                }
+            }
+            received++;
+            bytes += (uint64_t)len;
+            long hl = len - size;
+            if (hdr_min < 0 || hl < hdr_min) hdr_min = hl;
+            if (hl > hdr_max) hdr_max = hl;
+            if (check_hdr) {
+                if (hl == HDR && header_ok(b, size)) hdr_ok++;
+                else hdr_bad++;
+            }
+            if (!fcount[flow]) flows_seen++;
+            fcount[flow]++;
+            if (seq + 1 > fmax[flow]) fmax[flow] = seq + 1;
+            else reordered++;
+            int64_t l = (int64_t)(rx - ts);
+            if (l > late_ns) late++;
+            if (nlat < max_samples) lat[nlat++] = l;
+        }
+    }
+    uint64_t lost = 0;
+    for (uint32_t f = 0; f < MAX_FLOWS; f++)
+        if (fmax[f] > fcount[f]) lost += fmax[f] - fcount[f];
+    qsort(lat, nlat, sizeof *lat, cmp_i64);
+    uint64_t span = received > 1 ? last_rx - first_rx : 0;
+    printf("{\"mode\":\"sink\",\"port\":%d,\"exit\":\"%s\",\"received\":%" PRIu64 ",\"other\":%" PRIu64
+           ",\"bytes\":%" PRIu64 ",\"first_rx_ns\":%" PRIu64 ",\"last_rx_ns\":%" PRIu64 ",\"rx_span_ns\":%" PRIu64
+           ",\"rx_pps\":%.1f,\"lat_samples\":%zu,\"lat_min_ns\":%" PRId64 ",\"lat_p50_ns\":%" PRId64
+           ",\"lat_p90_ns\":%" PRId64 ",\"lat_p99_ns\":%" PRId64 ",\"lat_p999_ns\":%" PRId64
+           ",\"lat_max_ns\":%" PRId64 ",\"late\":%" PRIu64 ",\"late_ns\":%" PRId64 ",\"lost_seq\":%" PRIu64
+           ",\"reordered\":%" PRIu64 ",\"flows_seen\":%" PRIu64 ",\"hdr_len_min\":%ld,\"hdr_len_max\":%ld",
+           bport, reason, received, other, bytes, first_rx, last_rx, span,
+           span ? (double)(received - 1) * 1e9 / (double)span : 0.0, nlat, nlat ? lat[0] : -1,
+           pct(lat, nlat, 0.50), pct(lat, nlat, 0.90), pct(lat, nlat, 0.99), pct(lat, nlat, 0.999),
+           nlat ? lat[nlat - 1] : -1, late, late_ns, lost, reordered, flows_seen, hdr_min, hdr_max);
+    if (check_hdr) printf(",\"hdr_ok\":%" PRIu64 ",\"hdr_bad\":%" PRIu64, hdr_ok, hdr_bad);
+    if (kstamp) {
+        uint64_t ks = k_last > k_first ? k_last - k_first : 0;
+        printf(",\"k_first_ns\":%" PRIu64 ",\"k_last_ns\":%" PRIu64 ",\"k_span_ns\":%" PRIu64
+               ",\"k_pps\":%.1f,\"k_missing\":%" PRIu64,
+               k_first, k_last, ks, ks && received > 1 ? (double)(received - 1) * 1e9 / (double)ks : 0.0, k_missing);
+    }
+    printf(",\"rcvbuf\":%d}\n", eff);
+    fflush(stdout);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) fail("usage: loadgen gen|sink [options] (see the comment at the top of loadgen.c)");
+    install_signals();
+    if (!strcmp(argv[1], "gen")) return cmd_gen(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "sink")) return cmd_sink(argc - 1, argv + 1);
+    fail("first argument must be gen or sink");
+    return 2;
+}

@@ -36,7 +36,7 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     heartbeat_timeout: float = 3.0  # a transceiver silent this long loses its flows
     admin_listen: str = "127.0.0.1:9478"  # "" disables the admin HTTP endpoint
     socket_buffer: int = 8 << 20
-    batch: int = 64
+    batch: int = 128
     # A warm spare process per worker takes over a crashed worker's partition in milliseconds.
     standby_workers: bool = True
 

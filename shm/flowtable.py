@@ -596,11 +596,11 @@ class _Reader:
 
     # -- slot copies --------------------------------------------------------------------------
 
-    def _copy_flow(self, off: int) -> tuple | None:
-        """Seqlock-checked copy of a flow slot; None if its writer kept it busy."""
+    def _copy(self, off: int, slot_struct: struct.Struct) -> tuple | None:
+        """Seqlock-checked copy of a slot (flow or session); None if its writer kept it busy."""
         q = self._q
         si = off >> 3
-        unpack = FLOW_SLOT_STRUCT.unpack_from
+        unpack = slot_struct.unpack_from
         mm = self._mm
         for _ in range(SLOT_SPINS):
             s0 = q[si]
@@ -611,19 +611,11 @@ class _Reader:
                 return t
         return None
 
+    def _copy_flow(self, off: int) -> tuple | None:
+        return self._copy(off, FLOW_SLOT_STRUCT)
+
     def _copy_session(self, off: int) -> tuple | None:
-        q = self._q
-        si = off >> 3
-        unpack = SESSION_SLOT_STRUCT.unpack_from
-        mm = self._mm
-        for _ in range(SLOT_SPINS):
-            s0 = q[si]
-            if s0 & 1:
-                continue
-            t = unpack(mm, off)
-            if q[si] == s0:
-                return t
-        return None
+        return self._copy(off, SESSION_SLOT_STRUCT)
 
     def _ufrag_of(self, p: int, sref: int) -> bytes | None:
         """The ufrag of session ref `sref` in partition p (a seqlock-checked read)."""

@@ -351,9 +351,16 @@ ns = spec["namespace"]
 if ns:
     check(libc.unshare(0x00020000), "unshare(CLONE_NEWNS)")
     mount(None, "/", None, MS_REC | MS_PRIVATE)
+    # The checkout stands in for /opt/rtcrelay: where it lives under /tmp (a CI clone), keep it
+    # visible through the private /tmp, as /opt would be. O_PATH fds survive the tmpfs mounts.
+    install_fds = [(path, os.open(path, os.O_PATH)) for path in ns["install_under_tmp"]]
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")          # PrivateTmp= (and staging)
     if os.path.isdir("/var/tmp"):
         mount("tmpfs", "/var/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    for path, fd in install_fds:
+        os.makedirs(path, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+        os.close(fd)
     if ns["private_devices"]:                                                   # PrivateDevices=
         os.mkdir("/tmp/.dev")
         mount("tmpfs", "/tmp/.dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755")
@@ -366,15 +373,15 @@ if ns:
         for name, target in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
             os.symlink(target, f"/tmp/.dev/{name}")
     if ns["protect_home"]:                                                      # ProtectHome=yes
-        keep = ns["keep"]  # the interpreter, when it lives under a home directory
-        if keep:
-            os.mkdir("/tmp/.keep"); mount(keep, "/tmp/.keep", None, MS_BIND | MS_REC)
+        keep = ns["keep"]  # the interpreter and the checkout, when they live under a home directory
+        for i, path in enumerate(keep):
+            os.makedirs(f"/tmp/.keep{i}"); mount(path, f"/tmp/.keep{i}", None, MS_BIND | MS_REC)
         for home in ("/root", "/home", "/run/user"):
             if os.path.isdir(home):
-                visible = bool(keep) and (keep + "/").startswith(home + "/")
+                visible = any((path + "/").startswith(home + "/") for path in keep)
                 mount("tmpfs", home, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755" if visible else "mode=000")
-        if keep:
-            os.makedirs(keep); mount("/tmp/.keep", keep, None, MS_MOVE)
+        for i, path in enumerate(keep):
+            os.makedirs(path, exist_ok=True); mount(f"/tmp/.keep{i}", path, None, MS_MOVE)
     if ns["private_devices"]:
         mount("/tmp/.dev", "/dev", None, MS_MOVE)
     if ns["protect_system_strict"]:                                             # ProtectSystem=strict
@@ -520,7 +527,8 @@ def sandbox_spec(u: dict[str, list[tuple[str, str]]], analyze: str, fds: list[in
         "namespace": {
             "private_devices": boolean(u, "PrivateDevices"),
             "protect_home": value(u, "Service", "ProtectHome") == "yes",
-            "keep": keep if keep.startswith(("/root/", "/home/")) else "",
+            "keep": [path for path in dict.fromkeys([keep, str(REPO)]) if path.startswith(("/root/", "/home/"))],
+            "install_under_tmp": [str(REPO)] if str(REPO).startswith(("/tmp/", "/var/tmp/")) else [],
             "protect_system_strict": value(u, "Service", "ProtectSystem") == "strict",
             "proc_subset_pid": value(u, "Service", "ProcSubset") == "pid",
         } if root and boolean(u, "PrivateTmp") else None,

@@ -37,7 +37,6 @@ A forwarder is a `Forwarder` (start / pids / stop, optional preambles). The C re
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -53,22 +52,13 @@ from pathlib import Path
 _BENCH = Path(__file__).resolve().parent
 # Run as a script, Python puts bench/ first on sys.path, where this file would shadow the
 # project's `relay` package (which a Forwarder may import, e.g. to build STUN preambles):
-# put the repository root there instead. loadlib is loaded by path for the same reason.
+# put the repository root there instead.
 if sys.path and Path(sys.path[0] or ".").resolve() == _BENCH:
     sys.path[0] = str(_BENCH.parent)
 
 
-def _load_by_path(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from bench import loadlib  # noqa: E402  (bench/ as a namespace package: nothing shadowed)
 
-
-loadlib = _load_by_path("rtcrelay_bench_loadlib", _BENCH / "loadlib.py")
 BenchError, Load = loadlib.BenchError, loadlib.Load
 
 HOST = "127.0.0.1"

@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import importlib.util
 import json
 import math
 import os
@@ -73,17 +72,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == _BENCH:
     sys.path[0] = str(_ROOT)
 
 
-def _load_by_path(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
-
-
-echo_calls = _load_by_path("rtcrelay_bench_echo_calls", _BENCH / "echo_calls.py")
+from bench import echo_calls  # noqa: E402  (bench/ as a namespace package: nothing shadowed)
 
 HOST = "127.0.0.1"
 SERVER_CPU = 1

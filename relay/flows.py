@@ -72,7 +72,7 @@ class FlowEntry:
         self.prefix = data_prefix(handle, self.client[0], self.client[1])
 
 
-class TableView:
+class AllPartitionsView:
     """The decision function's read-only window on the whole table (all partitions)."""
 
     __slots__ = ("table", "local")
@@ -108,7 +108,7 @@ class LocalFlows:
         self.by_ufrag: dict[str, set[bytes]] = {}
         # transceiver sockaddr → [last heartbeat (monotonic s), draining]
         self.transceivers: dict[bytes, list[Any]] = {}
-        self.views = [TableView(self.table, local) for local in publics]
+        self.views = [AllPartitionsView(self.table, local) for local in publics]
 
     def _own(self) -> PartitionWriter:
         assert self.writer is not None, "take_over() first"

@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -62,11 +62,9 @@ class WorkerSlot:
     tunnel: socket.socket
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
-    restarts: int = 0
     crash_streak: int = 0
     pidfd: int | None = None
     standby: Standby | None = None
-    exits: list[int] = field(default_factory=list)
 
 
 class ActivationMismatch(Exception):
@@ -259,12 +257,10 @@ class Supervisor:
         self._unwatch(slot.pidfd)
         slot.pidfd = None
         code = slot.process.wait()
-        slot.exits.append(code)
         if self.stopping:
             return
         uptime = time.monotonic() - slot.started_at
         slot.crash_streak = slot.crash_streak + 1 if uptime < 10 else 1
-        slot.restarts += 1
         pid = slot.process.pid
         slot.process = None
         # A crash loop (a poison packet?) must not burn through spares: back off instead.

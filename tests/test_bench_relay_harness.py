@@ -8,7 +8,6 @@ without it these tests fail (they never skip).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import socket
@@ -22,19 +21,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 
+# As bench.relay (bench/ is a namespace package): it cannot shadow the `relay` package.
+from bench import relay as bench  # noqa: E402
 
-def _load(name: str, path: Path):
-    # by path and under a unique name: bench/relay.py must not shadow the `relay` package
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load("rtcrelay_bench_relay", BENCH / "relay.py")
 loadlib = bench.loadlib
 
 

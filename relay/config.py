@@ -37,6 +37,8 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     admin_listen: str = "127.0.0.1:9478"  # "" disables the admin HTTP endpoint
     socket_buffer: int = 8 << 20
     batch: int = 128
+    # Connected tunnel sockets per worker, one per transceiver (0: only the shared socket).
+    tunnel_links: int = 64
     # A warm spare process per worker takes over a crashed worker's partition in milliseconds.
     standby_workers: bool = True
 
@@ -66,6 +68,8 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("`cluster_id`: 0 to 65535")
         if not 1 <= self.batch <= 1024:
             raise ValueError("`batch`: 1 to 1024")
+        if not 0 <= self.tunnel_links <= 4096:
+            raise ValueError("`tunnel_links`: 0 (none) to 4096")
 
     @property
     def worker_count(self) -> int:

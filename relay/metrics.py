@@ -26,7 +26,7 @@ WORKER_DROP_REASONS = frozenset(
 )
 DROP_REASONS = tuple(sorted(DECISION_DROP_REASONS | FRAME_ERROR_REASONS | WORKER_DROP_REASONS))
 
-STATE_COUNTERS = ("pid", "ready", "heartbeat_ms", "flows", "transceivers")
+STATE_COUNTERS = ("pid", "ready", "heartbeat_ms", "flows", "transceivers", "tunnel_links")
 TRAFFIC_COUNTERS = (
     "client_packets",  # client → transceiver, forwarded
     "client_bytes",

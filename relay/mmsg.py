@@ -357,6 +357,22 @@ class _ReceiverBase:
         """Receive up to ``batch`` datagrams without blocking; how many (0: none)."""
         raise NotImplementedError
 
+    def use_socket(self, sock: socket.socket) -> None:
+        """Receive from ``sock`` from now on: one set of buffers for sockets read one after
+        another (a worker's tunnel socket and its connected links). Same family only."""
+        if sock is self.sock:
+            return
+        if sock.type != socket.SOCK_DGRAM or _socket_family(sock) != self.family:
+            raise ValueError("use_socket needs a UDP socket of the receiver's family")
+        if sock.gettimeout() != 0.0:
+            sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self._socket_changed()
+
+    def _socket_changed(self) -> None:
+        pass
+
     # accessors for message i of the last batch (i < count)
     def length(self, i: int) -> int:
         return self.lengths[i]
@@ -496,6 +512,9 @@ class FallbackReceiver(_ReceiverBase):
         self._recvfrom_into = sock.recvfrom_into
         self._key_cache: dict[Any, bytes] = {}
         self._trunc: list[bool] = []
+
+    def _socket_changed(self) -> None:
+        self._recvfrom_into = self.sock.recvfrom_into
 
     def recv(self) -> int:
         recv_into, views, limit = self._recvfrom_into, self._views, self.bufsize

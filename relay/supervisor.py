@@ -131,7 +131,8 @@ class Supervisor:
                 tunnel = adopt_fd(stored.pop(name))
             else:
                 tunnel_port = self.config.tunnel_port + index if self.config.tunnel_port else 0
-                tunnel = open_udp(self.config.tunnel_host, tunnel_port, reuseport=False, buffer_size=self.config.socket_buffer)
+                # SO_REUSEPORT: the worker's connected tunnel links bind the same address (relay/tunnel_links.py)
+                tunnel = open_udp(self.config.tunnel_host, tunnel_port, reuseport=True, buffer_size=self.config.socket_buffer)
             self.workers.append(WorkerSlot(index, public, tunnel))
         for leftover in [*stored.values()]:
             os.close(leftover)  # a socket for a worker index this configuration no longer has

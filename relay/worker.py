@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import ipaddress
 import logging
 import os
@@ -38,6 +39,7 @@ from relay.flows import LocalFlows
 from relay.keys import load_keyring
 from relay.metrics import COUNTER_INDEX, WORKER_COUNTERS
 from relay.mmsg import BatchReceiver, BatchSender, decode_sockaddr
+from relay.tunnel_links import TunnelLinks
 from relay.tunnel_frame import (
     DATA_HEADER_LEN_V6,
     Data,
@@ -57,6 +59,7 @@ BUFSIZE = 2048  # larger than any WebRTC datagram (MTU-bound); bigger ones are c
 HEADROOM = 64  # ≥ DATA_HEADER_LEN_V6
 MAX_BATCHES_PER_WAKEUP = 16  # then yield to the other sockets
 HOUSEKEEPING_S = 1.0
+FULL_GC_TICKS = 60  # a full collection every minute; the young generations every tick
 SWEEP_SLOTS_PER_TICK = 4096
 
 _C = COUNTER_INDEX
@@ -83,8 +86,13 @@ class Worker:
         self.public_header = [struct.Struct(f"!{data_header_len(ip) - 2}sH") for ip, _port in self.public_addr]
         self.tunnel_rx = BatchReceiver(self.tunnel, batch=batch, bufsize=BUFSIZE + DATA_HEADER_LEN_V6, headroom=0)
         self.tunnel_tx = BatchSender(self.tunnel, batch=batch)
+        self.links = TunnelLinks(
+            self.tunnel, limit=cfg.tunnel_links, batch=batch, buffer_size=cfg.socket_buffer,
+            on_open=self._watch_link, on_close=self._unwatch_link,
+        )
         self._tunnel_source_ok: dict[bytes, bool] = {}
         self._stop = asyncio.Event()
+        self.ticks = 0
 
     # -- client → transceiver -----------------------------------------------------------------
 
@@ -97,6 +105,8 @@ class Worker:
         hl = header.size
         buffer = rx.buffer
         offsets = rx.offsets
+        links = self.links.senders
+        links_enabled = self.links.enabled
         packets = 0
         nbytes = 0
         for _ in range(MAX_BATCHES_PER_WAKEUP):
@@ -117,11 +127,26 @@ class Worker:
                 dests[i] = entry.tunnel_dest
                 entry.packets_in += 1
                 entry.bytes_in += length
-                packets += 1
-                nbytes += length
             if rx.truncated_count:  # a truncated datagram may have hit a flow: never forward it
                 misses = sorted(set(misses) | {i for i in range(n) if rx.truncated(i)})
-            if len(misses) < n:
+            if not misses:
+                packets += n
+                nbytes += sum(lengths)
+                dest = dests[0]
+                # One transceiver for the whole batch (n == 1 at low rates): its connected link.
+                link = None
+                if n == 1 or dests.count(dest) == n:
+                    link = links.get(dest)
+                    if link is None and links_enabled:
+                        link = self.links.open(dest)
+                        links_enabled = self.links.enabled
+                if link is not None:
+                    link.send_rx(rx, None, hl)
+                else:
+                    tx.send_rx(rx, dests, hl)
+            elif len(misses) < n:
+                packets += n - len(misses)
+                nbytes += sum(lengths) - sum(lengths[i] for i in misses)
                 tx.send_rx(rx, dests, hl, misses)
             if misses:
                 now = time.monotonic()
@@ -172,8 +197,10 @@ class Worker:
 
     # -- transceiver → client -----------------------------------------------------------------
 
-    def on_tunnel_readable(self) -> None:
+    def on_tunnel_readable(self, sock: socket.socket) -> None:
+        """Frames from transceivers, on the shared tunnel socket or on one of the links."""
         rx = self.tunnel_rx
+        rx.use_socket(sock)
         by_handle = self.flows.by_handle
         buffer = rx.buffer
         offsets = rx.offsets
@@ -278,14 +305,23 @@ class Worker:
                 with contextlib.suppress(Exception):
                     tx.flush()
 
+    def _watch_link(self, sock: socket.socket) -> None:
+        asyncio.get_running_loop().add_reader(sock.fileno(), self.guarded, self.on_tunnel_readable, sock)
+
+    def _unwatch_link(self, sock: socket.socket) -> None:
+        asyncio.get_running_loop().remove_reader(sock.fileno())
+
     def drop(self, reason: str) -> None:
         self.counts[_C["drop_" + reason]] += 1
 
     def housekeeping(self) -> None:
+        self.ticks += 1
+        gc.collect(2 if self.ticks % FULL_GC_TICKS == 0 else 1)  # see run()
         now = time.monotonic()
         self.flows.flush_counters(now)
         self.counts[_C["flows_expired"]] += self.flows.sweep(now, SWEEP_SLOTS_PER_TICK)
         self.counts[_C["flows_closed"]] += self.flows.expire_silent_transceivers(now, self.spec.config.heartbeat_timeout)
+        self.links.retain(self.flows.transceivers)
         self.publish_counters(ready=1)
 
     def publish_counters(self, ready: int) -> None:
@@ -295,6 +331,7 @@ class Worker:
         counts[_C["heartbeat_ms"]] = int(time.time() * 1000)
         counts[_C["flows"]] = len(self.flows.by_key)
         counts[_C["transceivers"]] = len(self.flows.transceivers)
+        counts[_C["tunnel_links"]] = len(self.links)
         self.counters.store_row(self.index, counts)
 
     def reload_keys(self) -> None:
@@ -311,11 +348,18 @@ class Worker:
         log.info("worker %d (pid %d) owns partition %d: %s", self.index, os.getpid(), self.index, report)
         for which, sock in enumerate(self.public):
             loop.add_reader(sock.fileno(), self.guarded, self.on_public_readable, which)
-        loop.add_reader(self.tunnel.fileno(), self.guarded, self.on_tunnel_readable)
+        loop.add_reader(self.tunnel.fileno(), self.guarded, self.on_tunnel_readable, self.tunnel)
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
         self.publish_counters(ready=1)
+        # No collector pauses on the packet path: every batch allocates a few tuples, which made
+        # a young-generation collection every ~100 wakeups, each a latency spike for the
+        # datagram that waited. The packet path makes no reference cycles; housekeeping
+        # collects the young generations once a second and everything once a minute, and what
+        # exists now (imports, buffers) is frozen out of every collection.
+        gc.disable()
+        gc.freeze()
         while not self._stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), HOUSEKEEPING_S)
@@ -326,6 +370,7 @@ class Worker:
         for sock in self.public:
             loop.remove_reader(sock.fileno())
         loop.remove_reader(self.tunnel.fileno())
+        self.links.close_all()
         self.flows.flush_counters(time.monotonic())
         self.publish_counters(ready=0)
         self.flows.close()

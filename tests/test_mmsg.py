@@ -166,6 +166,25 @@ def test_empty_socket_returns_zero(impl, fam, udp) -> None:
     assert rx.sock.getblocking() is False
 
 
+def test_use_socket_moves_one_set_of_buffers_to_another_socket(impl, udp) -> None:
+    rx_cls, _ = impl
+    first, second, client = udp(), udp(), udp()
+    rx = rx_cls(first)
+    client.sendto(b"to the second", second.getsockname())
+    client.sendto(b"to the first", first.getsockname())
+    assert recv_until(rx, 1) == [(key_of(client), b"to the first")]
+    rx.use_socket(second)
+    assert rx.fd == second.fileno() and second.getblocking() is False
+    assert recv_until(rx, 1) == [(key_of(client), b"to the second")]
+    v6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        with pytest.raises(ValueError, match="family"):
+            rx.use_socket(v6)
+    finally:
+        v6.close()
+    assert rx.fd == second.fileno()
+
+
 def test_truncated_datagram_is_reported(impl, fam, udp) -> None:
     rx_cls, _ = impl
     server, client = udp(*fam), udp(*fam)

@@ -83,6 +83,9 @@ def test_traffic_flows_both_ways_through_two_workers(relay: RelayProcess, transc
     flows = flows_in_table(relay)
     assert len(flows) == 12
     assert {f.partition for f in flows} == {0, 1}, "both workers should own flows"
+    # each worker sent to the one transceiver over a connected link (relay/tunnel_links.py),
+    # and its answers came back through it
+    assert [r["tunnel_links"] for r in relay.rows()] == [1, 1]
     wait_for(lambda: all(f.pkts_in == 6 and f.pkts_out == 5 for f in flows_in_table(relay)), 5, "per-flow counters flushed to shm")
     status, metrics = relay.http("/metrics")
     assert status == 200 and 'rtcrelay_packets_total{worker="0",direction="to_transceiver"}' in metrics
@@ -137,12 +140,23 @@ def test_return_frames_for_unknown_or_foreign_flows_send_nothing(relay: RelayPro
 
 def test_killed_worker_is_restarted_on_the_same_socket_without_losing_flows(relay: RelayProcess, transceiver: FakeTransceiver) -> None:
     conns = [connect(relay, transceiver) for _ in range(8)]
-    relay.wait_flushed(lambda rows: sum(r["flows"] for r in rows) == 8, what="flows published")
+    for client, *_ in conns:  # known flows: the workers open their links to the transceiver
+        client.send(rtp_like(1))
+        transceiver.recv_data()
+    relay.wait_flushed(lambda rows: sum(r["flows"] for r in rows) == 8 and all(r["tunnel_links"] == 1 for r in rows if r["flows"]), what="flows and links published")
     victim_index = max(range(relay.workers), key=lambda i: relay.rows()[i]["flows"])
     victim = relay.worker_pids()[victim_index]
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: relay.rows()[victim_index]["pid"] not in (0, victim) and relay.rows()[victim_index]["ready"] == 1, 10, "worker restart")
     assert len(flows_in_table(relay)) == 8
+    # The dead worker's connected tunnel link died with it: a frame the transceiver sends
+    # before any client speaks again reaches the shared tunnel socket, kept by the supervisor.
+    owner = {f.client_port: f.partition for f in flows_in_table(relay)}
+    victim_conns = [c for c in conns if owner[c[0].address[1]] == victim_index]
+    assert victim_conns
+    for client, first, tunnel, _ in victim_conns:
+        transceiver.reply(tunnel, first, b"\x80early")
+        assert client.recv()[0] == b"\x80early"
     for client, first, tunnel, _ in conns:
         payload = rtp_like(99)
         client.send(payload)  # no new STUN: the restarted worker reloaded its flows

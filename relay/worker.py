@@ -63,6 +63,7 @@ FULL_GC_TICKS = 60  # a full collection every minute; the young generations ever
 SWEEP_SLOTS_PER_TICK = 4096
 
 _C = COUNTER_INDEX
+_CLIENT_PACKETS, _CLIENT_BYTES = _C["client_packets"], _C["client_bytes"]
 _DATA_TAG = b"\x01\x95\x01\xcf"  # version, fixarray(5), tag 1, uint64 marker: our fixed header
 
 
@@ -84,6 +85,10 @@ class Worker:
         self.public_tx = [BatchSender(s, batch=batch) for s in self.public]
         # The fixed tunnel header: the flow's 22/34-byte prefix, then the payload length.
         self.public_header = [struct.Struct(f"!{data_header_len(ip) - 2}sH") for ip, _port in self.public_addr]
+        # where each slot's header goes: just in front of its payload
+        self.public_header_offsets = [
+            [off - header.size for off in rx.offsets] for rx, header in zip(self.public_rx, self.public_header)
+        ]
         self.tunnel_rx = BatchReceiver(self.tunnel, batch=batch, bufsize=BUFSIZE + DATA_HEADER_LEN_V6, headroom=0)
         self.tunnel_tx = BatchSender(self.tunnel, batch=batch)
         self.links = TunnelLinks(
@@ -103,8 +108,8 @@ class Worker:
         header = self.public_header[which]
         pack_header = header.pack_into
         hl = header.size
+        header_offsets = self.public_header_offsets[which]
         buffer = rx.buffer
-        offsets = rx.offsets
         links = self.links.senders
         links_enabled = self.links.enabled
         packets = 0
@@ -113,20 +118,19 @@ class Worker:
             n = rx.recv()
             if not n:
                 break
-            keys = rx.keys()
             lengths = rx.lengths
-            dests = [b""] * n  # send_rx wants bytes even in the slots it skips
-            misses: list[int] = []
-            for i in range(n):
-                entry = get(keys[i])
+            dests: list[bytes] = []  # b"" for a miss: send_rx wants bytes even where it skips
+            add_dest = dests.append
+            for key, header_offset, length in zip(rx.keys(), header_offsets, lengths):
+                entry = get(key)
                 if entry is None:
-                    misses.append(i)
+                    add_dest(b"")
                     continue
-                length = lengths[i]
-                pack_header(buffer, offsets[i] - hl, entry.prefix, length)
-                dests[i] = entry.tunnel_dest
+                pack_header(buffer, header_offset, entry.prefix, length)
+                add_dest(entry.tunnel_dest)
                 entry.packets_in += 1
                 entry.bytes_in += length
+            misses = [i for i, dest in enumerate(dests) if not dest] if b"" in dests else []
             if rx.truncated_count:  # a truncated datagram may have hit a flow: never forward it
                 misses = sorted(set(misses) | {i for i in range(n) if rx.truncated(i)})
             if not misses:
@@ -156,8 +160,8 @@ class Worker:
             if n < rx.batch:
                 break
         counts = self.counts
-        counts[_C["client_packets"]] += packets
-        counts[_C["client_bytes"]] += nbytes
+        counts[_CLIENT_PACKETS] += packets
+        counts[_CLIENT_BYTES] += nbytes
 
     def on_public_miss(self, which: int, i: int, now: float) -> None:
         rx = self.public_rx[which]

@@ -298,6 +298,19 @@ def _socket_family(sock: socket.socket) -> int:
     return int(fam)
 
 
+def _adopt_udp(sock: socket.socket, what: str, family: int | None = None) -> int:
+    """Check that ``sock`` is a UDP socket (of ``family``, if given), make it non-blocking;
+    its family."""
+    if sock.type != socket.SOCK_DGRAM:
+        raise ValueError(f"{what} needs a SOCK_DGRAM socket")
+    fam = _socket_family(sock)
+    if family is not None and fam != family:
+        raise ValueError(f"{what} needs a socket of the receiver's family ({family}), not {fam}")
+    if sock.gettimeout() != 0.0:
+        sock.setblocking(False)
+    return fam
+
+
 # --- receivers -----------------------------------------------------------------------------
 
 
@@ -326,14 +339,11 @@ class _ReceiverBase:
     errors: dict[int, int]
 
     def __init__(self, sock: socket.socket, batch: int = 64, bufsize: int = 2048, headroom: int = 64) -> None:
-        if sock.type != socket.SOCK_DGRAM:
-            raise ValueError("BatchReceiver needs a SOCK_DGRAM socket")
+        self.family = _adopt_udp(sock, "BatchReceiver")
         if batch < 1 or bufsize < 1 or headroom < 0:
             raise ValueError("batch and bufsize must be >= 1, headroom >= 0")
         self.sock = sock
-        sock.setblocking(False)
         self.fd = sock.fileno()
-        self.family = _socket_family(sock)
         self.batch = batch
         self.bufsize = bufsize
         self.headroom = headroom
@@ -362,10 +372,7 @@ class _ReceiverBase:
         another (a worker's tunnel socket and its connected links). Same family only."""
         if sock is self.sock:
             return
-        if sock.type != socket.SOCK_DGRAM or _socket_family(sock) != self.family:
-            raise ValueError("use_socket needs a UDP socket of the receiver's family")
-        if sock.gettimeout() != 0.0:
-            sock.setblocking(False)
+        _adopt_udp(sock, "use_socket", self.family)
         self.sock = sock
         self.fd = sock.fileno()
         self._socket_changed()
@@ -597,14 +604,11 @@ class _SenderBase:
     errors: dict[int, int]
 
     def __init__(self, sock: socket.socket, batch: int = 64, slot_size: int = 2048 + 64, connected: bool = False) -> None:
-        if sock.type != socket.SOCK_DGRAM:
-            raise ValueError("BatchSender needs a SOCK_DGRAM socket")
+        self.family = _adopt_udp(sock, "BatchSender")
         if batch < 1:
             raise ValueError("batch must be >= 1")
         self.sock = sock
-        sock.setblocking(False)
         self.fd = sock.fileno()
-        self.family = _socket_family(sock)
         self.batch = batch
         self.slot_size = slot_size
         self.connected = connected

@@ -538,8 +538,8 @@ class _Reader:
         self._scw = [(b >> 3) + P_SC for b in bases]
         self._fw = [(b + PART_HEADER_SIZE) >> 3 for b in bases]  # flow slot 0, in words
         self._sw = [(b + PART_HEADER_SIZE + fcap * FLOW_SLOT) >> 3 for b in bases]  # session slot 0
-        # (sc word, index in _d of flow slot 0's tag32); slot i's tag32 is at + (i << 5)
-        self._part_words = [(scw, fw * 2 + 2) for scw, fw in zip(self._scw, self._fw)]
+        # (sc word, flow slot 0's word, index in _d of its tag32); slot i: + (i << 4), + (i << 5)
+        self._part_words = [(scw, fw, fw * 2 + 2) for scw, fw in zip(self._scw, self._fw)]
         self._srefs: dict[bytes, int] = {}  # ufrag -> session ref (a hash: never stale)
         self._ufrags: dict[int, bytes] = {}  # session ref -> ufrag (the same fact backwards)
 
@@ -683,7 +683,7 @@ class _Reader:
         d = self._d
         mask = self._fmask
         unknown = False
-        for p, (scw, tw) in enumerate(self._part_words):
+        for p, (scw, _fw, tw) in enumerate(self._part_words):
             # First pass inline (the common miss ends here); the careful path for the rest.
             s0 = q[scw]
             i = home
@@ -714,7 +714,7 @@ class _Reader:
         # loop always ends.)
         q = self._q
         d = self._d
-        scw, tw = self._part_words[partition]
+        scw, fw, tw = self._part_words[partition]
         mask = self._fmask
         s0 = q[scw]
         i = ((t32 * GOLDEN32) & M32) >> self._fshift
@@ -725,7 +725,7 @@ class _Reader:
                     return MISS
                 break
             if lo == t32:
-                w = (tw >> 1) - 1 + (i << 4)
+                w = fw + (i << 4)
                 s1 = q[w]
                 c = _FLOW_UNPACK(self._mm, w << 3)
                 if (

@@ -410,6 +410,68 @@ def test_send_rx_connected(impl, udp) -> None:
     assert [d for d, _ in drain(sink, 11)] == [b"C:" + payload(k) for k in range(10)] + [b"tail"]
 
 
+def test_a_batch_of_one_goes_through_a_single_send(fam, udp) -> None:
+    """MmsgSender sends a batch of one with the socket's own send/sendto (cheaper than a
+    ctypes sendmmsg): every way of queueing it, connected or not, arrives byte for byte."""
+    if not mmsg.HAVE_MMSG:
+        pytest.skip("no sendmmsg in libc")
+    server, client, out, conn_out, sink = udp(*fam), udp(*fam), udp(*fam), udp(*fam), udp(*fam)
+    conn_out.connect(sink.getsockname())
+    rx = mmsg.MmsgReceiver(server, headroom=8)
+    tx = mmsg.MmsgSender(out, slot_size=64)
+    txc = mmsg.MmsgSender(conn_out, connected=True)
+    batches: list[int] = []
+
+    def no_sendmmsg(fd, ptr, n, flags):  # noqa: ANN001
+        batches.append(n)
+        return mmsg._sendmmsg(fd, ptr, n, flags)
+
+    tx._sendmmsg = txc._sendmmsg = no_sendmmsg
+    dest = key_of(sink)
+    big = bytearray(b"B" * 100)  # larger than a slot: copied to a bytes
+    for item in (b"bytes", bytearray(b"bytearray"), big):
+        tx.add(dest, item)
+        if isinstance(item, bytearray):
+            item[:1] = b"X"  # changed after add: what was added goes
+        assert tx.flush() == 1
+    client.sendto(b"payload", server.getsockname())
+    assert recv_until(rx, 1)
+    rx.frame_view(0, 3)[:3] = b"HDR"
+    tx.add_rx(dest, rx, 0, 3)
+    assert tx.flush() == 1
+    tx.add_rx(dest, rx, 0, 3, strip=3)
+    assert tx.flush() == 1
+    assert tx.send_rx(rx, [dest], 3) == 1
+    assert tx.send_rx(rx, [dest], 3, skip=[0]) == 0
+    assert txc.send_rx(rx, None, 3) == 1
+    with pytest.raises(ValueError):
+        tx.send_rx(rx, [dest], 9)  # beyond the headroom
+    assert tx.sent == 6 and txc.sent == 1 and tx.failed == tx.dropped_eagain == 0
+    got = [(d, a[1]) for d, a in drain(sink, 7)]
+    mine, connected = out.getsockname()[1], conn_out.getsockname()[1]
+    assert got == [(b"bytes", mine), (b"bytearray", mine), (b"B" * 100, mine), (b"HDRpayload", mine),
+                   (b"payload", mine), (b"HDRpayload", mine), (b"HDRpayload", connected)]
+    assert batches == []  # not one sendmmsg
+
+
+def test_a_batch_of_one_retries_an_async_icmp_error_and_counts_eagain(udp) -> None:
+    if not mmsg.HAVE_MMSG:
+        pytest.skip("no sendmmsg in libc")
+    out, closed, sink = udp(), udp(), udp()
+    out.connect(closed.getsockname())
+    closed.close()
+    out.send(b"x")  # → ICMP port unreachable → pending ECONNREFUSED on `out`
+    time.sleep(0.05)
+    tx = mmsg.MmsgSender(out)
+    tx.add(key_of(sink), b"after the error")
+    assert tx.flush() == 1
+    assert tx.failed == 0 and tx.errors == {errno.ECONNREFUSED: 1}
+    assert [d for d, _ in drain(sink, 1)] == [b"after the error"]
+    _fake_send(tx, [("err", errno.EAGAIN)])
+    tx.add(key_of(sink), b"would block")
+    assert tx.flush() == 0 and tx.dropped_eagain == 1 and tx.pending == 0
+
+
 def test_add_bytes_bytearray_memoryview_and_large(impl, fam, udp) -> None:
     _, tx_cls = impl
     out, sink = udp(*fam), udp(*fam)
@@ -471,7 +533,10 @@ def test_async_icmp_error_on_send_is_retried(impl, udp) -> None:
 
 
 def _fake_send(tx, script: list[int | tuple[str, int]]) -> list[int]:
-    """Replace the sender's syscall: each step sends that many messages or fails with an errno."""
+    """Replace the sender's syscalls: each step sends that many messages or fails with an errno.
+
+    sendmmsg calls are logged as their message count, single sends (send/sendto: the fallback,
+    and MmsgSender's batches of one) as -1."""
     calls: list[int] = []
     steps = iter(script)
 
@@ -486,22 +551,21 @@ def _fake_send(tx, script: list[int | tuple[str, int]]) -> list[int]:
             return min(step, n)
 
         tx._sendmmsg = fake
-    else:
-        state = {"left": 0}
+    state = {"left": 0}
 
-        def fake_sendto(data, addr):  # noqa: ANN001
-            if state["left"] == 0:
-                step = next(steps)
-                calls.append(-1)
-                if isinstance(step, tuple):
-                    raise OSError(step[1], errno.errorcode[step[1]]) if step[1] != errno.EAGAIN else BlockingIOError(
-                        errno.EAGAIN, "EAGAIN"
-                    )
-                state["left"] = step
-            state["left"] -= 1
-            return len(data)
+    def fake_sendto(data, addr=None):  # noqa: ANN001
+        if state["left"] == 0:
+            step = next(steps)
+            calls.append(-1)
+            if isinstance(step, tuple):
+                raise OSError(step[1], errno.errorcode[step[1]]) if step[1] != errno.EAGAIN else BlockingIOError(
+                    errno.EAGAIN, "EAGAIN"
+                )
+            state["left"] = step
+        state["left"] -= 1
+        return len(data)
 
-        tx._sendto = fake_sendto
+    tx._sendto = tx._send_connected = fake_sendto
     return calls
 
 

@@ -43,6 +43,8 @@ log = logging.getLogger("rtcrelay.relay")
 RESTART_BACKOFF_MAX_S = 5.0
 HEARTBEAT_STALE_S = 5.0  # a worker that has not flushed for this long is killed and restarted
 STANDBY_DELAY_S = 1.0  # after start-up or a takeover, before a (new) standby is spawned
+STARTUP_TICK_S = 0.25  # worker checks until every worker serves (READY=1)
+SERVING_TICK_S = 1.0  # then: STATUS, stale heartbeats, WATCHDOG=1 (at least twice per WATCHDOG_USEC)
 
 
 @dataclass
@@ -296,12 +298,14 @@ class Supervisor:
             self.spawn(slot)
         await self._start_admin()
         watchdog = systemd.watchdog_interval()
-        tick = min(0.25, watchdog or 0.25)
         try:
             while not self._stop.is_set():
                 self._check_workers(watchdog)
+                # Each tick wakes this process, maybe on a worker's CPU, and a worker's datagrams
+                # then wait for it (~0.5 ms, measured): tick often only until READY.
+                tick = SERVING_TICK_S if self.ready_sent else STARTUP_TICK_S
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), tick)
+                    await asyncio.wait_for(self._stop.wait(), min(tick, watchdog or tick))
         finally:
             await self.shutdown()
 

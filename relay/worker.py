@@ -32,6 +32,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Iterator
 
 from relay.config_file import parse_networks
 from relay.decision import AuthPolicy, Drop, Forward, Learn, decide
@@ -61,6 +62,10 @@ MAX_BATCHES_PER_WAKEUP = 16  # then yield to the other sockets
 HOUSEKEEPING_S = 1.0
 FULL_GC_TICKS = 60  # a full collection every minute; the young generations every tick
 SWEEP_SLOTS_PER_TICK = 4096
+# Housekeeping runs in steps of ~100-200 µs, and datagrams are served between steps: done in
+# one go it held the packet path for ~0.6 ms a second with 64 flows (and ~60 ms with 10k).
+FLUSH_FLOWS_PER_STEP = 32
+SWEEP_SLOTS_PER_STEP = 1024
 
 _C = COUNTER_INDEX
 _CLIENT_PACKETS, _CLIENT_BYTES = _C["client_packets"], _C["client_bytes"]
@@ -318,12 +323,17 @@ class Worker:
     def drop(self, reason: str) -> None:
         self.counts[_C["drop_" + reason]] += 1
 
-    def housekeeping(self) -> None:
+    def housekeeping_steps(self) -> Iterator[None]:
+        """One housekeeping tick, as short steps: the caller serves the sockets between them."""
         self.ticks += 1
         gc.collect(2 if self.ticks % FULL_GC_TICKS == 0 else 1)  # see run()
+        yield
         now = time.monotonic()
-        self.flows.flush_counters(now)
-        self.counts[_C["flows_expired"]] += self.flows.sweep(now, SWEEP_SLOTS_PER_TICK)
+        for _ in self.flows.flush_counters_steps(now, FLUSH_FLOWS_PER_STEP):
+            yield
+        for _ in range(SWEEP_SLOTS_PER_TICK // SWEEP_SLOTS_PER_STEP):
+            self.counts[_C["flows_expired"]] += self.flows.sweep(now, SWEEP_SLOTS_PER_STEP)
+            yield
         self.counts[_C["flows_closed"]] += self.flows.expire_silent_transceivers(now, self.spec.config.heartbeat_timeout)
         self.links.retain(self.flows.transceivers)
         self.publish_counters(ready=1)
@@ -370,7 +380,8 @@ class Worker:
             if os.getppid() != self.spec.supervisor_pid:
                 log.error("worker %d: supervisor gone, exiting", self.index)
                 break
-            self.housekeeping()
+            for _ in self.housekeeping_steps():
+                await asyncio.sleep(0)  # one loop iteration: ready sockets are served
         for sock in self.public:
             loop.remove_reader(sock.fileno())
         loop.remove_reader(self.tunnel.fileno())

@@ -1,0 +1,79 @@
+"""relay/flows.py's counter flush on a real shm table: in steps, and only flows that moved."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.config import RelayConfig
+from relay.decision import Learn
+from relay.flows import LocalFlows
+from relay.mmsg import sockaddr_for
+from shm.flowtable import FlowTable, Lookup
+from shm.layout import ip16
+
+PUBLIC = (socket.inet_aton("127.0.0.1"), 3478)
+TRANSCEIVER = (socket.inet_aton("127.0.0.2"), 40000)
+
+
+@pytest.fixture
+def flows(tmp_path: Path) -> Iterator[LocalFlows]:
+    config = RelayConfig(name="flowtest", workers=1, table_dir=str(tmp_path), flow_capacity=64, session_capacity=16)
+    table = FlowTable.create(config.table_path, partitions=1, flow_capacity=64, session_capacity=16)  # as the supervisor
+    local = LocalFlows(config, 0, socket.AF_INET, [PUBLIC])
+    local.take_over(now=100.0)
+    yield local
+    local.close()
+    table.close()
+
+
+def client(n: int) -> tuple[bytes, int]:
+    return socket.inet_aton(f"10.0.0.{n}"), 50000 + n
+
+
+def learn(flows: LocalFlows, n: int, now: float) -> None:
+    source = client(n)
+    entry, refusal = flows.learn(sockaddr_for(*source), source, 0, Learn(f"ufrag{n}", *TRANSCEIVER, 1), now)
+    assert entry is not None, refusal
+
+
+def in_shm(flows: LocalFlows, n: int) -> tuple[int, int, int]:
+    ip, port = client(n)
+    flow = flows.table.lookup(ip16(ip), port, ip16(PUBLIC[0]), PUBLIC[1])
+    return flow.pkts_in, flow.pkts_out, flow.last_seen  # type: ignore[union-attr]
+
+
+def test_flush_writes_moved_flows_in_steps_and_skips_idle_ones(flows: LocalFlows) -> None:
+    for n in range(1, 6):
+        learn(flows, n, now=100.0)
+    for n in (1, 2, 4):
+        entry = flows.by_key[sockaddr_for(*client(n))]
+        entry.packets_in += n
+        entry.packets_out += 1
+    steps = list(flows.flush_counters_steps(now=105.0, chunk=2))
+    assert steps == [2, 3]  # three flows moved: two steps of at most two
+    for n in (1, 2, 4):
+        assert in_shm(flows, n) == (n, 1, 105_000)
+    for n in (3, 5):
+        assert in_shm(flows, n) == (0, 0, 100_000)  # idle: untouched, and it ages towards expiry
+    assert list(flows.flush_counters_steps(now=106.0, chunk=2)) == []  # nothing moved since
+    assert in_shm(flows, 1) == (1, 1, 105_000)
+
+
+def test_a_flow_removed_between_steps_is_not_written(flows: LocalFlows) -> None:
+    for n in range(1, 4):
+        learn(flows, n, now=100.0)
+        flows.by_key[sockaddr_for(*client(n))].packets_in += 1
+    steps = flows.flush_counters_steps(now=110.0, chunk=1)
+    assert next(steps) == 1
+    pending = [n for n in range(1, 4) if in_shm(flows, n)[2] == 100_000]  # not flushed yet
+    assert len(pending) == 2
+    victim = pending[0]
+    assert flows.close_session(f"ufrag{victim}", sockaddr_for(*TRANSCEIVER)) == 1
+    assert list(steps) == [2, 3]  # the step count includes it: its stale handle is refused
+    ip, port = client(victim)
+    assert flows.table.lookup(ip16(ip), port, ip16(PUBLIC[0]), PUBLIC[1]) is Lookup.MISS
+    assert all(in_shm(flows, n) == (1, 0, 110_000) for n in range(1, 4) if n != victim)

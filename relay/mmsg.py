@@ -4,6 +4,8 @@ One ctypes call per batch, never per packet (a ctypes call costs far more than a
 All buffers are allocated once. Per batch, lengths and flags come out of the kernel's
 ``mmsghdr`` array with one precompiled ``struct`` unpack, the source addresses with another,
 and :meth:`MmsgSender.send_rx` sends a whole batch with no per-packet work in the sender.
+A batch of one (every datagram, at low rates) is sent with the socket's own ``send``/``sendto``
+instead, which costs ~2.5 µs less than a ctypes ``sendmmsg`` of one message.
 
 The hot loop (see bench/mmsg.py, which measures it)::
 

@@ -586,6 +586,12 @@ class FallbackReceiver(_ReceiverBase):
 # --- senders -------------------------------------------------------------------------------
 
 
+def _check_header_len(rx: _ReceiverBase, header_len: int) -> None:
+    """A sender may send at most the receiver's headroom in front of a payload."""
+    if not 0 <= header_len <= rx.headroom:
+        raise ValueError(f"header_len {header_len} exceeds the receiver's headroom {rx.headroom}")
+
+
 def _check_strip(rx: _ReceiverBase, i: int, header_len: int, strip: int) -> None:
     if not 0 <= strip <= header_len + rx.lengths[i]:
         raise ValueError(f"strip {strip} is outside the {header_len + rx.lengths[i]}-byte frame")
@@ -688,8 +694,7 @@ class _SenderBase:
         return 0  # pragma: no cover - the loop always returns
 
     def _note_rx(self, rx: _ReceiverBase, header_len: int) -> None:
-        if not 0 <= header_len <= rx.headroom:
-            raise ValueError(f"header_len {header_len} exceeds the receiver's headroom {rx.headroom}")
+        _check_header_len(rx, header_len)
         if id(rx) not in self._rx_gens:
             self._rx_gens[id(rx)] = (rx, rx.generation)
         self._last_rx = rx
@@ -864,8 +869,7 @@ class MmsgSender(_SenderBase):
             hls = header_len  # type: ignore[assignment]
             hl = hls[0]
         if n == 1 and not skip:  # the common case at low rates: one datagram, one plain send
-            if not 0 <= hl <= rx.headroom:
-                raise ValueError(f"header_len {hl} exceeds the receiver's headroom {rx.headroom}")
+            _check_header_len(rx, hl)
             if not self.connected and not dests:
                 raise ValueError("send_rx needs one destination per message")
             off = rx.offsets[0]
@@ -898,8 +902,7 @@ class MmsgSender(_SenderBase):
                 m.restore(patched)  # type: ignore[union-attr]
 
     def _mirror(self, rx: _ReceiverBase, header_len: int) -> _Mirror | bool:
-        if not 0 <= header_len <= rx.headroom:
-            raise ValueError(f"header_len {header_len} exceeds the receiver's headroom {rx.headroom}")
+        _check_header_len(rx, header_len)
         ok = isinstance(rx, MmsgReceiver) and sys.byteorder == "little" and _OFF_LEN % 4 == 0
         m: _Mirror | bool = _Mirror(rx, header_len, self.connected, self._name_stride, self._namelen, self._name_fmt) if ok else False
         if len(self._mirrors) >= 16:

@@ -18,7 +18,7 @@ from typing import Any
 
 from relay.config import RelayConfig
 from relay.decision import Learn
-from relay.mmsg import sockaddr_for
+from relay.mmsg import address_tuple, sockaddr_for
 from relay.tunnel_frame import data_header_len, data_prefix
 from shm.flowtable import Flow, FlowTable, InsertStatus, PartitionWriter, TakeoverReport
 from shm.layout import ip16
@@ -48,12 +48,13 @@ class FlowEntry:
     __slots__ = (
         "client_key", "client", "public_index", "handle", "prefix", "header_len", "tunnel_dest",
         "target", "ufrag", "packets_in", "bytes_in", "packets_out", "bytes_out", "last_seen", "aliases",
-        "flushed_activity",
+        "flushed_activity", "client_address",
     )
 
     def __init__(self, client_key: bytes, client: tuple[bytes, int], public_index: int, handle: int,
                  tunnel_dest: bytes, target: tuple[bytes, int], ufrag: str, now: float) -> None:
         self.client_key = client_key
+        self.client_address = address_tuple(client_key)  # as recvfrom gives it (by_address key)
         self.client = client
         self.public_index = public_index
         self.handle = handle
@@ -105,6 +106,8 @@ class LocalFlows:
         self.tunnel_family = tunnel_family
         self.publics = publics
         self.by_key: dict[bytes, FlowEntry] = {}
+        #: the same entries by the client's address tuple: the lookup for recv_one's datagram
+        self.by_address: dict[tuple[Any, ...], FlowEntry] = {}
         self.by_handle: dict[int, FlowEntry] = {}
         self.by_ufrag: dict[str, set[bytes]] = {}
         # transceiver sockaddr → [last heartbeat (monotonic s), draining]
@@ -119,6 +122,7 @@ class LocalFlows:
 
     def _add(self, entry: FlowEntry, now: float) -> FlowEntry:
         self.by_key[entry.client_key] = entry
+        self.by_address[entry.client_address] = entry
         self.by_handle[entry.handle] = entry
         self.by_ufrag.setdefault(entry.ufrag, set()).add(entry.client_key)
         # A transceiver is given one heartbeat timeout from its first flow to say it is alive.
@@ -129,6 +133,7 @@ class LocalFlows:
         entry = self.by_key.pop(client_key, None)
         if entry is None:
             return
+        self.by_address.pop(entry.client_address, None)
         self.by_handle.pop(entry.handle, None)
         for alias in entry.aliases:
             self.by_handle.pop(alias, None)

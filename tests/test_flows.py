@@ -77,3 +77,16 @@ def test_a_flow_removed_between_steps_is_not_written(flows: LocalFlows) -> None:
     ip, port = client(victim)
     assert flows.table.lookup(ip16(ip), port, ip16(PUBLIC[0]), PUBLIC[1]) is Lookup.MISS
     assert all(in_shm(flows, n) == (1, 0, 110_000) for n in range(1, 4) if n != victim)
+
+
+def test_by_address_follows_by_key_through_learn_and_close(flows: LocalFlows) -> None:
+    """The packet path finds recv_one's datagrams by address tuple: the two maps must agree."""
+    for n in range(1, 4):
+        learn(flows, n, now=100.0)
+    for n in range(1, 4):
+        ip, port = client(n)
+        assert flows.by_address[(socket.inet_ntoa(ip), port)] is flows.by_key[sockaddr_for(ip, port)]
+    assert flows.close_session("ufrag2", sockaddr_for(*TRANSCEIVER)) == 1
+    assert ("10.0.0.2", 50002) not in flows.by_address
+    assert sorted(flows.by_address) == [("10.0.0.1", 50001), ("10.0.0.3", 50003)]
+    assert len(flows.by_address) == len(flows.by_key)

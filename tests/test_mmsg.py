@@ -206,6 +206,41 @@ def test_truncated_datagram_is_reported(impl, fam, udp) -> None:
     assert truncated_total == 2
 
 
+def test_recv_one_takes_one_datagram_and_looks_like_a_batch_of_one(impl, fam, udp) -> None:
+    """recv_one: one datagram into slot 0, its source as recvfrom gives it, and the batch
+    accessors (key worked out on demand, lengths, truncation) as for a batch of one."""
+    rx_cls, _ = impl
+    server, client = udp(*fam), udp(*fam)
+    rx = rx_cls(server, batch=8, bufsize=100)
+    assert rx.recv_one() is None and rx.errors == {}  # nothing waiting: no exception, no count
+    for size in (60, 101, 7):
+        client.sendto(bytes([size]) * size, server.getsockname())
+    time.sleep(0.05)
+    generation = rx.generation
+    address = rx.recv_one()
+    assert address == client.getsockname()
+    assert mmsg.address_tuple(key_of(client)) == address  # the flows' by_address key
+    assert (rx.count, rx.lengths, rx.truncated_count, rx.generation) == (1, (60,), 0, generation + 1)
+    assert rx.keys() == (key_of(client),) and rx.key(0) == key_of(client)
+    assert bytes(rx.payload(0)) == bytes([60]) * 60 and not rx.truncated(0)
+    assert rx.recv_one() == address  # 101 bytes into a 100-byte slot: truncated
+    assert (rx.lengths, rx.truncated_count, rx.truncated(0)) == ((100,), 1, True)
+    assert rx.flags(0) & mmsg.MSG_TRUNC
+    # a batch receive after it sees its own sources again, not recv_one's
+    other = udp(*fam)
+    other.sendto(b"from the other", server.getsockname())
+    got = recv_until(rx, 2)
+    assert got == [(key_of(client), bytes([7]) * 7), (key_of(other), b"from the other")]
+    assert rx.received == 4
+
+
+def test_address_tuple_is_what_recvfrom_reports(fam, udp) -> None:
+    server, client = udp(*fam), udp(*fam)
+    client.sendto(b"x", server.getsockname())
+    _, source = server.recvfrom(16)
+    assert mmsg.address_tuple(key_of(client)) == source
+
+
 def test_async_icmp_error_on_receive_is_transient(impl, udp) -> None:
     """A connected socket gets ECONNREFUSED once after sending to a closed port: not fatal."""
     rx_cls, _ = impl

@@ -258,6 +258,23 @@ def test_async_icmp_error_on_receive_is_transient(impl, udp) -> None:
     assert rx.errors.get(errno.ECONNREFUSED) == 1
 
 
+def test_async_icmp_error_on_recv_one_is_counted_not_raised(impl, udp) -> None:
+    rx_cls, _ = impl
+    server, peer = udp(), udp()
+    server.connect(peer.getsockname())
+    peer.close()
+    server.send(b"to-a-closed-port")  # ICMP port unreachable → pending ECONNREFUSED
+    time.sleep(0.05)
+    rx = rx_cls(server)
+    assert rx.recv_one() is None
+    assert rx.errors == {errno.ECONNREFUSED: 1}
+    assert rx.recv_one() is None and rx.errors == {errno.ECONNREFUSED: 1}  # reported once: now EAGAIN
+    rx.sock.close()
+    with pytest.raises(OSError) as raised:
+        rx.recv_one()  # a closed descriptor is no transient error
+    assert raised.value.errno == errno.EBADF
+
+
 def test_v4_mapped_on_dual_stack_socket(impl, udp) -> None:
     if not _has_ipv6():
         pytest.skip("no IPv6")

@@ -1,26 +1,27 @@
 #!/usr/bin/env python3
 """Relay forwarding benchmark: the rtcrelay relay against a C reference forwarder.
 
-    .venv/bin/python bench/relay.py            # full run (~1 min per forwarder and worker count)
+    .venv/bin/python bench/relay.py            # full run (2 rounds of ~1 min per forwarder and worker count)
     .venv/bin/python bench/relay.py --quick    # short run (a few seconds each), used by the tests
     .venv/bin/python bench/relay.py --forwarders ref --workers 1 --json /tmp/r.json
 
 One invocation builds the C tools (bench/c/*.c -> bench/.build/, gcc -O2), then runs every
-forwarder variant (C reference and the relay, 1 worker then 2, interleaved) under the same load
-(64 flows, 140-byte payloads):
+forwarder variant (C reference and the relay, 1 worker then 2) under the same load (64 flows,
+140-byte payloads), in rounds: ref then relay, then relay then ref (--rounds; the machine
+drifts over minutes, this way alike for both), each forwarder's rounds pooled:
 
   drain    the forwarder's worker processes and the sink are SIGSTOPped, the generator queues N
            datagrams in the workers' (large) receive buffers, the workers get SIGCONT and drain
            into the stopped sink's buffer; its kernel receive timestamps (SO_TIMESTAMPNS) give the
            first -> last delivery time: pps = packets / drain time, per core = / workers. Neither
-           the generator nor the sink takes CPU meanwhile. Median of 3 runs.
+           the generator nor the sink takes CPU meanwhile. Median of 3 runs a round.
   paced    live search over the offered rate (bounded steps) for the highest rate with
            < 0.1% of packets lost or late (> 10 ms one-way: a packet that late is useless to a
            jitter buffer, and a big receive buffer would otherwise hide overload as delay).
            On a 2-CPU machine the generator + sink core saturates first: a result marked
            "load-bound" is a lower bound for the forwarder.
   latency  one-way latency p50/p99/p99.9 at 20k pps (generator batch 1, timestamps in the
-           payload, CLOCK_MONOTONIC); the run with the best p99 of 3.
+           payload, CLOCK_MONOTONIC); the run with the best p99 of 3 a round.
 
 With one worker the forwarder is pinned to CPU 1 and generator + sink to CPU 0 (like
 `taskset -a`); with two on a 2-CPU machine each worker gets a CPU and the load floats.
@@ -438,6 +439,42 @@ class VariantResult:
     drain_runs: list = field(default_factory=list)
     paced: dict = field(default_factory=dict)
     latency: dict = field(default_factory=dict)
+    latency_runs: list = field(default_factory=list)
+    rounds: int = 1
+
+
+def summarise_drain(res: VariantResult) -> None:
+    """res.drain: the median of the valid, quiet drain runs (of every round)."""
+    valid = ([d for d in res.drain_runs if d["valid"] and not d["noisy"]]
+             or [d for d in res.drain_runs if d["valid"]] or res.drain_runs)
+    res.drain = dict(sorted(valid, key=lambda d: d["pps"])[len(valid) // 2])
+    res.drain["runs_pps"] = [round(d["pps"]) for d in res.drain_runs]
+    res.drain["all_valid"] = all(d["valid"] for d in res.drain_runs)
+
+
+def summarise_latency(res: VariantResult) -> None:
+    """res.latency: the quiet run with the best p99 (of every round): a tail percentile is
+    easily spoiled by one scheduling hiccup of the machine."""
+    res.latency = dict(min(res.latency_runs, key=lambda r: (r["noisy"], r["p99_us"])))
+    res.latency["runs_p99_us"] = [round(r["p99_us"], 1) for r in res.latency_runs]
+
+
+def merge_rounds(rounds: list[VariantResult]) -> VariantResult:
+    """One result from the rounds of one forwarder and worker count: drain runs and latency
+    runs pooled (median and best p99 as in a round), the round with the highest paced max.
+    A round that failed makes the whole a failure."""
+    failed = [r for r in rounds if r.status != "ok"]
+    if failed or len(rounds) == 1:
+        return failed[0] if failed else rounds[0]
+    merged = rounds[0]
+    merged.drain_runs = [d for r in rounds for d in r.drain_runs]
+    merged.latency_runs = [x for r in rounds for x in r.latency_runs]
+    merged.paced = max((r.paced for r in rounds), key=lambda p: p["max_pps"])
+    merged.background_cpu = max(r.background_cpu for r in rounds)
+    merged.rounds = len(rounds)
+    summarise_drain(merged)
+    summarise_latency(merged)
+    return merged
 
 
 def run_variant(fwd: Forwarder, cfg: Config, tools: dict[str, Path], pin: bool, log,
@@ -485,11 +522,7 @@ def run_variant(fwd: Forwarder, cfg: Config, tools: dict[str, Path], pin: bool, 
             log(f"    drain {i + 1}/{cfg.drain_reps}: {d['pps']:,.0f} pps ({d['received']}/{d['sent']} in "
                 f"{d['drain_s'] * 1e3:.1f} ms; dropped: {d['dropped_while_stopped']} while queued, "
                 f"{d['dropped_at_sink']} at the sink; others used {d['foreign_cpu']:.0%} CPU)")
-        valid = ([d for d in res.drain_runs if d["valid"] and not d["noisy"]]
-                 or [d for d in res.drain_runs if d["valid"]] or res.drain_runs)
-        res.drain = dict(sorted(valid, key=lambda d: d["pps"])[len(valid) // 2])
-        res.drain["runs_pps"] = [round(d["pps"]) for d in res.drain_runs]
-        res.drain["all_valid"] = all(d["valid"] for d in res.drain_runs)
+        summarise_drain(res)
         guess = 0.8 * res.drain["pps"] if res.drain["valid"] else 100_000 * fwd.workers
         guess = max(round(guess, -3), 10_000)
         res.paced = paced_search(fwd, load, ports, guess, cfg.search_steps, cfg.search_duration,
@@ -499,11 +532,9 @@ def run_variant(fwd: Forwarder, cfg: Config, tools: dict[str, Path], pin: bool, 
         log(f"    paced: max {res.paced['max_pps']:,.0f} pps"
             f"{' (load-bound)' if res.paced['load_bound'] else ''}; runs "
             + ", ".join(f"{r['rate'] / 1e3:.0f}k{'✓' if r['ok'] else '✗' + r['why']}" for r in res.paced["runs"]))
-        # best of N: a tail percentile is easily spoiled by one scheduling hiccup of the machine
-        lat_runs = [measure(lambda: latency(fwd, load, ports, cfg.latency_rate, cfg.latency_duration), "latency",
-                            FOREIGN_MAX_LATENCY) for _ in range(cfg.latency_reps)]
-        res.latency = dict(min(lat_runs, key=lambda r: (r["noisy"], r["p99_us"])))
-        res.latency["runs_p99_us"] = [round(r["p99_us"], 1) for r in lat_runs]
+        res.latency_runs = [measure(lambda: latency(fwd, load, ports, cfg.latency_rate, cfg.latency_duration),
+                                    "latency", FOREIGN_MAX_LATENCY) for _ in range(cfg.latency_reps)]
+        summarise_latency(res)
         log(f"    latency at {cfg.latency_rate:,} pps: p50 {res.latency['p50_us']:.1f} us, "
             f"p99 {res.latency['p99_us']:.1f} us, p99.9 {res.latency['p999_us']:.1f} us (best p99 of "
             f"{res.latency['runs_p99_us']}; others used {res.latency['foreign_cpu']:.1%} CPU)")
@@ -634,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait-quiet", type=float, metavar="S",
                     help="before each forwarder, wait up to S seconds for other processes to leave the "
                          "CPUs idle (default 30, --quick 0)")
+    ap.add_argument("--rounds", type=int, help="rounds per worker count, the forwarders' order reversed every "
+                                                "other round, results pooled (default 2, --quick 1)")
     ap.add_argument("--json", metavar="PATH", help="also write all results as JSON")
     ap.add_argument("--check", action="store_true", help="exit 1 unless every target PASSes")
     ap.add_argument("--retries", type=int, help="repeat a measurement disturbed by other processes up to N "
@@ -679,20 +712,29 @@ def main(argv: list[str] | None = None) -> int:
             log(f"note: not root: drain count capped at {fit:,} (net.core.rmem_max = {loadlib.rmem_max():,}); "
                 f"run as root or raise rmem_max for {cfg.drain_count:,}")
             cfg.drain_count = max(fit, 1000)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
     results: list[VariantResult] = []
     t0 = time.monotonic()
-    # interleave the forwarders at each worker count, so slow drifts hit both alike
+    # At each worker count the forwarders take turns, in the reverse order every other round
+    # (ref, relay, relay, ref): the machine drifts by ~10% over minutes, and this way a drift
+    # hits both alike. The rounds are pooled per forwarder.
     for w in workers:
-        for k in kinds:
-            cls = FORWARDERS[k]
-            fwd = cls(w, tools=tools) if cls is CReferenceForwarder else cls(w)
-            results.append(run_variant(fwd, cfg, tools, not args.no_pin, log, wait_quiet))
+        by_kind: dict[str, list[VariantResult]] = {k: [] for k in kinds}
+        for r in range(rounds):
+            if rounds > 1:
+                log(f"round {r + 1}/{rounds}, {w} worker(s)")
+            for k in (kinds if r % 2 == 0 else kinds[::-1]):
+                cls = FORWARDERS[k]
+                fwd = cls(w, tools=tools) if cls is CReferenceForwarder else cls(w)
+                by_kind[k].append(run_variant(fwd, cfg, tools, not args.no_pin, log, wait_quiet))
+        results.extend(merge_rounds(by_kind[k]) for k in kinds)
     table, targets = report(results)
     log("")
     log(table)
     log(f"({time.monotonic() - t0:.0f} s)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": asdict(cfg), "results": [asdict(r) for r in results],
+        Path(args.json).write_text(json.dumps({"config": asdict(cfg), "rounds": rounds,
+                                               "results": [asdict(r) for r in results],
                                                "targets": targets}, indent=2))
     if any(r.status == "error" for r in results):
         return 1

@@ -228,3 +228,27 @@ def test_a_forwarder_that_fails_to_start_is_an_error_not_a_crash(tools):
     assert res.status == "error" and "no such thing" in res.message
     table, _ = bench.report([res])
     assert "ERROR: start failed: OSError: no such thing" in table
+
+
+def test_rounds_are_pooled_per_forwarder():
+    """Two rounds of one forwarder: drain runs and latency runs pooled (median, best p99),
+    the best paced round; a failed round fails the whole."""
+    def round_(pps: list[float], p99s: list[float], paced: float) -> bench.VariantResult:
+        r = bench.VariantResult("relay", "relay", 1)
+        r.drain_runs = [{"pps": p, "valid": True, "noisy": False} for p in pps]
+        r.latency_runs = [{"p99_us": x, "p50_us": 20.0, "noisy": False} for x in p99s]
+        r.paced = {"max_pps": paced}
+        bench.summarise_drain(r)
+        bench.summarise_latency(r)
+        return r
+
+    first, second = round_([100, 300, 200], [50, 40, 60], 1000), round_([400, 500, 600], [45, 35, 70], 900)
+    assert (first.drain["pps"], first.latency["p99_us"]) == (200, 40)
+    merged = bench.merge_rounds([first, second])
+    assert merged.rounds == 2
+    assert merged.drain["pps"] == 400  # median of the six
+    assert merged.drain["runs_pps"] == [100, 300, 200, 400, 500, 600]
+    assert merged.latency["p99_us"] == 35 and len(merged.latency["runs_p99_us"]) == 6
+    assert merged.paced["max_pps"] == 1000
+    broken = bench.VariantResult("relay", "relay", 1, status="error", message="start failed")
+    assert bench.merge_rounds([round_([1], [1], 1), broken]) is broken

@@ -137,9 +137,9 @@ class Worker:
                 hl = header.size
                 header.pack_into(rx.buffer, off - hl, entry.prefix, length)
                 dest = entry.tunnel_dest
-                link = self.links.senders.get(dest)
-                if link is None and self.links.enabled:
-                    link = self.links.open(dest)
+                link = self.links.senders.get(dest)  # the dict first: open() is a call more
+                if link is None:
+                    link = self.links.open(dest)  # (None: no link allowed, the shared socket)
                 if link is not None:
                     link.send_one(rx.buffer[off - hl : off + length], None)
                 else:
@@ -193,7 +193,7 @@ class Worker:
             link = None
             if n == 1 or dests.count(dest) == n:
                 link = self.links.senders.get(dest)
-                if link is None and self.links.enabled:
+                if link is None:
                     link = self.links.open(dest)
             if link is not None:
                 link.send_rx(rx, None, hl)

@@ -8,7 +8,6 @@ import aiohttp
 import uvloop
 
 from relayproc import RelayProcess
-from shm.flowtable import FlowTable
 from transceiver.service import Transceiver, TransceiverConfig
 from webrtc_peer import Client, wait_for
 
@@ -66,8 +65,4 @@ class Call:
         await wait_for(lambda: client.pc.connectionState == "connected", timeout, "the client to connect through the relay")
 
     def relay_flows(self) -> list:
-        view = FlowTable.attach_readonly(self.relay.table_path)
-        try:
-            return list(view.flows())
-        finally:
-            view.close()
+        return self.relay.table_flows()

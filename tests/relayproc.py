@@ -25,6 +25,7 @@ from relay.route_token import RouteKeyring, derive_password, issue_token
 from relay.stun import build_binding_request
 from relay.tunnel_frame import Data, Frame, FrameError, Heartbeat, SessionClosed, data_header, decode_frame, encode_frame
 from shm.counters import CounterBlock
+from shm.flowtable import Flow, FlowTable
 
 LOCALHOST = "127.0.0.1"
 RTCRELAY = [sys.executable, "-c", "from cli.main import app; app()"]
@@ -86,6 +87,21 @@ class RelayProcess:
 
     def total(self, name: str) -> int:
         return sum(row[name] for row in self.rows())
+
+    def table_flows(self) -> list[Flow]:
+        """Every flow in the relay's shm table, read as the CLI reads it."""
+        view = FlowTable.attach_readonly(self.table_path)
+        try:
+            return list(view.flows())
+        finally:
+            view.close()
+
+    def table_totals(self) -> dict[str, int]:
+        view = FlowTable.attach_readonly(self.table_path)
+        try:
+            return view.totals()
+        finally:
+            view.close()
 
     def http(self, path: str) -> tuple[int, str]:
         try:

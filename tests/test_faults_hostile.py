@@ -59,7 +59,6 @@ from relayproc import (
 from relay.route_token import RouteKeyring, derive_password, issue_token
 from relay.stun import BINDING_SUCCESS, build_message
 from relay.tunnel_frame import Data, Heartbeat, encode_frame
-from shm.flowtable import FlowTable
 from transceiver.tunnel import open_tunnel
 
 # Drop reasons of datagrams that came in on the tunnel sockets; every other reason is the public side's.
@@ -71,22 +70,6 @@ POISON_FRAME = bytes.fromhex("019203a1b0")
 
 def figures(test: str, values: dict) -> None:
     print(f"\nFIGURES {test}: {json.dumps(values, sort_keys=True)}")
-
-
-def table_totals(relay: RelayProcess) -> dict[str, int]:
-    view = FlowTable.attach_readonly(relay.table_path)
-    try:
-        return view.totals()
-    finally:
-        view.close()
-
-
-def table_flows(relay: RelayProcess) -> list:
-    view = FlowTable.attach_readonly(relay.table_path)
-    try:
-        return list(view.flows())
-    finally:
-        view.close()
 
 
 def received_count(sock: socket.socket, wait: float = 0.0) -> int:
@@ -207,7 +190,7 @@ def flood(tmp_path: Path, transceiver: FakeTransceiver, *, count: int, pps: floa
         rss_after = rss_mib(pids)
         rows = relay.rows()
         drops = {k: v - drops0.get(k, 0) for k, v in drop_totals(rows).items() if v - drops0.get(k, 0)}
-        totals = table_totals(relay)
+        totals = relay.table_totals()
         relay_ports = {relay.port, *tunnel_ports}
         relay_sent = [p for p in capture.packets if p[0] == "127.0.0.1" and p[1] in relay_ports]
         out = {
@@ -474,7 +457,7 @@ def test_forged_and_tampered_requests_create_nothing(tmp_path: Path, transceiver
             assert_both_ways(legit, first, tunnel, transceiver, relay, 1)
             reflected = {src.address: received_count(src.sock, wait=0.2) for src in sources}
         drops = drop_totals(relay.rows())
-        flows = table_flows(relay)
+        flows = relay.table_flows()
         relay_sent = [p for p in capture.packets if p[0] == "127.0.0.1" and p[1] in relay_ports]
         figures("forgery", {"cases": len(cases), "drops": drops, "flows": len(flows), "reflected": sum(reflected.values()),
                             "relay_sends": len(relay_sent)})
@@ -509,7 +492,7 @@ def test_replays_beyond_the_session_flow_limit_create_nothing(tmp_path: Path, tr
         relay.wait_flushed(lambda rows: sum(r["flows_learned"] + r["drop_session_flow_limit"] for r in rows) == 17,
                            what="every replay learned or refused")
         time.sleep(0.3)
-        flows = [f for f in table_flows(relay) if f.ufrag.decode() == ufrag]
+        flows = [f for f in relay.table_flows() if f.ufrag.decode() == ufrag]
         refused = relay.total("drop_session_flow_limit")
         figures(f"replay workers={workers}", {"replays": len(replayers), "flows": len(flows), "refused": refused,
                                               "limit_per_partition": limit})
@@ -555,7 +538,7 @@ def test_full_table_refuses_newcomers_and_keeps_every_flow(tmp_path: Path, trans
     newcomers: list[Client] = []
     try:
         conns = [connect(relay, transceiver) for _ in range(12)]
-        totals = table_totals(relay)
+        totals = relay.table_totals()
         assert totals["flows"] == 12
         reason = "table_full" if full == "flows" else "session_table_full"
         for _ in range(6):
@@ -566,7 +549,7 @@ def test_full_table_refuses_newcomers_and_keeps_every_flow(tmp_path: Path, trans
                 client.send(client.binding_request(token, keyring=relay.keyring))
         assert transceiver.drain(0.3) == []
         relay.wait_flushed(lambda rows: rows[0]["drop_" + reason] == 12, what=f"12 refusals counted as {reason}")
-        totals = table_totals(relay)
+        totals = relay.table_totals()
         assert totals["flows"] == 12
         assert totals["refused_table_full" if full == "flows" else "refused_session_table_full"] == 12
         assert all(received_count(c.sock, wait=0.1 if i == 0 else 0) == 0 for i, c in enumerate(newcomers))
@@ -575,7 +558,7 @@ def test_full_table_refuses_newcomers_and_keeps_every_flow(tmp_path: Path, trans
             assert_both_ways(client, first, tunnel, transceiver, relay, i)
         if full == "sessions":  # a known session may still get a new flow (NAT rebinding)
             rebound, *_ = connect(relay, transceiver, conns[0][3])
-            assert table_totals(relay)["flows"] == 13
+            assert relay.table_totals()["flows"] == 13
             rebound.close()
         figures(f"table full ({full})", {"flows": 12, "refused": 12, "reason": reason, "old_flows_forwarding": 12})
         for client, *_ in conns:
@@ -607,7 +590,7 @@ def test_relay_drops_frames_from_outside_transceiver_networks(tmp_path: Path) ->
         assert client.nothing_arrives(0.3)
         relay.wait_flushed(lambda rows: rows[0]["drop_tunnel_source_not_allowed"] == sent, what="intruder frames counted")
         assert relay.total("heartbeats") == 0 and relay.total("flows_closed") == 0
-        assert len(table_flows(relay)) == 1
+        assert len(relay.table_flows()) == 1
         assert_both_ways(client, first, tunnel, transceiver, relay, 2)  # the call goes on
         figures("tunnel exposure (relay)", {"intruder_frames": sent, "drop_tunnel_source_not_allowed": sent})
         client.close()

@@ -32,7 +32,6 @@ from pathlib import Path
 import pytest
 from relayproc import RelayProcess, cleanup_relay, start_relay, wait_for
 
-from shm.flowtable import FlowTable
 from shm.layout import ip16
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,14 +171,6 @@ def _kill(proc: subprocess.Popen | None) -> None:
             proc.wait(5)
 
 
-def table_flows(relay: RelayProcess) -> list:
-    view = FlowTable.attach_readonly(relay.table_path)
-    try:
-        return list(view.flows())
-    finally:
-        view.close()
-
-
 def test_a_call_works_only_through_the_relay_across_namespaces(topology: Topology, tmp_path: Path) -> None:
     topo = topology
     relay = transceiver = client = None
@@ -244,7 +235,7 @@ def test_a_call_works_only_through_the_relay_across_namespaces(topology: Topolog
         assert result["remote"] == [RELAY_PUBLIC_IP, RELAY_PORT]  # the relay's public address, the only candidate
 
         # The relay carries the live call: one flow from the client's address to the transceiver's tunnel.
-        assert [(f.client_ip, f.target_ip, f.ufrag.decode()) for f in table_flows(relay)] == [
+        assert [(f.client_ip, f.target_ip, f.ufrag.decode()) for f in relay.table_flows()] == [
             (ip16(socket.inet_aton(CLIENT_IP)), ip16(socket.inet_aton(TRANSCEIVER_IP)), result["ufrag"])]
         relay.wait_flushed(lambda rows: sum(r["client_packets"] for r in rows) > 50
                            and sum(r["transceiver_packets"] for r in rows) > 50, what="media counted both ways")
@@ -254,7 +245,7 @@ def test_a_call_works_only_through_the_relay_across_namespaces(topology: Topolog
         client.communicate(timeout=30)
         assert client.returncode == 0
         # Hanging up ends the session: the transceiver tells the relay, which forgets the flow.
-        wait_for(lambda: table_flows(relay) == [], 10, "the flow removed after the hang-up")
+        wait_for(lambda: relay.table_flows() == [], 10, "the flow removed after the hang-up")
         print("\nFIGURES netns: " + json.dumps({
             "client_packets": sum(r["client_packets"] for r in rows),
             "transceiver_packets": sum(r["transceiver_packets"] for r in rows),

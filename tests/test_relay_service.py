@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from relay.tunnel_frame import Data
-from shm.flowtable import FlowTable
 from relayproc import (
     RTCRELAY,
     Client,
@@ -54,14 +53,6 @@ def connect(relay: RelayProcess, transceiver: FakeTransceiver, client: Client | 
     return client, frame, tunnel, ufrag
 
 
-def flows_in_table(relay: RelayProcess) -> list:
-    view = FlowTable.attach_readonly(relay.table_path)
-    try:
-        return list(view.flows())
-    finally:
-        view.close()
-
-
 def test_traffic_flows_both_ways_through_two_workers(relay: RelayProcess, transceiver: FakeTransceiver) -> None:
     clients = []
     for _ in range(12):  # enough sources that the reuseport hash spreads them over both workers
@@ -80,13 +71,13 @@ def test_traffic_flows_both_ways_through_two_workers(relay: RelayProcess, transc
             assert got == answer and sender == relay.address  # from the public address
     transceiver.heartbeat(tunnels.pop()) if len(tunnels) == 1 else [transceiver.heartbeat(t) for t in tunnels]
     relay.wait_flushed(lambda rows: sum(r["client_packets"] for r in rows) >= 72 and sum(r["transceiver_packets"] for r in rows) >= 60)
-    flows = flows_in_table(relay)
+    flows = relay.table_flows()
     assert len(flows) == 12
     assert {f.partition for f in flows} == {0, 1}, "both workers should own flows"
     # each worker sent to the one transceiver over a connected link (relay/tunnel_links.py),
     # and its answers came back through it
     assert [r["tunnel_links"] for r in relay.rows()] == [1, 1]
-    wait_for(lambda: all(f.pkts_in == 6 and f.pkts_out == 5 for f in flows_in_table(relay)), 5, "per-flow counters flushed to shm")
+    wait_for(lambda: all(f.pkts_in == 6 and f.pkts_out == 5 for f in relay.table_flows()), 5, "per-flow counters flushed to shm")
     status, metrics = relay.http("/metrics")
     assert status == 200 and 'rtcrelay_packets_total{worker="0",direction="to_transceiver"}' in metrics
     for client, *_ in clients:
@@ -110,7 +101,7 @@ def test_unauthenticated_input_creates_no_flow(relay: RelayProcess, transceiver:
     rows = relay.rows()
     for reason in ("token_bad_mac", "stun_bad_integrity", "token_expired", "token_unknown_key", "unknown_flow", "not_webrtc"):
         assert sum(r["drop_" + reason] for r in rows) == 1, reason
-    assert flows_in_table(relay) == []
+    assert relay.table_flows() == []
     assert client.nothing_arrives()
 
 
@@ -148,10 +139,10 @@ def test_killed_worker_is_restarted_on_the_same_socket_without_losing_flows(rela
     victim = relay.worker_pids()[victim_index]
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: relay.rows()[victim_index]["pid"] not in (0, victim) and relay.rows()[victim_index]["ready"] == 1, 10, "worker restart")
-    assert len(flows_in_table(relay)) == 8
+    assert len(relay.table_flows()) == 8
     # The dead worker's connected tunnel link died with it: a frame the transceiver sends
     # before any client speaks again reaches the shared tunnel socket, kept by the supervisor.
-    owner = {f.client_port: f.partition for f in flows_in_table(relay)}
+    owner = {f.client_port: f.partition for f in relay.table_flows()}
     victim_conns = [c for c in conns if owner[c[0].address[1]] == victim_index]
     assert victim_conns
     for client, first, tunnel, _ in victim_conns:
@@ -175,13 +166,13 @@ def test_session_closed_removes_all_flows_of_the_ufrag(relay: RelayProcess, tran
     rebound.send(rebound.binding_request(ufrag, keyring=relay.keyring))
     _frame2, tunnel2 = transceiver.recv_data()
     bystander, *_ = connect(relay, transceiver)  # another session: must survive
-    wait_for(lambda: len(flows_in_table(relay)) == 3, 5, "three flows")
+    wait_for(lambda: len(relay.table_flows()) == 3, 5, "three flows")
     # Each worker that delivered a flow of the session hears the close, as the transceiver does it.
     for t in {tunnel, tunnel2}:
         transceiver.close_session(t, ufrag)
-    wait_for(lambda: [f.ufrag for f in flows_in_table(relay)] not in ([], None) and len(flows_in_table(relay)) == 1, 5,
+    wait_for(lambda: [f.ufrag for f in relay.table_flows()] not in ([], None) and len(relay.table_flows()) == 1, 5,
              "flows of the closed session removed")
-    assert flows_in_table(relay)[0].ufrag.decode() != ufrag
+    assert relay.table_flows()[0].ufrag.decode() != ufrag
     client.send(rtp_like(5))
     rebound.send(rtp_like(5))
     assert transceiver.drain(0.3) == []
@@ -194,8 +185,8 @@ def test_idle_flows_expire(tmp_path: Path, transceiver: FakeTransceiver) -> None
     relay = start_relay(tmp_path, workers=1, config={"idle_timeout": 1.0, "heartbeat_timeout": 30.0})
     try:
         client, *_ = connect(relay, transceiver)
-        wait_for(lambda: len(flows_in_table(relay)) == 1, 5, "flow learned")
-        wait_for(lambda: flows_in_table(relay) == [], 6, "idle flow expired")
+        wait_for(lambda: len(relay.table_flows()) == 1, 5, "flow learned")
+        wait_for(lambda: relay.table_flows() == [], 6, "idle flow expired")
         assert relay.total("flows_expired") >= 1 or wait_for(lambda: relay.total("flows_expired") >= 1, 3, "expiry counted")
         client.send(rtp_like(1))
         assert transceiver.drain(0.3) == []
@@ -214,7 +205,7 @@ def test_silent_transceiver_loses_its_flows(tmp_path: Path, transceiver: FakeTra
         while time.monotonic() < deadline:  # one transceiver keeps heartbeating, the other is silent
             alive.heartbeat(tunnel)
             time.sleep(0.3)
-        flows = flows_in_table(relay)
+        flows = relay.table_flows()
         assert [f.target_port for f in flows] == [alive.address[1]]
         assert relay.total("flows_closed") == 1
         alive.close()

@@ -9,6 +9,7 @@ import msgspec
 from relay.config_file import load_config, parse_host_port, parse_networks
 
 ENV_PREFIX = "RTCRELAY_RELAY_"
+HOT_PATHS = ("auto", "c", "python")
 
 
 class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -41,6 +42,9 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tunnel_links: int = 64
     # A warm spare process per worker takes over a crashed worker's partition in milliseconds.
     standby_workers: bool = True
+    # The single-datagram hit path: "auto" (C, relay._fastpath, when it was built; else Python),
+    # "c" (refuse to start without it), "python".
+    hot_path: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -70,6 +74,8 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("`batch`: 1 to 1024")
         if not 0 <= self.tunnel_links <= 4096:
             raise ValueError("`tunnel_links`: 0 (none) to 4096")
+        if self.hot_path not in HOT_PATHS:
+            raise ValueError(f"`hot_path`: {self.hot_path!r} is not one of {', '.join(HOT_PATHS)}")
 
     @property
     def worker_count(self) -> int:

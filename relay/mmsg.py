@@ -403,6 +403,24 @@ class _ReceiverBase:
     def _one_received(self, addr: tuple[Any, ...], truncated: bool) -> None:
         raise NotImplementedError
 
+    def take_one(self, length: int, key: bytes, truncated: bool) -> None:
+        """A datagram that another reader of this receiver's socket put into slot 0 (the C hot
+        path, relay/_fastpath.c): the accessors now see it as a batch of one."""
+        self.take_batch((length,), (key,), (truncated,))
+
+    def take_batch(self, lengths: tuple[int, ...], keys: tuple[bytes, ...], truncated: tuple[bool, ...]) -> None:
+        """A batch that another reader put into the slots (its lengths, source keys and
+        truncation flags, slot by slot): the accessors now see it as the last batch."""
+        self.lengths = lengths
+        self.truncated_count = truncated.count(True)
+        self.count = len(lengths)
+        self.generation += 1
+        self.received += len(lengths)
+        self._taken(keys, truncated)
+
+    def _taken(self, keys: tuple[bytes, ...], truncated: tuple[bool, ...]) -> None:
+        raise NotImplementedError
+
     def use_socket(self, sock: socket.socket) -> None:
         """Receive from ``sock`` from now on: one set of buffers for sockets read one after
         another (a worker's tunnel socket and its connected links). Same family only."""
@@ -533,6 +551,10 @@ class MmsgReceiver(_ReceiverBase):
         self._one_addr = addr
         self._one_gen = self.generation
 
+    def _taken(self, keys: tuple[bytes, ...], truncated: tuple[bool, ...]) -> None:
+        self._flags = tuple(MSG_TRUNC if t else 0 for t in truncated)
+        self._keys, self._keys_gen = keys, self.generation
+
     def keys(self) -> tuple[bytes, ...]:
         """The sockaddr bytes of the last batch's sources (one ``struct`` call per batch)."""
         if self._keys_gen != self.generation:
@@ -607,8 +629,11 @@ class FallbackReceiver(_ReceiverBase):
         return n
 
     def _one_received(self, addr: tuple[Any, ...], truncated: bool) -> None:
-        self._keys = (self._key_of(addr),)
-        self._trunc = [truncated]
+        self._taken((self._key_of(addr),), (truncated,))
+
+    def _taken(self, keys: tuple[bytes, ...], truncated: tuple[bool, ...]) -> None:
+        self._keys = keys
+        self._trunc = list(truncated)
 
     def _key_of(self, addr: tuple[Any, ...]) -> bytes:
         key = self._key_cache.get(addr)

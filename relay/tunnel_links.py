@@ -54,6 +54,8 @@ class TunnelLinks:
         self.on_close = on_close
         #: transceiver sockaddr bytes -> sender on its connected socket (the packet path's dict)
         self.senders: dict[bytes, BatchSender] = {}
+        #: the same links' file descriptors (the C hot path's dict, relay/_fastpath.c)
+        self.fds: dict[bytes, int] = {}
         self._sockets: dict[bytes, socket.socket] = {}
         self._failed: set[bytes] = set()
         self.enabled = limit > 0
@@ -88,12 +90,14 @@ class TunnelLinks:
             return None
         sender = BatchSender(sock, batch=self.batch, connected=True)
         self.senders[dest] = sender
+        self.fds[dest] = sock.fileno()
         self._sockets[dest] = sock
         self.on_open(sock)
         return sender
 
     def close(self, dest: bytes) -> None:
         self.senders.pop(dest, None)
+        self.fds.pop(dest, None)  # before the close: the fd number may be reused at once
         sock = self._sockets.pop(dest, None)
         if sock is not None:
             self.on_close(sock)

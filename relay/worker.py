@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from relay.config_file import parse_networks
 from relay.decision import AuthPolicy, Drop, Forward, Learn, decide
 from relay.flows import LocalFlows
+from relay.hot_path import PublicFastPath, fast_path_type
 from relay.keys import load_keyring
 from relay.metrics import COUNTER_INDEX, WORKER_COUNTERS
 from relay.mmsg import BatchReceiver, BatchSender, decode_sockaddr
@@ -104,6 +105,15 @@ class Worker:
             self.tunnel, limit=cfg.tunnel_links, batch=batch, buffer_size=cfg.socket_buffer,
             on_open=self._watch_link, on_close=self._unwatch_link,
         )
+        # The C single-datagram hit path per public socket (None: the Python line below).
+        fast = fast_path_type(cfg.hot_path)
+        self.fast_paths = [
+            None if fast is None else fast(
+                s.fileno(), rx.buffer, rx.offsets[0], rx.stride, rx.batch, HEADROOM, BUFSIZE,
+                self.flows.by_key, self.links.fds,
+            )
+            for s, rx in zip(self.public, self.public_rx)
+        ]
         self._tunnel_source_ok: dict[bytes, bool] = {}
         self.public_done = [0.0] * len(self.public)  # when each public callback last returned
         self._stop = asyncio.Event()
@@ -122,11 +132,31 @@ class Worker:
             # no batch bookkeeping. The loop calling back at once means more were waiting: then
             # recvmmsg batches.
             if _monotonic() - self.public_done[which] > BACK_TO_BACK_S:
-                address = rx.recv_one()
-                if address is None:
-                    return
-                n = 1
-                entry = self.flows.by_address.get(address) if not rx.truncated_count else None
+                fast = self.fast_paths[which]
+                if fast is not None:  # the same line in C: receive, hit, header, send, counters
+                    length = fast.forward_one()
+                    if length is None:
+                        return
+                    if length >= 0:
+                        counts = self.counts
+                        counts[_CLIENT_PACKETS] += 1
+                        counts[_CLIENT_BYTES] += length
+                        self.public_done[which] = _monotonic()
+                        return
+                    # a miss, a truncated datagram or a flow without a link yet: Python's turn
+                    rx.take_one(fast.last_length, fast.last_key, fast.last_truncated)
+                    n = 1
+                    entry = None
+                else:
+                    address = rx.recv_one()
+                    if address is None:
+                        return
+                    n = 1
+                    entry = self.flows.by_address.get(address) if not rx.truncated_count else None
+            elif self.fast_paths[which] is not None:
+                self.forward_public_fast(which, rx, self.fast_paths[which])
+                self.public_done[which] = _monotonic()
+                return
             else:
                 n = rx.recv()
                 entry = self.flows.by_key.get(rx.keys()[0]) if n == 1 and not rx.truncated_count else None
@@ -160,6 +190,27 @@ class Worker:
             self.public_done[which] = _monotonic()
         except Exception:
             self.internal_error()
+
+    def forward_public_fast(self, which: int, rx: BatchReceiver, fast: PublicFastPath) -> None:
+        """Waiting datagrams in batches through the C path (relay/_fastpath.c): it sends the
+        hits; the misses of a batch come back here, in their slots, before the next batch."""
+        batches = 0
+        while batches < MAX_BATCHES_PER_WAKEUP:
+            packets, nbytes, done, last_count, leftover = fast.forward_batches(MAX_BATCHES_PER_WAKEUP - batches)
+            counts = self.counts
+            counts[_CLIENT_PACKETS] += packets
+            counts[_CLIENT_BYTES] += nbytes
+            if leftover is None:
+                return  # the socket is empty, the batch was short, or the budget is spent
+            batches += done
+            misses, lengths, keys, truncated = leftover
+            rx.take_batch(lengths, keys, truncated)
+            now = time.monotonic()
+            for i in misses:
+                self.on_public_miss(which, i, now)
+            self.tunnel_tx.flush()
+            if last_count < rx.batch:
+                return
 
     def forward_public_batch(self, which: int, rx: BatchReceiver, n: int) -> None:
         """Client datagrams → transceivers, for the batch ``rx`` just received (n ≥ 1)."""
@@ -236,6 +287,8 @@ class Worker:
                     self.drop(refusal)
                     return
                 self.counts[_C["flows_adopted"]] += 1
+        if entry.tunnel_dest not in self.links.senders:
+            self.links.open(entry.tunnel_dest)  # for its next datagrams (the C path needs one)
         length = rx.lengths[i]
         header = self.public_header[which]
         header.pack_into(rx.buffer, rx.offsets[i] - header.size, entry.prefix, length)
@@ -388,6 +441,7 @@ class Worker:
         counts[_C["flows"]] = len(self.flows.by_key)
         counts[_C["transceivers"]] = len(self.flows.transceivers)
         counts[_C["tunnel_links"]] = len(self.links)
+        counts[_C["fast_path_packets"]] = sum(f.sent + f.dropped_eagain + f.failed for f in self.fast_paths if f is not None)
         self.counters.store_row(self.index, counts)
 
     def reload_keys(self) -> None:

@@ -88,23 +88,6 @@ raise_errno(int err)
     return PyErr_SetFromErrno(PyExc_OSError);
 }
 
-/* relay.mmsg._TRANSIENT_RECV: a receive error about an earlier datagram (ICMP) or a passing
- * shortage; nothing was received, the socket is fine. */
-static int
-transient_recv(int err)
-{
-    switch (err) {
-    case EINTR: case ENOMEM: case ENOBUFS: case ECONNREFUSED: case ECONNRESET:
-    case EHOSTUNREACH: case ENETUNREACH: case EHOSTDOWN: case ENETDOWN: case EPROTO:
-    case ETIMEDOUT:
-#ifdef ENONET
-    case ENONET:
-#endif
-        return 1;
-    }
-    return 0;
-}
-
 /* relay.mmsg._ASYNC_SEND: an earlier datagram's ICMP error, reported by this call, which sent
  * nothing: retried once. */
 static int
@@ -119,6 +102,18 @@ async_send(int err)
         return 1;
     }
     return 0;
+}
+
+/* relay.mmsg._TRANSIENT_RECV (a superset of _ASYNC_SEND): a receive error about an earlier
+ * datagram (ICMP) or a passing shortage; nothing was received, the socket is fine. */
+static int
+transient_recv(int err)
+{
+    switch (err) {
+    case EINTR: case ENOMEM: case ENOBUFS: case ECONNRESET: case ETIMEDOUT:
+        return 1;
+    }
+    return async_send(err);
 }
 
 /* sendmmsg of hdrs[0:count] on fd with relay.mmsg's rules (MmsgSender._send): partial sends

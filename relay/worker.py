@@ -6,6 +6,9 @@ Client → transceiver (per batch of up to ``batch`` datagrams from one recvmmsg
          to the flow's transceiver. No copy, no allocation beyond the batch tuples.
     miss: :func:`relay.decision.decide` (demux, STUN, route token, integrity), then learn the
          flow in this worker's shm partition, or adopt one found in another partition.
+The hit line runs in C (relay/_fastpath.c) when it was built (``hot_path``): the Python line
+here is its fallback and reference; what C leaves (misses, truncated datagrams, flows whose
+transceiver has no link yet) comes back here in its slot.
 
 Transceiver → client: a tunnel frame whose 22-byte prefix equals the flow's own prefix
 (handle, client IP and port; the transceiver writes the same fixed-width header) from the

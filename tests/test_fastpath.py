@@ -1,10 +1,11 @@
-"""relay/_fastpath.c (the C single-datagram hit path) on real loopback sockets: it must
+"""relay/_fastpath.c (the C hit path, single datagrams and batches) on real loopback sockets: it must
 forward exactly what the Python line does, hand Python everything else unchanged, and keep
 relay.mmsg's error rules. The worker-level tests run both paths (tests/test_relay_service.py)."""
 
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import sys
 import time
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from loopback import FAMILIES
 from relay import mmsg
 from relay.flows import FlowEntry
 from relay.hot_path import HotPathError, fast_path_type
@@ -23,21 +25,6 @@ from relay._fastpath import PublicFastPath  # noqa: E402
 
 BUFSIZE = 256
 HEADROOM = 64
-
-
-def _has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-FAMILIES = [
-    pytest.param((socket.AF_INET, "127.0.0.1"), id="v4"),
-    pytest.param((socket.AF_INET6, "::1"), id="v6", marks=pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")),
-]
 
 
 @dataclass
@@ -95,8 +82,6 @@ class Rig:
 
 
 def wait_readable(sock: socket.socket, timeout: float = 2.0) -> None:
-    import select
-
     assert select.select([sock], [], [], timeout)[0], "nothing arrived"
 
 

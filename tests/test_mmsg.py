@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from loopback import FAMILIES, has_ipv6
 from relay import mmsg
 
 IMPLS = [
@@ -25,23 +26,6 @@ IMPLS = [
         marks=pytest.mark.skipif(not mmsg.HAVE_MMSG, reason="no recvmmsg/sendmmsg in libc"),
     ),
     pytest.param((mmsg.FallbackReceiver, mmsg.FallbackSender), id="fallback"),
-]
-
-
-def _has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-FAMILIES = [
-    pytest.param((socket.AF_INET, "127.0.0.1"), id="v4"),
-    pytest.param(
-        (socket.AF_INET6, "::1"), id="v6", marks=pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
-    ),
 ]
 
 
@@ -276,7 +260,7 @@ def test_async_icmp_error_on_recv_one_is_counted_not_raised(impl, udp) -> None:
 
 
 def test_v4_mapped_on_dual_stack_socket(impl, udp) -> None:
-    if not _has_ipv6():
+    if not has_ipv6():
         pytest.skip("no IPv6")
     rx_cls, tx_cls = impl
     server = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)

@@ -42,7 +42,7 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tunnel_links: int = 64
     # A warm spare process per worker takes over a crashed worker's partition in milliseconds.
     standby_workers: bool = True
-    # The single-datagram hit path: "auto" (C, relay._fastpath, when it was built; else Python),
+    # The client -> transceiver hit path: "auto" (C, relay._fastpath, when it was built; else Python),
     # "c" (refuse to start without it), "python".
     hot_path: str = "auto"
 

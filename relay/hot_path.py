@@ -1,4 +1,4 @@
-"""Which single-datagram hit path the workers run: the C one (relay/_fastpath.c) or Python's.
+"""Which client → transceiver hit path the workers run: the C one (relay/_fastpath.c) or Python's.
 
 The C extension is optional at install time (setup.py): without a compiler the relay still
 runs, on the Python line in relay/worker.py. ``hot_path = "c"`` makes its absence an error.
@@ -38,11 +38,8 @@ def fast_path_type(choice: str) -> Any | None:
 
 
 def describe(choice: str) -> str:
-    """For the log: which path serves, and why."""
-    try:
-        kind = fast_path_type(choice)
-    except HotPathError as exc:
-        return str(exc)
-    if kind is not None:
+    """For the start-up log: which path serves, and why (raises HotPathError as
+    :func:`fast_path_type` does)."""
+    if fast_path_type(choice) is not None:
         return "C (relay._fastpath)"
     return "Python (hot_path = \"python\")" if choice == "python" else "Python (relay._fastpath is not built)"

@@ -30,7 +30,7 @@ STATE_COUNTERS = ("pid", "ready", "heartbeat_ms", "flows", "transceivers", "tunn
 TRAFFIC_COUNTERS = (
     "client_packets",  # client → transceiver, forwarded
     "client_bytes",
-    "fast_path_packets",  # of client_packets: those the C single-datagram path sent (relay/_fastpath.c)
+    "fast_path_packets",  # of client_packets: those the C hit path sent (relay/_fastpath.c)
     "transceiver_packets",  # transceiver → client, forwarded
     "transceiver_bytes",
     "flows_learned",
@@ -69,7 +69,7 @@ def render_prometheus(rows: Sequence[Mapping[str, int]], table_totals: Mapping[s
         ("flows_expired", "Flows removed after the idle timeout."),
         ("flows_closed", "Flows removed because their session closed or their transceiver went silent."),
         ("heartbeats", "Transceiver heartbeats received."),
-        ("fast_path_packets", "Client datagrams the C single-datagram hot path forwarded (of packets_total)."),
+        ("fast_path_packets", "Client datagrams the C hit path forwarded (of packets_total)."),
         ("internal_errors", "Batches lost to an internal error (a bug; logged)."),
     ):
         family(f"{name}_total", "counter", help_text)

@@ -108,7 +108,7 @@ class Worker:
             self.tunnel, limit=cfg.tunnel_links, batch=batch, buffer_size=cfg.socket_buffer,
             on_open=self._watch_link, on_close=self._unwatch_link,
         )
-        # The C single-datagram hit path per public socket (None: the Python line below).
+        # The C hit path per public socket (None: the Python lines below).
         fast = fast_path_type(cfg.hot_path)
         self.fast_paths = [
             None if fast is None else fast(
@@ -129,13 +129,13 @@ class Worker:
         counted batch, never the loop; a ``try`` costs nothing until it catches)."""
         try:
             rx = self.public_rx[which]
+            fast = self.fast_paths[which]
             # At call rates (~20k pps per worker and below) a wakeup brings one datagram, and the
             # worker is busy about half the time: every µs here shows in the latency tail
             # (bench/relay.py). Such a wakeup takes one recvfrom_into and a straight line with
             # no batch bookkeeping. The loop calling back at once means more were waiting: then
             # recvmmsg batches.
             if _monotonic() - self.public_done[which] > BACK_TO_BACK_S:
-                fast = self.fast_paths[which]
                 if fast is not None:  # the same line in C: receive, hit, header, send, counters
                     length = fast.forward_one()
                     if length is None:
@@ -156,8 +156,8 @@ class Worker:
                         return
                     n = 1
                     entry = self.flows.by_address.get(address) if not rx.truncated_count else None
-            elif self.fast_paths[which] is not None:
-                self.forward_public_fast(which, rx, self.fast_paths[which])
+            elif fast is not None:
+                self.forward_public_fast(which, rx, fast)
                 self.public_done[which] = _monotonic()
                 return
             else:
@@ -290,8 +290,7 @@ class Worker:
                     self.drop(refusal)
                     return
                 self.counts[_C["flows_adopted"]] += 1
-        if entry.tunnel_dest not in self.links.senders:
-            self.links.open(entry.tunnel_dest)  # for its next datagrams (the C path needs one)
+        self.links.open(entry.tunnel_dest)  # for its next datagrams (the C path sends on links)
         length = rx.lengths[i]
         header = self.public_header[which]
         header.pack_into(rx.buffer, rx.offsets[i] - header.size, entry.prefix, length)

@@ -17,7 +17,7 @@ import pytest
 from loopback import FAMILIES
 from relay import mmsg
 from relay.flows import FlowEntry
-from relay.hot_path import HotPathError, fast_path_type
+from relay.hot_path import HotPathError, describe, fast_path_type
 from relay.tunnel_frame import Data, decode_frame
 
 # The suite's set-up (scripts/bootstrap.sh) builds the extension: its absence is a failure here.
@@ -255,7 +255,11 @@ def test_constructor_checks_the_slot() -> None:
 def test_hot_path_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fast_path_type("auto") is PublicFastPath and fast_path_type("c") is PublicFastPath
     assert fast_path_type("python") is None
+    assert describe("auto") == "C (relay._fastpath)" and describe("python").startswith("Python")
     monkeypatch.setitem(sys.modules, "relay._fastpath", None)  # as if it was never built
     assert fast_path_type("auto") is None
+    assert describe("auto") == "Python (relay._fastpath is not built)"
     with pytest.raises(HotPathError, match="hot_path"):
         fast_path_type("c")
+    with pytest.raises(HotPathError, match="hot_path"):
+        describe("c")

@@ -31,7 +31,7 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     token_max_age: float = 300.0
     table_dir: str = "/dev/shm"
     flow_capacity: int = 65536  # slots per worker partition (power of two)
-    session_capacity: int = 16384  # per worker partition (power of two)
+    session_capacity: int = 65536  # per worker partition (power of two): a session has >= 1 flow
     max_flows_per_session: int = 8
     idle_timeout: float = 30.0  # a little above ICE's consent-freshness window
     heartbeat_timeout: float = 3.0  # a transceiver silent this long loses its flows

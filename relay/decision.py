@@ -85,17 +85,25 @@ class AuthPolicy:
     cluster: int | None = None
 
 
-def decide(datagram: bytes, source: tuple[bytes, int], flows: FlowView[FlowT], auth: AuthPolicy, now: float) -> Decision[FlowT]:
-    """Decide for a datagram from ``source`` (packed IP, port) that missed the local flow dict."""
+def screen(datagram: bytes) -> Drop | None:
+    """The part of :func:`decide` that needs no state and costs ~0.1 µs: a worker drops junk
+    with it at once instead of queueing it behind real misses."""
     if not datagram:
         return Drop("empty")
-    kind = classify(datagram)
-    if kind is PacketKind.OTHER:
+    if classify(datagram) is PacketKind.OTHER:
         return Drop("not_webrtc")
+    return None
+
+
+def decide(datagram: bytes, source: tuple[bytes, int], flows: FlowView[FlowT], auth: AuthPolicy, now: float) -> Decision[FlowT]:
+    """Decide for a datagram from ``source`` (packed IP, port) that missed the local flow dict."""
+    junk = screen(datagram)
+    if junk is not None:
+        return junk
     known = flows.find(source)
     if known is not None:
         return Forward(known)
-    if kind is not PacketKind.STUN:
+    if classify(datagram) is not PacketKind.STUN:
         return Drop("unknown_flow")
     return authenticate(datagram, flows, auth, now)
 

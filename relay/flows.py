@@ -38,6 +38,14 @@ def unmap(ip: bytes) -> bytes:
     return ip[12:] if ip[:12] == _V4_MAPPED else ip
 
 
+def _discard(index: dict[Any, set[bytes]], name: Any, client_key: bytes) -> None:
+    keys = index.get(name)
+    if keys is not None:
+        keys.discard(client_key)
+        if not keys:
+            del index[name]
+
+
 def ms(seconds: float) -> int:
     return int(seconds * 1000)
 
@@ -47,12 +55,12 @@ class FlowEntry:
 
     __slots__ = (
         "client_key", "client", "public_index", "handle", "prefix", "header_len", "tunnel_dest",
-        "target", "ufrag", "packets_in", "bytes_in", "packets_out", "bytes_out", "last_seen", "aliases",
-        "flushed_activity", "client_address",
+        "target", "ufrag", "packets_in", "bytes_in", "packets_out", "bytes_out", "aliases",
+        "flushed_activity", "client_address", "index",
     )
 
     def __init__(self, client_key: bytes, client: tuple[bytes, int], public_index: int, handle: int,
-                 tunnel_dest: bytes, target: tuple[bytes, int], ufrag: str, now: float) -> None:
+                 tunnel_dest: bytes, target: tuple[bytes, int], ufrag: str) -> None:
         self.client_key = client_key
         self.client_address = address_tuple(client_key)  # as recvfrom gives it (by_address key)
         self.client = client
@@ -64,12 +72,12 @@ class FlowEntry:
         self.target = target
         self.ufrag = ufrag
         self.packets_in = self.bytes_in = self.packets_out = self.bytes_out = 0
-        self.last_seen = now
         self.flushed_activity = 0  # packets_in + packets_out at the last flush
-        self.aliases: list[int] = []
+        self.aliases: tuple[int, ...] = ()  # (a tuple: no list per flow for the collector to walk)
+        self.index = -1  # position in LocalFlows.entries
 
     def rehandle(self, handle: int) -> None:
-        self.aliases.append(self.handle)
+        self.aliases += (self.handle,)
         self.handle = handle
         self.prefix = data_prefix(handle, self.client[0], self.client[1])
 
@@ -110,6 +118,12 @@ class LocalFlows:
         self.by_address: dict[tuple[Any, ...], FlowEntry] = {}
         self.by_handle: dict[int, FlowEntry] = {}
         self.by_ufrag: dict[str, set[bytes]] = {}
+        self.by_transceiver: dict[bytes, set[bytes]] = {}
+        #: every entry once, in no order (swap-remove): the counter flush walks it round robin
+        self.entries: list[FlowEntry] = []
+        self._flush_cursor = 0
+        #: client keys of flows to remove in housekeeping steps (their transceiver went silent)
+        self.doomed: list[bytes] = []
         # transceiver sockaddr → [last heartbeat (monotonic s), draining]
         self.transceivers: dict[bytes, list[Any]] = {}
         self.views = [AllPartitionsView(self.table, local) for local in publics]
@@ -125,6 +139,9 @@ class LocalFlows:
         self.by_address[entry.client_address] = entry
         self.by_handle[entry.handle] = entry
         self.by_ufrag.setdefault(entry.ufrag, set()).add(entry.client_key)
+        self.by_transceiver.setdefault(entry.tunnel_dest, set()).add(entry.client_key)
+        entry.index = len(self.entries)
+        self.entries.append(entry)
         # A transceiver is given one heartbeat timeout from its first flow to say it is alive.
         self.transceivers.setdefault(entry.tunnel_dest, [now, False])
         return entry
@@ -137,11 +154,12 @@ class LocalFlows:
         self.by_handle.pop(entry.handle, None)
         for alias in entry.aliases:
             self.by_handle.pop(alias, None)
-        keys = self.by_ufrag.get(entry.ufrag)
-        if keys is not None:
-            keys.discard(client_key)
-            if not keys:
-                del self.by_ufrag[entry.ufrag]
+        _discard(self.by_ufrag, entry.ufrag, client_key)
+        _discard(self.by_transceiver, entry.tunnel_dest, client_key)
+        last = self.entries.pop()
+        if last is not entry:
+            self.entries[entry.index] = last
+            last.index = entry.index
 
     def _tunnel_dest(self, target_ip: bytes, target_port: int) -> bytes | None:
         """The transceiver's address in the tunnel socket's sockaddr form (None: unreachable)."""
@@ -162,7 +180,7 @@ class LocalFlows:
         if not result.has_flow:
             return None, _REFUSALS[result.status]
         entry = FlowEntry(client_key, source, public_index, result.handle, tunnel_dest,
-                          (learned.target_ip, learned.target_port), learned.ufrag, now)
+                          (learned.target_ip, learned.target_port), learned.ufrag)
         return self._add(entry, now), ""
 
     def adopt(self, client_key: bytes, public_index: int, flow: Flow, now: float) -> tuple[FlowEntry | None, str]:
@@ -172,7 +190,6 @@ class LocalFlows:
         entry = self._entry_from(flow, result.handle, client_key, public_index)
         if entry is None:
             return None, "token_target_unreachable"
-        entry.last_seen = now
         return self._add(entry, now), ""
 
     def _entry_from(self, flow: Flow, handle: int, client_key: bytes, public_index: int) -> FlowEntry | None:
@@ -181,22 +198,31 @@ class LocalFlows:
         if tunnel_dest is None:
             return None
         entry = FlowEntry(client_key, (unmap(flow.client_ip), flow.client_port), public_index, handle,
-                          tunnel_dest, target, (flow.ufrag or b"").decode(), flow.last_seen / 1000)
+                          tunnel_dest, target, (flow.ufrag or b"").decode())
         entry.packets_in, entry.bytes_in = flow.pkts_in, flow.bytes_in
         entry.packets_out, entry.bytes_out = flow.pkts_out, flow.bytes_out
         entry.flushed_activity = flow.pkts_in + flow.pkts_out
         return entry
 
     def close_session(self, ufrag: str, tunnel_key: bytes) -> int:
-        """SessionClosed from a transceiver: drop that session's flows, only if they are its own."""
+        """SessionClosed from a transceiver: drop that session's flows, only if they are its own.
+        By handle (at most max_flows_per_session deletes), never a scan of the partition."""
         keys = self.by_ufrag.get(ufrag)
         if not keys or any(self.by_key[k].tunnel_dest != tunnel_key for k in keys):
             return 0
-        self._own().delete_session(ufrag.encode())
         count = len(keys)
         for key in list(keys):
-            self._remove(key)
+            self.remove(key)
         return count
+
+    def remove(self, client_key: bytes) -> bool:
+        """Remove one flow from shm and the dicts (False: it was gone already)."""
+        entry = self.by_key.get(client_key)
+        if entry is None:
+            return False
+        self._own().delete_handle(entry.handle)  # (a backward shift may rehandle others: _on_move)
+        self._remove(client_key)
+        return True
 
     def transceiver_heartbeat(self, tunnel_key: bytes, now: float, draining: bool) -> None:
         state = self.transceivers.get(tunnel_key)
@@ -207,56 +233,89 @@ class LocalFlows:
             state[1] = draining
 
     def expire_silent_transceivers(self, now: float, timeout: float) -> int:
-        """Drop every flow of a transceiver not heard from for ``timeout`` seconds."""
-        removed = 0
+        """Forget every transceiver not heard from for ``timeout`` seconds; its flows join
+        ``doomed`` (removed by :meth:`remove_doomed_steps`). Returns the flows doomed."""
+        doomed = 0
         for tunnel_key, (last, _draining) in list(self.transceivers.items()):
             if now - last <= timeout:
                 continue
             del self.transceivers[tunnel_key]
-            keys = [k for k, e in self.by_key.items() if e.tunnel_dest == tunnel_key]
-            if not keys:
-                continue
-            target = self.by_key[keys[0]].target
-            self._own().delete_target(ip16(target[0]), target[1])
-            for key in keys:
-                self._remove(key)
-            removed += len(keys)
-        return removed
+            keys = self.by_transceiver.get(tunnel_key)
+            if keys:
+                self.doomed.extend(keys)
+                doomed += len(keys)
+        return doomed
+
+    def remove_doomed_steps(self, chunk: int) -> Iterator[int]:
+        """Remove the doomed flows, ``chunk`` per step (a delete is ~10 µs: 10k flows of a
+        dead transceiver at once would hold the packet path for 100 ms). A flow that found a
+        live transceiver again meanwhile (same address, heartbeating) is still removed: its
+        session died with the old process. Yields the flows removed so far."""
+        removed = 0
+        while self.doomed:
+            batch = self.doomed[-chunk:]
+            del self.doomed[-chunk:]
+            removed += sum(self.remove(key) for key in batch)
+            yield removed
 
     def flush_counters(self, now: float) -> None:
-        """Counters to shm, all at once (at shutdown)."""
-        for _ in self.flush_counters_steps(now, len(self.by_key) or 1):
+        """Counters of every moved flow to shm, all at once (at shutdown)."""
+        for _ in self.flush_counters_steps(now, len(self.entries) or 1, budget=len(self.entries)):
             pass
 
-    def flush_counters_steps(self, now: float, chunk: int) -> Iterator[int]:
-        """Counters to shm, ``chunk`` flows per step: the caller yields to the packet path
-        between steps (a flush costs ~6 µs per flow, so 10k flows in one go would hold
-        every datagram of this worker for 60 ms). Yields the flows written so far.
+    def flush_counters_steps(self, now: float, chunk: int, budget: int) -> Iterator[int]:
+        """Counters to shm, round robin over the flows from where the last call stopped:
+        at most ``chunk`` flows written or ``16 * chunk`` looked at per step (the caller
+        yields to the packet path between steps: a write is ~2 µs), at most ``budget`` written
+        and one pass per call. Yields the flows written so far.
 
-        The packet path does not stamp every packet: a flow whose counters moved since the
-        last flush was seen now (±1 s, ample for a 30 s idle timeout). A flow that did not
-        move is not written: shm already holds its counters and last-seen time."""
+        The packet path does not stamp every packet: a flow whose counters moved since its
+        last flush was seen now (± one pass). The caller sizes ``budget`` so that a pass stays
+        well inside the idle timeout. A flow that did not move is not written: shm already
+        holds its counters and last-seen time, and it ages towards expiry."""
         flush = self._own().flush_counters
-        moved = [e for e in self.by_key.values() if e.packets_in + e.packets_out != e.flushed_activity]
+        entries = self.entries
         stamp = ms(now)
-        for start in range(0, len(moved), chunk):
-            for entry in moved[start : start + chunk]:
-                # (a flow removed since the list was made has a stale handle: flush refuses it)
-                entry.flushed_activity = entry.packets_in + entry.packets_out
-                entry.last_seen = now
-                flush(entry.handle, entry.packets_in, entry.bytes_in, entry.packets_out, entry.bytes_out, stamp)
-            yield min(start + chunk, len(moved))
+        written = looked = 0
+        total = len(entries)
+        while looked < total and written < budget:
+            step_written = min(written + chunk, budget)
+            step_looked = looked + 16 * chunk
+            while looked < total and written < step_written and looked < step_looked:
+                if self._flush_cursor >= len(entries):
+                    self._flush_cursor = 0
+                    if not entries:
+                        break
+                entry = entries[self._flush_cursor]
+                self._flush_cursor += 1
+                looked += 1
+                activity = entry.packets_in + entry.packets_out
+                if activity != entry.flushed_activity:
+                    entry.flushed_activity = activity
+                    flush(entry.handle, entry.packets_in, entry.bytes_in, entry.packets_out, entry.bytes_out, stamp)
+                    written += 1
+            yield written
 
-    def sweep(self, now: float, max_slots: int) -> int:
-        """Expire idle flows (call right after flush_counters, so shm has the latest last_seen)."""
-        removed = self._own().sweep(ms(now), ms(self.idle_timeout), max_slots)
-        count = 0
-        for flow in removed:
-            entry = self.by_handle.get(flow.handle)
-            if entry is not None:
-                self._remove(entry.client_key)
-                count += 1
-        return count
+    def sweep_steps(self, now: float, slots: int, chunk: int, removals: int) -> Iterator[int]:
+        """Expire idle flows among the next ``slots`` slots of the partition, ``chunk`` slots
+        and at most ``removals`` deletes a step (call after the counter flush, so shm has the
+        latest last_seen). A step that met its delete limit did not cover its slots: it is
+        not counted against ``slots``, so every idle flow in the window goes this tick, in as
+        many short steps as it takes. Yields the flows expired so far."""
+        writer = self._own()
+        idle = ms(self.idle_timeout)
+        expired = 0
+        done = 0
+        while done < slots:
+            removed = writer.sweep(ms(now), idle, min(chunk, slots - done), max_removals=removals)
+            if len(removed) < removals:
+                done += chunk
+            for flow in removed:
+                entry = self.by_handle.get(flow.handle)
+                if entry is not None:
+                    self._remove(entry.client_key)
+                    expired += 1
+            yield expired
 
     def _on_move(self, old_handle: int, new_handle: int) -> None:
         entry = self.by_handle.get(old_handle)

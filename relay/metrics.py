@@ -22,11 +22,16 @@ WORKER_DROP_REASONS = frozenset(
         "tunnel_unknown_flow",  # return frame whose handle names no live flow
         "tunnel_foreign_flow",  # handle live, but owned by another transceiver or client
         "send_failed",  # the kernel refused a send (buffer full, unreachable)
+        "miss_queue_full",  # a new session's datagram while MISS_QUEUE_MAX misses wait: ICE retransmits it
     }
 )
 DROP_REASONS = tuple(sorted(DECISION_DROP_REASONS | FRAME_ERROR_REASONS | WORKER_DROP_REASONS))
 
-STATE_COUNTERS = ("pid", "ready", "heartbeat_ms", "flows", "transceivers", "tunnel_links")
+STATE_COUNTERS = (
+    "pid", "ready", "heartbeat_ms", "flows", "transceivers", "tunnel_links",
+    "miss_queue",  # misses waiting behind the hits
+    "housekeeping_step_max_us",  # the longest housekeeping step since the worker started
+)
 TRAFFIC_COUNTERS = (
     "client_packets",  # client → transceiver, forwarded
     "client_bytes",
@@ -78,6 +83,13 @@ def render_prometheus(rows: Sequence[Mapping[str, int]], table_totals: Mapping[s
     family("flows", "gauge", "Flows in each worker's local table.")
     for w, row in enumerate(rows):
         out.append(f'rtcrelay_flows{{worker="{w}"}} {row.get("flows", 0)}')
+    family("miss_queue", "gauge", "Datagrams of unknown sources waiting to be authenticated (served after the hits).")
+    for w, row in enumerate(rows):
+        out.append(f'rtcrelay_miss_queue{{worker="{w}"}} {row.get("miss_queue", 0)}')
+    family("housekeeping_step_max_seconds", "gauge",
+           "Longest housekeeping step (CPU time the worker's packet path waited for it), since it started.")
+    for w, row in enumerate(rows):
+        out.append(f'rtcrelay_housekeeping_step_max_seconds{{worker="{w}"}} {row.get("housekeeping_step_max_us", 0) / 1e6}')
     family("worker_ready", "gauge", "1 when the worker serves.")
     for w, row in enumerate(rows):
         out.append(f'rtcrelay_worker_ready{{worker="{w}"}} {row.get("ready", 0)}')

@@ -24,6 +24,7 @@ transceiver.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import gc
@@ -38,7 +39,7 @@ import time
 from collections.abc import Iterator
 
 from relay.config_file import parse_networks
-from relay.decision import AuthPolicy, Drop, Forward, Learn, decide
+from relay.decision import AuthPolicy, Drop, Forward, Learn, decide, screen
 from relay.flows import LocalFlows
 from relay.hot_path import PublicFastPath, fast_path_type
 from relay.keys import load_keyring
@@ -68,15 +69,26 @@ MAX_BATCHES_PER_WAKEUP = 16  # then yield to the other sockets
 BACK_TO_BACK_S = 20e-6
 HOUSEKEEPING_S = 1.0
 FULL_GC_TICKS = 60  # a full collection every minute; the young generations every tick
-SWEEP_SLOTS_PER_TICK = 4096
-# Housekeeping runs in steps of ~100-200 µs, and datagrams are served between steps: done in
-# one go it held the packet path for ~0.6 ms a second with 64 flows (and ~60 ms with 10k).
-FLUSH_FLOWS_PER_STEP = 32
-SWEEP_SLOTS_PER_STEP = 1024
+# Housekeeping runs in steps of at most ~150 µs, and datagrams are served between steps:
+# nothing it does per tick grows a step with the number of flows (done in one go it held the
+# packet path for ~0.6 ms a second with 64 flows, and ~100 ms with 50k).
+FLUSH_FLOWS_PER_STEP = 32  # counter writes (~2 µs each)
+FLUSH_MIN_PER_TICK = 8192  # and at least a pass per idle_timeout / 3 (FLUSH_PASSES_PER_IDLE)
+FLUSH_PASSES_PER_IDLE = 3
+SWEEP_SLOTS_PER_STEP = 1024  # ~25 µs with nothing to expire
+SWEEP_PASSES_PER_IDLE = 4  # an idle flow goes at most idle_timeout / 4 late
+REMOVALS_PER_STEP = 8  # shm deletes (~12 µs each with the dicts and backward shifts)
+# Misses (authentication ~20 µs, learning ~20 µs more) wait in a queue and are served between
+# loop iterations, at most MISS_SLICE_S at a time: an established flow's datagram never waits
+# behind more than one slice of new sessions. A full queue refuses new misses (counted
+# "miss_queue_full"): the client's ICE retransmits its check.
+MISS_SLICE_S = 100e-6
+MISS_QUEUE_MAX = 1024  # ~40 ms of work: beyond that a new session is better refused
 
 _C = COUNTER_INDEX
 _monotonic = time.monotonic
 _CLIENT_PACKETS, _CLIENT_BYTES = _C["client_packets"], _C["client_bytes"]
+_DONE = object()
 _DATA_TAG = b"\x01\x95\x01\xcf"  # version, fixarray(5), tag 1, uint64 marker: our fixed header
 
 
@@ -118,6 +130,11 @@ class Worker:
             for s, rx in zip(self.public, self.public_rx)
         ]
         self._tunnel_source_ok: dict[bytes, bool] = {}
+        #: misses waiting for serve_misses: (public socket index, source sockaddr, datagram)
+        self.misses: collections.deque[tuple[int, bytes, bytes]] = collections.deque()
+        self._misses_scheduled = False
+        self.flows_added = 0
+        self.loop: asyncio.AbstractEventLoop  # set by run()
         self.public_done = [0.0] * len(self.public)  # when each public callback last returned
         self._stop = asyncio.Event()
         self.ticks = 0
@@ -208,10 +225,8 @@ class Worker:
             batches += done
             misses, lengths, keys, truncated = leftover
             rx.take_batch(lengths, keys, truncated)
-            now = time.monotonic()
             for i in misses:
-                self.on_public_miss(which, i, now)
-            self.tunnel_tx.flush()
+                self.queue_miss(which, rx, i)
             if last_count < rx.batch:
                 return
 
@@ -258,21 +273,57 @@ class Worker:
             counts[_CLIENT_PACKETS] += n - len(misses)
             counts[_CLIENT_BYTES] += sum(lengths) - sum(lengths[i] for i in misses)
             tx.send_rx(rx, dests, hl, misses)
-        now = time.monotonic()
         for i in misses:
-            self.on_public_miss(which, i, now)
-        tx.flush()
+            self.queue_miss(which, rx, i)
 
-    def on_public_miss(self, which: int, i: int, now: float) -> None:
-        rx = self.public_rx[which]
+    # -- misses: junk dropped at once, the rest queued behind the hits -------------------------
+
+    def queue_miss(self, which: int, rx: BatchReceiver, i: int) -> None:
+        """Datagram i of ``rx`` has no flow in this worker: drop junk now, queue the rest for
+        :meth:`serve_misses` (a copy: the slot is reused by the next receive)."""
         if rx.truncated(i):
             self.drop("oversized")
             return
-        key = rx.keys()[i]
-        entry = self.flows.by_key.get(key)  # a flow learned earlier in this same batch
+        datagram = bytes(rx.payload(i))
+        junk = screen(datagram)
+        if junk is not None:
+            self.drop(junk.reason)
+            return
+        if len(self.misses) >= MISS_QUEUE_MAX:
+            self.drop("miss_queue_full")
+            return
+        self.misses.append((which, rx.keys()[i], datagram))
+        if not self._misses_scheduled:
+            self._misses_scheduled = True
+            self.loop.call_soon(self.serve_misses)
+
+    def serve_misses(self) -> None:
+        """Queued misses in order, for at most MISS_SLICE_S; then the loop polls the sockets
+        (their hits go first) before the next slice."""
+        self._misses_scheduled = False
+        misses = self.misses
+        try:
+            deadline = _monotonic() + MISS_SLICE_S
+            learned = self.flows_added
+            while misses:
+                self.on_public_miss(*misses.popleft())
+                if _monotonic() >= deadline:
+                    break
+            self.tunnel_tx.flush()
+            if self.flows_added != learned:
+                gc.freeze()  # the new flows' objects: out of every collection (see run())
+        except Exception:
+            self.internal_error()
+        if misses and not self._misses_scheduled:
+            self._misses_scheduled = True
+            self.loop.call_soon(self.serve_misses)
+        self.counts[_C["miss_queue"]] = len(misses)
+
+    def on_public_miss(self, which: int, key: bytes, datagram: bytes) -> None:
+        now = _monotonic()
+        entry = self.flows.by_key.get(key)  # learned from an earlier miss in the queue
         if entry is None:
-            source = rx.address(i)
-            datagram = bytes(rx.payload(i))
+            source = decode_sockaddr(key)
             decision = decide(datagram, source, self.flows.views[which], self.auth, time.time())
             if isinstance(decision, Drop):
                 self.drop(decision.reason)
@@ -283,6 +334,7 @@ class Worker:
                     self.drop(refusal)
                     return
                 self.counts[_C["flows_learned"]] += 1
+                self.flows_added += 1
             else:
                 assert isinstance(decision, Forward)
                 entry, refusal = self.flows.adopt(key, which, decision.flow, now)
@@ -290,11 +342,10 @@ class Worker:
                     self.drop(refusal)
                     return
                 self.counts[_C["flows_adopted"]] += 1
+                self.flows_added += 1
         self.links.open(entry.tunnel_dest)  # for its next datagrams (the C path sends on links)
-        length = rx.lengths[i]
-        header = self.public_header[which]
-        header.pack_into(rx.buffer, rx.offsets[i] - header.size, entry.prefix, length)
-        self.tunnel_tx.add_rx(entry.tunnel_dest, rx, i, header.size)
+        length = len(datagram)
+        self.tunnel_tx.add(entry.tunnel_dest, self.public_header[which].pack(entry.prefix, length) + datagram)
         entry.packets_in += 1
         entry.bytes_in += length
         self.counts[_C["client_packets"]] += 1
@@ -421,18 +472,28 @@ class Worker:
         self.counts[_C["drop_" + reason]] += 1
 
     def housekeeping_steps(self) -> Iterator[None]:
-        """One housekeeping tick, as short steps: the caller serves the sockets between them."""
+        """One housekeeping tick, as short steps: the caller serves the sockets between them.
+        Every step is bounded whatever the number of flows (``housekeeping_step_max_us``)."""
         self.ticks += 1
-        gc.collect(2 if self.ticks % FULL_GC_TICKS == 0 else 1)  # see run()
+        gc.collect(2 if self.ticks % FULL_GC_TICKS == 0 else 1)  # small: flows are frozen (see run())
         yield
+        cfg = self.spec.config
+        flows = self.flows
         now = time.monotonic()
-        for _ in self.flows.flush_counters_steps(now, FLUSH_FLOWS_PER_STEP):
+        budget = max(FLUSH_MIN_PER_TICK, int(len(flows.entries) * FLUSH_PASSES_PER_IDLE / cfg.idle_timeout) + 1)
+        for _ in flows.flush_counters_steps(now, FLUSH_FLOWS_PER_STEP, budget):
             yield
-        for _ in range(SWEEP_SLOTS_PER_TICK // SWEEP_SLOTS_PER_STEP):
-            self.counts[_C["flows_expired"]] += self.flows.sweep(now, SWEEP_SLOTS_PER_STEP)
+        slots = max(SWEEP_SLOTS_PER_STEP, int(cfg.flow_capacity * SWEEP_PASSES_PER_IDLE / cfg.idle_timeout))
+        expired = 0
+        for expired in flows.sweep_steps(now, slots, SWEEP_SLOTS_PER_STEP, REMOVALS_PER_STEP):
             yield
-        self.counts[_C["flows_closed"]] += self.flows.expire_silent_transceivers(now, self.spec.config.heartbeat_timeout)
-        self.links.retain(self.flows.transceivers)
+        self.counts[_C["flows_expired"]] += expired
+        flows.expire_silent_transceivers(now, cfg.heartbeat_timeout)
+        closed = 0
+        for closed in flows.remove_doomed_steps(REMOVALS_PER_STEP):
+            yield
+        self.counts[_C["flows_closed"]] += closed
+        self.links.retain(flows.transceivers)
         self.publish_counters(ready=1)
 
     def publish_counters(self, ready: int) -> None:
@@ -455,7 +516,7 @@ class Worker:
         self.auth = AuthPolicy(keyring, self.auth.token_max_age, self.auth.cluster)
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         report = self.flows.take_over(time.monotonic())
         log.info("worker %d (pid %d) owns partition %d: %s", self.index, os.getpid(), self.index, report)
         for which, sock in enumerate(self.public):
@@ -468,17 +529,27 @@ class Worker:
         # No collector pauses on the packet path: every batch allocates a few tuples, which made
         # a young-generation collection every ~100 wakeups, each a latency spike for the
         # datagram that waited. The packet path makes no reference cycles; housekeeping
-        # collects the young generations once a second and everything once a minute, and what
-        # exists now (imports, buffers) is frozen out of every collection.
+        # collects the young generations once a second and everything once a minute. What
+        # exists now (imports, buffers, the flows taken over) is frozen out of every
+        # collection, and so is every flow learned later (serve_misses): a collection walks
+        # every object it is given, ~1.2 µs per flow (64 ms at 50k flows, measured).
         gc.disable()
         gc.freeze()
+        longest = 0.0
         while not self._stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), HOUSEKEEPING_S)
             if os.getppid() != self.spec.supervisor_pid:
                 log.error("worker %d: supervisor gone, exiting", self.index)
                 break
-            for _ in self.housekeeping_steps():
+            steps = self.housekeeping_steps()
+            while True:
+                # CPU time, not wall time: what the step costs, not when the host preempted it
+                started = time.thread_time()
+                if next(steps, _DONE) is _DONE:
+                    break
+                longest = max(longest, time.thread_time() - started)
+                self.counts[_C["housekeeping_step_max_us"]] = int(longest * 1e6)
                 await asyncio.sleep(0)  # one loop iteration: ready sockets are served
         for sock in self.public:
             loop.remove_reader(sock.fileno())

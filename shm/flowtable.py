@@ -235,6 +235,7 @@ from shm.layout import (
 
 READ_RETRIES = 32  # probe attempts before a reader answers UNKNOWN
 SLOT_SPINS = 64  # reads of an odd seq before an attempt is abandoned
+UFRAG_CACHE_MAX = 4096  # session ref -> ufrag entries a table object keeps (small: a dict resize is O(n))
 YIELD_AFTER = 4  # attempts after which a reader yields the CPU between attempts
 SCAN_RETRIES = 4  # whole-partition scans until one saw no structural change
 SESSION_TOUCH_MS = 1000  # a flush moves its session's last_seen only when it gains this much
@@ -660,8 +661,8 @@ class _Reader:
         if ufrag is None:
             ufrag = self._ufrag_of(p, sref)
             if ufrag is not None:
-                if len(self._ufrags) >= 65536:
-                    self._ufrags.clear()
+                if len(self._ufrags) >= UFRAG_CACHE_MAX:
+                    self._ufrags.popitem()  # O(1): clearing 64k entries at once took ~1 ms
                 self._ufrags[sref] = ufrag
         return Flow(
             (t[1] >> 32) << HANDLE_GEN_SHIFT | p << HANDLE_SLOT_BITS | i,
@@ -1711,10 +1712,12 @@ class PartitionWriter:
             j = (j + 1) & mask
         return True
 
-    def sweep(self, now: int, idle_timeout: int, max_slots: int) -> list[Flow]:
+    def sweep(self, now: int, idle_timeout: int, max_slots: int, max_removals: int | None = None) -> list[Flow]:
         """Remove the flows idle for more than `idle_timeout` ms among the next `max_slots`
         slots from the cursor (kept in the partition header), and move the cursor on.
-        `max_slots >= flow_capacity` sweeps the whole partition."""
+        `max_slots >= flow_capacity` sweeps the whole partition. With `max_removals`, stop
+        after that many deletes and leave the cursor on the last slot emptied (a shift may
+        have refilled it): the next call goes on from there."""
         cap = self._fcap
         q = self._q
         hw = self._hw
@@ -1741,6 +1744,12 @@ class PartitionWriter:
                 slots.extend((hit + a).tolist())
             if not slots:
                 break
+            if max_removals is not None and len(removed) + len(slots) >= max_removals:
+                slots = slots[: max_removals - len(removed)]
+                removed += self._delete_keys(slots)
+                q[hw + P_SWEEP_CURSOR] = slots[-1] if slots else cursor
+                q[hw + P_EXPIRED] += len(removed)
+                return removed
             removed += self._delete_keys(slots)
         q[hw + P_SWEEP_CURSOR] = (cursor + n) % cap
         q[hw + P_EXPIRED] += len(removed)

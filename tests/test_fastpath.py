@@ -57,7 +57,7 @@ class Rig:
               transceiver: socket.socket | None = None, link_sock: socket.socket | None = None) -> FlowEntry:
         key = self.key(client or self.client)
         dest = self.key(transceiver or self.transceiver)
-        entry = FlowEntry(key, mmsg.decode_sockaddr(key), 0, handle, dest, mmsg.decode_sockaddr(dest), "ufrag", time.monotonic())
+        entry = FlowEntry(key, mmsg.decode_sockaddr(key), 0, handle, dest, mmsg.decode_sockaddr(dest), "ufrag")
         self.by_key[key] = entry
         if link:
             self.link_fds[dest] = (link_sock or self.link).fileno()

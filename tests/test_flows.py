@@ -21,8 +21,8 @@ TRANSCEIVER = (socket.inet_aton("127.0.0.2"), 40000)
 
 @pytest.fixture
 def flows(tmp_path: Path) -> Iterator[LocalFlows]:
-    config = RelayConfig(name="flowtest", workers=1, table_dir=str(tmp_path), flow_capacity=64, session_capacity=16)
-    table = FlowTable.create(config.table_path, partitions=1, flow_capacity=64, session_capacity=16)  # as the supervisor
+    config = RelayConfig(name="flowtest", workers=1, table_dir=str(tmp_path), flow_capacity=64, session_capacity=64)
+    table = FlowTable.create(config.table_path, partitions=1, flow_capacity=64, session_capacity=64)  # as the supervisor
     local = LocalFlows(config, 0, socket.AF_INET, [PUBLIC])
     local.take_over(now=100.0)
     yield local
@@ -53,30 +53,76 @@ def test_flush_writes_moved_flows_in_steps_and_skips_idle_ones(flows: LocalFlows
         entry = flows.by_key[sockaddr_for(*client(n))]
         entry.packets_in += n
         entry.packets_out += 1
-    steps = list(flows.flush_counters_steps(now=105.0, chunk=2))
+    steps = list(flows.flush_counters_steps(now=105.0, chunk=2, budget=100))
     assert steps == [2, 3]  # three flows moved: two steps of at most two
     for n in (1, 2, 4):
         assert in_shm(flows, n) == (n, 1, 105_000)
     for n in (3, 5):
         assert in_shm(flows, n) == (0, 0, 100_000)  # idle: untouched, and it ages towards expiry
-    assert list(flows.flush_counters_steps(now=106.0, chunk=2)) == []  # nothing moved since
+    assert list(flows.flush_counters_steps(now=106.0, chunk=2, budget=100)) == [0]  # nothing moved since
     assert in_shm(flows, 1) == (1, 1, 105_000)
+
+
+def test_flush_budget_goes_round_robin_across_calls(flows: LocalFlows) -> None:
+    """With more moved flows than a tick's budget, the next tick goes on where the last one
+    stopped: every moved flow is written within ceil(moved / budget) ticks."""
+    for n in range(1, 11):
+        learn(flows, n, now=100.0)
+        flows.by_key[sockaddr_for(*client(n))].packets_in += 1
+    assert list(flows.flush_counters_steps(now=101.0, chunk=2, budget=4)) == [2, 4]
+    assert list(flows.flush_counters_steps(now=102.0, chunk=2, budget=4)) == [2, 4]
+    assert list(flows.flush_counters_steps(now=103.0, chunk=2, budget=4))[-1] == 2  # one pass at most
+    stamps = sorted(in_shm(flows, n)[2] for n in range(1, 11))
+    assert stamps == [101_000] * 4 + [102_000] * 4 + [103_000] * 2
 
 
 def test_a_flow_removed_between_steps_is_not_written(flows: LocalFlows) -> None:
     for n in range(1, 4):
         learn(flows, n, now=100.0)
         flows.by_key[sockaddr_for(*client(n))].packets_in += 1
-    steps = flows.flush_counters_steps(now=110.0, chunk=1)
+    steps = flows.flush_counters_steps(now=110.0, chunk=1, budget=100)
     assert next(steps) == 1
     pending = [n for n in range(1, 4) if in_shm(flows, n)[2] == 100_000]  # not flushed yet
     assert len(pending) == 2
     victim = pending[0]
     assert flows.close_session(f"ufrag{victim}", sockaddr_for(*TRANSCEIVER)) == 1
-    assert list(steps) == [2, 3]  # the step count includes it: its stale handle is refused
+    list(steps)
     ip, port = client(victim)
     assert flows.table.lookup(ip16(ip), port, ip16(PUBLIC[0]), PUBLIC[1]) is Lookup.MISS
     assert all(in_shm(flows, n) == (1, 0, 110_000) for n in range(1, 4) if n != victim)
+
+
+def test_entries_stay_one_per_flow_through_removals(flows: LocalFlows) -> None:
+    for n in range(1, 8):
+        learn(flows, n, now=100.0)
+    for n in (2, 7, 1):
+        assert flows.close_session(f"ufrag{n}", sockaddr_for(*TRANSCEIVER)) == 1
+    assert sorted(e.client_key for e in flows.entries) == sorted(flows.by_key)
+    assert all(flows.entries[e.index] is e for e in flows.entries)
+
+
+def test_a_silent_transceivers_flows_go_in_bounded_steps(flows: LocalFlows) -> None:
+    for n in range(1, 11):
+        learn(flows, n, now=100.0)
+    assert flows.expire_silent_transceivers(now=101.0, timeout=3.0) == 0  # heard within the timeout
+    assert flows.expire_silent_transceivers(now=104.0, timeout=3.0) == 10
+    assert not flows.transceivers
+    assert list(flows.remove_doomed_steps(4)) == [4, 8, 10]
+    assert not flows.by_key and not flows.entries and not flows.by_transceiver and not flows.by_ufrag
+    assert flows.table.totals()["flows"] == 0 and flows.table.totals()["sessions"] == 0
+
+
+def test_sweep_steps_expire_every_idle_flow_in_short_steps(flows: LocalFlows) -> None:
+    for n in range(1, 21):
+        learn(flows, n, now=100.0)
+    for n in (5, 10):
+        flows.by_key[sockaddr_for(*client(n))].packets_in += 1
+    list(flows.flush_counters_steps(now=125.0, chunk=32, budget=100))
+    # capacity 64: one window of all the slots, at most 3 deletes a step
+    steps = list(flows.sweep_steps(now=131.0, slots=64, chunk=64, removals=3))
+    assert steps[-1] == 18 and all(b - a <= 3 for a, b in zip([0] + steps, steps))
+    assert sorted(flows.by_key) == sorted(sockaddr_for(*client(n)) for n in (5, 10))
+    assert flows.table.totals()["flows"] == 2
 
 
 def test_by_address_follows_by_key_through_learn_and_close(flows: LocalFlows) -> None:

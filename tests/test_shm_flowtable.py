@@ -399,6 +399,29 @@ def test_sweep_is_incremental_and_complete(shm_path: str) -> None:
     assert t.totals()["flows"] == 0 and t.totals()["sessions"] == 0 and t.totals()["expired"] == 40
 
 
+def test_sweep_with_a_removal_limit_stops_early_and_goes_on_from_there(shm_path: str) -> None:
+    """A mass expiry is removed a few deletes per call (each call is a short step of the
+    worker's housekeeping), and the calls together remove exactly the idle flows."""
+    t = small(shm_path, flow_capacity=64, session_capacity=64)
+    w = t.own(0)
+    for n in range(40):
+        w.insert(*key(n), TARGET_A, 9000, b"s%d" % (n % 7), 1_000)
+    fresh = {n for n in range(40) if n % 4 == 0}
+    for n in fresh:
+        w.flush_counters(t.lookup(*key(n)).handle, 1, 2, 3, 4, 50_000)
+    removed: list[Flow] = []
+    for _ in range(100):  # bounded: 30 idle flows at 3 a call, plus calls that find none
+        got = w.sweep(60_000, 30_000, 64, max_removals=3)
+        assert len(got) <= 3
+        assert t.check_invariants() == []
+        removed += got
+        if len(removed) == 40 - len(fresh):
+            break
+    assert len(removed) == 40 - len(fresh)
+    assert {f.client_port for f in w.flows()} == {key(n)[1] for n in fresh}
+    assert w.sweep(60_000, 30_000, 64, max_removals=3) == []
+
+
 def test_flush_counters_and_session_last_seen(shm_path: str) -> None:
     t = small(shm_path)
     w = t.own(0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import psutil
@@ -27,6 +27,17 @@ class InspectError(Exception):
 
 def table_paths(table_dir: str, name: str) -> tuple[str, str]:
     return os.path.join(table_dir, f"rtcrelay-{name}.table"), os.path.join(table_dir, f"rtcrelay-{name}.stats")
+
+
+def yield_to_the_relay() -> None:
+    """Run this process at SCHED_IDLE (else nice 19): reading 100k flows takes a second of
+    CPU, and on a host whose cores all run workers a reader at normal priority takes its
+    time slices from their packet path; at SCHED_IDLE any worker's wakeup preempts it."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        with suppress(OSError):
+            os.nice(19)
 
 
 @contextmanager

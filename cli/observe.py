@@ -28,6 +28,7 @@ def emit_json(value: Any) -> None:
 @contextmanager
 def relay_view(name: str, table_dir: str) -> Iterator[Any]:
     table_path, _ = inspect.table_paths(table_dir, name)
+    inspect.yield_to_the_relay()
     try:
         with inspect.open_view(table_path) as view:
             yield view

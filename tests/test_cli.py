@@ -187,3 +187,13 @@ def test_keys_generate_makes_a_loadable_file(tmp_path: Path) -> None:
     keyring = load_keyring(str(path))
     assert isinstance(keyring, RouteKeyring) and keyring.active_key_id == 7
     assert runner.invoke(app, ["keys", "generate", "--key-id", "300"]).exit_code == 1
+
+
+def test_inspection_yields_the_cpu_to_the_relay() -> None:
+    """A reader of a big table must not take a worker's time slices: flows/sessions run at
+    SCHED_IDLE, so any worker wakeup preempts them."""
+    probe = ("import os; from cli.inspect import yield_to_the_relay; yield_to_the_relay(); "
+             "print(os.sched_getscheduler(0) == os.SCHED_IDLE)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"

@@ -124,6 +124,32 @@ def test_a_hit_goes_to_the_link_as_the_python_path_frames_it(rig: Rig) -> None:
     assert rig.forward() is None  # nothing waiting: no blocking, no error
 
 
+class PlainEntry:
+    """A flow entry without __slots__: the C path takes the attribute protocol for it."""
+
+    def __init__(self, entry: FlowEntry) -> None:
+        self.prefix, self.tunnel_dest, self.packets_in, self.bytes_in = entry.prefix, entry.tunnel_dest, 0, 0
+
+
+def test_an_entry_of_another_type_is_served_through_its_attributes(rig: Rig) -> None:
+    """The C path reads FlowEntry's slots by offset (learned from the first entry); an entry of
+    any other type, even after FlowEntries were served, is read through getattr/setattr."""
+    slotted = rig.learn(handle=1)
+    rig.send(b"\x80slots")
+    assert rig.forward() == 6 and slotted.packets_in == 1 and slotted.bytes_in == 6
+    other = rig.udp()
+    plain = PlainEntry(rig.learn(handle=2, client=other))
+    rig.by_key[rig.key(other)] = plain  # type: ignore[assignment]
+    other.sendto(b"\x80plain!", rig.public.getsockname())
+    wait_readable(rig.public)
+    assert rig.forward() == 7
+    assert rig.transceiver.recvfrom(4096)[0] == slotted.prefix + (6).to_bytes(2, "big") + b"\x80slots"
+    frame = rig.transceiver.recvfrom(4096)[0]
+    assert frame == plain.prefix + (7).to_bytes(2, "big") + b"\x80plain!"
+    assert (plain.packets_in, plain.bytes_in) == (1, 7)
+    assert (slotted.packets_in, slotted.bytes_in) == (1, 6)
+
+
 def test_a_miss_is_left_in_slot_0_for_python_with_the_receivers_key(rig: Rig) -> None:
     payload = b"\x00\x01 a STUN-ish first datagram"
     rig.send(payload)

@@ -2,17 +2,23 @@
 
 The C tools build with gcc; the C reference forwarder writes exactly the relay's 24-byte tunnel
 header; generator -> forwarder -> sink delivers every packet of a paced low-rate run with
-latency figures; the drain test (SIGSTOP, queue, SIGCONT) measures a rate; and the
-command line's --quick run completes. Loopback only, every step bounded. gcc is required:
-without it these tests fail (they never skip).
+latency figures; the drain test (SIGSTOP, queue, SIGCONT) measures a rate; the source plan
+gives every run the same 5-tuples (the relay learns its flows once and keeps exactly those),
+a generator beyond its open files limit raises it or is split over processes, churn sends
+from new tuples the relay learns, a tool's failure carries its stderr; and the command line's
+--quick run completes. Loopback only (each test its own 127.x.0.0/16 of source addresses),
+every step bounded. gcc is required: without it these tests fail (they never skip).
 """
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import socket
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import msgspec
@@ -121,22 +127,185 @@ def test_generator_forwarder_sink_deliver_with_latency(tools):
 
 
 @pytest.mark.timeout(60)
-def test_preambles_are_sent_first_and_counted_apart(tools):
-    class WithPreambles(bench.CReferenceForwarder):
-        def preambles(self, n_flows):
-            return [b"\x00\x01stun-ish %d" % i for i in range(n_flows)]
-
-    load = loadlib.Load(tools, flows=4, size=140)
-    listen = loadlib.free_udp_port()
-    ports = bench.Ports(listen, loadlib.free_udp_port(avoid=(listen,)))
-    fwd = WithPreambles(1, tools=tools, rcvbuf=8 << 20)
-    fwd.start(ports.listen, ("127.0.0.1", ports.sink))
+def test_preambles_only_run_then_runs_without_them(tools):
+    """-n 0 with a preamble file sends the preambles alone (learning); measured runs send none."""
+    fwd, load, ports = _variant(tools, flows=4)
+    pre = loadlib.write_preambles([b"\x00\x01stun-ish %d" % i for i in range(4)])
     try:
+        sink = load.sink(ports.sink, idle_ms=300, max_s=10)
+        g = load.gen(ports.listen, count=0, preamble_file=pre, preamble_rate=1000, preamble_wait_ms=0).result(10)
+        time.sleep(0.3)
+        loadlib.stop_process(sink)
         r = bench.paced_run(fwd, load, ports, 1000, 0.2, batch=1)
     finally:
         fwd.stop()
-    assert r["gen"]["preambles"] == 4
-    assert r["sink"]["other"] == 4 and r["sink"]["received"] == r["sent"] == 200
+        Path(pre).unlink()
+    assert g["preambles"] == 4 and g["sent"] == 0
+    assert r["gen"]["preambles"] == 0
+    assert r["sink"]["other"] == 0 and r["sink"]["received"] == r["sent"] == 200
+
+
+def _receiver(ip: str = "127.0.0.1") -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # bursts of a few hundred datagrams
+    s.bind((ip, 0))
+    s.settimeout(5)
+    return s
+
+
+def test_source_plan_addresses():
+    plan = loadlib.SourcePlan("127.30.0.1", 32766)  # 2 ports per IP
+    assert [plan.address(i) for i in range(5)] == [
+        ("127.30.0.1", 32766), ("127.30.0.1", 32767), ("127.30.0.2", 32766), ("127.30.0.2", 32767),
+        ("127.30.0.3", 32766)]
+    assert plan.after(3) == loadlib.SourcePlan("127.30.0.3", 32766)  # the next unused IP
+    assert loadlib.SourcePlan.parse("127.30.0.1:2000").per_ip == 30768
+    assert str(bench.Config().churn_source) == "127.2.0.1:2000"
+    for bad in (("10.0.0.1", 2000), ("127.0.0.1", 32768)):
+        with pytest.raises(loadlib.BenchError):
+            loadlib.SourcePlan(*bad)
+
+
+@pytest.mark.timeout(30)
+def test_generator_sends_from_the_source_plan_the_same_tuples_each_run(tools):
+    """Flow i's datagrams come from plan address i (C and Python agree), in every run."""
+    rx = _receiver()
+    load = loadlib.Load(tools, flows=5, size=140, source=loadlib.SourcePlan("127.31.0.1", 32765))
+    seen = []
+    for _ in range(2):
+        load.gen(rx.getsockname()[1], count=5, batch=1).result(10)
+        got = {}
+        for _ in range(5):
+            data, addr = rx.recvfrom(4096)
+            got[struct.unpack_from("<I", data, 4)[0]] = addr
+        seen.append(got)
+    rx.close()
+    assert seen[0] == seen[1] == {i: load.source.address(i) for i in range(5)}
+
+
+@pytest.mark.timeout(30)
+def test_generator_raises_its_open_files_limit(tools):
+    """More flows than the soft RLIMIT_NOFILE it starts with: it raises the limit (to the hard one)."""
+    rx = _receiver()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    argv = [str(tools["loadgen"]), "gen", "-t", f"127.0.0.1:{rx.getsockname()[1]}", "-f", "300", "-n", "300",
+            "-b", "1", "-S", "127.32.0.1:2000", "-T", "10"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=20,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (100, hard)))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["sent"] == 300
+    assert len({rx.recvfrom(4096)[1] for _ in range(300)}) == 300
+    rx.close()
+    # a limit it cannot raise: a message naming the numbers
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=20,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100)))
+    if r.returncode == 0:  # CAP_SYS_RESOURCE: it raised the hard limit too
+        return
+    assert r.returncode == 2 and "need 364 open files" in r.stderr and "hard limit 100" in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_generator_split_over_processes_sends_every_flow(tools):
+    """Beyond one process's open files: shards with their share of flows, count and rate."""
+    fwd, _, ports = _variant(tools)
+    load = loadlib.Load(tools, flows=300, size=140, source=loadlib.SourcePlan("127.33.0.1", 2000),
+                        max_flows_per_process=100)
+    try:
+        r = bench.paced_run(fwd, load, ports, 3000, 0.5, batch=1)
+        d = bench.drain(fwd, load, ports, 3000)
+    finally:
+        fwd.stop()
+    assert r["gen"]["shards"] == 3 and r["gen"]["flows"] == 300 and r["sent"] == 1500
+    assert r["gen"]["cpu_s"] > 0 and r["sink"]["cpu_s"] > 0  # summed over the shards; the sink's
+    assert r["sink"]["flows_seen"] == 300 and r["received"] == 1500, r["sink"]
+    assert d["sent"] == d["received"] == 3000
+
+
+@pytest.mark.timeout(30)
+def test_a_generator_failure_carries_its_stderr(tools):
+    plan = loadlib.SourcePlan("127.34.0.1", 2000)
+    held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    held.bind(plan.address(2))
+    rx = _receiver()
+    try:
+        gen = loadlib.Load(tools, flows=4, source=plan).gen(rx.getsockname()[1], count=4)
+        with pytest.raises(loadlib.BenchError) as e:
+            gen.result(10)
+    finally:
+        held.close()
+        rx.close()
+    assert "127.34.0.1:2002" in str(e.value) and "in use" in str(e.value), e.value
+
+
+@pytest.mark.timeout(30)
+def test_churn_sends_each_record_from_a_new_tuple(tools):
+    rx = _receiver()
+    plan = loadlib.SourcePlan("127.35.0.1", 32760)  # 8 ports per IP
+    pre = loadlib.write_preambles([b"rec%d" % i for i in range(20)])
+    try:
+        c = loadlib.summary(loadlib.Load(tools).churn(rx.getsockname()[1], pre, plan, rate=40, duration=0.25),
+                            timeout=10, what="loadgen churn")
+        got = dict(rx.recvfrom(4096) for _ in range(c["sent"]))
+    finally:
+        Path(pre).unlink()
+        rx.close()
+    assert c["planned"] == c["sent"] == 10 and c["errors"] == 0  # 40/s for 0.25 s: 10 of the 20 records
+    assert 0.2 < c["elapsed_ns"] / 1e9 < 1 and 30 < c["rate"] < 50  # the 10th at 9/40 s
+    assert got == {b"rec%d" % i: plan.address(i) for i in range(10)}
+
+
+@pytest.mark.timeout(90)
+def test_relay_learns_its_flows_once_and_churn_adds_new_ones(tools):
+    """The relay learns the load's flows once; later runs (no preambles, same tuples) are all
+    hits and add none; churn's new tuples are learned, one flow each."""
+    fwd = bench.PythonRelayForwarder(1, flows=200)
+    load = loadlib.Load(tools, flows=200, size=140, source=loadlib.SourcePlan("127.36.0.1", 2000))
+    ports = bench.free_ports()
+    pre = None
+    fwd.start(ports.listen, ("127.0.0.1", ports.sink))
+    try:
+        learned = bench.learn(fwd, load, ports)
+        assert learned["known"] == 200
+        for _ in range(2):
+            r = bench.paced_run(fwd, load, ports, 2000, 0.3, batch=1, check_header=True)
+            assert r["received"] == r["sent"] == 600 and r["sink"]["flows_seen"] == 200, r["sink"]
+        check = bench.flow_check(fwd, 200)
+        assert check["ok"] and check["held"] == 200 and not check["drops"], check
+        rows = bench.fresh_counters(fwd)
+        assert sum(row["flows_learned"] for row in rows) == 200  # nothing learned after learn()
+        pre = loadlib.write_preambles(fwd.preambles(100))
+        run = bench.established_run(fwd, load, ports, 2000, 0.5,
+                                    (pre, loadlib.SourcePlan("127.37.0.1", 2000), 200))
+    finally:
+        fwd.stop()
+        if pre:
+            Path(pre).unlink()
+    assert run["churn"]["sent"] == 100 and run["learned"] == 100 and run["flows_after"] == 300, run
+    assert run["lost"] == 0 and run["sent"] == 1000 and not run["drops"], run
+    assert run["worker_cpu_s"] > 0
+
+
+@pytest.mark.timeout(30)
+def test_learning_fails_loudly_when_flows_stay_unlearned(tools, monkeypatch):
+    class Forgetful(bench.CReferenceForwarder):
+        """Says it holds one flow fewer than it was sent."""
+
+        def preambles(self, n_flows):
+            return [b"x"] * n_flows
+
+        def counters(self):
+            return [{"flows": 9, "heartbeat_ms": 0, "drop_table_full": 1}]
+
+    monkeypatch.setattr(bench, "LEARN_ATTEMPTS", 1)
+    fwd = Forgetful(1, tools=tools, rcvbuf=4 << 20)
+    load = loadlib.Load(tools, flows=10, size=140, source=loadlib.SourcePlan("127.38.0.1", 2000))
+    ports = bench.free_ports()
+    fwd.start(ports.listen, ("127.0.0.1", ports.sink))
+    try:
+        with pytest.raises(loadlib.BenchError, match=r"learned 9 of 10 flows .*drop_table_full"):
+            bench.learn(fwd, load, ports)
+    finally:
+        fwd.stop()
 
 
 @pytest.mark.timeout(90)
@@ -176,23 +345,37 @@ def test_unimplemented_forwarder_is_reported_not_measured(tools):
 
 @pytest.mark.timeout(240)
 def test_quick_command_line_run(tools, tmp_path):
+    """Both forwarders at the quick flow counts, then the churn phase: the table has a row per
+    flow count and forwarder, the relay still held exactly its flows, churn has its line."""
     out = tmp_path / "bench.json"
-    p = subprocess.run([sys.executable, str(BENCH / "relay.py"), "--quick", "--forwarders", "ref",
-                        "--workers", "1", "--json", str(out)],
+    p = subprocess.run([sys.executable, str(BENCH / "relay.py"), "--quick", "--workers", "1",
+                        "--source", "127.39.0.1:2000", "--json", str(out)],
                        capture_output=True, text=True, timeout=200, cwd=ROOT)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "C reference" in p.stdout and "drain pps" in p.stdout
+    table = p.stdout[p.stdout.index("flows/wk"):]
+    for flows in ("64", "1,000"):
+        for label in ("C reference", "rtcrelay relay"):
+            assert any(line.split()[0] == flows and label in line for line in table.splitlines()), table
+    assert "churn: new sessions" in table and "churn x1, 500 new sessions/s/worker" in table
     data = json.loads(out.read_text())
-    (res,) = data["results"]
-    assert res["status"] == "ok", res["message"]
-    assert res["drain"]["pps"] > 0 and res["drain"]["received"] == res["drain"]["sent"]
-    # the paced search ran (its result depends on how busy the machine is: not asserted)
-    assert res["paced"]["runs"] and all(r["sent"] > 0 for r in res["paced"]["runs"])
-    assert res["latency"]["p99_us"] > 0 and res["smoke"]["hdr_len"] == [24, 24]
+    assert [(r["flows"], r["kind"]) for r in data["results"]] == [(64, "ref"), (64, "relay"), (1000, "ref"),
+                                                                  (1000, "relay")]
+    for res in data["results"]:
+        assert res["status"] == "ok", res["message"]
+        assert res["drain"]["pps"] > 0 and res["drain"]["received"] == res["drain"]["sent"]
+        # the paced search ran (its result depends on how busy the machine is: not asserted)
+        assert res["paced"]["runs"] and all(r["sent"] > 0 for r in res["paced"]["runs"])
+        assert res["latency"]["p99_us"] > 0 and res["smoke"]["hdr_len"] == [24, 24]
+        assert res["flow_check"]["ok"]
+    assert data["results"][3]["flow_check"]["held"] == 1000 and data["results"][3]["memory"]["table_bytes"] > 0
+    (churn,) = data["churn"]
+    assert churn["status"] == "ok" and churn["flows"] == 1000, churn["message"]
+    (run,) = churn["runs"]
+    assert run["rate"] == 500 and run["churn"]["sent"] == 1000 and run["learned"] == 1000, run
 
 
-def _result(kind, workers, drain_pps, paced_pps, p99_us, load_bound=False):
-    r = bench.VariantResult(kind, "C reference" if kind == "ref" else "rtcrelay relay", workers)
+def _result(kind, workers, drain_pps, paced_pps, p99_us, load_bound=False, flows=64):
+    r = bench.VariantResult(kind, "C reference" if kind == "ref" else "rtcrelay relay", workers, flows)
     r.smoke = {"hdr_len": [24, 24]}
     r.drain = {"pps": drain_pps, "pps_per_core": drain_pps / workers, "all_valid": True}
     r.paced = {"max_pps": paced_pps, "max_pps_per_core": paced_pps / workers, "load_bound": load_bound}
@@ -205,17 +388,47 @@ def test_report_ratios_and_target_verdicts():
                _result("relay", 1, 270_000, 150_000, 60.0),
                _result("ref", 2, 540_000, 170_000, 35.0),
                _result("relay", 2, 430_000, 160_000, 50.0)]
+    results += [_result("ref", 1, 200_000, 100_000, 40.0, flows=10_000),
+                _result("relay", 1, 100_000, 90_000, 50.0, flows=10_000)]
+    results[-1].flow_check = {"expected": 10_000, "held": 9_000, "ok": False}
     table, targets = bench.report(results)
-    verdicts = {t["target"]: (round(t["value"], 3), t["verdict"]) for t in targets}
+    verdicts = {t["target"]: (round(t["value"], 3) if t["value"] else None, t["verdict"]) for t in targets}
     assert verdicts == {
-        "relay 1 worker, drain pps per core vs reference": (0.9, "PASS"),
-        "relay 1 worker, paced max pps per core vs reference": (0.833, "MISS"),
-        "relay 2 workers vs 1 worker, drain pps": (1.593, "PASS"),
-        "relay p99 latency at 20k pps vs reference (1 worker)": (2.0, "MISS"),
+        "64 flows/worker: relay 1 worker, drain pps per core vs reference": (0.9, "PASS"),
+        "64 flows/worker: relay 1 worker, paced max pps per core vs reference": (0.833, "MISS"),
+        "64 flows/worker: relay 2 workers vs 1 worker, drain pps": (1.593, "PASS"),
+        "64 flows/worker: relay p99 latency at 20k pps vs reference (1 worker)": (2.0, "MISS"),
+        "10,000 flows/worker: relay 1 worker, drain pps per core vs reference": (0.5, "MISS"),
+        "10,000 flows/worker: relay 1 worker, paced max pps per core vs reference": (0.9, "PASS"),
+        "10,000 flows/worker: relay 2 workers vs 1 worker, drain pps": (None, "NOT MEASURED"),
+        "10,000 flows/worker: relay p99 latency at 20k pps vs reference (1 worker)": (1.25, "PASS"),
     }
     assert "load-bound" in next(t["note"] for t in targets if "paced" in t["target"])
-    relay2 = next(line for line in table.splitlines() if line.startswith("rtcrelay relay  2"))
+    relay2 = next(line for line in table.splitlines() if line.startswith("64        rtcrelay relay  2"))
     assert "0.80x" in relay2 and "1.59x" in relay2  # vs ref x2 per core; scale vs relay x1
+    assert "9,000 != 10,000" in table and "WARNING: 'flows held'" in table
+
+
+def test_churn_report_and_targets():
+    def run(rate, p99, base, lost=0, late=0):
+        return {"rate": rate, "churn": {"rate": rate * 0.99}, "learned": rate * 10, "expired": 5, "p50_us": 20.0,
+                "p99_us": p99, "p999_us": p99 * 2, "base_p99_us": base, "p99_ratio": p99 / base, "lost": lost,
+                "late": late, "base_lost": 0, "worker_cpu_s": 5.0, "wall_s": 10.0, "cpu_per_learned_us": 31.5,
+                "load_cpu": 0.6,
+                "drops": {"drop_miss_queue_full": 7} if lost else {}}
+
+    c = bench.ChurnResult(1, 10_000, runs=[run(500, 50.0, 40.0), run(2000, 100.0, 40.0), run(10_000, 900.0, 40.0, 3)])
+    table, targets = bench.report([], [c])
+    verdicts = {t["target"]: t["verdict"] for t in targets}
+    assert verdicts == {
+        "churn x1, 500 new sessions/s/worker: established p99 vs no churn": "PASS",
+        "churn x1, 500 new sessions/s/worker: established packets lost or late": "PASS",
+        "churn x1, 2,000 new sessions/s/worker: established p99 vs no churn": "MISS",
+        "churn x1, 2,000 new sessions/s/worker: established packets lost or late": "PASS",
+        "churn x1, 10,000 new sessions/s/worker: established packets lost or late": "MISS",
+    }
+    assert "10,000 established flows/worker" in table and "miss_queue_full 7" in table and "31.5 us" in table
+    assert "60%" in table and "50%" in table  # load CPU, worker CPU
 
 
 @pytest.mark.timeout(30)

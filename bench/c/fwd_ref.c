@@ -3,8 +3,8 @@
  *
  * What it does per datagram is what the relay does on its hot path, in C:
  *   recvmmsg (batch 64) from the public UDP socket
- *   -> look the source address up in a tiny open-addressing table (the relay's dict hit;
- *      a miss inserts, so every flow is a hit after its first packet)
+ *   -> look the source address up in an open-addressing table (the relay's dict hit; a miss
+ *      inserts, so every flow is a hit after its first packet)
  *   -> prepend the relay's 24-byte tunnel header
  *   -> sendmmsg to the target over a connected UDP socket.
  *
@@ -13,8 +13,10 @@
  * followed by the payload (24 + len bytes on the wire). The handle is fixed per source
  * address (a 64-bit mix of ip:port).
  *
- * Usage: fwd_ref -l 127.0.0.1:PORT -t 127.0.0.1:PORT [-n workers] [-r rcvbuf] [-b batch]
+ * Usage: fwd_ref -l 127.0.0.1:PORT -t 127.0.0.1:PORT [-n workers] [-r rcvbuf] [-b batch] [-F flows]
  *   -n N  N SO_REUSEPORT worker processes (default 1: the process itself is the worker)
+ *   -F F  flows a worker must hold: its table gets the power of two >= 2F slots (at least
+ *         2^16, at most 2^22; at most 3/4 of them are filled), as a dict grows with its flows
  *   -r B  receive buffer of the public socket(s), bytes (SO_RCVBUFFORCE when allowed,
  *         else SO_RCVBUF, capped by net.core.rmem_max); default 256 MiB
  * Prints one line when every worker's socket is bound:
@@ -43,7 +45,8 @@
 #define MAX_PAYLOAD 2048
 #define MAX_BATCH 256
 #define MAX_WORKERS 64
-#define TABLE_BITS 16 /* 65536 slots, filled at most to 3/4 */
+#define MIN_TABLE_BITS 16
+#define MAX_TABLE_BITS 22
 
 static volatile sig_atomic_t g_stop = 0;
 static pid_t g_children[MAX_WORKERS];
@@ -91,6 +94,7 @@ struct slot {
 };
 static struct slot *g_table;
 static uint32_t g_table_used;
+static int g_table_bits = MIN_TABLE_BITS;
 
 static inline uint64_t mix64(uint64_t x) { /* splitmix64 finaliser */
     x ^= x >> 30;
@@ -103,15 +107,15 @@ static inline uint64_t mix64(uint64_t x) { /* splitmix64 finaliser */
 
 static inline uint64_t lookup(uint32_t ip_be, uint16_t port_be, uint64_t *misses) {
     uint64_t key = (1ULL << 63) | ((uint64_t)ip_be << 16) | port_be;
-    uint32_t mask = (1u << TABLE_BITS) - 1;
-    uint32_t i = (uint32_t)((key * 0x9e3779b97f4a7c15ULL) >> (64 - TABLE_BITS));
+    uint32_t mask = (1u << g_table_bits) - 1;
+    uint32_t i = (uint32_t)((key * 0x9e3779b97f4a7c15ULL) >> (64 - g_table_bits));
     for (uint32_t probe = 0; probe <= mask; probe++, i = (i + 1) & mask) {
         struct slot *s = &g_table[i];
         if (s->key == key) return s->handle;
         if (s->key == 0) {
             uint64_t h = mix64(key);
             (*misses)++;
-            if (g_table_used < (3u << TABLE_BITS) / 4) { /* full table: forward, don't insert */
+            if (g_table_used < (3u << g_table_bits) / 4) { /* full table: forward, don't insert */
                 s->key = key;
                 s->handle = h;
                 g_table_used++;
@@ -143,7 +147,7 @@ static int worker(int in_fd, const struct sockaddr_in *target, int batch) {
     struct timeval tv = {.tv_sec = 0, .tv_usec = 200000};
     setsockopt(in_fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
 
-    g_table = calloc((size_t)1 << TABLE_BITS, sizeof(struct slot));
+    g_table = calloc((size_t)1 << g_table_bits, sizeof(struct slot));
     uint8_t *bufs = aligned_alloc(64, (size_t)batch * (HDR + MAX_PAYLOAD));
     struct mmsghdr *rx = calloc((size_t)batch, sizeof *rx);
     struct mmsghdr *tx = calloc((size_t)batch, sizeof *tx);
@@ -213,35 +217,37 @@ static int worker(int in_fd, const struct sockaddr_in *target, int batch) {
         n_tx += (uint64_t)done;
     }
     fprintf(stderr,
-            "fwd_ref worker %d: rx=%llu tx=%llu dropped=%llu table_misses=%llu send_errors=%llu flows=%u\n",
+            "fwd_ref worker %d: rx=%llu tx=%llu dropped=%llu table_misses=%llu send_errors=%llu flows=%u slots=%u\n",
             (int)getpid(), (unsigned long long)n_rx, (unsigned long long)n_tx, (unsigned long long)n_drop,
-            (unsigned long long)n_miss, (unsigned long long)n_send_err, g_table_used);
+            (unsigned long long)n_miss, (unsigned long long)n_send_err, g_table_used, 1u << g_table_bits);
     return 0;
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: fwd_ref -l IP:PORT -t IP:PORT [-n workers] [-r rcvbuf_bytes] [-b batch]\n");
+    fprintf(stderr, "usage: fwd_ref -l IP:PORT -t IP:PORT [-n workers] [-r rcvbuf_bytes] [-b batch] [-F flows]\n");
     exit(2);
 }
 
 int main(int argc, char **argv) {
     struct sockaddr_in listen_addr, target;
     int have_l = 0, have_t = 0, workers = 1, batch = 64;
-    long rcvbuf = 256L << 20;
+    long rcvbuf = 256L << 20, flows = 0;
     int opt;
-    while ((opt = getopt(argc, argv, "l:t:n:r:b:")) != -1) {
+    while ((opt = getopt(argc, argv, "l:t:n:r:b:F:")) != -1) {
         switch (opt) {
         case 'l': if (parse_addr(optarg, &listen_addr)) usage(); have_l = 1; break;
         case 't': if (parse_addr(optarg, &target)) usage(); have_t = 1; break;
         case 'n': workers = atoi(optarg); break;
         case 'r': rcvbuf = atol(optarg); break;
         case 'b': batch = atoi(optarg); break;
+        case 'F': flows = atol(optarg); break;
         default: usage();
         }
     }
     if (!have_l || !have_t || workers < 1 || workers > MAX_WORKERS || batch < 1 || batch > MAX_BATCH ||
-        rcvbuf < 4096 || rcvbuf > (1L << 30))
+        rcvbuf < 4096 || rcvbuf > (1L << 30) || flows < 0 || flows > (1L << (MAX_TABLE_BITS - 1)))
         usage();
+    while (g_table_bits < MAX_TABLE_BITS && (1L << g_table_bits) < 2 * flows) g_table_bits++;
 
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);

@@ -7,15 +7,34 @@
  * prepends; datagrams without the magic there (e.g. forwarded STUN preambles) count as "other".
  *
  * loadgen gen -t IP:PORT [-f flows] [-s size] (-n count | -r pps -d seconds) [-b batch]
- *             [-P preamble_file] [-w preamble_wait_ms] [-G] [-T max_seconds]
- *   F flows = F UDP sockets bound to ephemeral ports of the target's loopback family, each
- *   connected to the target. Batches of b datagrams go out with sendmmsg, flow after flow.
+ *             [-S BASE_IP:BASE_PORT] [-o first_flow] [-P preamble_file [-R preamble_pps]]
+ *             [-w preamble_wait_ms] [-G] [-T max_seconds]
+ *   F flows (up to 2^20) = F UDP sockets, each connected to the target, bound to ephemeral
+ *   loopback ports, or with -S to the fixed addresses of a source plan (below). Batches of b
+ *   datagrams go out with sendmmsg, flow after flow. Raises RLIMIT_NOFILE to F + 64 (the hard
+ *   limit too when allowed, up to fs.nr_open), else exits 2 saying so.
+ *   -o: this process's flow i is flow first_flow + i (payload flow id, plan address, preamble
+ *   record): one load split over several processes, each within its open files limit.
  *   -n: as fast as possible, N datagrams in all (drain tests).  -r/-d: paced at R pps for D s,
  *   with clock_nanosleep(TIMER_ABSTIME) between batches (batch 1 for latency runs).
  *   -P: a file of records (u32 big-endian length + bytes); flow i sends record i once before
  *   any traffic (e.g. a STUN Binding Request the relay learns the flow from), then waits -w ms.
+ *   -R paces them (default: back to back). With -P, -n 0 sends the preambles only.
  *   -G: after the preambles print "ARMED" and wait for a line (or EOF) on stdin before sending.
- *   Prints one JSON line at the end: sent, send_errors, start_ns, end_ns, pps, ...
+ *   Prints one JSON line at the end: sent, send_errors, start_ns, end_ns, pps, cpu_s (this
+ *   process's CPU time while sending: a load CPU near saturation makes a lower bound), ...
+ *
+ * Source plan (-S BASE_IP:BASE_PORT, IPv4): flow (or record) i binds to
+ *   BASE_IP + i / PER_IP (as a 32-bit integer) : BASE_PORT + i % PER_IP, PER_IP = 32768 - BASE_PORT,
+ *   i.e. below Linux's ephemeral range, where nothing else is likely to hold a port (127/8 is
+ *   all loopback). Two runs with the same plan use the same 5-tuples: a forwarder that learned
+ *   them once keeps hitting. No SO_REUSEADDR: an address in use exits 2 naming it.
+ *
+ * loadgen churn -t IP:PORT -P preamble_file -S BASE_IP:BASE_PORT -r rate -d seconds [-T max_seconds]
+ *   New sessions arriving: at `rate` records per second (clock_nanosleep; several per wake-up
+ *   above 20k/s), record i goes out from a new socket bound to plan address i, which is then
+ *   closed. Stops after the last record, `seconds`, or max_seconds. Prints one JSON line:
+ *   planned, sent, errors, elapsed_ns, rate (achieved), cpu_s.
  *
  * loadgen sink [-B bind_ip] [-p port] [-s size] [-e expected] [-i idle_ms] [-T max_seconds]
  *              [-D late_ns] [-L max_latency_samples] [-r rcvbuf] [-H] [-K]
@@ -23,7 +42,7 @@
  *   JSON line when it has `expected` datagrams, or was idle for idle_ms after the first one,
  *   or after max_seconds, or on SIGTERM/SIGINT: received, first/last rx time, latency
  *   percentiles (one-way: rx time - tx timestamp, same clock), late (> late_ns), loss by
- *   sequence gaps, header length seen; -H also checks the 24-byte relay tunnel header.
+ *   sequence gaps, header length seen, cpu_s; -H also checks the 24-byte relay tunnel header.
  *   -K also records kernel receive timestamps (SO_TIMESTAMPNS, CLOCK_REALTIME, taken when the
  *   sender's packet reaches this socket): k_first/k_last/k_span/k_pps stay exact even if the sink
  *   itself was stopped (SIGSTOP) while packets queued — the drain test uses that.
@@ -39,6 +58,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <time.h>
@@ -48,7 +68,8 @@
 #define MIN_SIZE 24
 #define MAX_DGRAM 4096
 #define MAX_BATCH 256
-#define MAX_FLOWS 65536
+#define MAX_FLOWS (1 << 20)
+#define EPHEMERAL_LO 32768 /* Linux's default ephemeral port range starts here */
 #define HDR 24
 
 static volatile sig_atomic_t g_stop = 0;
@@ -61,6 +82,14 @@ static uint64_t now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* user + system CPU time of this process */
+static double cpu_s(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+           (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
 }
 
 static void sleep_until(uint64_t t) {
@@ -130,6 +159,69 @@ static void install_signals(void) {
     signal(SIGPIPE, SIG_IGN);
 }
 
+/* ------------------------------------------------------------------ source plan */
+
+struct plan {
+    uint32_t ip; /* host order */
+    int port, per_ip;
+};
+
+static void parse_plan(const char *s, struct plan *p) {
+    struct sockaddr_storage a;
+    socklen_t l;
+    if (parse_addr(s, &a, &l) || a.ss_family != AF_INET) fail("-S wants an IPv4 BASE_IP:BASE_PORT");
+    const struct sockaddr_in *a4 = (const struct sockaddr_in *)&a;
+    p->ip = ntohl(a4->sin_addr.s_addr);
+    p->port = ntohs(a4->sin_port);
+    if (p->port < 1 || p->port >= EPHEMERAL_LO) fail("-S: BASE_PORT must be 1..32767 (below the ephemeral range)");
+    p->per_ip = EPHEMERAL_LO - p->port;
+}
+
+/* Bind fd to plan address i. In use: exit 2 naming it (a shared tuple would merge two flows). */
+static void bind_plan(int fd, const struct plan *p, uint64_t i) {
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    a.sin_addr.s_addr = htonl(p->ip + (uint32_t)(i / (uint64_t)p->per_ip));
+    a.sin_port = htons((uint16_t)(p->port + (int)(i % (uint64_t)p->per_ip)));
+    if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0) return;
+    int err = errno;
+    char ip[INET_ADDRSTRLEN];
+    inet_ntop(AF_INET, &a.sin_addr, ip, sizeof ip);
+    fprintf(stderr, "loadgen: bind source address %s:%d (index %" PRIu64 " of the -S plan): %s%s\n", ip,
+            ntohs(a.sin_port), i, strerror(err),
+            err == EADDRINUSE ? " (another process holds it: another generator with the same -S?)" : "");
+    exit(2);
+}
+
+/* An ephemeral port on the loopback address of `family` (gen without -S). */
+static void bind_loopback(int fd, int family) {
+    struct sockaddr_in a4 = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    int r = family == AF_INET ? bind(fd, (struct sockaddr *)&a4, sizeof a4)
+                              : bind(fd, (struct sockaddr *)&a6, sizeof a6);
+    if (r != 0) die("bind flow socket");
+}
+
+/* One socket per flow: make room for `need` descriptors, or say why not. */
+static void raise_nofile(rlim_t need) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0) die("getrlimit");
+    if (rl.rlim_cur >= need) return;
+    struct rlimit want = {need, rl.rlim_max >= need ? rl.rlim_max : need}; /* hard: needs CAP_SYS_RESOURCE */
+    if (setrlimit(RLIMIT_NOFILE, &want) == 0) return;
+    int err = errno;
+    long nr_open = -1;
+    FILE *f = fopen("/proc/sys/fs/nr_open", "r");
+    if (f) {
+        if (fscanf(f, "%ld", &nr_open) != 1) nr_open = -1;
+        fclose(f);
+    }
+    fprintf(stderr, "loadgen: need %llu open files (one per flow + 64), soft limit %llu, hard limit %llu, "
+            "fs.nr_open %ld: raising failed (%s); raise `ulimit -n` (as root up to fs.nr_open) or use fewer flows\n",
+            (unsigned long long)need, (unsigned long long)rl.rlim_cur, (unsigned long long)rl.rlim_max, nr_open,
+            strerror(err));
+    exit(2);
+}
+
 /* ------------------------------------------------------------------ gen */
 
 struct preambles {
@@ -183,11 +275,13 @@ static int cmd_gen(int argc, char **argv) {
     socklen_t tlen = 0;
     int have_t = 0, flows = 64, size = 140, batch = 0, wait_go = 0;
     long long count = 0;
-    double rate = 0, duration = 0, max_s = 60;
+    double rate = 0, duration = 0, max_s = 60, preamble_rate = 0;
     long preamble_wait_ms = 100;
     const char *preamble_path = NULL;
+    struct plan plan = {0};
+    long first = 0;
     int opt;
-    while ((opt = getopt(argc, argv, "t:f:s:n:r:d:b:P:w:GT:")) != -1) {
+    while ((opt = getopt(argc, argv, "t:f:s:n:r:d:b:P:R:w:GT:S:o:")) != -1) {
         switch (opt) {
         case 't': if (parse_addr(optarg, &target, &tlen)) fail("bad -t"); have_t = 1; break;
         case 'f': flows = atoi(optarg); break;
@@ -200,18 +294,21 @@ static int cmd_gen(int argc, char **argv) {
         case 'w': preamble_wait_ms = atol(optarg); break;
         case 'G': wait_go = 1; break;
         case 'T': max_s = atof(optarg); break;
+        case 'S': parse_plan(optarg, &plan); break;
+        case 'o': first = atol(optarg); break;
+        case 'R': preamble_rate = atof(optarg); break;
         default: fail("usage: loadgen gen -t IP:PORT [-f flows] [-s size] (-n count | -r pps -d s) ...");
         }
     }
     if (!have_t) fail("gen: -t IP:PORT is required");
-    if (flows < 1 || flows > MAX_FLOWS) fail("gen: -f out of range");
+    if (flows < 1 || first < 0 || first + flows > MAX_FLOWS) fail("gen: -o + -f out of range (at most 2^20 flows)");
     if (size < MIN_SIZE || size > MAX_DGRAM) fail("gen: -s must be 24..4096");
     int paced = rate > 0;
     if (paced) {
         if (duration <= 0) fail("gen: -r needs -d seconds");
         count = (long long)(rate * duration + 0.5);
     }
-    if (count <= 0) fail("gen: give -n count or -r pps -d seconds");
+    if (count < 0 || (count == 0 && !preamble_path)) fail("gen: give -n count or -r pps -d seconds");
     if (max_s <= 0) max_s = 60;
     if (batch <= 0) {
         batch = paced ? (int)(rate * 50e-6) : 64; /* paced: one batch per ~50 us */
@@ -223,39 +320,31 @@ static int cmd_gen(int argc, char **argv) {
     struct preambles pre = {0};
     if (preamble_path) {
         read_preambles(preamble_path, &pre);
-        if ((int)pre.n < flows) fail("gen: fewer preamble records than flows");
+        if (pre.n < (size_t)(first + flows)) fail("gen: fewer preamble records than flows");
     }
 
     int family = target.ss_family;
+    if (plan.per_ip && family != AF_INET) fail("gen: -S needs an IPv4 target");
+    raise_nofile((rlim_t)flows + 64);
     int *fds = malloc((size_t)flows * sizeof *fds);
     uint64_t *seq = calloc((size_t)flows, sizeof *seq);
     if (!fds || !seq) die("malloc");
     for (int i = 0; i < flows; i++) {
         int fd = socket(family, SOCK_DGRAM, 0);
-        if (fd < 0) die("socket (raise the open files limit for many flows)");
-        struct sockaddr_storage local;
-        memset(&local, 0, sizeof local);
-        socklen_t llen;
-        if (family == AF_INET) {
-            struct sockaddr_in *a = (struct sockaddr_in *)&local;
-            a->sin_family = AF_INET;
-            a->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-            llen = sizeof *a;
-        } else {
-            struct sockaddr_in6 *a = (struct sockaddr_in6 *)&local;
-            a->sin6_family = AF_INET6;
-            a->sin6_addr = in6addr_loopback;
-            llen = sizeof *a;
-        }
-        if (bind(fd, (struct sockaddr *)&local, llen) != 0) die("bind flow socket");
+        if (fd < 0) die("socket");
+        if (plan.per_ip) bind_plan(fd, &plan, (uint64_t)(first + i));
+        else bind_loopback(fd, family);
         if (connect(fd, (struct sockaddr *)&target, tlen) != 0) die("connect flow socket");
         fds[i] = fd;
     }
 
     uint64_t preambles_sent = 0, send_errors = 0;
     if (pre.n) {
-        for (int i = 0; i < flows; i++) {
-            if (send(fds[i], pre.data + pre.off[i], pre.len[i], 0) == (ssize_t)pre.len[i]) preambles_sent++;
+        uint64_t t0 = now_ns();
+        for (int i = 0; i < flows && !g_stop; i++) {
+            if (preamble_rate > 0) sleep_until(t0 + (uint64_t)((double)i * 1e9 / preamble_rate));
+            size_t r = (size_t)(first + i);
+            if (send(fds[i], pre.data + pre.off[r], pre.len[r], 0) == (ssize_t)pre.len[r]) preambles_sent++;
             else send_errors++;
         }
         if (preamble_wait_ms > 0) sleep_until(now_ns() + (uint64_t)preamble_wait_ms * 1000000ull);
@@ -284,6 +373,7 @@ static int cmd_gen(int argc, char **argv) {
     }
 
     uint64_t t_start = now_ns();
+    double cpu0 = cpu_s();
     uint64_t t_limit = t_start + (uint64_t)(max_s * 1e9);
     double ns_per_pkt = paced ? 1e9 / rate : 0;
     long long sent = 0, attempted = 0;
@@ -298,8 +388,9 @@ static int cmd_gen(int argc, char **argv) {
             uint8_t *b = bufs + (size_t)i * size;
             uint32_t magic = MAGIC;
             uint64_t s = seq[flow]++;
+            uint32_t id = (uint32_t)first + flow;
             memcpy(b, &magic, 4);
-            memcpy(b + 4, &flow, 4);
+            memcpy(b + 4, &id, 4);
             memcpy(b + 8, &s, 8);
             memcpy(b + 16, &ts, 8);
         }
@@ -320,11 +411,76 @@ static int cmd_gen(int argc, char **argv) {
     }
     uint64_t t_end = now_ns();
     double el = (double)(t_end - t_start);
-    printf("{\"mode\":\"gen\",\"flows\":%d,\"size\":%d,\"batch\":%d,\"target_pps\":%.0f,\"planned\":%lld,"
+    printf("{\"mode\":\"gen\",\"first_flow\":%ld,\"flows\":%d,\"size\":%d,\"batch\":%d,\"target_pps\":%.0f,"
+           "\"planned\":%lld,"
            "\"sent\":%lld,\"send_errors\":%" PRIu64 ",\"preambles\":%" PRIu64 ",\"start_ns\":%" PRIu64
-           ",\"end_ns\":%" PRIu64 ",\"elapsed_ns\":%" PRIu64 ",\"pps\":%.1f}\n",
-           flows, size, batch, paced ? rate : 0.0, count, sent, send_errors, preambles_sent, t_start, t_end,
-           t_end - t_start, el > 0 ? (double)sent * 1e9 / el : 0.0);
+           ",\"end_ns\":%" PRIu64 ",\"elapsed_ns\":%" PRIu64 ",\"pps\":%.1f,\"cpu_s\":%.3f}\n",
+           first, flows, size, batch, paced ? rate : 0.0, count, sent, send_errors, preambles_sent, t_start, t_end,
+           t_end - t_start, el > 0 ? (double)sent * 1e9 / el : 0.0, cpu_s() - cpu0);
+    fflush(stdout);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ churn */
+
+static int cmd_churn(int argc, char **argv) {
+    struct sockaddr_storage target;
+    socklen_t tlen = 0;
+    struct plan plan = {0};
+    const char *preamble_path = NULL;
+    double rate = 0, duration = 0, max_s = 60;
+    int have_t = 0, opt;
+    while ((opt = getopt(argc, argv, "t:P:S:r:d:T:")) != -1) {
+        switch (opt) {
+        case 't': if (parse_addr(optarg, &target, &tlen)) fail("bad -t"); have_t = 1; break;
+        case 'P': preamble_path = optarg; break;
+        case 'S': parse_plan(optarg, &plan); break;
+        case 'r': rate = atof(optarg); break;
+        case 'd': duration = atof(optarg); break;
+        case 'T': max_s = atof(optarg); break;
+        default: fail("usage: loadgen churn -t IP:PORT -P preamble_file -S BASE_IP:BASE_PORT -r rate -d s [-T max_s]");
+        }
+    }
+    if (!have_t || target.ss_family != AF_INET) fail("churn: -t IPv4:PORT is required");
+    if (!preamble_path || !plan.per_ip) fail("churn: -P and -S are required");
+    if (rate <= 0 || duration <= 0) fail("churn: -r rate and -d seconds must be > 0");
+    if (max_s <= 0) max_s = 60;
+    struct preambles pre = {0};
+    read_preambles(preamble_path, &pre);
+    uint64_t planned = (uint64_t)(rate * duration + 0.5);
+    if (planned > pre.n) planned = pre.n;
+    /* above ~20k/s a wake-up per record costs more than the records: a few per wake-up */
+    uint64_t per_wake = rate > 20000 ? (uint64_t)(rate * 50e-6) + 1 : 1;
+    double ns_per = 1e9 / rate;
+
+    uint64_t t_start = now_ns(), sent = 0, errors = 0, i = 0;
+    /* a run that falls behind stops a little past its duration (slack for the last wake-up) */
+    uint64_t t_end_plan = t_start + (uint64_t)((duration * 1.05 + 0.05) * 1e9);
+    uint64_t t_limit = t_start + (uint64_t)(max_s * 1e9);
+    for (; i < planned && !g_stop; i++) {
+        if (i % per_wake == 0) {
+            sleep_until(t_start + (uint64_t)((double)i * ns_per));
+            uint64_t t = now_ns();
+            if (t > t_end_plan || t > t_limit) break;
+        }
+        int fd = socket(AF_INET, SOCK_DGRAM, 0);
+        if (fd < 0) {
+            errors++;
+            continue;
+        }
+        bind_plan(fd, &plan, i);
+        if (sendto(fd, pre.data + pre.off[i], pre.len[i], 0, (struct sockaddr *)&target, tlen) == (ssize_t)pre.len[i])
+            sent++;
+        else errors++;
+        close(fd);
+    }
+    uint64_t t_end = now_ns();
+    double el = (double)(t_end - t_start);
+    printf("{\"mode\":\"churn\",\"target_rate\":%.0f,\"planned\":%" PRIu64 ",\"attempted\":%" PRIu64
+           ",\"sent\":%" PRIu64 ",\"errors\":%" PRIu64 ",\"start_ns\":%" PRIu64 ",\"end_ns\":%" PRIu64
+           ",\"elapsed_ns\":%" PRIu64 ",\"rate\":%.1f,\"cpu_s\":%.3f}\n",
+           rate, planned, i, sent, errors, t_start, t_end, t_end - t_start, el > 0 ? (double)sent * 1e9 / el : 0.0,
+           cpu_s());
     fflush(stdout);
     return 0;
 }
@@ -514,16 +670,17 @@ static int cmd_sink(int argc, char **argv) {
                ",\"k_pps\":%.1f,\"k_missing\":%" PRIu64,
                k_first, k_last, ks, ks && received > 1 ? (double)(received - 1) * 1e9 / (double)ks : 0.0, k_missing);
     }
-    printf(",\"rcvbuf\":%d}\n", eff);
+    printf(",\"rcvbuf\":%d,\"cpu_s\":%.3f}\n", eff, cpu_s());
     fflush(stdout);
     return 0;
 }
 
 int main(int argc, char **argv) {
-    if (argc < 2) fail("usage: loadgen gen|sink [options] (see the comment at the top of loadgen.c)");
+    if (argc < 2) fail("usage: loadgen gen|churn|sink [options] (see the comment at the top of loadgen.c)");
     install_signals();
     if (!strcmp(argv[1], "gen")) return cmd_gen(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "churn")) return cmd_churn(argc - 1, argv + 1);
     if (!strcmp(argv[1], "sink")) return cmd_sink(argc - 1, argv + 1);
-    fail("first argument must be gen or sink");
+    fail("first argument must be gen, churn or sink");
     return 2;
 }

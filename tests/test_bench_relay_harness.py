@@ -368,8 +368,9 @@ def test_quick_command_line_run(tools, tmp_path):
         assert res["latency"]["p99_us"] > 0 and res["smoke"]["hdr_len"] == [24, 24]
         assert res["flow_check"]["ok"]
     assert data["results"][3]["flow_check"]["held"] == 1000 and data["results"][3]["memory"]["table_bytes"] > 0
-    (churn,) = data["churn"]
-    assert churn["status"] == "ok" and churn["flows"] == 1000, churn["message"]
+    ref, churn = data["churn"]  # the C reference's control run, then the relay's
+    assert ref["kind"] == "ref" and ref["status"] == "ok", ref["message"]
+    assert churn["kind"] == "relay" and churn["status"] == "ok" and churn["flows"] == 1000, churn["message"]
     (run,) = churn["runs"]
     assert run["rate"] == 500 and run["churn"]["sent"] == 1000 and run["learned"] == 1000, run
 
@@ -417,16 +418,20 @@ def test_churn_report_and_targets():
                 "load_cpu": 0.6,
                 "drops": {"drop_miss_queue_full": 7} if lost else {}}
 
-    c = bench.ChurnResult(1, 10_000, runs=[run(500, 50.0, 40.0), run(2000, 100.0, 40.0), run(10_000, 900.0, 40.0, 3)])
-    table, targets = bench.report([], [c])
+    c = bench.ChurnResult("relay", 1, 10_000, runs=[run(500, 50.0, 40.0), run(2000, 100.0, 40.0, late=9),
+                                                    run(10_000, 900.0, 40.0, 3)])
+    control = bench.ChurnResult("ref", 1, 10_000, runs=[run(500, 44.0, 40.0), run(2000, 120.0, 40.0)])
+    table, targets = bench.report([], [control, c])
     verdicts = {t["target"]: t["verdict"] for t in targets}
-    assert verdicts == {
+    assert verdicts == {  # (the control has no targets; late is reported, lost is the target)
         "churn x1, 500 new sessions/s/worker: established p99 vs no churn": "PASS",
-        "churn x1, 500 new sessions/s/worker: established packets lost or late": "PASS",
+        "churn x1, 500 new sessions/s/worker: established datagrams lost": "PASS",
         "churn x1, 2,000 new sessions/s/worker: established p99 vs no churn": "MISS",
-        "churn x1, 2,000 new sessions/s/worker: established packets lost or late": "PASS",
-        "churn x1, 10,000 new sessions/s/worker: established packets lost or late": "MISS",
+        "churn x1, 2,000 new sessions/s/worker: established datagrams lost": "PASS",
+        "churn x1, 10,000 new sessions/s/worker: established datagrams lost": "MISS",
     }
+    assert "the C reference's under the same load: 3.00x" in next(t["note"] for t in targets if "2,000" in t["target"])
+    assert sum(line.startswith("C reference ") for line in table.splitlines()) == 2  # the control rows
     assert "10,000 established flows/worker" in table and "miss_queue_full 7" in table and "31.5 us" in table
     assert "60%" in table and "50%" in table  # load CPU, worker CPU
 

@@ -16,6 +16,7 @@ from shm.flowtable import (
     InsertStatus,
     LayoutMismatch,
     PartitionBusy,
+    PartitionWriter,
     Session,
     StaleTable,
     WriterClosed,
@@ -376,14 +377,20 @@ def test_delete_session_and_delete_target(shm_path: str) -> None:
     assert t.totals()["deletes"] == 7
 
 
-def test_sweep_is_incremental_and_complete(shm_path: str) -> None:
+def forty_flows_some_fresh(shm_path: str, fresh_every: int) -> tuple[FlowTable, PartitionWriter, set[int]]:
+    """40 flows seen at 1 s; every `fresh_every`-th seen again at 50 s (the fresh ones)."""
     t = small(shm_path, flow_capacity=64, session_capacity=64)
     w = t.own(0)
     for n in range(40):
         w.insert(*key(n), TARGET_A, 9000, b"s%d" % (n % 7), 1_000)
-    fresh = {n for n in range(40) if n % 3 == 0}
+    fresh = {n for n in range(40) if n % fresh_every == 0}
     for n in fresh:
         w.flush_counters(t.lookup(*key(n)).handle, 1, 2, 3, 4, 50_000)
+    return t, w, fresh
+
+
+def test_sweep_is_incremental_and_complete(shm_path: str) -> None:
+    t, w, fresh = forty_flows_some_fresh(shm_path, 3)
     removed: list[Flow] = []
     rounds = 0
     while rounds < 8:  # 8 x 8 slots = one full turn of the cursor
@@ -402,13 +409,7 @@ def test_sweep_is_incremental_and_complete(shm_path: str) -> None:
 def test_sweep_with_a_removal_limit_stops_early_and_goes_on_from_there(shm_path: str) -> None:
     """A mass expiry is removed a few deletes per call (each call is a short step of the
     worker's housekeeping), and the calls together remove exactly the idle flows."""
-    t = small(shm_path, flow_capacity=64, session_capacity=64)
-    w = t.own(0)
-    for n in range(40):
-        w.insert(*key(n), TARGET_A, 9000, b"s%d" % (n % 7), 1_000)
-    fresh = {n for n in range(40) if n % 4 == 0}
-    for n in fresh:
-        w.flush_counters(t.lookup(*key(n)).handle, 1, 2, 3, 4, 50_000)
+    t, w, fresh = forty_flows_some_fresh(shm_path, 4)
     removed: list[Flow] = []
     for _ in range(100):  # bounded: 30 idle flows at 3 a call, plus calls that find none
         got = w.sweep(60_000, 30_000, 64, max_removals=3)

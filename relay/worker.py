@@ -4,8 +4,11 @@ Client → transceiver (per batch of up to ``batch`` datagrams from one recvmmsg
     hit: the source's sockaddr bytes are a key of the local dict → write the flow's fixed
          24-byte tunnel header into the headroom in front of the payload → queue for sendmmsg
          to the flow's transceiver. No copy, no allocation beyond the batch tuples.
-    miss: :func:`relay.decision.decide` (demux, STUN, route token, integrity), then learn the
-         flow in this worker's shm partition, or adopt one found in another partition.
+    miss: junk dropped at once (:func:`relay.decision.screen`); the rest queued behind the
+         hits and served in short slices with at most half the worker's time
+         (:meth:`Worker.serve_misses`): :func:`relay.decision.decide` (demux, STUN, route
+         token, integrity), then learn the flow in this worker's shm partition, or adopt one
+         found in another partition.
 The hit line runs in C (relay/_fastpath.c) when it was built (``hot_path``): the Python line
 here is its fallback and reference; what C leaves (misses, truncated datagrams, flows whose
 transceiver has no link yet) comes back here in its slot.
@@ -16,9 +19,9 @@ flow's transceiver address is sent on; anything else goes through the msgspec de
 (control frames, compact encodings) and is validated the same way. The relay sends only to
 clients it has a flow for: it is no reflector.
 
-Housekeeping once a second: per-flow counters to shm, the worker's counter row (heartbeat for
-the supervisor's watchdog), an incremental expiry sweep, and the heartbeat timeout of each
-transceiver.
+Housekeeping ten times a second, in short steps between which the sockets are served:
+per-flow counters to shm, an incremental expiry sweep, the flows of transceivers past their
+heartbeat timeout, the worker's counter row (heartbeat for the supervisor's watchdog).
 """
 
 from __future__ import annotations
@@ -555,7 +558,7 @@ class Worker:
         # No collector pauses on the packet path: every batch allocates a few tuples, which made
         # a young-generation collection every ~100 wakeups, each a latency spike for the
         # datagram that waited. The packet path makes no reference cycles; housekeeping
-        # collects the young generations once a second and everything once a minute. What
+        # collects the young generations once a second and everything every ten minutes. What
         # exists now (imports, buffers, the flows taken over) is frozen out of every
         # collection, and so is every flow learned later (serve_misses): a collection walks
         # every object it is given, ~1.2 µs per flow (64 ms at 50k flows, measured).

@@ -101,6 +101,16 @@ def test_entries_stay_one_per_flow_through_removals(flows: LocalFlows) -> None:
     assert all(flows.entries[e.index] is e for e in flows.entries)
 
 
+def test_flows_of_one_transceiver_share_its_address_object(flows: LocalFlows) -> None:
+    for n in range(1, 4):
+        learn(flows, n, now=100.0)
+    first, *others = (flows.by_key[sockaddr_for(*client(n))].tunnel_dest for n in range(1, 4))
+    assert all(dest is first for dest in others)
+    for n in range(1, 4):
+        flows.close_session(f"ufrag{n}", first)
+    assert not flows.by_transceiver_dest  # forgotten with its last flow
+
+
 def test_a_silent_transceivers_flows_go_in_bounded_steps(flows: LocalFlows) -> None:
     for n in range(1, 11):
         learn(flows, n, now=100.0)

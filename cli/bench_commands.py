@@ -49,3 +49,9 @@ def bench_transceiver(extra: EXTRA = None) -> None:
 def bench_mmsg(extra: EXTRA = None) -> None:
     """Batched recvmmsg/sendmmsg forwarding vs recvfrom/sendto vs uvloop."""
     run_script("mmsg", extra)
+
+
+@bench_app.command("table-fill")
+def bench_table_fill(extra: EXTRA = None) -> None:
+    """New sessions at a fixed rate into a relay table: when it refuses, how expiry frees it."""
+    run_script("table_fill", extra)

@@ -90,10 +90,12 @@ SWEEP_PASSES_PER_IDLE = 4  # an idle flow goes at most idle_timeout / 4 late
 REMOVALS_PER_STEP = 8  # shm deletes (~12 µs each with the dicts and backward shifts)
 # Misses (authentication ~20 µs, learning ~20 µs more) wait in a queue and are served between
 # loop iterations, at most MISS_SLICE_S at a time: an established flow's datagram never waits
-# behind more than one slice of new sessions. And they get at most MISS_CPU_SHARE of the
-# worker's time (a credit that accrues with wall time, bursts up to MISS_CREDIT_MAX_S): at
-# 10,000 new sessions/s a worker with no such bound spent all of its time on them, and the
-# established flows' datagrams waited in the socket behind theirs (p50 250 ms). A full queue
+# behind more than one slice of new sessions. And while established flows have traffic,
+# misses get at most MISS_CPU_SHARE of the worker's time (a credit that accrues with wall time,
+# bursts up to MISS_CREDIT_MAX_S): at 10,000 new sessions/s a worker with no such bound spent
+# all of its time on them, and the established flows' datagrams waited in the socket behind
+# theirs (p50 250 ms). A worker with nothing else to do (a relay that lost its table and
+# re-learns every client) gives misses all of its time. A full queue
 # refuses new misses (counted "miss_queue_full"): the client's ICE retransmits its check.
 MISS_SLICE_S = 100e-6
 MISS_CPU_SHARE = 0.5
@@ -150,6 +152,8 @@ class Worker:
         self._misses_scheduled = False
         self._miss_credit = MISS_CREDIT_MAX_S  # seconds of miss work allowed now
         self._miss_credit_at = _monotonic()
+        self._miss_packets = 0  # client_packets that were misses' first datagrams
+        self._established_seen = -1
         self.flows_added = 0
         self.loop: asyncio.AbstractEventLoop  # set by run()
         self.public_done = [0.0] * len(self.public)  # when each public callback last returned
@@ -323,7 +327,11 @@ class Worker:
         started = _monotonic()
         credit = min(MISS_CREDIT_MAX_S, self._miss_credit + (started - self._miss_credit_at) * MISS_CPU_SHARE)
         self._miss_credit_at = started
-        if credit > 0:
+        counts = self.counts
+        established = counts[_CLIENT_PACKETS] + counts[_C["transceiver_packets"]] - self._miss_packets
+        alone = established == self._established_seen  # no established datagram since the last slice
+        self._established_seen = established
+        if credit > 0 or alone:
             try:
                 deadline = started + min(credit, MISS_SLICE_S)
                 learned = self.flows_added
@@ -340,7 +348,7 @@ class Worker:
         self._miss_credit = credit
         if misses and not self._misses_scheduled:
             self._misses_scheduled = True
-            if credit > 0:
+            if credit > 0 or alone:
                 self.loop.call_soon(self.serve_misses)
             else:  # (the loop's timers have 1 ms resolution: no spinning on shorter waits)
                 self.loop.call_later(max(-credit / MISS_CPU_SHARE, 0.001), self.serve_misses)
@@ -377,6 +385,7 @@ class Worker:
         entry.bytes_in += length
         self.counts[_C["client_packets"]] += 1
         self.counts[_C["client_bytes"]] += length
+        self._miss_packets += 1
 
     # -- transceiver → client -----------------------------------------------------------------
 

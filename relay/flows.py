@@ -123,8 +123,8 @@ class LocalFlows:
         #: every entry once, in no order (swap-remove): the counter flush walks it round robin
         self.entries: list[FlowEntry] = []
         self._flush_cursor = 0
-        #: client keys of flows to remove in housekeeping steps (their transceiver went silent)
-        self.doomed: list[bytes] = []
+        #: flows to remove in housekeeping steps (their transceiver went silent)
+        self.doomed: list[FlowEntry] = []
         # transceiver sockaddr → [last heartbeat (monotonic s), draining]
         self.transceivers: dict[bytes, list[Any]] = {}
         self.views = [AllPartitionsView(self.table, local) for local in publics]
@@ -249,22 +249,22 @@ class LocalFlows:
             if now - last <= timeout:
                 continue
             del self.transceivers[tunnel_key]
-            keys = self.by_transceiver.get(tunnel_key)
-            if keys:
-                self.doomed.extend(keys)
-                doomed += len(keys)
+            keys = self.by_transceiver.get(tunnel_key, ())
+            self.doomed.extend(self.by_key[key] for key in keys)
+            doomed += len(keys)
         return doomed
 
     def remove_doomed_steps(self, chunk: int) -> Iterator[int]:
         """Remove the doomed flows, ``chunk`` per step (a delete is ~10 µs: 10k flows of a
-        dead transceiver at once would hold the packet path for 100 ms). A flow that found a
-        live transceiver again meanwhile (same address, heartbeating) is still removed: its
-        session died with the old process. Yields the flows removed so far."""
+        dead transceiver at once would hold the packet path for 100 ms). Only the doomed flow
+        itself: one learned meanwhile from the same 5-tuple (a client back on a restarted
+        transceiver) stays. Yields the flows removed so far."""
         removed = 0
         while self.doomed:
             batch = self.doomed[-chunk:]
             del self.doomed[-chunk:]
-            removed += sum(self.remove(key) for key in batch)
+            removed += sum(self.remove(entry.client_key) for entry in batch
+                           if self.by_key.get(entry.client_key) is entry)
             yield removed
 
     def flush_counters(self, now: float) -> None:

@@ -122,6 +122,17 @@ def test_a_silent_transceivers_flows_go_in_bounded_steps(flows: LocalFlows) -> N
     assert flows.table.totals()["flows"] == 0 and flows.table.totals()["sessions"] == 0
 
 
+def test_a_flow_learned_again_before_its_doomed_copy_goes_stays(flows: LocalFlows) -> None:
+    learn(flows, 1, now=100.0)
+    learn(flows, 2, now=100.0)
+    assert flows.expire_silent_transceivers(now=104.0, timeout=3.0) == 2
+    assert flows.close_session("ufrag1", sockaddr_for(*TRANSCEIVER)) == 1  # gone before its step
+    learn(flows, 1, now=104.5)  # the same 5-tuple, a new session on the restarted transceiver
+    assert list(flows.remove_doomed_steps(8)) == [1]  # flow 2 only
+    assert list(flows.by_key) == [sockaddr_for(*client(1))]
+    assert flows.by_key[sockaddr_for(*client(1))].ufrag == "ufrag1"
+
+
 def test_sweep_steps_expire_every_idle_flow_in_short_steps(flows: LocalFlows) -> None:
     for n in range(1, 21):
         learn(flows, n, now=100.0)

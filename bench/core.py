@@ -17,10 +17,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from relay.decision import AuthPolicy, authenticate, decide  # noqa: E402
-from relay.demux import classify  # noqa: E402
-from relay.route_token import RouteKeyring, decode_token, derive_password, issue_token  # noqa: E402
-from relay.stun import build_binding_request, parse, parse_binding_request  # noqa: E402
-from relay.tunnel_frame import Data, data_header, decode_frame, encode_frame  # noqa: E402
+from wire.demux import classify  # noqa: E402
+from wire.route_token import RouteKeyring, decode_token, derive_password, issue_token  # noqa: E402
+from wire.stun import build_binding_request, parse, parse_binding_request  # noqa: E402
+from wire.tunnel_frame import Data, data_header, decode_frame, encode_frame  # noqa: E402
 
 
 class EmptyView:

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from relay import mmsg  # noqa: E402
 
 HEADER_LEN = 24
-HEADER = struct.Struct("!22sH")  # cached per-flow prefix + payload length (as relay/tunnel_frame.py)
+HEADER = struct.Struct("!22sH")  # cached per-flow prefix + payload length (as wire/tunnel_frame.py)
 RCVBUF = 256 << 20
 IMPLS = ("recvfrom", "mmsg", "mmsg-conn", "mmsg-add", "fallback", "uvloop")
 FORWARDER_CPU = 1

@@ -218,7 +218,7 @@ class PythonRelayForwarder(Forwarder):
         self.keyring = None
 
     def start(self, listen_port: int, target: tuple[str, int]) -> None:
-        from relay.keys import generate_keys_toml, load_keyring
+        from daemon.keys import generate_keys_toml, load_keyring
 
         self.target = target
         self._tmp = tempfile.TemporaryDirectory(prefix="rtcrelay-bench-", dir="/dev/shm")
@@ -268,8 +268,8 @@ class PythonRelayForwarder(Forwarder):
 
     def preambles(self, n_flows: int) -> list[bytes] | None:
         """One authenticated STUN Binding Request per flow: the relay learns each flow from it."""
-        from relay.route_token import derive_password, issue_token
-        from relay.stun import build_binding_request
+        from wire.route_token import derive_password, issue_token
+        from wire.stun import build_binding_request
 
         assert self.target is not None and self.keyring is not None
         out = []

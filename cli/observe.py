@@ -15,7 +15,7 @@ from rich.table import Table
 
 from cli import inspect
 from cli.app import JsonOpt, NameOpt, TableDirOpt, app, fail, flows_app, ufrag_app
-from relay.route_token import TokenError, decode_token, inspect_token
+from wire.route_token import TokenError, decode_token, inspect_token
 
 # Piped output (scripts, grep) gets wide lines instead of wrapped addresses.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -196,8 +196,8 @@ def ufrag_decode(ufrag: Annotated[str, typer.Argument(help="A server ufrag (rout
                  cluster: Annotated[Optional[int], typer.Option(help="This relay's cluster id.", show_default=False)] = None,
                  as_json: JsonOpt = False) -> None:
     """What a route token says (target, key id, issued) and whether it is valid."""
-    from relay.config_file import ConfigError
-    from relay.keys import load_keyring
+    from daemon.config_file import ConfigError
+    from daemon.keys import load_keyring
 
     try:
         token = inspect_token(ufrag)

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.app import ConfigOpt, VerboseOpt, app, fail, keys_app, setup_logging
-from relay.config_file import ConfigError
+from daemon.config_file import ConfigError
 
 
 @app.command()
@@ -50,7 +50,7 @@ def transceiver(
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a transceiver: aiortc sessions behind the relay, WHIP-style signalling over HTTP."""
-    from relay.config_file import parse_host_port
+    from daemon.config_file import parse_host_port
     from transceiver.service import load_transceiver_config, run_transceiver
 
     setup_logging(verbose)
@@ -99,7 +99,7 @@ def up(
 @keys_app.command("generate")
 def keys_generate(key_id: Annotated[int, typer.Option("--key-id", help="Key id 0..255.")] = 1) -> None:
     """Print a new route keys file (TOML) with one random 256-bit secret."""
-    from relay.keys import generate_keys_toml
+    from daemon.keys import generate_keys_toml
 
     if not 0 <= key_id <= 255:
         fail("--key-id must be 0..255")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from relay.keys import generate_keys_toml, load_keyring
+from daemon.keys import generate_keys_toml, load_keyring
 
 log = logging.getLogger("rtcrelay.up")
 HOST = "127.0.0.1"

@@ -12,7 +12,7 @@
  * same bytes as relay.mmsg's keys) are a key of the worker's by_key dict and the flow's
  * transceiver has an open connected link (link_fds dict, transceiver sockaddr bytes -> fd).
  * Then the flow's prefix and the payload length are written in the headroom in front of the
- * payload (the tunnel Data frame, relay/tunnel_frame.py), the frame goes out on the link with
+ * payload (the tunnel Data frame, wire/tunnel_frame.py), the frame goes out on the link with
  * relay.mmsg's send rules, and the entry's packets_in/bytes_in count it. Everything else (a
  * miss, a truncated datagram, a flow without a link) stays in its slot for Python.
  *

@@ -6,7 +6,8 @@ import os
 
 import msgspec
 
-from relay.config_file import load_config, parse_host_port, parse_networks
+from daemon.config_file import load_config, parse_host_port
+from daemon.networks import parse_networks
 
 ENV_PREFIX = "RTCRELAY_RELAY_"
 HOT_PATHS = ("auto", "c", "python")

@@ -22,9 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from relay.demux import PacketKind, classify
-from relay.route_token import TOKEN_ERROR_REASONS, RouteKeyring, TokenError, check_age, decode_token
-from relay.stun import STUN_ERROR_REASONS, StunError, parse_binding_request
+from wire.demux import PacketKind, classify
+from wire.route_token import TOKEN_ERROR_REASONS, RouteKeyring, TokenError, check_age, decode_token
+from wire.stun import STUN_ERROR_REASONS, StunError, parse_binding_request
 
 FlowT = TypeVar("FlowT")
 FlowT_co = TypeVar("FlowT_co", covariant=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from relay.config_file import ConfigError
+from daemon.config_file import ConfigError
 
 if TYPE_CHECKING:
     from relay._fastpath import PublicFastPath

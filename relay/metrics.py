@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from relay.decision import DECISION_DROP_REASONS
-from relay.tunnel_frame import FRAME_ERROR_REASONS
+from wire.tunnel_frame import FRAME_ERROR_REASONS
 
 # Drops the worker itself decides, beyond the decision function's and the frame decoder's.
 WORKER_DROP_REASONS = frozenset(

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from relay import systemd
+from daemon import systemd
 from relay.config import RelayConfig
-from relay.config_file import parse_host_port
+from daemon.config_file import parse_host_port
 from relay.hot_path import describe as describe_hot_path
-from relay.keys import load_keyring
+from daemon.keys import load_keyring
 from relay.metrics import WORKER_COUNTERS, render_prometheus
 from relay.sockets import adopt_fd, bound_address, open_udp, set_buffers
 from relay.worker_spec import PublicSocket, WorkerSpec, encode_spec

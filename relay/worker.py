@@ -41,15 +41,15 @@ import sys
 import time
 from collections.abc import Iterator
 
-from relay.config_file import parse_networks
+from daemon.networks import AllowedNetworks
 from relay.decision import AuthPolicy, Drop, Forward, Learn, decide, screen
 from relay.flows import LocalFlows
 from relay.hot_path import PublicFastPath, fast_path_type
-from relay.keys import load_keyring
+from daemon.keys import load_keyring
 from relay.metrics import COUNTER_INDEX, WORKER_COUNTERS
 from relay.mmsg import BatchReceiver, BatchSender, decode_sockaddr
 from relay.tunnel_links import TunnelLinks
-from relay.tunnel_frame import (
+from wire.tunnel_frame import (
     DATA_HEADER_LEN_V6,
     Data,
     Drain,
@@ -115,7 +115,7 @@ class Worker:
         cfg = spec.config
         self.index = spec.index
         self.auth = AuthPolicy(load_keyring(cfg.route_keys_file or None), cfg.token_max_age, cfg.cluster_id)
-        self.allowed_networks = parse_networks(cfg.transceiver_networks, "transceiver_networks")
+        self.allowed_networks = AllowedNetworks.parse(cfg.transceiver_networks, "transceiver_networks")
         self.counts = [0] * len(WORKER_COUNTERS)
         self.counters = CounterBlock.attach(cfg.stats_path, writable=True)
         self.public = [socket.socket(fileno=p.fd) for p in spec.public]
@@ -146,7 +146,6 @@ class Worker:
             )
             for s, rx in zip(self.public, self.public_rx)
         ]
-        self._tunnel_source_ok: dict[bytes, bool] = {}
         #: misses waiting for serve_misses: (public socket index, source sockaddr, datagram)
         self.misses: collections.deque[tuple[int, bytes, bytes]] = collections.deque()
         self._misses_scheduled = False
@@ -399,7 +398,7 @@ class Worker:
             buffer = rx.buffer
             offsets = rx.offsets
             senders = self.public_tx
-            source_ok = self._tunnel_source_ok
+            source_ok = self.allowed_networks.verdicts
             now = time.monotonic()
             packets = 0
             nbytes = 0
@@ -413,7 +412,7 @@ class Worker:
                     key = keys[i]
                     allowed = source_ok.get(key)
                     if allowed is None:
-                        allowed = self._classify_tunnel_source(key)
+                        allowed = self.allowed_networks.verdict(key, decode_sockaddr(key)[0])
                     if not allowed:
                         self.drop("tunnel_source_not_allowed")
                         continue
@@ -446,16 +445,6 @@ class Worker:
             self.counts[_C["transceiver_bytes"]] += nbytes
         except Exception:
             self.internal_error()
-
-    def _classify_tunnel_source(self, key: bytes) -> bool:
-        ip = ipaddress.ip_address(decode_sockaddr(key)[0])
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        allowed = any(ip in net for net in self.allowed_networks)
-        if len(self._tunnel_source_ok) > 4096:
-            self._tunnel_source_ok.clear()  # bounded: junk sources must not grow it forever
-        self._tunnel_source_ok[key] = allowed
-        return allowed
 
     def on_tunnel_frame(self, key: bytes, raw: bytes, now: float) -> None:
         """The slow path: any frame that is not our fixed-width Data for a known flow."""

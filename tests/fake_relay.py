@@ -17,9 +17,9 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from relay.route_token import RouteKeyring, TokenError, decode_token, derive_password
-from relay.stun import StunError, parse_binding_request
-from relay.tunnel_frame import Data, Drain, FrameError, Heartbeat, SessionClosed, decode_frame, encode_frame
+from wire.route_token import RouteKeyring, TokenError, decode_token, derive_password
+from wire.stun import StunError, parse_binding_request
+from wire.tunnel_frame import Data, Drain, FrameError, Heartbeat, SessionClosed, decode_frame, encode_frame
 
 Addr = tuple[str, int]
 

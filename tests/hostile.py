@@ -59,7 +59,7 @@ except ImportError:  # pragma: no cover - the fuzz runner does not need it
 
 from relay.decision import AuthPolicy, Drop, Learn, decide
 from relay.metrics import DROP_REASONS
-from relay.route_token import (
+from wire.route_token import (
     TOKEN_ERROR_REASONS,
     RouteKeyring,
     TokenError,
@@ -68,7 +68,7 @@ from relay.route_token import (
     inspect_token,
     issue_token,
 )
-from relay.stun import (
+from wire.stun import (
     ATTR_FINGERPRINT,
     ATTR_MESSAGE_INTEGRITY,
     ATTR_USERNAME,
@@ -79,7 +79,7 @@ from relay.stun import (
     parse,
     parse_binding_request,
 )
-from relay.tunnel_frame import (
+from wire.tunnel_frame import (
     FRAME_ERROR_REASONS,
     Data,
     Drain,

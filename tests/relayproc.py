@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relay.route_token import RouteKeyring, derive_password, issue_token
-from relay.stun import build_binding_request
-from relay.tunnel_frame import Data, Frame, FrameError, Heartbeat, SessionClosed, data_header, decode_frame, encode_frame
+from wire.route_token import RouteKeyring, derive_password, issue_token
+from wire.stun import build_binding_request
+from wire.tunnel_frame import Data, Frame, FrameError, Heartbeat, SessionClosed, data_header, decode_frame, encode_frame
 from shm.counters import CounterBlock
 from shm.flowtable import Flow, FlowTable
 

@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from relay.route_token import RouteKeyring
+from wire.route_token import RouteKeyring
 from relayproc import RTCRELAY, Client, FakeTransceiver, RelayProcess, cleanup_relay, start_relay, wait_for, write_keys
 
 runner = CliRunner()
@@ -178,7 +178,7 @@ def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
 
 
 def test_keys_generate_makes_a_loadable_file(tmp_path: Path) -> None:
-    from relay.keys import load_keyring
+    from daemon.keys import load_keyring
 
     result = runner.invoke(app, ["keys", "generate", "--key-id", "7"])
     assert result.exit_code == 0

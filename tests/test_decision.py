@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.decision import DECISION_DROP_REASONS, AuthPolicy, Drop, Forward, Learn, decide
-from relay.route_token import RouteKeyring, derive_password, issue_token
-from relay.stun import (
+from wire.route_token import RouteKeyring, derive_password, issue_token
+from wire.stun import (
     ATTR_USERNAME,
     BINDING_REQUEST,
     build_binding_request,

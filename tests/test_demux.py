@@ -1,4 +1,4 @@
-"""relay/demux.py: RFC 7983 first-byte classification."""
+"""wire/demux.py: RFC 7983 first-byte classification."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay import demux
-from relay.demux import PacketKind, classify
-from relay.stun import build_binding_request
+from wire import demux
+from wire.demux import PacketKind, classify
+from wire.stun import build_binding_request
 
 
 def _reference(first: int) -> PacketKind:

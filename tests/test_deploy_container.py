@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 from tool_venv import tools_venv
 
-from relay.keys import load_keyring
+from daemon.keys import load_keyring
 
 REPO = Path(__file__).resolve().parents[1]
 CONTAINERFILE = REPO / "Containerfile"

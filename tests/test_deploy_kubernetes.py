@@ -21,7 +21,7 @@ import pytest
 from tool_venv import tools_venv
 
 from relay.config import RelayConfig
-from relay.config_file import ConfigError, load_config
+from daemon.config_file import ConfigError, load_config
 from transceiver.service import TransceiverConfig
 
 REPO = Path(__file__).resolve().parents[1]

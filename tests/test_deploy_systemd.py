@@ -60,8 +60,8 @@ import msgspec
 import pytest
 
 from relay.config import RelayConfig, load_relay_config
-from relay.keys import load_keyring
-from relay.tunnel_frame import Heartbeat
+from daemon.keys import load_keyring
+from wire.tunnel_frame import Heartbeat
 from relayproc import Client, FakeTransceiver, rtp_like
 from transceiver.service import TransceiverConfig, load_transceiver_config
 

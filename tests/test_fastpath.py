@@ -18,7 +18,7 @@ from loopback import FAMILIES
 from relay import mmsg
 from relay.flows import FlowEntry
 from relay.hot_path import HotPathError, describe, fast_path_type
-from relay.tunnel_frame import Data, decode_frame
+from wire.tunnel_frame import Data, decode_frame
 
 # The suite's set-up (scripts/bootstrap.sh) builds the extension: its absence is a failure here.
 from relay._fastpath import PublicFastPath  # noqa: E402

@@ -56,9 +56,9 @@ from relayproc import (
     start_relay,
 )
 
-from relay.route_token import RouteKeyring, derive_password, issue_token
-from relay.stun import BINDING_SUCCESS, build_message
-from relay.tunnel_frame import Data, Heartbeat, encode_frame
+from wire.route_token import RouteKeyring, derive_password, issue_token
+from wire.stun import BINDING_SUCCESS, build_message
+from wire.tunnel_frame import Data, Heartbeat, encode_frame
 from transceiver.tunnel import open_tunnel
 
 # Drop reasons of datagrams that came in on the tunnel sockets; every other reason is the public side's.

@@ -35,8 +35,8 @@ from hostile import FUZZ_TARGETS as TARGET_FUNCS
 from hostile import FuzzView as _View
 
 from relay.decision import AuthPolicy, Drop, Learn, decide
-from relay.route_token import RouteKeyring, TokenError, derive_password, issue_token
-from relay.stun import (
+from wire.route_token import RouteKeyring, TokenError, derive_password, issue_token
+from wire.stun import (
     ATTR_USERNAME,
     BINDING_INDICATION,
     BINDING_REQUEST,
@@ -44,7 +44,7 @@ from relay.stun import (
     build_binding_success,
     build_message,
 )
-from relay.tunnel_frame import (
+from wire.tunnel_frame import (
     Data,
     Drain,
     FrameError,
@@ -242,7 +242,7 @@ import sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import atheris
 with atheris.instrument_imports(include=["relay"]):
-    import relay.decision, relay.demux, relay.route_token, relay.stun, relay.tunnel_frame
+    import relay.decision, wire.demux, wire.route_token, wire.stun, wire.tunnel_frame
 import hostile
 atheris.Setup([sys.argv[0], *sys.argv[2:]], hostile.FUZZ_TARGETS[sys.argv[1]])
 atheris.Fuzz()

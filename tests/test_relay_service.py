@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.tunnel_frame import Data
+from wire.tunnel_frame import Data
 from relayproc import (
     RTCRELAY,
     Client,
@@ -227,7 +227,7 @@ def test_sighup_rotates_keys_without_dropping_flows(tmp_path: Path, transceiver:
     relay = start_relay(tmp_path, workers=2, keyring_secrets={1: old}, active=1, config={"heartbeat_timeout": 30.0})
     try:
         client_old, frame_old, tunnel_old, _ = connect(relay, transceiver)
-        from relay.route_token import RouteKeyring
+        from wire.route_token import RouteKeyring
 
         rotated = RouteKeyring({1: old, 2: new}, 2)
         write_keys(relay.keys_path, {1: old, 2: new}, 2)

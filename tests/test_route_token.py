@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.route_token import (
+from wire.route_token import (
     MAC_LEN,
     TOKEN_ERROR_REASONS,
     RouteKeyring,

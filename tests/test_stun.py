@@ -1,4 +1,4 @@
-"""relay/stun.py: RFC 5769 vectors, placement rules, every drop reason, and properties."""
+"""wire/stun.py: RFC 5769 vectors, placement rules, every drop reason, and properties."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import stun
-from relay.stun import (
+from wire import stun
+from wire.stun import (
     ATTR_ERROR_CODE,
     ATTR_FINGERPRINT,
     ATTR_ICE_CONTROLLED,

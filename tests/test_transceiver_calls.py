@@ -28,8 +28,8 @@ from av import AudioFrame
 
 from fake_relay import FakeRelay
 from webrtc_peer import Client, SineTrack, wait_for
-from relay.route_token import RouteKeyring
-from relay.tunnel_frame import Drain
+from wire.route_token import RouteKeyring
+from wire.tunnel_frame import Drain
 from transceiver.pipeline import EchoPipeline, Pipeline, PipelineFactory
 from transceiver.service import Transceiver, TransceiverConfig
 

@@ -7,7 +7,7 @@ import base64
 import msgspec
 import pytest
 
-from relay.config_file import ConfigError
+from daemon.config_file import ConfigError
 from transceiver.service import TransceiverConfig, load_transceiver_config
 
 SECRET = b"s" * 32
@@ -68,7 +68,7 @@ def test_load_from_toml_environment_and_overrides(tmp_path) -> None:  # type: ig
 
 
 def load_config_with(path: str, env: dict[str, str], overrides: dict | None) -> TransceiverConfig:
-    from relay.config_file import load_config
+    from daemon.config_file import load_config
     from transceiver.service import ENV_PREFIX
 
     # load_transceiver_config reads os.environ; the same call with an explicit environment:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.tunnel_frame import (
+from wire.tunnel_frame import (
     DATA_HEADER_LEN_V4,
     DATA_HEADER_LEN_V6,
     FRAME_ERROR_REASONS,

@@ -18,9 +18,10 @@ import signal
 import msgspec
 from aiohttp import web
 
-from relay.config_file import load_config, parse_host_port, parse_networks
-from relay.route_token import MIN_SECRET_LEN, RouteKeyring
-from relay.systemd import notify, watchdog_interval
+from daemon.config_file import load_config, parse_host_port
+from daemon.networks import parse_networks
+from wire.route_token import MIN_SECRET_LEN, RouteKeyring
+from daemon.systemd import notify, watchdog_interval
 from transceiver import inline_executor
 from transceiver.pipeline import EchoPipeline, PipelineFactory
 from transceiver.session import SessionManager
@@ -106,7 +107,7 @@ class TransceiverConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     def keyring(self) -> RouteKeyring:
         if self.route_secrets:
             return RouteKeyring(self.route_secrets, self.route_key_id)
-        from relay.keys import load_keyring  # raises ConfigError naming the file
+        from daemon.keys import load_keyring  # raises ConfigError naming the file
 
         return load_keyring(self.route_keys_file or None)
 

@@ -29,8 +29,8 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcdatachannel import RTCDataChannel
 from av import AudioFrame
 
-from relay.route_token import RouteKeyring, derive_password, issue_token
-from relay.tunnel_frame import Heartbeat
+from wire.route_token import RouteKeyring, derive_password, issue_token
+from wire.tunnel_frame import Heartbeat
 from transceiver import audio_level, ice_tunnel, opus_voice
 from transceiver.metrics import TransceiverMetrics
 from transceiver.pipeline import OutgoingAudioTrack, Pipeline, PipelineFactory

@@ -30,8 +30,9 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from relay.stun import StunError, parse
-from relay.tunnel_frame import MAX_PAYLOAD, Data, Drain, FrameError, Heartbeat, SessionClosed, data_prefix, decode_frame, encode_frame
+from daemon.networks import AllowedNetworks
+from wire.stun import StunError, looks_like_binding_request, parse
+from wire.tunnel_frame import MAX_PAYLOAD, Data, Drain, FrameError, Heartbeat, SessionClosed, data_prefix, decode_frame, encode_frame
 
 __all__ = ["TUNNEL_DROP_REASONS", "SessionLink", "TunnelEndpoint", "TunnelCounters", "open_tunnel"]
 
@@ -43,7 +44,6 @@ ReceiveFn = Callable[[bytes, Addr], object]
 MAX_FLOWS_PER_SESSION = 16  # candidate pairs x NAT rebindings; bounded so a relay cannot grow it
 MAX_RELAYS = 256  # relay tunnel addresses remembered for heartbeats
 RELAY_FORGET_S = 30.0  # stop heartbeating a relay not heard from (and not configured) for this long
-_ALLOWED_CACHE_MAX = 4096
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
 TUNNEL_DROP_REASONS = frozenset(
@@ -114,11 +114,6 @@ class SessionLink:
         self.tunnel._unregister(self)
 
 
-def _is_stun_binding_request(data: bytes) -> bool:
-    # Message type 0x0001 and the magic cookie: 6 byte compares before any parsing.
-    return len(data) >= 20 and data[0] == 0 and data[1] == 1 and data[4:8] == b"\x21\x12\xa4\x42"
-
-
 class TunnelEndpoint(asyncio.DatagramProtocol):
     """The demux and mux over the tunnel socket. Build with :func:`open_tunnel`."""
 
@@ -133,8 +128,7 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
         self.counters = TunnelCounters()
         self.transport: asyncio.DatagramTransport | None = None
         self.local_address: Addr | None = None
-        self._networks = [ipaddress.ip_network(n, strict=False) for n in allowed_networks]
-        self._allowed: dict[str, bool] = {}
+        self._allowed = AllowedNetworks.parse(allowed_networks, "relay_networks")
         self._configured_relays = list(relay_addresses)
         self._heard: dict[Addr, float] = {}  # relay tunnel address -> monotonic time last heard
         self._sessions: dict[str, SessionLink] = {}
@@ -186,7 +180,7 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
             return
         self._heard[relay] = time.monotonic()
         payload = frame.payload
-        if _is_stun_binding_request(payload):
+        if looks_like_binding_request(payload):
             flow = self._bind_by_ufrag(relay, frame)
             if flow is None:
                 return
@@ -326,16 +320,7 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
     # -- addresses ----------------------------------------------------------------------
 
     def _is_allowed(self, host: str) -> bool:
-        allowed = self._allowed.get(host)
-        if allowed is None:
-            ip = ipaddress.ip_address(host.partition("%")[0])
-            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped  # an IPv4 relay seen by a dual-stack socket
-            allowed = any(ip in net for net in self._networks)
-            if len(self._allowed) >= _ALLOWED_CACHE_MAX:
-                self._allowed.clear()
-            self._allowed[host] = allowed
-        return allowed
+        return self._allowed.verdict(host, host)
 
     def _sendable(self, addr: Addr) -> Addr:
         # A configured IPv4 relay address, sent from an IPv6 (dual-stack) socket.

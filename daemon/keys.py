@@ -21,8 +21,8 @@ import tomllib
 
 import msgspec
 
-from relay.config_file import ConfigError
-from relay.route_token import MIN_SECRET_LEN, RouteKeyring
+from daemon.config_file import ConfigError
+from wire.route_token import MIN_SECRET_LEN, RouteKeyring
 
 CREDENTIAL_NAME = "route-keys"
 

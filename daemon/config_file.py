@@ -81,12 +81,3 @@ def parse_host_port(text: str, key: str) -> tuple[str, int]:
         raise ValueError(f"`{key}`: {host!r} is not an IP address") from None
     return host, int(port)
 
-
-def parse_networks(texts: list[str], key: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    networks = []
-    for text in texts:
-        try:
-            networks.append(ipaddress.ip_network(text, strict=False))
-        except ValueError:
-            raise ValueError(f"`{key}`: {text!r} is not a network (CIDR)") from None
-    return networks

@@ -43,6 +43,7 @@ __all__ = [
     "StunMessage",
     "parse",
     "parse_binding_request",
+    "looks_like_binding_request",
     "build_message",
     "build_binding_request",
     "build_binding_success",
@@ -102,6 +103,14 @@ _U64 = struct.Struct("!Q")
 _COOKIE_BYTES = _U32.pack(MAGIC_COOKIE)
 # Attributes with placement rules: parse handles them off the common path.
 _TRAILERS = frozenset({ATTR_MESSAGE_INTEGRITY, ATTR_MESSAGE_INTEGRITY_SHA256, ATTR_FINGERPRINT})
+
+
+_BINDING_REQUEST_TYPE = _U16.pack(BINDING_REQUEST)
+
+
+def looks_like_binding_request(data: bytes) -> bool:
+    """Type 0x0001 and the magic cookie: a screen of a few byte compares, before any parse."""
+    return len(data) >= HEADER_LEN and data[0:2] == _BINDING_REQUEST_TYPE and data[4:8] == _COOKIE_BYTES
 
 
 class StunError(Exception):

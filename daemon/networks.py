@@ -39,13 +39,14 @@ class AllowedNetworks:
     def parse(cls, texts: Iterable[str], key: str) -> AllowedNetworks:
         return cls(parse_networks(texts, key))
 
-    def allows(self, host: str) -> bool:
-        ip = ipaddress.ip_address(host.partition("%")[0])
+    def allows(self, host: str | bytes) -> bool:
+        """``host``: an address text or its packed form (4 or 16 bytes, as sockaddrs carry it)."""
+        ip = ipaddress.ip_address(host.partition("%")[0] if isinstance(host, str) else host)
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         return any(ip in net for net in self.networks)
 
-    def verdict(self, key: Hashable, host: str) -> bool:
+    def verdict(self, key: Hashable, host: str | bytes) -> bool:
         """:meth:`allows` for ``host``, remembered under ``key``."""
         allowed = self.verdicts.get(key)
         if allowed is None:

@@ -12,6 +12,10 @@ def test_ipv4_mapped_and_scoped_addresses_are_judged_by_their_address() -> None:
     assert allowed.allows("fe80::1%eth0")
     assert not allowed.allows("11.0.0.1")
     assert not allowed.allows("::ffff:11.0.0.1")
+    # packed, as the relay's sockaddr keys carry addresses
+    assert allowed.allows(bytes([10, 1, 2, 3]))
+    assert allowed.allows(bytes(10) + b"\xff\xff" + bytes([10, 1, 2, 3]))
+    assert not allowed.allows(bytes([11, 0, 0, 1]))
 
 
 def test_bad_network_names_the_key() -> None:

@@ -1,4 +1,4 @@
-"""Drain benchmark of the relay's batched UDP I/O (relay/mmsg.py), in the style of PERFORMANCE.md.
+"""Drain benchmark of the relay's batched UDP I/O (relay/batchio), in the style of PERFORMANCE.md.
 
 A forwarder process does what the relay worker's hot path does: receive a datagram, look the
 source up in a dict, write a 24-byte tunnel header in front of the payload, send header +
@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay import mmsg  # noqa: E402
+from relay import batchio  # noqa: E402
 
 HEADER_LEN = 24
 HEADER = struct.Struct("!22sH")  # cached per-flow prefix + payload length (as wire/tunnel_frame.py)
@@ -102,11 +102,11 @@ def _state(pid: int) -> str:
 def _flows_raw(clients: list[tuple[str, int]], sink_dest: bytes) -> dict[bytes, tuple[bytes, bytes]]:
     flows = {}
     for n, (ip, port) in enumerate(clients):
-        key = mmsg.sockaddr_for(socket.inet_aton(ip), port)
+        key = batchio.sockaddr_for(socket.inet_aton(ip), port)
         flows[key] = (sink_dest, n.to_bytes(8, "big") * 2 + b"\x01\x95\x01\xcf\x00\x00")
     # a realistic table size: other flows that are never hit
     for n in range(1000):
-        flows[mmsg.sockaddr_for(bytes([10, 0, n >> 8, n & 255]), 40000 + n)] = (sink_dest, b"\x00" * 22)
+        flows[batchio.sockaddr_for(bytes([10, 0, n >> 8, n & 255]), 40000 + n)] = (sink_dest, b"\x00" * 22)
     return flows
 
 
@@ -114,7 +114,7 @@ def _fwd_mmsg(sock: socket.socket, out: socket.socket, sink: tuple[str, int], cl
     conn = impl == "mmsg-conn"
     if conn:
         out.connect(sink)
-    rx_cls, tx_cls = (mmsg.FallbackReceiver, mmsg.FallbackSender) if impl == "fallback" else (mmsg.BatchReceiver, mmsg.BatchSender)
+    rx_cls, tx_cls = (batchio.FallbackReceiver, batchio.FallbackSender) if impl == "fallback" else (batchio.BatchReceiver, batchio.BatchSender)
     rx = rx_cls(sock, batch=BATCH, headroom=64)
     tx = tx_cls(out, batch=BATCH, connected=conn)
     flows = _flows_raw(clients, tx.sockaddr_for(socket.inet_aton(sink[0]), sink[1]))
@@ -246,7 +246,7 @@ def _forwarder(impl: str, sock, out, sink, clients, ready_w: int, lifetime: floa
 
 def _sink(sock: socket.socket, expect: int, want_len: int, result_w: int, deadline: float) -> None:
     _pin(OTHER_CPU)
-    rx = mmsg.BatchReceiver(sock, batch=64)
+    rx = batchio.BatchReceiver(sock, batch=64)
     poll = select.poll()
     poll.register(sock, select.POLLIN)
     seen = bad = 0
@@ -268,7 +268,7 @@ def _generate(clients: list[socket.socket], dest: tuple[str, int], packets: int,
     senders = []
     for c in clients:
         c.connect(dest)
-        senders.append(mmsg.BatchSender(c, batch=64, connected=True))
+        senders.append(batchio.BatchSender(c, batch=64, connected=True))
     data = [bytes([0x80, 0x60]) + k.to_bytes(4, "big") * ((payload - 2) // 4) for k in range(len(clients))]
     data = [d + b"\x00" * (payload - len(d)) for d in data]
     sent = 0
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         impls.insert(0, "recvfrom")
     if C_FORWARDER:
         impls.append("c")
-    print(f"# mmsg available: {mmsg.HAVE_MMSG}; {args.packets} packets x {args.payload} B, {args.flows} flows, "
+    print(f"# mmsg available: {batchio.HAVE_MMSG}; {args.packets} packets x {args.payload} B, {args.flows} flows, "
           f"{args.rounds} rounds; batch {BATCH}; forwarder on CPU {FORWARDER_CPU}")
     results: dict[str, list[float]] = {i: [] for i in impls}
     cpu: dict[str, list[float]] = {i: [] for i in impls}

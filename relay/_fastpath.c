@@ -9,14 +9,14 @@
  * the same tests.
  *
  * It decides nothing: a datagram goes the C way only when its source's sockaddr bytes (the
- * same bytes as relay.mmsg's keys) are a key of the worker's by_key dict and the flow's
+ * same bytes as relay.batchio's keys) are a key of the worker's by_key dict and the flow's
  * transceiver has an open connected link (link_fds dict, transceiver sockaddr bytes -> fd).
  * Then the flow's prefix and the payload length are written in the headroom in front of the
  * payload (the tunnel Data frame, wire/tunnel_frame.py), the frame goes out on the link with
- * relay.mmsg's send rules, and the entry's packets_in/bytes_in count it. Everything else (a
+ * relay.batchio's send rules, and the entry's packets_in/bytes_in count it. Everything else (a
  * miss, a truncated datagram, a flow without a link) stays in its slot for Python.
  *
- * The slots are the Python receiver's (relay.mmsg.BatchReceiver: buffer, offsets, stride), so
+ * The slots are the Python receiver's (relay.batchio.BatchReceiver: buffer, offsets, stride), so
  * Python picks up what is left with take_one/take_batch and no copy.
  */
 #define PY_SSIZE_T_CLEAN
@@ -29,8 +29,8 @@
 #include <sys/socket.h>
 
 #define KEY_LEN_V4 8     /* family, port, address: sin_zero is not part of the key */
-#define RECV_RETRIES 3   /* relay.mmsg._RECV_RETRIES */
-#define SEND_EINTR_MAX 8
+#define RECV_RETRIES 3   /* relay.batchio.errors.RECV_RETRIES */
+#define SEND_EINTR_MAX 8 /* relay.batchio.errors.SEND_EINTR_RETRIES */
 #define LEFT_FOR_PYTHON (-2)
 #define SENT (-3)
 
@@ -49,7 +49,7 @@ typedef struct {
     Py_ssize_t last_length;
     int last_truncated;
     PyObject *last_key;
-    /* send outcomes, as relay.mmsg's senders count them */
+    /* send outcomes, as relay.batchio's senders count them */
     unsigned long long sent;
     unsigned long long dropped_eagain;
     unsigned long long failed;
@@ -91,8 +91,8 @@ raise_errno(int err)
     return PyErr_SetFromErrno(PyExc_OSError);
 }
 
-/* relay.mmsg._ASYNC_SEND: an earlier datagram's ICMP error, reported by this call, which sent
- * nothing: retried once. */
+/* relay.batchio.errors.ASYNC_SEND: an earlier datagram's ICMP error, reported by this call,
+ * which sent nothing: retried once. */
 static int
 async_send(int err)
 {
@@ -107,8 +107,8 @@ async_send(int err)
     return 0;
 }
 
-/* relay.mmsg._TRANSIENT_RECV (a superset of _ASYNC_SEND): a receive error about an earlier
- * datagram (ICMP) or a passing shortage; nothing was received, the socket is fine. */
+/* relay.batchio.errors.TRANSIENT_RECV (a superset of ASYNC_SEND): a receive error about an
+ * earlier datagram (ICMP) or a passing shortage; nothing was received, the socket is fine. */
 static int
 transient_recv(int err)
 {
@@ -119,9 +119,10 @@ transient_recv(int err)
     return async_send(err);
 }
 
-/* sendmmsg of hdrs[0:count] on fd with relay.mmsg's rules (MmsgSender._send): partial sends
- * go on; EAGAIN/ENOBUFS drop the rest; EINTR is retried; an async ICMP error is retried once
- * per position; EBADF/ENOTSOCK/EFAULT raise; any other error costs its message only.
+/* sendmmsg of hdrs[0:count] on fd with relay.batchio's rules (errors.send_action, as
+ * MmsgSender._send applies them): partial sends go on; EAGAIN/ENOBUFS drop the rest; EINTR is
+ * retried; an async ICMP error is retried once per position; EBADF/ENOTSOCK/EFAULT raise; any
+ * other error costs its message only.
  * 0, or -1 with an exception set. */
 static int
 send_with_rules(PublicFastPath *self, int fd, struct mmsghdr *hdrs, int count)
@@ -232,7 +233,7 @@ add_to_slot(PyObject *entry, Py_ssize_t off, long long delta)
     return 0;
 }
 
-/* The sockaddr bytes relay.mmsg uses as a key for this source. */
+/* The sockaddr bytes relay.batchio.sockaddr uses as a key for this source. */
 static PyObject *
 key_of(const struct sockaddr_storage *source, socklen_t source_len)
 {
@@ -362,7 +363,7 @@ forward_one(PublicFastPath *self, PyObject *Py_UNUSED(ignored))
     return PyLong_FromSsize_t(length);
 }
 
-/* One recvmmsg into the slots with relay.mmsg's rules (MmsgReceiver._recv_again): the count,
+/* One recvmmsg into the slots with relay.batchio's rules (MmsgReceiver._recv_again): the count,
  * 0 when nothing is waiting, -1 with an exception set. */
 static int
 receive_batch(PublicFastPath *self)

@@ -18,7 +18,7 @@ from typing import Any
 
 from relay.config import RelayConfig
 from relay.decision import Learn
-from relay.mmsg import address_tuple, sockaddr_for
+from relay.batchio import address_tuple, sockaddr_for
 from wire.tunnel_frame import data_header_len, data_prefix
 from shm.flowtable import Flow, FlowTable, InsertStatus, PartitionWriter, TakeoverReport
 from shm.layout import ip16

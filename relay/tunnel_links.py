@@ -24,7 +24,7 @@ import logging
 import socket
 from collections.abc import Callable, Container
 
-from relay.mmsg import BatchSender, decode_sockaddr
+from relay.batchio import BatchSender, decode_sockaddr
 from relay.sockets import set_buffers
 
 log = logging.getLogger("rtcrelay.relay")

@@ -47,7 +47,7 @@ from relay.flows import LocalFlows
 from relay.hot_path import PublicFastPath, fast_path_type
 from daemon.keys import load_keyring
 from relay.metrics import COUNTER_INDEX, WORKER_COUNTERS
-from relay.mmsg import BatchReceiver, BatchSender, decode_sockaddr
+from relay.batchio import BatchReceiver, BatchSender, decode_sockaddr
 from relay.tunnel_links import TunnelLinks
 from wire.tunnel_frame import (
     DATA_HEADER_LEN_V6,

@@ -1,6 +1,6 @@
 """relay/_fastpath.c (the C hit path, single datagrams and batches) on real loopback sockets: it must
 forward exactly what the Python line does, hand Python everything else unchanged, and keep
-relay.mmsg's error rules. The worker-level tests run both paths (tests/test_relay_service.py)."""
+relay.batchio's error rules. The worker-level tests run both paths (tests/test_relay_service.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from loopback import FAMILIES
-from relay import mmsg
+from relay import batchio
 from relay.flows import FlowEntry
 from relay.hot_path import HotPathError, describe, fast_path_type
 from wire.tunnel_frame import Data, decode_frame
@@ -32,7 +32,7 @@ class Rig:
     """A public socket with its receiver and fast path, a client, a transceiver and its link."""
 
     public: socket.socket
-    rx: mmsg.BatchReceiver
+    rx: batchio.BatchReceiver
     fast: PublicFastPath
     client: socket.socket
     transceiver: socket.socket
@@ -45,7 +45,7 @@ class Rig:
 
     def key(self, sock: socket.socket) -> bytes:
         ip, port = sock.getsockname()[:2]
-        return mmsg.sockaddr_for(socket.inet_pton(self.family, ip), port, self.family)
+        return batchio.sockaddr_for(socket.inet_pton(self.family, ip), port, self.family)
 
     def client_key(self) -> bytes:
         return self.key(self.client)
@@ -57,7 +57,7 @@ class Rig:
               transceiver: socket.socket | None = None, link_sock: socket.socket | None = None) -> FlowEntry:
         key = self.key(client or self.client)
         dest = self.key(transceiver or self.transceiver)
-        entry = FlowEntry(key, mmsg.decode_sockaddr(key), 0, handle, dest, mmsg.decode_sockaddr(dest), "ufrag")
+        entry = FlowEntry(key, batchio.decode_sockaddr(key), 0, handle, dest, batchio.decode_sockaddr(dest), "ufrag")
         self.by_key[key] = entry
         if link:
             self.link_fds[dest] = (link_sock or self.link).fileno()
@@ -96,7 +96,7 @@ def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
     link.connect(transceiver.getsockname())
     transceiver.settimeout(2.0)
     client.settimeout(2.0)
-    rx = mmsg.BatchReceiver(public, batch=4, bufsize=BUFSIZE, headroom=HEADROOM)
+    rx = batchio.BatchReceiver(public, batch=4, bufsize=BUFSIZE, headroom=HEADROOM)
     by_key: dict[bytes, FlowEntry] = {}
     link_fds: dict[bytes, int] = {}
     fast = PublicFastPath(public.fileno(), rx.buffer, rx.offsets[0], rx.stride, rx.batch, HEADROOM, BUFSIZE, by_key, link_fds)
@@ -158,7 +158,7 @@ def test_a_miss_is_left_in_slot_0_for_python_with_the_receivers_key(rig: Rig) ->
     assert rig.fast.last_length == len(payload) and rig.fast.last_truncated is False
     rig.rx.take_one(rig.fast.last_length, rig.fast.last_key, rig.fast.last_truncated)
     assert bytes(rig.rx.payload(0)) == payload and rig.rx.keys() == (rig.client_key(),)
-    assert rig.rx.address(0) == mmsg.decode_sockaddr(rig.client_key()) and not rig.rx.truncated(0)
+    assert rig.rx.address(0) == batchio.decode_sockaddr(rig.client_key()) and not rig.rx.truncated(0)
     # The key is the one recvmmsg gives for the same source: the dicts agree on it.
     rig.send(b"again")
     assert rig.rx.recv() == 1 and rig.rx.keys() == (rig.fast.last_key,)
@@ -241,7 +241,7 @@ def test_a_batch_hands_its_misses_to_python_in_their_slots(rig: Rig) -> None:
     assert misses == [1, 2] and lengths == (6, 6, BUFSIZE, 6) and truncated == (False, False, True, False)
     assert keys == (rig.client_key(), rig.key(stranger), rig.client_key(), rig.client_key())
     rig.rx.take_batch(lengths, keys, truncated)
-    assert bytes(rig.rx.payload(1)) == b"\x00\x01stun" and rig.rx.address(1) == mmsg.decode_sockaddr(rig.key(stranger))
+    assert bytes(rig.rx.payload(1)) == b"\x00\x01stun" and rig.rx.address(1) == batchio.decode_sockaddr(rig.key(stranger))
     assert rig.rx.truncated(2) and not rig.rx.truncated(1) and rig.rx.truncated_count == 1
     assert [rig.transceiver.recv(4096)[-6:] for _ in range(2)] == [b"\x80hit-1", b"\x80hit-2"]
     assert entry.packets_in == 2

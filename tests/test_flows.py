@@ -11,7 +11,7 @@ import pytest
 from relay.config import RelayConfig
 from relay.decision import Learn
 from relay.flows import LocalFlows
-from relay.mmsg import sockaddr_for
+from relay.batchio import sockaddr_for
 from shm.flowtable import FlowTable, Lookup
 from shm.layout import ip16
 

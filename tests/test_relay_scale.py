@@ -20,7 +20,7 @@ from relayproc import Client, FakeTransceiver, RelayProcess, cleanup_relay, rtp_
 from relay.config import RelayConfig
 from relay.decision import Learn
 from relay.flows import LocalFlows
-from relay.mmsg import sockaddr_for
+from relay.batchio import sockaddr_for
 from shm.flowtable import FlowTable
 
 FLOWS = 50_000

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from relay.mmsg import sockaddr_for
+from relay.batchio import sockaddr_for
 from relay.sockets import open_udp
 from relay.tunnel_links import TunnelLinks
 

@@ -1,31 +1,30 @@
-"""relay/mmsg.py on real loopback sockets: both implementations (recvmmsg/sendmmsg through
+"""relay/batchio on real loopback sockets: both implementations (recvmmsg/sendmmsg through
 ctypes, and the recvfrom_into/sendto fallback) must pass the same tests."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import importlib.util
 import select
 import socket
 import struct
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from loopback import FAMILIES, has_ipv6
-from relay import mmsg
+from relay import batchio
+from relay.batchio.errors import SendAction, send_action
 
 IMPLS = [
     pytest.param(
-        (mmsg.MmsgReceiver, mmsg.MmsgSender),
+        (batchio.MmsgReceiver, batchio.MmsgSender),
         id="mmsg",
-        marks=pytest.mark.skipif(not mmsg.HAVE_MMSG, reason="no recvmmsg/sendmmsg in libc"),
+        marks=pytest.mark.skipif(not batchio.HAVE_MMSG, reason="no recvmmsg/sendmmsg in libc"),
     ),
-    pytest.param((mmsg.FallbackReceiver, mmsg.FallbackSender), id="fallback"),
+    pytest.param((batchio.FallbackReceiver, batchio.FallbackSender), id="fallback"),
 ]
 
 
@@ -58,7 +57,7 @@ def udp() -> Iterator:
 def key_of(sock: socket.socket) -> bytes:
     """The sockaddr bytes a receiver reports for datagrams from ``sock``."""
     addr = sock.getsockname()
-    return mmsg.sockaddr_for(socket.inet_pton(sock.family, addr[0]), addr[1], sock.family)
+    return batchio.sockaddr_for(socket.inet_pton(sock.family, addr[0]), addr[1], sock.family)
 
 
 def recv_until(rx, want: int, timeout: float = 3.0) -> list[tuple[bytes, bytes]]:
@@ -115,7 +114,7 @@ def test_batch_receive_payloads_lengths_sources(impl, fam, udp) -> None:
     # decoded source address, on demand
     n_keys = {key_of(c): c for c in clients}
     for key in n_keys:
-        ip, port = mmsg.decode_sockaddr(key)
+        ip, port = batchio.decode_sockaddr(key)
         c = n_keys[key]
         assert (ip, port) == (socket.inet_pton(family, c.getsockname()[0]), c.getsockname()[1])
         assert len(ip) == (4 if family == socket.AF_INET else 16)
@@ -183,7 +182,7 @@ def test_truncated_datagram_is_reported(impl, fam, udp) -> None:
         n = rx.recv()
         truncated_total += rx.truncated_count
         for i in range(n):
-            seen.append((rx.lengths[i], rx.truncated(i), rx.flags(i) & mmsg.MSG_TRUNC))
+            seen.append((rx.lengths[i], rx.truncated(i), rx.flags(i) & batchio.MSG_TRUNC))
             assert bytes(rx.payload(i)) == bytes([len(seen) - 1]) * rx.lengths[i]
     assert [(ln, t) for ln, t, _ in seen] == [(50, False), (100, False), (100, True), (100, True), (10, False)]
     assert [bool(f) for _, _, f in seen] == [False, False, True, True, False]
@@ -203,13 +202,13 @@ def test_recv_one_takes_one_datagram_and_looks_like_a_batch_of_one(impl, fam, ud
     generation = rx.generation
     address = rx.recv_one()
     assert address == client.getsockname()
-    assert mmsg.address_tuple(key_of(client)) == address  # the flows' by_address key
+    assert batchio.address_tuple(key_of(client)) == address  # the flows' by_address key
     assert (rx.count, rx.lengths, rx.truncated_count, rx.generation) == (1, (60,), 0, generation + 1)
     assert rx.keys() == (key_of(client),) and rx.key(0) == key_of(client)
     assert bytes(rx.payload(0)) == bytes([60]) * 60 and not rx.truncated(0)
     assert rx.recv_one() == address  # 101 bytes into a 100-byte slot: truncated
     assert (rx.lengths, rx.truncated_count, rx.truncated(0)) == ((100,), 1, True)
-    assert rx.flags(0) & mmsg.MSG_TRUNC
+    assert rx.flags(0) & batchio.MSG_TRUNC
     # a batch receive after it sees its own sources again, not recv_one's
     other = udp(*fam)
     other.sendto(b"from the other", server.getsockname())
@@ -222,7 +221,7 @@ def test_address_tuple_is_what_recvfrom_reports(fam, udp) -> None:
     server, client = udp(*fam), udp(*fam)
     client.sendto(b"x", server.getsockname())
     _, source = server.recvfrom(16)
-    assert mmsg.address_tuple(key_of(client)) == source
+    assert batchio.address_tuple(key_of(client)) == source
 
 
 def test_async_icmp_error_on_receive_is_transient(impl, udp) -> None:
@@ -273,7 +272,7 @@ def test_v4_mapped_on_dual_stack_socket(impl, udp) -> None:
         got = recv_until(rx, 1)
         cport = client.getsockname()[1]
         mapped = b"\x00" * 10 + b"\xff\xff" + socket.inet_aton("127.0.0.1")
-        assert got == [(mmsg.sockaddr_for(mapped, cport), b"hello")]
+        assert got == [(batchio.sockaddr_for(mapped, cport), b"hello")]
         assert rx.address(0) == (mapped, cport)
         # a reply to the key, and to the sender's sockaddr_for of the plain IPv4 address
         tx = tx_cls(server)
@@ -374,7 +373,7 @@ def test_send_rx_per_message_header_lengths(impl, udp) -> None:
     server, client, out, sink = udp(), udp(), udp(), udp()
     rx, tx = rx_cls(server, batch=16), tx_cls(out)
     calls: list[int] = []
-    if isinstance(tx, mmsg.MmsgSender):
+    if isinstance(tx, batchio.MmsgSender):
         real = tx._sendmmsg
 
         def counting(fd, ptr, n, flags):  # noqa: ANN001
@@ -396,7 +395,7 @@ def test_send_rx_per_message_header_lengths(impl, udp) -> None:
                 expected.append(bytes(rx.frame_view(i, hls[i])))
         assert tx.send_rx(rx, [key_of(sink)] * n, hls if rnd == 0 else 24, skip=[4]) == 9
     assert [d for d, _ in drain(sink, 18)] == expected
-    if isinstance(tx, mmsg.MmsgSender):
+    if isinstance(tx, batchio.MmsgSender):
         assert calls == [4, 5, 4, 5]  # one sendmmsg per run between skipped messages
 
 
@@ -417,7 +416,7 @@ def test_wrong_family_destination_fails_that_message(impl, udp) -> None:
     _, tx_cls = impl
     out, sink = udp(), udp()
     tx = tx_cls(out)
-    tx.add(mmsg.sockaddr_for(socket.inet_pton(socket.AF_INET6, "2001:db8::1"), 9), b"nope")
+    tx.add(batchio.sockaddr_for(socket.inet_pton(socket.AF_INET6, "2001:db8::1"), 9), b"nope")
     tx.add(key_of(sink), b"yes")
     assert tx.flush() == 1
     assert tx.failed == 1 and tx.errors == {errno.EAFNOSUPPORT: 1}
@@ -449,18 +448,18 @@ def test_send_rx_connected(impl, udp) -> None:
 def test_a_batch_of_one_goes_through_a_single_send(fam, udp) -> None:
     """MmsgSender sends a batch of one with the socket's own send/sendto (cheaper than a
     ctypes sendmmsg): every way of queueing it, connected or not, arrives byte for byte."""
-    if not mmsg.HAVE_MMSG:
+    if not batchio.HAVE_MMSG:
         pytest.skip("no sendmmsg in libc")
     server, client, out, conn_out, sink = udp(*fam), udp(*fam), udp(*fam), udp(*fam), udp(*fam)
     conn_out.connect(sink.getsockname())
-    rx = mmsg.MmsgReceiver(server, headroom=8)
-    tx = mmsg.MmsgSender(out, slot_size=64)
-    txc = mmsg.MmsgSender(conn_out, connected=True)
+    rx = batchio.MmsgReceiver(server, headroom=8)
+    tx = batchio.MmsgSender(out, slot_size=64)
+    txc = batchio.MmsgSender(conn_out, connected=True)
     batches: list[int] = []
 
     def no_sendmmsg(fd, ptr, n, flags):  # noqa: ANN001
         batches.append(n)
-        return mmsg._sendmmsg(fd, ptr, n, flags)
+        return batchio.mmsg._sendmmsg(fd, ptr, n, flags)
 
     tx._sendmmsg = txc._sendmmsg = no_sendmmsg
     dest = key_of(sink)
@@ -491,14 +490,14 @@ def test_a_batch_of_one_goes_through_a_single_send(fam, udp) -> None:
 
 
 def test_a_batch_of_one_retries_an_async_icmp_error_and_counts_eagain(udp) -> None:
-    if not mmsg.HAVE_MMSG:
+    if not batchio.HAVE_MMSG:
         pytest.skip("no sendmmsg in libc")
     out, closed, sink = udp(), udp(), udp()
     out.connect(closed.getsockname())
     closed.close()
     out.send(b"x")  # → ICMP port unreachable → pending ECONNREFUSED on `out`
     time.sleep(0.05)
-    tx = mmsg.MmsgSender(out)
+    tx = batchio.MmsgSender(out)
     tx.add(key_of(sink), b"after the error")
     assert tx.flush() == 1
     assert tx.failed == 0 and tx.errors == {errno.ECONNREFUSED: 1}
@@ -543,7 +542,7 @@ def test_partial_send_skips_the_bad_message(impl, udp) -> None:
     _, tx_cls = impl
     out, sink = udp(), udp()
     tx = tx_cls(out)
-    good, bad = key_of(sink), mmsg.sockaddr_for(socket.inet_aton("127.0.0.1"), 0)
+    good, bad = key_of(sink), batchio.sockaddr_for(socket.inet_aton("127.0.0.1"), 0)
     for k, d in enumerate([good, good, bad, good, bad, bad, good]):
         tx.add(d, payload(k))
     assert tx.flush() == 4
@@ -576,7 +575,7 @@ def _fake_send(tx, script: list[int | tuple[str, int]]) -> list[int]:
     calls: list[int] = []
     steps = iter(script)
 
-    if isinstance(tx, mmsg.MmsgSender):
+    if isinstance(tx, batchio.MmsgSender):
 
         def fake(fd, ptr, n, flags):  # noqa: ANN001
             calls.append(n)
@@ -630,7 +629,7 @@ def test_partial_sends_are_continued(impl, udp) -> None:
         tx.add(key_of(sink), payload(k))
     assert tx.flush() == 11
     assert tx.sent == 11 and tx.failed == 1 and tx.dropped_eagain == 0
-    if isinstance(tx, mmsg.MmsgSender):
+    if isinstance(tx, batchio.MmsgSender):
         assert calls == [12, 8, 7, 6]  # one call per remainder: never one per packet
 
 
@@ -681,46 +680,57 @@ def test_sockaddr_for_and_decode() -> None:
     ip4 = socket.inet_aton("192.0.2.7")
     ip6 = socket.inet_pton(socket.AF_INET6, "2001:db8::1")
     mapped = b"\x00" * 10 + b"\xff\xff" + ip4
-    k4 = mmsg.sockaddr_for(ip4, 5000)
-    assert len(k4) == 8 and mmsg.decode_sockaddr(k4) == (ip4, 5000)
-    assert mmsg.decode_sockaddr(k4 + b"\x00" * 8) == (ip4, 5000)  # a full sockaddr_in too
-    k6 = mmsg.sockaddr_for(ip6, 443)
-    assert len(k6) == 28 and mmsg.decode_sockaddr(k6) == (ip6, 443)
-    assert mmsg.sockaddr_for(ip4, 1, socket.AF_INET6) == mmsg.sockaddr_for(mapped, 1)
-    assert mmsg.sockaddr_for(mapped, 1, socket.AF_INET) == mmsg.sockaddr_for(ip4, 1)
+    k4 = batchio.sockaddr_for(ip4, 5000)
+    assert len(k4) == 8 and batchio.decode_sockaddr(k4) == (ip4, 5000)
+    assert batchio.decode_sockaddr(k4 + b"\x00" * 8) == (ip4, 5000)  # a full sockaddr_in too
+    k6 = batchio.sockaddr_for(ip6, 443)
+    assert len(k6) == 28 and batchio.decode_sockaddr(k6) == (ip6, 443)
+    assert batchio.sockaddr_for(ip4, 1, socket.AF_INET6) == batchio.sockaddr_for(mapped, 1)
+    assert batchio.sockaddr_for(mapped, 1, socket.AF_INET) == batchio.sockaddr_for(ip4, 1)
     with pytest.raises(ValueError):
-        mmsg.sockaddr_for(ip6, 1, socket.AF_INET)
+        batchio.sockaddr_for(ip6, 1, socket.AF_INET)
     with pytest.raises(ValueError):
-        mmsg.sockaddr_for(b"\x01\x02\x03", 1)
+        batchio.sockaddr_for(b"\x01\x02\x03", 1)
     with pytest.raises(ValueError):
-        mmsg.sockaddr_for(ip4, 70000)
+        batchio.sockaddr_for(ip4, 70000)
     with pytest.raises(ValueError):
-        mmsg.decode_sockaddr(b"\x00" * 4)
+        batchio.decode_sockaddr(b"\x00" * 4)
+
+
+def test_send_error_rules() -> None:
+    """What both senders (and relay/_fastpath.c) do about the error of the message at the head."""
+    assert send_action(errno.EAGAIN, False) is SendAction.DROP_REST
+    assert send_action(errno.ENOBUFS, True, 8) is SendAction.DROP_REST
+    assert send_action(errno.EINTR, False, 1) is SendAction.RETRY_INTERRUPTED
+    assert send_action(errno.EINTR, False, 0) is SendAction.SKIP  # out of retries
+    assert send_action(errno.ECONNREFUSED, False) is SendAction.RETRY_ASYNC
+    assert send_action(errno.ECONNREFUSED, True) is SendAction.SKIP  # once per message
+    assert send_action(errno.EBADF, False) is SendAction.RAISE
+    assert send_action(errno.EMSGSIZE, False) is SendAction.SKIP
 
 
 def test_rejects_non_udp_sockets() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         with pytest.raises(ValueError):
-            mmsg.BatchReceiver(s)
+            batchio.BatchReceiver(s)
         with pytest.raises(ValueError):
-            mmsg.BatchSender(s)
+            batchio.BatchSender(s)
     if hasattr(socket, "AF_UNIX"):
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             with pytest.raises(ValueError):
-                mmsg.BatchReceiver(s)
+                batchio.BatchReceiver(s)
 
 
 def test_default_implementation_and_fallback_selection(monkeypatch: pytest.MonkeyPatch) -> None:
-    if mmsg.HAVE_MMSG:
-        assert mmsg.BatchReceiver is mmsg.MmsgReceiver and mmsg.BatchSender is mmsg.MmsgSender
-    # without recvmmsg in libc (here: "not Linux") the module selects the fallback
+    if batchio.HAVE_MMSG:
+        assert batchio.BatchReceiver is batchio.MmsgReceiver and batchio.BatchSender is batchio.MmsgSender
+    # without recvmmsg in libc (here: "not Linux") the package selects the fallback
     monkeypatch.setattr(sys, "platform", "darwin")
-    spec = importlib.util.spec_from_file_location("_mmsg_no_libc", Path(mmsg.__file__))
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.HAVE_MMSG is False
-    assert mod.BatchReceiver is mod.FallbackReceiver and mod.BatchSender is mod.FallbackSender
+    assert batchio.mmsg._load_libc() == (None, None)
+    assert batchio.batch_classes(False) == (batchio.FallbackReceiver, batchio.FallbackSender)
+    monkeypatch.setattr(batchio.mmsg, "HAVE_MMSG", False)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         with pytest.raises(OSError):
-            mod.MmsgReceiver(s)
+            batchio.MmsgReceiver(s)
+        with pytest.raises(OSError):
+            batchio.MmsgSender(s)

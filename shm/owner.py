@@ -1,10 +1,10 @@
 """The single writer's hold on one partition (invariant 1), and the slot-level steps every
 write is made of: a journaled, seqlocked slot write (invariants 2 and 3), the owner's own
-probes, and backward-shift deletion (invariants 4-7)."""
+probes, and backward-shift deletion (invariants 4-7), written once for both kinds of slot."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 from shm.layout import (
     FLOW_SLOT_STRUCT,
@@ -24,8 +24,20 @@ from shm.tablefile import release_lock
 if TYPE_CHECKING:
     from shm.table import FlowTable
 
+M64 = (1 << 64) - 1
 ZERO_BODY = bytes(112)  # a slot's body: everything after its seq and tag words
 _FLOW_UNPACK = FLOW_SLOT_STRUCT.unpack_from
+
+
+class SlotKind(NamedTuple):
+    """What probing and backward-shift deletion need to know of one kind of slot."""
+
+    base: int  # word index of slot 0 in the partition
+    mask: int  # capacity - 1
+    key_bits: int  # the tag bits holding the key's hash; all zero there: an empty slot
+    home_mul: int  # home slot: ((key * home_mul) & key_bits) >> home_shift
+    home_shift: int
+    generations: bool  # the tag's high half counts the slot's writes (flow handles name it)
 
 
 class _ClosedWords:
@@ -66,6 +78,9 @@ class PartitionOwner:
         self._maxper = table.max_flows_per_session
         self._pbits = p << HANDLE_SLOT_BITS
         self._sref = table._sref
+        # A flow's home is Fibonacci hashing of its 32-bit tag; a session's, its ref's top bits.
+        self._flow_slots = SlotKind(self._fw, self._fmask, M32, GOLDEN32, self._fshift, True)
+        self._session_slots = SlotKind(self._sw, self._smask, M64, 1, self._sshift, False)
         self.last_takeover: TakeoverReport | None = None  # own() runs takeover() first
 
     def close(self) -> None:
@@ -169,73 +184,42 @@ class PartitionOwner:
     def _session_rows(self) -> Any:
         return self.table._sessions_rows(self.partition)
 
-    # -- structural changes (invariants 4-7) -------------------------------------------------------
+    # -- backward-shift deletion (invariants 4-7) --------------------------------------------------
 
-    def _shift_out_flow(self, i: int) -> None:
-        """Empty flow slot i by backward-shift deletion. The caller holds `sc` odd."""
+    def _shift_out(self, kind: SlotKind, i: int) -> None:
+        """Empty slot i (flow or session, per `kind`) by backward-shift deletion: each later
+        entry of the run whose home allows it moves back into the hole, so no probe chain gets
+        a gap. A flow slot written takes its next generation, and a moved flow's handle change
+        goes to on_move. The caller holds `sc` odd."""
         q = self._q
         mm = self._mm
-        fw = self._fw
-        mask = self._fmask
-        shift = self._fshift
+        base, mask, key_bits, mul, shift, generations = kind  # one unpack: cheaper than 6 attributes
         hole = i
         j = (i + 1) & mask
         while True:
-            wj = fw + (j << 4)
+            wj = base + (j << 4)
             tj = q[wj + 1]
-            lo = tj & M32
-            if not lo:
+            key = tj & key_bits
+            if not key:
                 break
-            home = ((lo * GOLDEN32) & M32) >> shift
+            home = ((key * mul) & key_bits) >> shift
             if ((j - home) & mask) >= ((j - hole) & mask):
-                hoff = (fw + (hole << 4)) << 3
+                hoff = (base + (hole << 4)) << 3
                 joff = wj << 3
                 self._begin(hoff)
                 mm[hoff + 16 : hoff + 128] = mm[joff + 16 : joff + 128]
-                th = q[(hoff >> 3) + 1]
-                new = ((((th >> 32) + 1) & M32) << 32) | lo
+                new = (((((q[(hoff >> 3) + 1] >> 32) + 1) & M32) << 32) | key) if generations else key
                 q[(hoff >> 3) + 1] = new
                 self._end(hoff)
-                if self.on_move is not None:
+                if generations and self.on_move is not None:
                     self.on_move(
                         ((tj >> 32) << HANDLE_GEN_SHIFT) | self._pbits | j,
                         ((new >> 32) << HANDLE_GEN_SHIFT) | self._pbits | hole,
                     )
                 hole = j
             j = (j + 1) & mask
-        hoff = (fw + (hole << 4)) << 3
+        hoff = (base + (hole << 4)) << 3
         self._begin(hoff)
-        th = q[(hoff >> 3) + 1]
-        q[(hoff >> 3) + 1] = (((th >> 32) + 1) & M32) << 32
-        mm[hoff + 16 : hoff + 128] = ZERO_BODY
-        self._end(hoff)
-
-    def _shift_out_session(self, i: int) -> None:
-        """Empty session slot i by backward-shift deletion. The caller holds `sc` odd."""
-        q = self._q
-        mm = self._mm
-        sw = self._sw
-        mask = self._smask
-        shift = self._sshift
-        hole = i
-        j = (i + 1) & mask
-        while True:
-            wj = sw + (j << 4)
-            tj = q[wj + 1]
-            if not tj:
-                break
-            home = tj >> shift
-            if ((j - home) & mask) >= ((j - hole) & mask):
-                hoff = (sw + (hole << 4)) << 3
-                joff = wj << 3
-                self._begin(hoff)
-                mm[hoff + 16 : hoff + 128] = mm[joff + 16 : joff + 128]
-                q[(hoff >> 3) + 1] = tj
-                self._end(hoff)
-                hole = j
-            j = (j + 1) & mask
-        hoff = (sw + (hole << 4)) << 3
-        self._begin(hoff)
-        q[(hoff >> 3) + 1] = 0
+        q[(hoff >> 3) + 1] = ((((q[(hoff >> 3) + 1] >> 32) + 1) & M32) << 32) if generations else 0
         mm[hoff + 16 : hoff + 128] = ZERO_BODY
         self._end(hoff)

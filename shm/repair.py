@@ -91,11 +91,10 @@ class PartitionRepair(PartitionOwner):
         q = self._q
         mm = self._mm
         repaired = 0
-        for rows, w0, is_flow in ((self._rows(), self._fw, True), (self._session_rows(), self._sw, False)):
+        for kind, rows in ((self._flow_slots, self._rows()), (self._session_slots, self._session_rows())):
             for i in np.flatnonzero(rows[:, 0] & np.uint64(1)).tolist():
-                w = w0 + (i << 4)
-                t = q[w + 1]
-                if not (t & M32 if is_flow else t):
+                w = kind.base + (i << 4)
+                if not q[w + 1] & kind.key_bits:
                     mm[(w << 3) + 16 : (w << 3) + 128] = ZERO_BODY
                 q[w] = q[w] + 1
                 repaired += 1
@@ -108,13 +107,13 @@ class PartitionRepair(PartitionOwner):
             dup = self._find_duplicate_flow()
             if dup < 0:
                 break
-            self._shift_out_flow(dup)
+            self._shift_out(self._flow_slots, dup)
             removed += 1
         while True:
             dup = self._find_duplicate_session()
             if dup < 0:
                 break
-            self._shift_out_session(dup)
+            self._shift_out(self._session_slots, dup)
             removed += 1
         return removed
 
@@ -183,7 +182,7 @@ class PartitionRepair(PartitionOwner):
             for key, t32 in keys:
                 i, found = self._find(key, t32)
                 if found:
-                    self._shift_out_flow(i)
+                    self._shift_out(self._flow_slots, i)
                     orphan_flows += 1
             focc = np.flatnonzero(frows[:, W_TAG] & np.uint64(M32))
             frefs = frows[focc, W_SREF]
@@ -201,7 +200,7 @@ class PartitionRepair(PartitionOwner):
         for sref in orphan_refs:
             s = self._session_slot(sref)
             if s >= 0:
-                self._shift_out_session(s)
+                self._shift_out(self._session_slots, s)
         for sref, n in fixes:
             s = self._session_slot(sref)
             if s >= 0:

@@ -71,7 +71,7 @@ class PartitionWriter(PartitionRepair):
         hw = self._hw
         sref = q[self._fw + (i << 4) + W_SREF]
         q[self._scw] += 1
-        self._shift_out_flow(i)
+        self._shift_out(self._flow_slots, i)
         q[self._scw] += 1
         q[hw + P_FLOWS] -= 1
         q[hw + P_DELETES] += 1
@@ -82,7 +82,7 @@ class PartitionWriter(PartitionRepair):
         info = q[w + SW_INFO]
         if info >> 32 <= 1:
             q[self._scw] += 1
-            self._shift_out_session(s)
+            self._shift_out(self._session_slots, s)
             q[self._scw] += 1
             q[hw + P_SESSIONS] -= 1
         else:

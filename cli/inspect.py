@@ -17,7 +17,7 @@ import psutil
 
 from relay.metrics import DROP_REASONS
 from shm.counters import CounterBlock, CounterLayoutError
-from shm.flowtable import Flow, FlowTable, LayoutMismatch, Session, TableView
+from shm import Flow, FlowTable, LayoutMismatch, Session, TableView
 from shm.layout import ip_str
 
 

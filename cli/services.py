@@ -29,7 +29,7 @@ def relay(
     overrides = {"listen": listen or None, "workers": workers, "name": name, "route_keys_file": route_keys,
                  "admin_listen": admin, "tunnel_host": tunnel_host}
     from relay.supervisor import ActivationMismatch
-    from shm.flowtable import ShmError
+    from shm import ShmError
 
     try:
         run_relay(load_relay_config(config, overrides), keep_table=not ephemeral)

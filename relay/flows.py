@@ -20,7 +20,7 @@ from relay.config import RelayConfig
 from relay.decision import Learn
 from relay.batchio import address_tuple, sockaddr_for
 from wire.tunnel_frame import data_header_len, data_prefix
-from shm.flowtable import Flow, FlowTable, InsertStatus, PartitionWriter, TakeoverReport
+from shm import Flow, FlowTable, InsertStatus, PartitionWriter, TakeoverReport
 from shm.layout import ip16
 
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"

@@ -37,7 +37,7 @@ from relay.metrics import WORKER_COUNTERS, render_prometheus
 from relay.sockets import adopt_fd, bound_address, open_udp, set_buffers
 from relay.worker_spec import PublicSocket, WorkerSpec, encode_spec
 from shm.counters import CounterBlock
-from shm.flowtable import FlowTable, LayoutMismatch
+from shm import FlowTable, LayoutMismatch
 
 log = logging.getLogger("rtcrelay.relay")
 

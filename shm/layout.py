@@ -1,7 +1,7 @@
 """Binary layout of the shared-memory flow table: file header, partition header, slots, hashes.
 
 Everything here is a fixed, versioned byte layout (little-endian, x86-64 / TSO assumed; see
-`shm.flowtable` for the concurrency rules). Nothing in this module touches shared memory
+the `shm` package docstring for the concurrency rules). Nothing in this module touches shared memory
 concurrently: it only describes where things are and how keys hash.
 
 File (one per relay instance, under /dev/shm)::

@@ -245,7 +245,7 @@ def test_garbage_flood_quick(tmp_path: Path, transceiver: FakeTransceiver) -> No
 @pytest.mark.long
 def test_garbage_flood_one_million(tmp_path: Path, transceiver: FakeTransceiver) -> None:
     # RSS: +1.2-1.3 MiB per worker measured; the bound is the ufrag cache that junk fills
-    # (shm/flowtable.py _sref: 16,384 entries, ~2.4 MB of Python objects at its peak).
+    # (shm/reader.py TableReader._sref: 16,384 entries, ~2.4 MB of Python objects at its peak).
     flood(tmp_path, transceiver, count=1_000_000, pps=25_000, seed=2, rss_budget_mib=5.0)
 
 

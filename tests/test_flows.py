@@ -12,7 +12,7 @@ from relay.config import RelayConfig
 from relay.decision import Learn
 from relay.flows import LocalFlows
 from relay.batchio import sockaddr_for
-from shm.flowtable import FlowTable, Lookup
+from shm import FlowTable, Lookup
 from shm.layout import ip16
 
 PUBLIC = (socket.inet_aton("127.0.0.1"), 3478)

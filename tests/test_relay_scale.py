@@ -21,7 +21,7 @@ from relay.config import RelayConfig
 from relay.decision import Learn
 from relay.flows import LocalFlows
 from relay.batchio import sockaddr_for
-from shm.flowtable import FlowTable
+from shm import FlowTable
 
 FLOWS = 50_000
 STEP_CPU_MAX_S = 0.002

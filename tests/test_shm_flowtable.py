@@ -1,4 +1,4 @@
-"""Unit tests of the shared-memory flow table (shm/flowtable.py): every operation, the layout,
+"""Unit tests of the shared-memory flow table (shm/): every operation, the layout,
 and crash recovery at every store of an operation. One process; see test_shm_procs.py and
 test_shm_stress.py for the multi-process tests."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from shm.flowtable import (
+from shm import (
     MISS,
     UNKNOWN,
     Flow,

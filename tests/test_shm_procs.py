@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from shm.flowtable import Flow, FlowTable, PartitionBusy
+from shm import Flow, FlowTable, PartitionBusy
 from test_shm_support import TARGET_A, key, shm_path, state  # noqa: F401  (shm_path is a fixture)
 
 CTX = multiprocessing.get_context("fork")

@@ -1,7 +1,7 @@
 """Multi-process stress of the flow table: writers killed with SIGKILL at random points (also
 inside writes), restarted, taking over; readers looking up and scanning all the while.
 
-What is checked is exactly the numbered invariants at the top of shm/flowtable.py:
+What is checked is exactly the numbered invariants in the docstring of shm/__init__.py:
   1      each writer owns its partition by flock; a restarted writer can own it only because
          the kernel dropped the dead one's lock (own() would raise PartitionBusy otherwise);
   2      readers never see a torn record: every record carries a self-check (its counters,
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from shm.flowtable import MISS, UNKNOWN, Flow, FlowTable, PartitionWriter
+from shm import MISS, UNKNOWN, Flow, FlowTable, PartitionWriter
 from shm.layout import ip16
 from test_shm_support import LOCAL4, remove_table_files, tmp_table_path
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from shm.flowtable import FlowTable, PartitionWriter, unlink_table
+from shm import FlowTable, PartitionWriter, unlink_table
 from shm.layout import ip16
 
 LOCAL4 = ip16("203.0.113.7")

@@ -39,6 +39,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.harness.cpu import cpu_seconds, steal_seconds  # noqa: E402
+from bench.harness.procinfo import pin, proc_state  # noqa: E402
+from bench.udpload import udp_sockets  # noqa: E402
 from relay import batchio  # noqa: E402
 
 HEADER_LEN = 24
@@ -52,11 +55,7 @@ C_FORWARDER = ""  # --c-forwarder
 
 
 def _pin(cpu: int) -> None:
-    try:
-        if cpu < os.cpu_count():  # type: ignore[operator]
-            os.sched_setaffinity(0, {cpu})
-    except (AttributeError, OSError):
-        pass
+    pin(os.getpid(), {cpu})  # not there (fewer CPUs): left unpinned
 
 
 def _big_rcvbuf(sock: socket.socket) -> int:
@@ -69,31 +68,9 @@ def _big_rcvbuf(sock: socket.socket) -> int:
 
 
 def _udp_stats(port: int) -> tuple[int, int]:
-    """(rx_queue bytes, drops) of the 127.0.0.1 UDP socket bound to ``port``."""
-    want = f"0100007F:{port:04X}"
-    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
-        f = line.split()
-        if f[1] == want:
-            return int(f[4].split(":")[1], 16), int(f[-1])
-    return -1, -1
-
-
-def _cpu_ticks(pid: int) -> int:
-    """utime + stime of a process, in clock ticks."""
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(f[11]) + int(f[12])
-
-
-def _steal_ticks() -> int:
-    f = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    return int(f[8]) if len(f) > 8 else 0
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "?"
+    """(rx_queue bytes, drops) of the UDP socket(s) bound to ``port``."""
+    socks = udp_sockets(port)
+    return sum(s.rx_queue for s in socks), sum(s.drops for s in socks)
 
 
 # --- forwarders (run in the child) ---------------------------------------------------------
@@ -351,7 +328,7 @@ def run_once(impl: str, packets: int, flows: int, payload: int, timeout: float) 
 
         os.kill(fwd_pid, signal.SIGSTOP)
         t_stop = time.monotonic() + 5
-        while _state(fwd_pid) != "T" and time.monotonic() < t_stop:
+        while proc_state(fwd_pid) != "T" and time.monotonic() < t_stop:
             time.sleep(0.001)
         drops0 = _udp_stats(in_port)[1]
         gen_drop = _generate(clients, ("127.0.0.1", in_port), packets, payload)
@@ -371,7 +348,7 @@ def run_once(impl: str, packets: int, flows: int, payload: int, timeout: float) 
         os.close(result_w)
         time.sleep(0.1)  # the sink is waiting in poll()
 
-        cpu0, steal0 = _cpu_ticks(fwd_pid), _steal_ticks()
+        cpu0, steal0 = cpu_seconds([fwd_pid]), steal_seconds()
         t0 = time.monotonic_ns()
         os.kill(fwd_pid, signal.SIGCONT)
         rl, _, _ = select.select([result_r], [], [], max(0.1, deadline - time.monotonic()))
@@ -380,9 +357,8 @@ def run_once(impl: str, packets: int, flows: int, payload: int, timeout: float) 
         if len(raw) != 24:
             raise RuntimeError(f"{impl}: no result from the sink within the time limit")
         seen, t_last, bad = struct.unpack("=qqq", raw)
-        tick_ns = 1e9 / os.sysconf("SC_CLK_TCK")
-        result["cpu_ns_per_packet"] = (_cpu_ticks(fwd_pid) - cpu0) * tick_ns / max(1, seen)
-        result["steal_ms"] = (_steal_ticks() - steal0) * tick_ns / 1e6
+        result["cpu_ns_per_packet"] = (cpu_seconds([fwd_pid]) - cpu0) * 1e9 / max(1, seen)
+        result["steal_ms"] = (steal_seconds() - steal0) * 1e3
         result.update(seen=seen, expected=expect, bad=bad)
         if seen < expect:
             raise RuntimeError(f"{impl}: sink saw {seen}/{expect} before the deadline")

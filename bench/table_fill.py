@@ -22,8 +22,10 @@ _BENCH = Path(__file__).resolve().parent
 if sys.path and Path(sys.path[0] or ".").resolve() == _BENCH:
     sys.path[0] = str(_BENCH.parent)  # as bench/relay.py: bench/ must not shadow `relay`
 
-from bench import loadlib  # noqa: E402
-from bench import relay as bench  # noqa: E402
+from bench import ctools, udpload  # noqa: E402
+from bench.harness import processes  # noqa: E402
+from bench.relay_forwarders import HOST, PythonRelayForwarder  # noqa: E402
+from bench.relay_runs import drops, free_ports, start_and_pin  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,18 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-timeout", type=float, default=30.0)
     ap.add_argument("--every", type=float, default=5.0, help="seconds between lines")
     args = ap.parse_args(argv)
-    loadlib.install_signal_handlers()
-    tools = loadlib.build()
-    fwd = bench.PythonRelayForwarder(args.workers, flows=args.capacity // 2, idle_timeout=args.idle_timeout)
-    ports = bench.free_ports()
-    load = loadlib.Load(tools, flows=1, host=bench.HOST)
-    bench.start_and_pin(fwd, ports, None)
+    processes.stop_all_on_signals()
+    tools = ctools.build()
+    fwd = PythonRelayForwarder(args.workers, flows=args.capacity // 2, idle_timeout=args.idle_timeout)
+    ports = free_ports()
+    load = udpload.Load(tools, flows=1, host=HOST)
+    start_and_pin(fwd, ports, None)
     path = None
     try:
         n = int(args.rate * args.seconds)
-        path = loadlib.write_preambles(fwd.preambles(n) or [])
+        path = udpload.write_preambles(fwd.preambles(n) or [])
         sink = load.sink(ports.sink, idle_ms=0, max_s=args.seconds + 30)
-        churn = load.churn(ports.listen, path, loadlib.SourcePlan("127.3.0.1", 2000), args.rate, args.seconds,
+        churn = load.churn(ports.listen, path, udpload.SourcePlan("127.3.0.1", 2000), args.rate, args.seconds,
                            max_s=args.seconds + 10)
         t0 = time.monotonic()
         first_refusal = None
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         while churn.poll() is None:
             time.sleep(args.every)
             rows = fwd.counters() or []
-            refused = {k[5:]: v for k, v in bench.drops(rows).items()
+            refused = {k[5:]: v for k, v in drops(rows).items()
                        if k in ("drop_table_full", "drop_session_table_full", "drop_miss_queue_full")}
             t = time.monotonic() - t0
             if refused and first_refusal is None:
@@ -63,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"t={t:5.1f} s  flows {sum(r['flows'] for r in rows):7,}  learned "
                   f"{sum(r['flows_learned'] for r in rows):7,}  expired {sum(r['flows_expired'] for r in rows):7,}  "
                   f"refused {refused or 'none'}", flush=True)
-        print(loadlib.summary(churn, 10, "loadgen churn"))
-        loadlib.reap(sink)
+        print(processes.json_summary(churn, 10, "loadgen churn"))
+        processes.reap(sink)
         print("refusals began within " + (f"{first_refusal:.0f} s" if first_refusal else "never"))
     finally:
         fwd.stop()

@@ -1,4 +1,4 @@
-"""The relay benchmark harness (bench/relay.py, bench/loadlib.py, bench/c/*.c) works.
+"""The relay benchmark harness (bench/relay*.py, bench/udpload.py, bench/harness/, bench/c/*.c) works.
 
 The C tools build with gcc; the C reference forwarder writes exactly the relay's 24-byte tunnel
 header; generator -> forwarder -> sink delivers every packet of a paced low-rate run with
@@ -27,10 +27,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 
-# As bench.relay (bench/ is a namespace package): it cannot shadow the `relay` package.
-from bench import relay as bench  # noqa: E402
-
-loadlib = bench.loadlib
+# bench/ is a namespace package: its modules cannot shadow the `relay` package.
+from bench import ctools, relay_churn, relay_forwarders, relay_report, relay_runs, udpload  # noqa: E402
+from bench.harness import processes, procinfo  # noqa: E402
+from bench.harness.errors import BenchError  # noqa: E402
+from bench.harness.ports import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +40,20 @@ def tools():
         pytest.fail("gcc is not installed: the relay benchmark builds its C tools with gcc "
                     "(apt-get install gcc)", pytrace=False)
     try:
-        return loadlib.build()
-    except loadlib.BenchError as e:
+        return ctools.build()
+    except BenchError as e:
         pytest.fail(str(e), pytrace=False)
 
 
 @pytest.fixture(autouse=True)
 def _reap():
     yield
-    loadlib.kill_all()  # only the process groups this harness started
+    processes.stop_all()  # only the process groups this harness started
 
 
 @pytest.mark.timeout(120)
 def test_c_tools_build(tools):
-    built = loadlib.build(force=True)
+    built = ctools.build(force=True)
     for name in ("fwd_ref", "loadgen"):
         assert built[name].is_file() and built[name].stat().st_mode & 0o111, name
         assert built[name].parent == BENCH / ".build"
@@ -63,8 +64,8 @@ def test_reference_forwarder_writes_the_relay_tunnel_header(tools):
     target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     target.bind(("127.0.0.1", 0))
     target.settimeout(5)
-    fwd = bench.CReferenceForwarder(1, tools=tools, rcvbuf=4 << 20)
-    listen = loadlib.free_udp_port()
+    fwd = relay_forwarders.CReferenceForwarder(1, tools=tools, rcvbuf=4 << 20)
+    listen = free_port()
     fwd.start(listen, target.getsockname())
     try:
         assert len(fwd.pids()) == 1
@@ -95,14 +96,14 @@ def test_reference_forwarder_writes_the_relay_tunnel_header(tools):
     finally:
         fwd.stop()
         target.close()
-    assert fwd.pids() and loadlib.proc_state(fwd.pids()[0]) in ("?", "Z")
+    assert fwd.pids() and procinfo.proc_state(fwd.pids()[0]) in ("?", "Z")
 
 
 def _variant(tools, workers=1, flows=8):
-    load = loadlib.Load(tools, flows=flows, size=140, cpus=None)
-    listen = loadlib.free_udp_port()
-    ports = bench.Ports(listen, loadlib.free_udp_port(avoid=(listen,)))
-    fwd = bench.CReferenceForwarder(workers, tools=tools, rcvbuf=32 << 20)
+    load = udpload.Load(tools, flows=flows, size=140, cpus=None)
+    listen = free_port()
+    ports = relay_runs.Ports(listen, free_port(avoid=(listen,)))
+    fwd = relay_forwarders.CReferenceForwarder(workers, tools=tools, rcvbuf=32 << 20)
     fwd.start(ports.listen, ("127.0.0.1", ports.sink))
     return fwd, load, ports
 
@@ -111,7 +112,7 @@ def _variant(tools, workers=1, flows=8):
 def test_generator_forwarder_sink_deliver_with_latency(tools):
     fwd, load, ports = _variant(tools)
     try:
-        r = bench.paced_run(fwd, load, ports, 2000, 0.5, batch=1, check_header=True)
+        r = relay_runs.paced_run(fwd, load, ports, 2000, 0.5, batch=1, check_header=True)
     finally:
         fwd.stop()
     s = r["sink"]
@@ -130,13 +131,13 @@ def test_generator_forwarder_sink_deliver_with_latency(tools):
 def test_preambles_only_run_then_runs_without_them(tools):
     """-n 0 with a preamble file sends the preambles alone (learning); measured runs send none."""
     fwd, load, ports = _variant(tools, flows=4)
-    pre = loadlib.write_preambles([b"\x00\x01stun-ish %d" % i for i in range(4)])
+    pre = udpload.write_preambles([b"\x00\x01stun-ish %d" % i for i in range(4)])
     try:
         sink = load.sink(ports.sink, idle_ms=300, max_s=10)
         g = load.gen(ports.listen, count=0, preamble_file=pre, preamble_rate=1000, preamble_wait_ms=0).result(10)
         time.sleep(0.3)
-        loadlib.stop_process(sink)
-        r = bench.paced_run(fwd, load, ports, 1000, 0.2, batch=1)
+        processes.stop(sink)
+        r = relay_runs.paced_run(fwd, load, ports, 1000, 0.2, batch=1)
     finally:
         fwd.stop()
         Path(pre).unlink()
@@ -154,23 +155,23 @@ def _receiver(ip: str = "127.0.0.1") -> socket.socket:
 
 
 def test_source_plan_addresses():
-    plan = loadlib.SourcePlan("127.30.0.1", 32766)  # 2 ports per IP
+    plan = udpload.SourcePlan("127.30.0.1", 32766)  # 2 ports per IP
     assert [plan.address(i) for i in range(5)] == [
         ("127.30.0.1", 32766), ("127.30.0.1", 32767), ("127.30.0.2", 32766), ("127.30.0.2", 32767),
         ("127.30.0.3", 32766)]
-    assert plan.after(3) == loadlib.SourcePlan("127.30.0.3", 32766)  # the next unused IP
-    assert loadlib.SourcePlan.parse("127.30.0.1:2000").per_ip == 30768
-    assert str(bench.Config().churn_source) == "127.2.0.1:2000"
+    assert plan.after(3) == udpload.SourcePlan("127.30.0.3", 32766)  # the next unused IP
+    assert udpload.SourcePlan.parse("127.30.0.1:2000").per_ip == 30768
+    assert str(relay_runs.Config().churn_source) == "127.2.0.1:2000"
     for bad in (("10.0.0.1", 2000), ("127.0.0.1", 32768)):
-        with pytest.raises(loadlib.BenchError):
-            loadlib.SourcePlan(*bad)
+        with pytest.raises(BenchError):
+            udpload.SourcePlan(*bad)
 
 
 @pytest.mark.timeout(30)
 def test_generator_sends_from_the_source_plan_the_same_tuples_each_run(tools):
     """Flow i's datagrams come from plan address i (C and Python agree), in every run."""
     rx = _receiver()
-    load = loadlib.Load(tools, flows=5, size=140, source=loadlib.SourcePlan("127.31.0.1", 32765))
+    load = udpload.Load(tools, flows=5, size=140, source=udpload.SourcePlan("127.31.0.1", 32765))
     seen = []
     for _ in range(2):
         load.gen(rx.getsockname()[1], count=5, batch=1).result(10)
@@ -208,11 +209,11 @@ def test_generator_raises_its_open_files_limit(tools):
 def test_generator_split_over_processes_sends_every_flow(tools):
     """Beyond one process's open files: shards with their share of flows, count and rate."""
     fwd, _, ports = _variant(tools)
-    load = loadlib.Load(tools, flows=300, size=140, source=loadlib.SourcePlan("127.33.0.1", 2000),
+    load = udpload.Load(tools, flows=300, size=140, source=udpload.SourcePlan("127.33.0.1", 2000),
                         max_flows_per_process=100)
     try:
-        r = bench.paced_run(fwd, load, ports, 3000, 0.5, batch=1)
-        d = bench.drain(fwd, load, ports, 3000)
+        r = relay_runs.paced_run(fwd, load, ports, 3000, 0.5, batch=1)
+        d = relay_runs.drain(fwd, load, ports, 3000)
     finally:
         fwd.stop()
     assert r["gen"]["shards"] == 3 and r["gen"]["flows"] == 300 and r["sent"] == 1500
@@ -223,13 +224,13 @@ def test_generator_split_over_processes_sends_every_flow(tools):
 
 @pytest.mark.timeout(30)
 def test_a_generator_failure_carries_its_stderr(tools):
-    plan = loadlib.SourcePlan("127.34.0.1", 2000)
+    plan = udpload.SourcePlan("127.34.0.1", 2000)
     held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     held.bind(plan.address(2))
     rx = _receiver()
     try:
-        gen = loadlib.Load(tools, flows=4, source=plan).gen(rx.getsockname()[1], count=4)
-        with pytest.raises(loadlib.BenchError) as e:
+        gen = udpload.Load(tools, flows=4, source=plan).gen(rx.getsockname()[1], count=4)
+        with pytest.raises(BenchError) as e:
             gen.result(10)
     finally:
         held.close()
@@ -240,10 +241,10 @@ def test_a_generator_failure_carries_its_stderr(tools):
 @pytest.mark.timeout(30)
 def test_churn_sends_each_record_from_a_new_tuple(tools):
     rx = _receiver()
-    plan = loadlib.SourcePlan("127.35.0.1", 32760)  # 8 ports per IP
-    pre = loadlib.write_preambles([b"rec%d" % i for i in range(20)])
+    plan = udpload.SourcePlan("127.35.0.1", 32760)  # 8 ports per IP
+    pre = udpload.write_preambles([b"rec%d" % i for i in range(20)])
     try:
-        c = loadlib.summary(loadlib.Load(tools).churn(rx.getsockname()[1], pre, plan, rate=40, duration=0.25),
+        c = processes.json_summary(udpload.Load(tools).churn(rx.getsockname()[1], pre, plan, rate=40, duration=0.25),
                             timeout=10, what="loadgen churn")
         got = dict(rx.recvfrom(4096) for _ in range(c["sent"]))
     finally:
@@ -258,24 +259,24 @@ def test_churn_sends_each_record_from_a_new_tuple(tools):
 def test_relay_learns_its_flows_once_and_churn_adds_new_ones(tools):
     """The relay learns the load's flows once; later runs (no preambles, same tuples) are all
     hits and add none; churn's new tuples are learned, one flow each."""
-    fwd = bench.PythonRelayForwarder(1, flows=200)
-    load = loadlib.Load(tools, flows=200, size=140, source=loadlib.SourcePlan("127.36.0.1", 2000))
-    ports = bench.free_ports()
+    fwd = relay_forwarders.PythonRelayForwarder(1, flows=200)
+    load = udpload.Load(tools, flows=200, size=140, source=udpload.SourcePlan("127.36.0.1", 2000))
+    ports = relay_runs.free_ports()
     pre = None
     fwd.start(ports.listen, ("127.0.0.1", ports.sink))
     try:
-        learned = bench.learn(fwd, load, ports)
+        learned = relay_runs.learn(fwd, load, ports)
         assert learned["known"] == 200
         for _ in range(2):
-            r = bench.paced_run(fwd, load, ports, 2000, 0.3, batch=1, check_header=True)
+            r = relay_runs.paced_run(fwd, load, ports, 2000, 0.3, batch=1, check_header=True)
             assert r["received"] == r["sent"] == 600 and r["sink"]["flows_seen"] == 200, r["sink"]
-        check = bench.flow_check(fwd, 200)
+        check = relay_runs.flow_check(fwd, 200)
         assert check["ok"] and check["held"] == 200 and not check["drops"], check
-        rows = bench.fresh_counters(fwd)
+        rows = relay_runs.fresh_counters(fwd)
         assert sum(row["flows_learned"] for row in rows) == 200  # nothing learned after learn()
-        pre = loadlib.write_preambles(fwd.preambles(100))
-        run = bench.established_run(fwd, load, ports, 2000, 0.5,
-                                    (pre, loadlib.SourcePlan("127.37.0.1", 2000), 200))
+        pre = udpload.write_preambles(fwd.preambles(100))
+        run = relay_churn.established_run(fwd, load, ports, 2000, 0.5,
+                                    (pre, udpload.SourcePlan("127.37.0.1", 2000), 200))
     finally:
         fwd.stop()
         if pre:
@@ -287,7 +288,7 @@ def test_relay_learns_its_flows_once_and_churn_adds_new_ones(tools):
 
 @pytest.mark.timeout(30)
 def test_learning_fails_loudly_when_flows_stay_unlearned(tools, monkeypatch):
-    class Forgetful(bench.CReferenceForwarder):
+    class Forgetful(relay_forwarders.CReferenceForwarder):
         """Says it holds one flow fewer than it was sent."""
 
         def preambles(self, n_flows):
@@ -296,14 +297,14 @@ def test_learning_fails_loudly_when_flows_stay_unlearned(tools, monkeypatch):
         def counters(self):
             return [{"flows": 9, "heartbeat_ms": 0, "drop_table_full": 1}]
 
-    monkeypatch.setattr(bench, "LEARN_ATTEMPTS", 1)
+    monkeypatch.setattr(relay_runs, "LEARN_ATTEMPTS", 1)
     fwd = Forgetful(1, tools=tools, rcvbuf=4 << 20)
-    load = loadlib.Load(tools, flows=10, size=140, source=loadlib.SourcePlan("127.38.0.1", 2000))
-    ports = bench.free_ports()
+    load = udpload.Load(tools, flows=10, size=140, source=udpload.SourcePlan("127.38.0.1", 2000))
+    ports = relay_runs.free_ports()
     fwd.start(ports.listen, ("127.0.0.1", ports.sink))
     try:
-        with pytest.raises(loadlib.BenchError, match=r"learned 9 of 10 flows .*drop_table_full"):
-            bench.learn(fwd, load, ports)
+        with pytest.raises(BenchError, match=r"learned 9 of 10 flows .*drop_table_full"):
+            relay_runs.learn(fwd, load, ports)
     finally:
         fwd.stop()
 
@@ -312,8 +313,8 @@ def test_learning_fails_loudly_when_flows_stay_unlearned(tools, monkeypatch):
 def test_drain_measures_a_queued_burst(tools):
     fwd, load, ports = _variant(tools, workers=2, flows=16)
     try:
-        d = bench.drain(fwd, load, ports, 5000)
-        assert all(loadlib.proc_state(p) not in ("T", "t") for p in fwd.pids())  # resumed
+        d = relay_runs.drain(fwd, load, ports, 5000)
+        assert all(procinfo.proc_state(p) not in ("T", "t") for p in fwd.pids())  # resumed
     finally:
         fwd.stop()
     assert d["sent"] == 5000 and d["received"] == 5000, d
@@ -324,7 +325,7 @@ def test_drain_measures_a_queued_burst(tools):
 
 @pytest.mark.timeout(30)
 def test_unimplemented_forwarder_is_reported_not_measured(tools):
-    class Missing(bench.Forwarder):
+    class Missing(relay_forwarders.Forwarder):
         kind, label = "relay", "missing"
 
         def start(self, listen_port, target):
@@ -336,9 +337,9 @@ def test_unimplemented_forwarder_is_reported_not_measured(tools):
         def stop(self):
             pass
 
-    res = bench.run_variant(Missing(1), bench.Config.quick(), tools, pin=False, log=lambda _m: None)
+    res = relay_runs.run_variant(Missing(1), relay_runs.Config.quick(), tools, pin=False, log=lambda _m: None)
     assert res.status == "not measured" and "not yet" in res.message
-    table, targets = bench.report([res])
+    table, targets = relay_report.report([res])
     assert {t["verdict"] for t in targets} == {"NOT MEASURED"}
     assert "NOT MEASURED" in table
 
@@ -376,7 +377,7 @@ def test_quick_command_line_run(tools, tmp_path):
 
 
 def _result(kind, workers, drain_pps, paced_pps, p99_us, load_bound=False, flows=64):
-    r = bench.VariantResult(kind, "C reference" if kind == "ref" else "rtcrelay relay", workers, flows)
+    r = relay_runs.VariantResult(kind, "C reference" if kind == "ref" else "rtcrelay relay", workers, flows)
     r.smoke = {"hdr_len": [24, 24]}
     r.drain = {"pps": drain_pps, "pps_per_core": drain_pps / workers, "all_valid": True}
     r.paced = {"max_pps": paced_pps, "max_pps_per_core": paced_pps / workers, "load_bound": load_bound}
@@ -392,7 +393,7 @@ def test_report_ratios_and_target_verdicts():
     results += [_result("ref", 1, 200_000, 100_000, 40.0, flows=10_000),
                 _result("relay", 1, 100_000, 90_000, 50.0, flows=10_000)]
     results[-1].flow_check = {"expected": 10_000, "held": 9_000, "ok": False}
-    table, targets = bench.report(results)
+    table, targets = relay_report.report(results)
     verdicts = {t["target"]: (round(t["value"], 3) if t["value"] else None, t["verdict"]) for t in targets}
     assert verdicts == {
         "64 flows/worker: relay 1 worker, drain pps per core vs reference": (0.9, "PASS"),
@@ -418,10 +419,10 @@ def test_churn_report_and_targets():
                 "load_cpu": 0.6,
                 "drops": {"drop_miss_queue_full": 7} if lost else {}}
 
-    c = bench.ChurnResult("relay", 1, 10_000, runs=[run(500, 50.0, 40.0), run(2000, 100.0, 40.0, late=9),
+    c = relay_churn.ChurnResult("relay", 1, 10_000, runs=[run(500, 50.0, 40.0), run(2000, 100.0, 40.0, late=9),
                                                     run(10_000, 900.0, 40.0, 3)])
-    control = bench.ChurnResult("ref", 1, 10_000, runs=[run(500, 44.0, 40.0), run(2000, 120.0, 40.0)])
-    table, targets = bench.report([], [control, c])
+    control = relay_churn.ChurnResult("ref", 1, 10_000, runs=[run(500, 44.0, 40.0), run(2000, 120.0, 40.0)])
+    table, targets = relay_report.report([], [control, c])
     verdicts = {t["target"]: t["verdict"] for t in targets}
     assert verdicts == {  # (the control has no targets; late is reported, lost is the target)
         "churn x1, 500 new sessions/s/worker: established p99 vs no churn": "PASS",
@@ -438,35 +439,35 @@ def test_churn_report_and_targets():
 
 @pytest.mark.timeout(30)
 def test_a_forwarder_that_fails_to_start_is_an_error_not_a_crash(tools):
-    class Broken(bench.CReferenceForwarder):
+    class Broken(relay_forwarders.CReferenceForwarder):
         def start(self, listen_port, target):
             raise OSError("no such thing")
 
-    res = bench.run_variant(Broken(1, tools=tools), bench.Config.quick(), tools, pin=False, log=lambda _m: None)
+    res = relay_runs.run_variant(Broken(1, tools=tools), relay_runs.Config.quick(), tools, pin=False, log=lambda _m: None)
     assert res.status == "error" and "no such thing" in res.message
-    table, _ = bench.report([res])
+    table, _ = relay_report.report([res])
     assert "ERROR: start failed: OSError: no such thing" in table
 
 
 def test_rounds_are_pooled_per_forwarder():
     """Two rounds of one forwarder: drain runs and latency runs pooled (median, best p99),
     the best paced round; a failed round fails the whole."""
-    def round_(pps: list[float], p99s: list[float], paced: float) -> bench.VariantResult:
-        r = bench.VariantResult("relay", "relay", 1)
+    def round_(pps: list[float], p99s: list[float], paced: float) -> relay_runs.VariantResult:
+        r = relay_runs.VariantResult("relay", "relay", 1)
         r.drain_runs = [{"pps": p, "valid": True, "noisy": False} for p in pps]
         r.latency_runs = [{"p99_us": x, "p50_us": 20.0, "noisy": False} for x in p99s]
         r.paced = {"max_pps": paced}
-        bench.summarise_drain(r)
-        bench.summarise_latency(r)
+        relay_runs.summarise_drain(r)
+        relay_runs.summarise_latency(r)
         return r
 
     first, second = round_([100, 300, 200], [50, 40, 60], 1000), round_([400, 500, 600], [45, 35, 70], 900)
     assert (first.drain["pps"], first.latency["p99_us"]) == (200, 40)
-    merged = bench.merge_rounds([first, second])
+    merged = relay_runs.merge_rounds([first, second])
     assert merged.rounds == 2
     assert merged.drain["pps"] == 400  # median of the six
     assert merged.drain["runs_pps"] == [100, 300, 200, 400, 500, 600]
     assert merged.latency["p99_us"] == 35 and len(merged.latency["runs_p99_us"]) == 6
     assert merged.paced["max_pps"] == 1000
-    broken = bench.VariantResult("relay", "relay", 1, status="error", message="start failed")
-    assert bench.merge_rounds([round_([1], [1], 1), broken]) is broken
+    broken = relay_runs.VariantResult("relay", "relay", 1, status="error", message="start failed")
+    assert relay_runs.merge_rounds([round_([1], [1], 1), broken]) is broken

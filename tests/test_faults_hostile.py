@@ -1,6 +1,6 @@
 """The relay under hostile input, as real processes on the loopback (issue 8, items 4-8).
 
-- Garbage: junk datagrams at a bounded rate (C generator, tests/hostile.py) on the public port
+- Garbage: junk datagrams at a bounded rate (C generator, tests/c/junkgen.c) on the public port
   and the tunnel ports from 512 sockets on 4 source addresses: no worker dies, no flow is
   made, worker RSS stays flat, every datagram is counted under a drop reason (exactly: sent =
   drops + heartbeats + what the kernel dropped), and nothing comes back to any source.
@@ -33,19 +33,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from hostile import (
-    LoopbackCapture,
-    binding_request,
-    build_junkgen,
-    drop_totals,
-    frame_seeds,
-    rss_mib,
-    run_junkgen,
-    stun_seeds,
-    tunnel_addresses,
-    udp_socket_drops,
-    write_seeds,
-)
+from capture import LoopbackCapture
+from junkgen import binding_request, build_junkgen, frame_seeds, run_junkgen, stun_seeds, write_seeds
+from relay_workers import drop_totals, rss_mib, tunnel_addresses, udp_socket_drops
 from relayproc import (
     Client,
     FakeTransceiver,

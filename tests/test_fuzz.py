@@ -30,9 +30,9 @@ for _p in (str(ROOT), str(TESTS)):
     if _p not in sys.path:  # run as a script
         sys.path.insert(0, _p)
 
-from hostile import CLUSTER, KEYRING, NOW, SOURCE
-from hostile import FUZZ_TARGETS as TARGET_FUNCS
-from hostile import FuzzView as _View
+from fuzz_targets import CLUSTER, KEYRING, NOW, SOURCE
+from fuzz_targets import FUZZ_TARGETS as TARGET_FUNCS
+from fuzz_targets import FuzzView as _View
 
 from relay.decision import AuthPolicy, Drop, Learn, decide
 from wire.route_token import RouteKeyring, TokenError, derive_password, issue_token
@@ -243,8 +243,8 @@ sys.path[:0] = [{root!r}, {tests!r}]
 import atheris
 with atheris.instrument_imports(include=["relay"]):
     import relay.decision, wire.demux, wire.route_token, wire.stun, wire.tunnel_frame
-import hostile
-atheris.Setup([sys.argv[0], *sys.argv[2:]], hostile.FUZZ_TARGETS[sys.argv[1]])
+import fuzz_targets
+atheris.Setup([sys.argv[0], *sys.argv[2:]], fuzz_targets.FUZZ_TARGETS[sys.argv[1]])
 atheris.Fuzz()
 """
 

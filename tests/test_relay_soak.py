@@ -19,8 +19,11 @@ import time
 
 import pytest
 
-from bench import loadlib
-from bench import relay as bench
+from bench import ctools, udpload
+from bench.harness.procinfo import proc_state, rss_bytes
+from bench.relay_churn import established_run
+from bench.relay_forwarders import HOST, PythonRelayForwarder
+from bench.relay_runs import free_ports, fresh_counters, learn, start_and_pin
 
 WORKERS = 2
 FLOWS_PER_WORKER = 50_000
@@ -35,35 +38,35 @@ pytestmark = [pytest.mark.long, pytest.mark.timeout(1800)]
 
 
 def test_ten_minutes_at_50k_flows_per_worker_with_churn() -> None:
-    tools = loadlib.build()
+    tools = ctools.build()
     churn_flows = int(CHURN_PER_WORKER * 40)  # idle timeout + a sweep pass, with room
-    fwd = bench.PythonRelayForwarder(WORKERS, flows=FLOWS_PER_WORKER + churn_flows, idle_timeout=30.0)
-    load = loadlib.Load(tools, flows=FLOWS_PER_WORKER * WORKERS, size=140, host=bench.HOST,
-                        source=loadlib.SourcePlan("127.60.0.1", 2000))
-    ports = bench.free_ports()
+    fwd = PythonRelayForwarder(WORKERS, flows=FLOWS_PER_WORKER + churn_flows, idle_timeout=30.0)
+    load = udpload.Load(tools, flows=FLOWS_PER_WORKER * WORKERS, size=140, host=HOST,
+                        source=udpload.SourcePlan("127.60.0.1", 2000))
+    ports = free_ports()
     files: list[str] = []
     try:
-        bench.start_and_pin(fwd, ports, None)
+        start_and_pin(fwd, ports, None)
         pids = fwd.pids()
-        plan = loadlib.SourcePlan("127.80.0.1", 2000)
+        plan = udpload.SourcePlan("127.80.0.1", 2000)
         per_chunk = int(CHURN_PER_WORKER * WORKERS * CHUNK_S)
-        learned = bench.learn(fwd, load, ports)
+        learned = learn(fwd, load, ports)
         assert learned["known"] == FLOWS_PER_WORKER * WORKERS
         t0 = time.monotonic()
         chunks, rss = [], []
         for _ in range(CHUNKS):
             # each chunk's requests built just before it: a token older than token_max_age
             # (300 s) starts no session (~0.4 s for 24,000)
-            files.append(loadlib.write_preambles(fwd.preambles(per_chunk) or []))
+            files.append(udpload.write_preambles(fwd.preambles(per_chunk) or []))
             churn = (files[-1], plan, CHURN_PER_WORKER * WORKERS)
             plan = plan.after(per_chunk)
-            run = bench.established_run(fwd, load, ports, RATE, CHUNK_S, churn)
-            rows = bench.fresh_counters(fwd) or []
-            rss.append([round(loadlib.rss_bytes(p) / 2**20, 1) for p in pids])
+            run = established_run(fwd, load, ports, RATE, CHUNK_S, churn)
+            rows = fresh_counters(fwd) or []
+            rss.append([round(rss_bytes(p) / 2**20, 1) for p in pids])
             chunks.append({k: run[k] for k in ("sent", "lost", "late", "p50_us", "p99_us", "learned", "expired",
                                                "flows_after", "drops")})
             print(f"chunk {len(chunks)}: {chunks[-1]}; worker RSS {rss[-1]} MiB", flush=True)
-            assert all(loadlib.proc_state(p) not in ("?", "Z") for p in pids), "a worker died"
+            assert all(proc_state(p) not in ("?", "Z") for p in pids), "a worker died"
             assert fwd.pids() == pids, "a worker was replaced"
             assert run["lost"] == 0, f"established datagrams lost: {run}"
             assert sum(r["internal_errors"] for r in rows) == 0

@@ -1,0 +1,216 @@
+"""The forwarders bench/relay.py measures: the `Forwarder` contract, the C reference
+(bench/c/fwd_ref.c) and the rtcrelay relay itself."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from bench import udpload
+from bench.harness import processes
+from bench.harness.relay_files import write_relay_config, write_route_keys
+
+HOST = "127.0.0.1"
+RELAY_IDLE_TIMEOUT = 30.0     # the default: flush and sweep at their production pace (every run sends to
+                              # every flow within seconds; "flows held" checks none expired)
+
+
+class Forwarder(ABC):
+    """A UDP forwarder under test: datagrams to 127.0.0.1:listen_port come out at `target`
+    with the relay's 24-byte tunnel header in front of the unchanged payload.
+
+    Contract (what the harness relies on):
+      start(listen_port, target)  bind 127.0.0.1:listen_port with `self.workers` worker
+                                  processes and return only once every worker's socket is bound
+                                  and forwarding; raise on failure. Use a big receive buffer
+                                  (>= 128 MiB: the drain test queues 100k x ~832 B).
+      pids()                      the processes that do the packet work, one per worker
+                                  (SIGSTOP/SIGCONT and CPU pinning apply to these only).
+      stop()                      stop everything start() started, bounded; idempotent.
+      preambles(n_flows)          optional: one datagram per flow, sent once from that flow's
+                                  socket before its traffic (after start()); None = none.
+      counters()                  optional: one dict of counters per worker ("flows", "drop_*",
+                                  "flows_learned", ...); None = none.
+    `flows` is what each worker must hold (the load has flows x workers).
+    Processes should be started with bench.harness.processes.spawn() (own process group, killed at exit).
+    """
+
+    kind = "?"        # "ref" or "relay": ratios compare a relay row with the ref row
+    label = "?"
+
+    def __init__(self, workers: int = 1, *, flows: int = 64) -> None:
+        self.workers, self.flows = workers, flows
+        self.target: tuple[str, int] | None = None
+
+    @abstractmethod
+    def start(self, listen_port: int, target: tuple[str, int]) -> None: ...
+
+    @abstractmethod
+    def pids(self) -> list[int]: ...
+
+    @abstractmethod
+    def stop(self) -> None: ...
+
+    def preambles(self, n_flows: int) -> list[bytes] | None:
+        return None
+
+    def counters(self) -> list[dict[str, int]] | None:
+        return None
+
+    def flows_learned(self) -> int | None:
+        """The flows the workers hold now (None: the forwarder does not say)."""
+        rows = self.counters()
+        return None if rows is None else sum(r["flows"] for r in rows)
+
+    def table_path(self) -> Path | None:
+        """A file holding the flow table (for its size), if any."""
+        return None
+
+    def describe(self) -> str:
+        return ""
+
+
+class CReferenceForwarder(Forwarder):
+    """bench/c/fwd_ref.c: recvmmsg/sendmmsg batch 64, connected destination, a flow table sized
+    for its flows (-F)."""
+
+    kind = "ref"
+    label = "C reference"
+
+    def __init__(self, workers: int = 1, *, tools: dict[str, Path], rcvbuf: int = 256 << 20,
+                 flows: int = 64) -> None:
+        super().__init__(workers, flows=flows)
+        self.tools, self.rcvbuf = tools, rcvbuf
+        self._proc = None
+        self._pids: list[int] = []
+        self.effective_rcvbuf = 0
+
+    def start(self, listen_port: int, target: tuple[str, int]) -> None:
+        self.target = target
+        argv = [str(self.tools["fwd_ref"]), "-l", f"{HOST}:{listen_port}", "-t", f"{target[0]}:{target[1]}",
+                "-n", str(self.workers), "-r", str(self.rcvbuf), "-F", str(self.flows)]
+        self._proc = processes.spawn(argv)
+        fields = processes.read_fields(self._proc, "READY", timeout=10)
+        self._pids = [int(p) for p in fields["pids"].split(",")]
+        self.effective_rcvbuf = int(fields["rcvbuf"])
+        udpload.wait_udp_bound(listen_port, self.workers, proc=self._proc)
+
+    def pids(self) -> list[int]:
+        return list(self._pids)
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            processes.stop(self._proc)
+            self._proc = None
+
+    def describe(self) -> str:
+        return f"rcvbuf {self.effective_rcvbuf >> 20} MiB (effective)"
+
+
+class PythonRelayForwarder(Forwarder):
+    """The rtcrelay relay (`rtcrelay relay ...`): a supervisor and its SO_REUSEPORT workers,
+    with its full logic: flows learned from authenticated STUN, shm table, counters."""
+
+    kind = "relay"
+    label = "rtcrelay relay"
+
+    def __init__(self, workers: int = 1, *, flows: int = 64, idle_timeout: float = RELAY_IDLE_TIMEOUT,
+                 **_: object) -> None:
+        super().__init__(workers, flows=flows)
+        self.idle_timeout = idle_timeout
+        self._proc = None
+        self._pids: list[int] = []
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._stats: Path | None = None
+        self._table: Path | None = None
+        self.keyring = None
+
+    def start(self, listen_port: int, target: tuple[str, int]) -> None:
+        from daemon.keys import load_keyring
+
+        self.target = target
+        self._tmp = tempfile.TemporaryDirectory(prefix="rtcrelay-bench-", dir="/dev/shm")
+        tmp = Path(self._tmp.name)
+        keys = write_route_keys(tmp / "keys.toml")
+        self.keyring = load_keyring(str(keys))
+        name = f"bench{os.getpid()}"
+        settings = {
+            "name": name, "listen": [f"{HOST}:{listen_port}"], "workers": self.workers,
+            "route_keys_file": str(keys), "admin_listen": "", "table_dir": str(tmp),
+            "socket_buffer": 256 << 20,  # the drain test queues ~83 MB
+            "heartbeat_timeout": 3600.0,  # the sink is no transceiver: it never heartbeats
+            "standby_workers": False,  # only the serving processes, for SIGSTOP and pinning
+            # room for the flows (each its own session) at under half load, wherever the kernel's
+            # SO_REUSEPORT hash puts them; none expires between the runs of a variant
+            "flow_capacity": capacity_for(self.flows), "session_capacity": capacity_for(self.flows),
+            "idle_timeout": self.idle_timeout,
+        }
+        config = write_relay_config(tmp / "relay.toml", settings)
+        self._proc = processes.spawn([sys.executable, "-m", "cli.main", "relay", "--config", str(config), "--ephemeral"])
+        udpload.wait_udp_bound(listen_port, self.workers, timeout=20, proc=self._proc)
+        self._stats, self._table = tmp / f"rtcrelay-{name}.stats", tmp / f"rtcrelay-{name}.table"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            rows = self.counters() if self._stats.exists() else None
+            if rows and all(r["ready"] == 1 and r["pid"] for r in rows):
+                self._pids = [r["pid"] for r in rows]
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the relay's workers did not become ready within 20 s")
+
+    def counters(self) -> list[dict[str, int]] | None:
+        """The workers' counter rows (published about once a second)."""
+        from shm.counters import CounterBlock
+
+        assert self._stats is not None, "start() first"
+        block = CounterBlock.attach(str(self._stats))
+        try:
+            return [block.load_row(i) for i in range(block.rows)]
+        finally:
+            block.close()
+
+    def table_path(self) -> Path | None:
+        return self._table
+
+    def preambles(self, n_flows: int) -> list[bytes] | None:
+        """One authenticated STUN Binding Request per flow: the relay learns each flow from it."""
+        from wire.route_token import derive_password, issue_token
+        from wire.stun import build_binding_request
+
+        assert self.target is not None and self.keyring is not None
+        out = []
+        for i in range(n_flows):
+            ufrag = issue_token(self.keyring, socket.inet_aton(self.target[0]), self.target[1], time.time())
+            pwd = derive_password(self.keyring, ufrag)
+            out.append(build_binding_request(os.urandom(12), f"{ufrag}:cli{i}", pwd.encode(), 1 << 24,
+                                             controlling=True, tie_breaker=i))
+        return out
+
+    def pids(self) -> list[int]:
+        return list(self._pids)
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            processes.stop(self._proc, grace=5.0)
+            self._proc = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def capacity_for(flows: int) -> int:
+    """Relay table slots per worker for `flows`: the power of two >= 2 x flows, at least 65,536."""
+    return max(65536, 1 << (2 * flows - 1).bit_length())
+
+
+FORWARDERS: dict[str, type[Forwarder]] = {"ref": CReferenceForwarder, "relay": PythonRelayForwarder}
+
+
+def make_forwarder(kind: str, workers: int, flows: int, tools: dict[str, Path]) -> Forwarder:
+    cls = FORWARDERS[kind]
+    return cls(workers, tools=tools, flows=flows) if cls is CReferenceForwarder else cls(workers, flows=flows)
+

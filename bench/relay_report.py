@@ -1,0 +1,186 @@
+"""The report of bench/relay.py: the results table with ratios to the reference measured in the
+same run, the churn table, and the PASS/MISS lines of the targets."""
+from __future__ import annotations
+
+from bench.relay_churn import CHURN_IDLE_TIMEOUT, ChurnResult
+from bench.relay_runs import FOREIGN_MAX, FOREIGN_MAX_LATENCY, LATE_NS, MAX_BAD_FRACTION, VariantResult, ratio
+
+TARGET_PER_CORE = 0.85
+TARGET_SCALING = 1.5
+TARGET_P99 = 1.5
+TARGET_CHURN_P99 = 2.0        # established p99 under churn vs without ...
+CHURN_P99_UP_TO = 2000        # ... up to this many new sessions per second per worker
+
+
+def _find(results: list[VariantResult], kind: str, workers: int, flows: int) -> VariantResult | None:
+    for r in results:
+        if r.kind == kind and r.workers == workers and r.flows == flows and r.status == "ok":
+            return r
+    return None
+
+
+def _fmt(x: float | None, spec: str = ",.0f", suffix: str = "") -> str:
+    return "-" if x is None else f"{x:{spec}}{suffix}"
+
+
+def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Aligned columns; a shorter row (an error) runs its last cell on without alignment."""
+    widths = [max([len(head[i])] + [len(row[i]) for row in rows if len(row) == len(head)])
+              for i in range(len(head))]
+    return ["  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip() for row in [head, *rows]]
+
+
+class Targets(list):
+    """The PASS/MISS lines: each {target, value, op, bound, verdict, note}."""
+
+    def add(self, name: str, value: float | None, op: str, bound: float, inputs: list[dict] | None = None,
+            notes: list[str] | None = None, unit: str = "x") -> None:
+        notes = list(notes or [])
+        if value is None:
+            verdict = "NOT MEASURED"
+        else:
+            verdict = "PASS" if (value >= bound if op == ">=" else value <= bound) else "MISS"
+            if any(m.get("noisy") for m in inputs or []):
+                notes.append("noisy: other processes took CPU during a measurement, rerun")
+        self.append({"target": name, "value": value, "op": op, "bound": bound, "unit": unit, "verdict": verdict,
+                     "note": "; ".join(notes)})
+
+    def lines(self) -> list[str]:
+        out = []
+        for t in self:
+            v = "-" if t["value"] is None else (f"{t['value']:.2f}x" if t["unit"] == "x" else f"{t['value']:,}")
+            out.append(f"{t['verdict']:<12} {t['target']}: {v} (target {t['op']} {t['bound']}{t['unit']})"
+                       + (f"  [{t['note']}]" if t["note"] else ""))
+        return out
+
+
+def report(results: list[VariantResult], churn: list[ChurnResult] = ()) -> tuple[str, list[dict]]:
+    rows = []
+    head = ("flows/wk", "forwarder", "wk", "drain pps", "/core", "vs ref", "scale", "paced max", "/core", "vs ref",
+            "p50 us", "p99 us", "p99 vs ref", "hdr", "flows held")
+
+    def noisy(m: dict) -> str:
+        return "~" if m.get("noisy") else ""
+
+    for r in results:
+        if r.status != "ok":
+            rows.append((f"{r.flows:,}", r.label, str(r.workers),
+                         r.status.upper() + ": " + (r.message.splitlines() or [""])[0][:90]))
+            continue
+        ref = _find(results, "ref", r.workers, r.flows)
+        one = _find(results, r.kind, 1, r.flows)
+        dp, dpc = r.drain["pps"], r.drain["pps_per_core"]
+        pp, ppc = r.paced["max_pps"], r.paced["max_pps_per_core"]
+        held = r.flow_check.get("held")
+        rows.append((
+            f"{r.flows:,}", r.label, str(r.workers),
+            _fmt(dp) + ("" if r.drain["all_valid"] else "!") + noisy(r.drain), _fmt(dpc),
+            _fmt(ratio(dpc, ref.drain["pps_per_core"] if ref else None), ".2f", "x"),
+            _fmt(ratio(dp, one.drain["pps"] if one else None), ".2f", "x"),
+            _fmt(pp) + ("*" if r.paced["load_bound"] else "") + noisy(r.paced), _fmt(ppc),
+            _fmt(ratio(ppc, ref.paced["max_pps_per_core"] if ref else None), ".2f", "x"),
+            _fmt(r.latency["p50_us"], ".1f"), _fmt(r.latency["p99_us"], ".1f") + noisy(r.latency),
+            _fmt(ratio(r.latency["p99_us"], ref.latency["p99_us"] if ref else None), ".2f", "x"),
+            "-".join(str(x) for x in sorted(set(r.smoke["hdr_len"]))) + "B",
+            "-" if held is None else f"{held:,}" + ("" if r.flow_check["ok"] else f" != {r.flow_check['expected']:,}"),
+        ))
+    lines = _table(head, rows)
+    if any("~" in c for row in rows for c in row[3:]):
+        lines.append(f"WARNING: '~' = other processes used more than {FOREIGN_MAX:.0%} of the CPUs during that "
+                     f"measurement ({FOREIGN_MAX_LATENCY:.0%} for latency), even after retries: noisy, rerun on a "
+                     "quiet machine.")
+    if any(r.status == "ok" and not r.flow_check.get("ok", True) for r in results):
+        lines.append("WARNING: 'flows held' != flows: the relay did not hold exactly the flows it learned after the "
+                     "measurements (some runs met the miss path): those figures are not all-hit figures.")
+    lines.append("flows/wk: flows per worker (the load sends from flows x workers 5-tuples, learned once before the "
+                 "runs: every datagram is a hit). vs ref: against the C reference with the same workers and flows, "
+                 "measured in this run; scale: total against 1 worker of the same forwarder and flows.")
+    lines.append(f"drain: SIGSTOP, queue packets, SIGCONT, time to drain (median of runs; '!' = some were "
+                 f"dropped while queued). paced: highest offered rate with < {MAX_BAD_FRACTION:.1%} lost or "
+                 f"later than {LATE_NS // 1_000_000} ms ('*' = load-bound: the generator fell short or generator + "
+                 f"sink saturated their CPU, a lower bound). flows held: the relay's flow count after the measurements.")
+    top = max((r.flows for r in results if r.status == "ok" and r.memory), default=None)
+    for r in results:
+        if r.flows == top and r.status == "ok" and r.memory:
+            m, total = r.memory, r.flows * r.workers
+            text = f"memory at {top:,} flows/worker: {r.label} x{r.workers}: worker RSS {m['rss_mib']} MiB"
+            if "table_bytes" in m:
+                text += (f"; shm table {m['table_bytes'] / 2**20:.1f} MiB = {m['table_bytes_per_flow']:,} B/flow "
+                         f"({m['table_allocated'] / 2**20:.1f} MiB allocated = {m['allocated_per_flow']:,} B/flow) "
+                         f"for {total:,} flows")
+            lines.append(text)
+
+    targets = Targets()
+
+    def get(r: VariantResult | None, part: str, key: str) -> float | None:
+        return getattr(r, part)[key] if r else None
+
+    def parts(part: str, *rs: VariantResult | None) -> list[dict]:
+        return [getattr(r, part) for r in rs if r]
+
+    for n in dict.fromkeys(r.flows for r in results):
+        ref1, rel1, rel2 = _find(results, "ref", 1, n), _find(results, "relay", 1, n), _find(results, "relay", 2, n)
+        at = f"{n:,} flows/worker: relay"
+        targets.add(f"{at} 1 worker, drain pps per core vs reference",
+                    ratio(get(rel1, "drain", "pps_per_core"), get(ref1, "drain", "pps_per_core")),
+                    ">=", TARGET_PER_CORE, parts("drain", rel1, ref1))
+        bound_by_load = [x.label for x in (ref1, rel1) if x and x.paced["load_bound"]]
+        targets.add(f"{at} 1 worker, paced max pps per core vs reference",
+                    ratio(get(rel1, "paced", "max_pps_per_core"), get(ref1, "paced", "max_pps_per_core")),
+                    ">=", TARGET_PER_CORE, parts("paced", rel1, ref1),
+                    ["load-bound: the generator limited " + " and ".join(bound_by_load)] if bound_by_load else [])
+        targets.add(f"{at} 2 workers vs 1 worker, drain pps",
+                    ratio(get(rel2, "drain", "pps"), get(rel1, "drain", "pps")),
+                    ">=", TARGET_SCALING, parts("drain", rel2, rel1))
+        targets.add(f"{at} p99 latency at 20k pps vs reference (1 worker)",
+                    ratio(get(rel1, "latency", "p99_us"), get(ref1, "latency", "p99_us")),
+                    "<=", TARGET_P99, parts("latency", rel1, ref1))
+    if churn:
+        lines += churn_table(churn, targets)
+    lines += targets.lines()
+    return "\n".join(lines), list(targets)
+
+
+def churn_table(churn: list[ChurnResult], targets: Targets) -> list[str]:
+    """The churn phase's table; adds its targets."""
+    head = ("forwarder", "wk", "new/s/wk", "sent/s", "learned", "expired", "p50 us", "p99 us", "p99.9 us",
+            "no-churn p99", "ratio", "lost", "late (no churn)", "worker CPU", "CPU/new flow", "load CPU",
+            "drops that grew")
+    rows = []
+    control = {(c.workers, r["rate"]): r["p99_ratio"] for c in churn if c.kind == "ref" for r in c.runs}
+    for c in churn:
+        label = "C reference" if c.kind == "ref" else "rtcrelay relay"
+        if c.status != "ok" and not c.runs:
+            rows.append((label, str(c.workers), "ERROR: " + (c.message.splitlines() or [""])[0][:110]))
+        for r in c.runs:
+            rows.append((label, str(c.workers), f"{r['rate']:,}", _fmt(r["churn"]["rate"]), _fmt(r["learned"]),
+                         _fmt(r["expired"]), _fmt(r["p50_us"], ".1f"), _fmt(r["p99_us"], ".1f"),
+                         _fmt(r["p999_us"], ".1f"), _fmt(r["base_p99_us"], ".1f"), _fmt(r["p99_ratio"], ".2f", "x"),
+                         str(r["lost"]), f"{r['late']:,} ({r['base_lost']:,})",
+                         _fmt(r["worker_cpu_s"] / r["wall_s"] * 100 / c.workers, ".0f", "%"),
+                         _fmt(r["cpu_per_learned_us"], ".1f", " us"),
+                         _fmt(r["load_cpu"] and r["load_cpu"] * 100, ".0f", "%"),
+                         ", ".join(f"{k[5:]} {v:,}" for k, v in r["drops"].items()) or "none"))
+            if c.kind == "ref":
+                continue
+            at = f"churn x{c.workers}, {r['rate']:,} new sessions/s/worker: established"
+            ref_ratio = control.get((c.workers, r["rate"]))
+            note = [f"the C reference's under the same load: {ref_ratio:.2f}x"] if ref_ratio else []
+            if r["rate"] <= CHURN_P99_UP_TO:
+                targets.add(f"{at} p99 vs no churn", r["p99_ratio"], "<=", TARGET_CHURN_P99, notes=note)
+            targets.add(f"{at} datagrams lost", r["lost"], "<=", 0, unit="")
+    first = next((c for c in churn if c.runs), churn[0])
+    lines = ["", f"churn: new sessions (authenticated Binding Requests, each from a new 5-tuple) while "
+                 f"{first.flows:,} established flows/worker carry 20,000 pps; relay idle_timeout "
+                 f"{CHURN_IDLE_TIMEOUT:g} s; no-churn p99: the same run right before, without the new sessions"]
+    lines += _table(head, rows)
+    lines.append("late (no churn): later than 10 ms, in the churn run (lost + late in the no-churn run). worker "
+                 "CPU: per worker, of one CPU (near 100%: saturated, CPU/new flow is then a lower bound). "
+                 "CPU/new flow: the workers' CPU time beyond the no-churn run's (scaled to the same wall time), per "
+                 "flow learned. load CPU: generator + churn + sink, of the CPU they are pinned to (near 100%: the "
+                 "load side, not the relay, was the limit). drops: the relay's drop_* counters that grew during the "
+                 "churn run.")
+    if any(c.status != "ok" for c in churn):
+        lines += [f"churn {c.kind} x{c.workers}: ERROR: {c.message}" for c in churn if c.status != "ok"]
+    return lines + [""]
+

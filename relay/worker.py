@@ -13,9 +13,9 @@ The hit line runs in C (relay/_fastpath.c) when it was built (``hot_path``): the
 here is its fallback and reference; what C leaves (misses, truncated datagrams, flows whose
 transceiver has no link yet) comes back here in its slot.
 
-Transceiver → client: a tunnel frame whose 22-byte prefix equals the flow's own prefix
-(handle, client IP and port; the transceiver writes the same fixed-width header) from the
-flow's transceiver address is sent on; anything else goes through the msgspec decoder
+Transceiver → client: a tunnel frame whose fixed-width Data header (wire/tunnel_frame.py) has
+the flow's own prefix (handle, client IP and port) and the frame's payload length, from the
+flow's transceiver address, is sent on; anything else goes through the msgspec decoder
 (control frames, compact encodings) and is validated the same way. The relay sends only to
 clients it has a flow for: it is no reflector.
 
@@ -36,7 +36,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -51,12 +50,14 @@ from relay.mmsg import BatchReceiver, BatchSender, decode_sockaddr
 from relay.tunnel_links import TunnelLinks
 from wire.tunnel_frame import (
     DATA_HEADER_LEN_V6,
+    DATA_TAG,
+    DATA_TAG_HANDLE,
     Data,
     Drain,
     FrameError,
     Heartbeat,
     SessionClosed,
-    data_header_len,
+    data_header_struct,
     decode_frame,
 )
 from relay.worker_spec import WorkerSpec, decode_spec
@@ -106,7 +107,6 @@ _C = COUNTER_INDEX
 _monotonic = time.monotonic
 _CLIENT_PACKETS, _CLIENT_BYTES = _C["client_packets"], _C["client_bytes"]
 _DONE = object()
-_DATA_TAG = b"\x01\x95\x01\xcf"  # version, fixarray(5), tag 1, uint64 marker: our fixed header
 
 
 class Worker:
@@ -125,8 +125,8 @@ class Worker:
         batch = cfg.batch
         self.public_rx = [BatchReceiver(s, batch=batch, bufsize=BUFSIZE, headroom=HEADROOM) for s in self.public]
         self.public_tx = [BatchSender(s, batch=batch) for s in self.public]
-        # The fixed tunnel header: the flow's 22/34-byte prefix, then the payload length.
-        self.public_header = [struct.Struct(f"!{data_header_len(ip) - 2}sH") for ip, _port in self.public_addr]
+        # The tunnel Data header of each public socket's clients (their family's).
+        self.public_header = [data_header_struct(ip) for ip, _port in self.public_addr]
         # where each slot's header goes: just in front of its payload
         self.public_header_offsets = [
             [off - header.size for off in rx.offsets] for rx, header in zip(self.public_rx, self.public_header)
@@ -395,6 +395,8 @@ class Worker:
             rx = self.tunnel_rx
             rx.use_socket(sock)
             by_handle = self.flows.by_handle
+            headers = self.public_header
+            tag_handle = DATA_TAG_HANDLE.unpack_from
             buffer = rx.buffer
             offsets = rx.offsets
             senders = self.public_tx
@@ -421,15 +423,16 @@ class Worker:
                     if rx.truncated_count and rx.truncated(i):
                         self.drop("oversized")
                         continue
-                    if buffer[off : off + 4] == _DATA_TAG:
-                        entry = by_handle.get(int.from_bytes(buffer[off + 4 : off + 12], "big"))
+                    # (the slot always holds a whole header: a shorter frame leaves old bytes, and
+                    # its length does not match)
+                    tag, handle = tag_handle(buffer, off)
+                    if tag == DATA_TAG:
+                        entry = by_handle.get(handle)
                         if entry is not None:
-                            hl = entry.header_len
-                            if (
-                                entry.tunnel_dest == key
-                                and buffer[off : off + hl - 2] == entry.prefix
-                                and int.from_bytes(buffer[off + hl - 2 : off + hl], "big") == length - hl
-                            ):
+                            header = headers[entry.public_index]
+                            prefix, payload_len = header.unpack_from(buffer, off)
+                            hl = header.size
+                            if entry.tunnel_dest == key and prefix == entry.prefix and payload_len == length - hl:
                                 senders[entry.public_index].add(entry.client_key, buffer[off + hl : off + length])
                                 entry.packets_out += 1
                                 entry.bytes_out += length - hl

@@ -207,15 +207,19 @@ class PythonRelayForwarder(Forwarder):
     label = "rtcrelay relay"
 
     def __init__(self, workers: int = 1, *, flows: int = 64, idle_timeout: float = RELAY_IDLE_TIMEOUT,
-                 **_: object) -> None:
+                 hit_path: str = "auto", **_: object) -> None:
         super().__init__(workers, flows=flows)
         self.idle_timeout = idle_timeout
+        self.hit_path = hit_path  # the relay's `hit_path`: auto, c or python
         self._proc = None
         self._pids: list[int] = []
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._stats: Path | None = None
         self._table: Path | None = None
         self.keyring = None
+
+    def describe(self) -> str:
+        return f"hit_path {self.hit_path}"
 
     def start(self, listen_port: int, target: tuple[str, int]) -> None:
         from daemon.keys import generate_keys_toml, load_keyring
@@ -237,6 +241,7 @@ class PythonRelayForwarder(Forwarder):
             # SO_REUSEPORT hash puts them; none expires between the runs of a variant
             "flow_capacity": capacity_for(self.flows), "session_capacity": capacity_for(self.flows),
             "idle_timeout": self.idle_timeout,
+            "hit_path": self.hit_path,
         }
         config = tmp / "relay.toml"
         config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
@@ -300,9 +305,9 @@ def capacity_for(flows: int) -> int:
 FORWARDERS: dict[str, type[Forwarder]] = {"ref": CReferenceForwarder, "relay": PythonRelayForwarder}
 
 
-def make_forwarder(kind: str, workers: int, flows: int, tools: dict[str, Path]) -> Forwarder:
+def make_forwarder(kind: str, workers: int, flows: int, tools: dict[str, Path], hit_path: str = "auto") -> Forwarder:
     cls = FORWARDERS[kind]
-    return cls(workers, tools=tools, flows=flows) if cls is CReferenceForwarder else cls(workers, flows=flows)
+    return cls(workers, tools=tools, flows=flows) if cls is CReferenceForwarder else cls(workers, flows=flows, hit_path=hit_path)
 
 
 # =========================================================================== measurements
@@ -322,6 +327,7 @@ class Config:
     churn_rates: tuple[int, ...] = (500, 2000, 10_000)    # new sessions per second per worker
     churn_duration: float = 10.0
     source: SourcePlan = field(default_factory=SourcePlan)  # established flows' addresses
+    hit_path: str = "auto"        # the relay's hit path (auto: C when it was built)
 
     @classmethod
     def quick(cls) -> "Config":
@@ -821,7 +827,7 @@ def churn_phase(kind: str, workers: int, flows: int, cfg: Config, tools: dict[st
     res = ChurnResult(kind, workers, flows)
     idle, dur = CHURN_IDLE_TIMEOUT, cfg.churn_duration
     new_sessions = int(sum(cfg.churn_rates) * dur)
-    fwd = (PythonRelayForwarder(workers, flows=flows + new_sessions, idle_timeout=idle) if kind == "relay"
+    fwd = (PythonRelayForwarder(workers, flows=flows + new_sessions, idle_timeout=idle, hit_path=cfg.hit_path) if kind == "relay"
            else CReferenceForwarder(workers, tools=tools, flows=flows + new_sessions))
     load_cpus, worker_cpus = placement(workers, pin)
     load = Load(tools, flows=flows * workers, size=cfg.size, cpus=load_cpus, host=HOST, source=cfg.source)
@@ -1076,6 +1082,8 @@ def main(argv: list[str] | None = None) -> int:
                          "CPUs idle (default 30, --quick 0)")
     ap.add_argument("--rounds", type=int, help="rounds per flow and worker count, the forwarders' order reversed "
                                                 "every other round, results pooled (default 2, --quick 1)")
+    ap.add_argument("--hit-path", choices=("auto", "c", "python"),
+                    help="the relay's hit path (relay/hit_path.py; default auto: C when it was built)")
     ap.add_argument("--json", metavar="PATH", help="also write all results as JSON")
     ap.add_argument("--check", action="store_true", help="exit 1 unless every target PASSes")
     ap.add_argument("--retries", type=int, help="repeat a measurement disturbed by other processes up to N "
@@ -1097,6 +1105,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.drain_count = args.drain_count
     if args.retries is not None:
         cfg.noise_retries = args.retries
+    if args.hit_path:
+        cfg.hit_path = args.hit_path
     kinds = [k.strip() for k in args.forwarders.split(",") if k.strip()]
     workers = [int(w) for w in args.workers.split(",")]
     for k in kinds:
@@ -1142,7 +1152,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(rounds):
                 log(f"{n:,} flows per worker, {w} worker(s)" + (f", round {r + 1}/{rounds}" if rounds > 1 else ""))
                 for k in (kinds if r % 2 == 0 else kinds[::-1]):
-                    fwd = make_forwarder(k, w, n, tools)
+                    fwd = make_forwarder(k, w, n, tools, cfg.hit_path)
                     by_kind[k].append(run_variant(fwd, cfg, tools, not args.no_pin, log, wait_quiet))
             results.extend(merge_rounds(by_kind[k]) for k in kinds)
     churn: list[ChurnResult] = []

@@ -70,7 +70,7 @@ def main() -> None:
         ("derived ICE password", lambda: derive_password(keyring, ufrag)),
         ("tunnel frame encode (msgspec, 140 B)", lambda: encode_frame(frame)),
         ("tunnel frame decode (msgspec, 140 B)", lambda: decode_frame(encoded)),
-        ("fixed data header (hot path form)", lambda: data_header(123456789, b"\x7f\x00\x00\x01", 50000, 140)),
+        ("fixed data header (hit path form)", lambda: data_header(123456789, b"\x7f\x00\x00\x01", 50000, 140)),
         ("miss path: full authentication → Learn", lambda: authenticate(request, view, auth, now)),
         ("miss path: decide() on RTP junk → Drop", lambda: decide(b"\x80" + payload, source, view, auth, now)),
     ]

@@ -1,6 +1,6 @@
 """Drain benchmark of the relay's batched UDP I/O (relay/batchio), in the style of PERFORMANCE.md.
 
-A forwarder process does what the relay worker's hot path does: receive a datagram, look the
+A forwarder process does what the relay worker's hit path does: receive a datagram, look the
 source up in a dict, write a 24-byte tunnel header in front of the payload, send header +
 payload to a sink. It is stopped (SIGSTOP) while ``--packets`` datagrams from ``--flows``
 client sockets queue in its (large) receive buffer, then resumed (SIGCONT) and timed until a
@@ -121,7 +121,7 @@ def _fwd_mmsg(sock: socket.socket, out: socket.socket, sink: tuple[str, int], cl
                 pack_into(buf, offsets[i] - HEADER_LEN, flow[1], lengths[i])
                 add_rx(flow[0], rx, i, HEADER_LEN)
             flush()
-    while True:  # the batch fast path: send_rx
+    while True:  # the batch send without per-datagram work: send_rx
         n = recv()
         if not n:
             poll.poll(1000)

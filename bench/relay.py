@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                          "CPUs idle (default 30, --quick 0)")
     ap.add_argument("--rounds", type=int, help="rounds per flow and worker count, the forwarders' order reversed "
                                                 "every other round, results pooled (default 2, --quick 1)")
+    ap.add_argument("--hit-path", choices=("auto", "c", "python"),
+                    help="the relay's hit path (relay/hit_path.py; default auto: C when it was built)")
     ap.add_argument("--json", metavar="PATH", help="also write all results as JSON")
     ap.add_argument("--check", action="store_true", help="exit 1 unless every target PASSes")
     ap.add_argument("--retries", type=int, help="repeat a measurement disturbed by other processes up to N "
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.flows = _ints(args.flows)
     if args.churn is not None:
         cfg.churn_rates = _ints(args.churn)
+    if args.hit_path:
+        cfg.hit_path = args.hit_path
     if args.churn_duration:
         cfg.churn_duration = args.churn_duration
     if args.source:
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(rounds):
                 log(f"{n:,} flows per worker, {w} worker(s)" + (f", round {r + 1}/{rounds}" if rounds > 1 else ""))
                 for k in (kinds if r % 2 == 0 else kinds[::-1]):
-                    fwd = make_forwarder(k, w, n, tools)
+                    fwd = make_forwarder(k, w, n, tools, cfg.hit_path)
                     by_kind[k].append(run_variant(fwd, cfg, tools, not args.no_pin, log, wait_quiet))
             results.extend(merge_rounds(by_kind[k]) for k in kinds)
     churn: list[ChurnResult] = []

@@ -98,7 +98,7 @@ def churn_phase(kind: str, workers: int, flows: int, cfg: Config, tools: dict[st
     res = ChurnResult(kind, workers, flows)
     idle, dur = CHURN_IDLE_TIMEOUT, cfg.churn_duration
     new_sessions = int(sum(cfg.churn_rates) * dur)
-    fwd = (PythonRelayForwarder(workers, flows=flows + new_sessions, idle_timeout=idle) if kind == "relay"
+    fwd = (PythonRelayForwarder(workers, flows=flows + new_sessions, idle_timeout=idle, hit_path=cfg.hit_path) if kind == "relay"
            else CReferenceForwarder(workers, tools=tools, flows=flows + new_sessions))
     load_cpus, worker_cpus = placement(workers, pin)
     load = Load(tools, flows=flows * workers, size=cfg.size, cpus=load_cpus, host=HOST, source=cfg.source)

@@ -119,15 +119,19 @@ class PythonRelayForwarder(Forwarder):
     label = "rtcrelay relay"
 
     def __init__(self, workers: int = 1, *, flows: int = 64, idle_timeout: float = RELAY_IDLE_TIMEOUT,
-                 **_: object) -> None:
+                 hit_path: str = "auto", **_: object) -> None:
         super().__init__(workers, flows=flows)
         self.idle_timeout = idle_timeout
+        self.hit_path = hit_path  # the relay's `hit_path`: auto, c or python
         self._proc = None
         self._pids: list[int] = []
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._stats: Path | None = None
         self._table: Path | None = None
         self.keyring = None
+
+    def describe(self) -> str:
+        return f"hit_path {self.hit_path}"
 
     def start(self, listen_port: int, target: tuple[str, int]) -> None:
         from daemon.keys import load_keyring
@@ -148,6 +152,7 @@ class PythonRelayForwarder(Forwarder):
             # SO_REUSEPORT hash puts them; none expires between the runs of a variant
             "flow_capacity": capacity_for(self.flows), "session_capacity": capacity_for(self.flows),
             "idle_timeout": self.idle_timeout,
+            "hit_path": self.hit_path,
         }
         config = write_relay_config(tmp / "relay.toml", settings)
         self._proc = processes.spawn([sys.executable, "-m", "cli.main", "relay", "--config", str(config), "--ephemeral"])
@@ -210,7 +215,7 @@ def capacity_for(flows: int) -> int:
 FORWARDERS: dict[str, type[Forwarder]] = {"ref": CReferenceForwarder, "relay": PythonRelayForwarder}
 
 
-def make_forwarder(kind: str, workers: int, flows: int, tools: dict[str, Path]) -> Forwarder:
+def make_forwarder(kind: str, workers: int, flows: int, tools: dict[str, Path], hit_path: str = "auto") -> Forwarder:
     cls = FORWARDERS[kind]
-    return cls(workers, tools=tools, flows=flows) if cls is CReferenceForwarder else cls(workers, flows=flows)
+    return cls(workers, tools=tools, flows=flows) if cls is CReferenceForwarder else cls(workers, flows=flows, hit_path=hit_path)
 

@@ -43,6 +43,7 @@ class Config:
     churn_rates: tuple[int, ...] = (500, 2000, 10_000)    # new sessions per second per worker
     churn_duration: float = 10.0
     source: SourcePlan = field(default_factory=SourcePlan)  # established flows' addresses
+    hit_path: str = "auto"        # the relay's hit path (auto: C when it was built)
 
     @classmethod
     def quick(cls) -> "Config":

@@ -5,7 +5,7 @@
 Each figure is printed with its target and PASS/MISS. Timings are process CPU time (a
 preempted round does not count the time it was off the CPU), best of a few rounds: this is a
 shared, noisy 2-vCPU VM. The calibration line (a dict lookup, 60-80 ns on a quiet VM of this
-kind per shared/PERFORMANCE.md) tells how loaded the machine was during the run. The relay's hot path is
+kind per shared/PERFORMANCE.md) tells how loaded the machine was during the run. The relay's hit path is
 its own dict; the table is only hit on misses, learning, adoption and once-a-second flushes.
 """
 from __future__ import annotations

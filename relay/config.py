@@ -10,7 +10,9 @@ from daemon.config_file import load_config, parse_host_port
 from daemon.networks import parse_networks
 
 ENV_PREFIX = "RTCRELAY_RELAY_"
-HOT_PATHS = ("auto", "c", "python")
+HIT_PATHS = ("auto", "c", "python")
+#: renamed keys: the old name is still read, with a warning at start (daemon.config_file)
+RENAMED = {"hot_path": "hit_path"}
 
 
 class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -43,9 +45,9 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tunnel_links: int = 64
     # A warm spare process per worker takes over a crashed worker's partition in milliseconds.
     standby_workers: bool = True
-    # The client -> transceiver hit path: "auto" (C, relay._fastpath, when it was built; else Python),
+    # The client -> transceiver hit path: "auto" (C, relay._hitpath, when it was built; else Python),
     # "c" (refuse to start without it), "python".
-    hot_path: str = "auto"
+    hit_path: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -75,8 +77,8 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("`batch`: 1 to 1024")
         if not 0 <= self.tunnel_links <= 4096:
             raise ValueError("`tunnel_links`: 0 (none) to 4096")
-        if self.hot_path not in HOT_PATHS:
-            raise ValueError(f"`hot_path`: {self.hot_path!r} is not one of {', '.join(HOT_PATHS)}")
+        if self.hit_path not in HIT_PATHS:
+            raise ValueError(f"`hit_path`: {self.hit_path!r} is not one of {', '.join(HIT_PATHS)}")
 
     @property
     def worker_count(self) -> int:
@@ -97,4 +99,4 @@ def _bracket(host: str) -> str:
 
 
 def load_relay_config(path: str | None, overrides: dict | None = None) -> RelayConfig:
-    return load_config(RelayConfig, path, env_prefix=ENV_PREFIX, overrides=overrides)
+    return load_config(RelayConfig, path, env_prefix=ENV_PREFIX, overrides=overrides, renamed=RENAMED)

@@ -1,6 +1,6 @@
 """What the relay does with a client datagram it has no local flow for. Sans-IO.
 
-The worker's hot path is a dict lookup by source address; only a miss comes here. The answer
+The worker's hit path is a dict lookup by source address; only a miss comes here. The answer
 is one of three small records:
 
 - :class:`Forward`: the source already has a flow (found by the view, e.g. in another

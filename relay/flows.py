@@ -19,7 +19,7 @@ from typing import Any
 from relay.config import RelayConfig
 from relay.decision import Learn
 from relay.batchio import address_tuple, sockaddr_for
-from wire.tunnel_frame import data_header_len, data_prefix
+from wire.tunnel_frame import data_prefix
 from shm import Flow, FlowTable, InsertStatus, PartitionWriter, TakeoverReport
 from shm.layout import ip16
 
@@ -54,7 +54,7 @@ class FlowEntry:
     """One client 5-tuple, as the packet path needs it."""
 
     __slots__ = (
-        "client_key", "client", "public_index", "handle", "prefix", "header_len", "tunnel_dest",
+        "client_key", "client", "public_index", "handle", "prefix", "tunnel_dest",
         "target", "ufrag", "packets_in", "bytes_in", "packets_out", "bytes_out", "aliases",
         "flushed_activity", "client_address", "index",
     )
@@ -67,7 +67,6 @@ class FlowEntry:
         self.public_index = public_index
         self.handle = handle
         self.prefix = data_prefix(handle, client[0], client[1])
-        self.header_len = data_header_len(client[0])
         self.tunnel_dest = tunnel_dest
         self.target = target
         self.ufrag = ufrag

@@ -35,7 +35,7 @@ STATE_COUNTERS = (
 TRAFFIC_COUNTERS = (
     "client_packets",  # client → transceiver, forwarded
     "client_bytes",
-    "fast_path_packets",  # of client_packets: those the C hit path sent (relay/_fastpath.c)
+    "hit_path_packets",  # of client_packets: those the hit path sent itself (relay/hit_path.py)
     "transceiver_packets",  # transceiver → client, forwarded
     "transceiver_bytes",
     "flows_learned",
@@ -74,7 +74,7 @@ def render_prometheus(rows: Sequence[Mapping[str, int]], table_totals: Mapping[s
         ("flows_expired", "Flows removed after the idle timeout."),
         ("flows_closed", "Flows removed because their session closed or their transceiver went silent."),
         ("heartbeats", "Transceiver heartbeats received."),
-        ("fast_path_packets", "Client datagrams the C hit path forwarded (of packets_total)."),
+        ("hit_path_packets", "Client datagrams the hit path (C or Python) forwarded itself (of packets_total)."),
         ("internal_errors", "Batches lost to an internal error (a bug; logged)."),
     ):
         family(f"{name}_total", "counter", help_text)

@@ -31,7 +31,7 @@ from aiohttp import web
 from daemon import systemd
 from relay.config import RelayConfig
 from daemon.config_file import parse_host_port
-from relay.hot_path import describe as describe_hot_path
+from relay.hit_path import describe as describe_hit_path
 from daemon.keys import load_keyring
 from relay.metrics import WORKER_COUNTERS, render_prometheus
 from relay.sockets import adopt_fd, bound_address, open_udp, set_buffers
@@ -97,8 +97,8 @@ class Supervisor:
         self.keep_table = keep_table
         self.keys_path = config.route_keys_file or None
         load_keyring(self.keys_path)  # fail at start, naming the problem, not in every worker
-        # and for hot_path = "c" without the extension (describe raises HotPathError)
-        log.info("hit path: %s", describe_hot_path(config.hot_path))
+        # and for hit_path = "c" without the extension (describe raises HitPathError)
+        log.info("hit path: %s", describe_hit_path(config.hit_path))
         self.workers: list[WorkerSlot] = []
         self.table: FlowTable | None = None
         self.counters: CounterBlock | None = None

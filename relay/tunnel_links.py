@@ -54,7 +54,7 @@ class TunnelLinks:
         self.on_close = on_close
         #: transceiver sockaddr bytes -> sender on its connected socket (the packet path's dict)
         self.senders: dict[bytes, BatchSender] = {}
-        #: the same links' file descriptors (the C hot path's dict, relay/_fastpath.c)
+        #: the same links' file descriptors (the C hit path's dict, relay/_hitpath.c)
         self.fds: dict[bytes, int] = {}
         self._sockets: dict[bytes, socket.socket] = {}
         self._failed: set[bytes] = set()

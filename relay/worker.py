@@ -1,21 +1,21 @@
 """A relay worker process: the packet path. Started by the supervisor as ``python -m relay.worker``.
 
-Client → transceiver (per batch of up to ``batch`` datagrams from one recvmmsg):
-    hit: the source's sockaddr bytes are a key of the local dict → write the flow's fixed
-         24-byte tunnel header into the headroom in front of the payload → queue for sendmmsg
-         to the flow's transceiver. No copy, no allocation beyond the batch tuples.
-    miss: junk dropped at once (:func:`relay.decision.screen`); the rest queued behind the
-         hits and served in short slices with at most half the worker's time
+Client → transceiver:
+    hit: the source is a known flow → the hit path (relay/hit_path.py: C or Python, one
+         interface) writes the flow's fixed tunnel header into the headroom in front of the
+         payload and sends it to the flow's transceiver. No copy. One datagram a wakeup takes
+         ``forward_one``, datagrams that were waiting ``forward_batches``.
+    what the hit path leaves in its slot: a hit whose transceiver has no link yet goes out
+         at once (:class:`relay.hit_path.FlowSender`); junk is dropped
+         (:func:`relay.decision.screen`); the rest is a miss, queued behind the hits and
+         served in short slices with at most half the worker's time
          (:meth:`Worker.serve_misses`): :func:`relay.decision.decide` (demux, STUN, route
          token, integrity), then learn the flow in this worker's shm partition, or adopt one
          found in another partition.
-The hit line runs in C (relay/_fastpath.c) when it was built (``hot_path``): the Python line
-here is its fallback and reference; what C leaves (misses, truncated datagrams, flows whose
-transceiver has no link yet) comes back here in its slot.
 
-Transceiver → client: a tunnel frame whose 22-byte prefix equals the flow's own prefix
-(handle, client IP and port; the transceiver writes the same fixed-width header) from the
-flow's transceiver address is sent on; anything else goes through the msgspec decoder
+Transceiver → client: a tunnel frame whose fixed-width Data header (wire/tunnel_frame.py) has
+the flow's own prefix (handle, client IP and port) and the frame's payload length, from the
+flow's transceiver address, is sent on; anything else goes through the msgspec decoder
 (control frames, compact encodings) and is validated the same way. The relay sends only to
 clients it has a flow for: it is no reflector.
 
@@ -36,27 +36,28 @@ import logging
 import os
 import signal
 import socket
-import struct
 import sys
 import time
 from collections.abc import Iterator
 
 from daemon.networks import AllowedNetworks
 from relay.decision import AuthPolicy, Drop, Forward, Learn, decide, screen
-from relay.flows import LocalFlows
-from relay.hot_path import PublicFastPath, fast_path_type
+from relay.flows import FlowEntry, LocalFlows
+from relay.hit_path import FlowSender, HitPath, open_hit_path
 from daemon.keys import load_keyring
 from relay.metrics import COUNTER_INDEX, WORKER_COUNTERS
 from relay.batchio import BatchReceiver, BatchSender, decode_sockaddr
 from relay.tunnel_links import TunnelLinks
 from wire.tunnel_frame import (
     DATA_HEADER_LEN_V6,
+    DATA_TAG,
+    DATA_TAG_HANDLE,
     Data,
     Drain,
     FrameError,
     Heartbeat,
     SessionClosed,
-    data_header_len,
+    data_header_struct,
     decode_frame,
 )
 from relay.worker_spec import WorkerSpec, decode_spec
@@ -106,7 +107,7 @@ _C = COUNTER_INDEX
 _monotonic = time.monotonic
 _CLIENT_PACKETS, _CLIENT_BYTES = _C["client_packets"], _C["client_bytes"]
 _DONE = object()
-_DATA_TAG = b"\x01\x95\x01\xcf"  # version, fixarray(5), tag 1, uint64 marker: our fixed header
+_SLOT_0 = (0,)
 
 
 class Worker:
@@ -125,26 +126,20 @@ class Worker:
         batch = cfg.batch
         self.public_rx = [BatchReceiver(s, batch=batch, bufsize=BUFSIZE, headroom=HEADROOM) for s in self.public]
         self.public_tx = [BatchSender(s, batch=batch) for s in self.public]
-        # The fixed tunnel header: the flow's 22/34-byte prefix, then the payload length.
-        self.public_header = [struct.Struct(f"!{data_header_len(ip) - 2}sH") for ip, _port in self.public_addr]
-        # where each slot's header goes: just in front of its payload
-        self.public_header_offsets = [
-            [off - header.size for off in rx.offsets] for rx, header in zip(self.public_rx, self.public_header)
-        ]
+        # The tunnel Data header of each public socket's clients (their family's).
+        self.public_header = [data_header_struct(ip) for ip, _port in self.public_addr]
         self.tunnel_rx = BatchReceiver(self.tunnel, batch=batch, bufsize=BUFSIZE + DATA_HEADER_LEN_V6, headroom=0)
         self.tunnel_tx = BatchSender(self.tunnel, batch=batch)
         self.links = TunnelLinks(
             self.tunnel, limit=cfg.tunnel_links, batch=batch, buffer_size=cfg.socket_buffer,
             on_open=self._watch_link, on_close=self._unwatch_link,
         )
-        # The C hit path per public socket (None: the Python lines below).
-        fast = fast_path_type(cfg.hot_path)
-        self.fast_paths = [
-            None if fast is None else fast(
-                s.fileno(), rx.buffer, rx.offsets[0], rx.stride, rx.batch, HEADROOM, BUFSIZE,
-                self.flows.by_key, self.links.fds,
-            )
-            for s, rx in zip(self.public, self.public_rx)
+        #: per public socket: a known flow's datagram → its transceiver, in Python
+        self.flow_senders = [FlowSender(header, self.links, self.tunnel_tx) for header in self.public_header]
+        #: per public socket: the hit path (C or Python: the same calls)
+        self.hit_paths: list[HitPath] = [
+            open_hit_path(cfg.hit_path, rx, sender, self.flows, self.links.fds)
+            for rx, sender in zip(self.public_rx, self.flow_senders)
         ]
         #: misses waiting for serve_misses: (public socket index, source sockaddr, datagram)
         self.misses: collections.deque[tuple[int, bytes, bytes]] = collections.deque()
@@ -165,136 +160,67 @@ class Worker:
         """Public socket ``which`` is readable (its reader callback: a bug inside costs a
         counted batch, never the loop; a ``try`` costs nothing until it catches)."""
         try:
-            rx = self.public_rx[which]
-            fast = self.fast_paths[which]
+            hit_path = self.hit_paths[which]
             # At call rates (~20k pps per worker and below) a wakeup brings one datagram, and the
             # worker is busy about half the time: every µs here shows in the latency tail
-            # (bench/relay.py). Such a wakeup takes one recvfrom_into and a straight line with
-            # no batch bookkeeping. The loop calling back at once means more were waiting: then
+            # (bench/relay.py). Such a wakeup takes one receive and a straight line with no
+            # batch bookkeeping. The loop calling back at once means more were waiting: then
             # recvmmsg batches.
             if _monotonic() - self.public_done[which] > BACK_TO_BACK_S:
-                if fast is not None:  # the same line in C: receive, hit, header, send, counters
-                    length = fast.forward_one()
-                    if length is None:
-                        return
-                    if length >= 0:
-                        counts = self.counts
-                        counts[_CLIENT_PACKETS] += 1
-                        counts[_CLIENT_BYTES] += length
-                        self.public_done[which] = _monotonic()
-                        return
-                    # a miss, a truncated datagram or a flow without a link yet: Python's turn
-                    rx.take_one(fast.last_length, fast.last_key, fast.last_truncated)
-                    n = 1
-                    entry = None
+                length = hit_path.forward_one()
+                if length is None:
+                    return
+                if length >= 0:
+                    counts = self.counts
+                    counts[_CLIENT_PACKETS] += 1
+                    counts[_CLIENT_BYTES] += length
                 else:
-                    address = rx.recv_one()
-                    if address is None:
-                        return
-                    n = 1
-                    entry = self.flows.by_address.get(address) if not rx.truncated_count else None
-            elif fast is not None:
-                self.forward_public_fast(which, rx, fast)
-                self.public_done[which] = _monotonic()
-                return
+                    rx = self.public_rx[which]
+                    rx.take_one(hit_path.last_length, hit_path.last_key, hit_path.last_truncated)
+                    self.forward_left(which, rx, _SLOT_0)
             else:
-                n = rx.recv()
-                entry = self.flows.by_key.get(rx.keys()[0]) if n == 1 and not rx.truncated_count else None
-            if entry is not None:
-                length = rx.lengths[0]
-                header = self.public_header[which]
-                off = rx.offsets[0]
-                hl = header.size
-                header.pack_into(rx.buffer, off - hl, entry.prefix, length)
-                dest = entry.tunnel_dest
-                link = self.links.senders.get(dest)  # the dict first: open() is a call more
-                if link is None:
-                    link = self.links.open(dest)  # (None: no link allowed, the shared socket)
-                if link is not None:
-                    link.send_one(rx.buffer[off - hl : off + length], None)
-                else:
-                    self.tunnel_tx.send_one(rx.buffer[off - hl : off + length], dest)
-                entry.packets_in += 1
-                entry.bytes_in += length
-                counts = self.counts
-                counts[_CLIENT_PACKETS] += 1
-                counts[_CLIENT_BYTES] += length
-            else:
-                batches = 1
-                while n:
-                    self.forward_public_batch(which, rx, n)
-                    if n < rx.batch or batches == MAX_BATCHES_PER_WAKEUP:
-                        break  # (then yield to the other sockets)
-                    n = rx.recv()
-                    batches += 1
+                self.forward_batches(which, hit_path)
             self.public_done[which] = _monotonic()
         except Exception:
             self.internal_error()
 
-    def forward_public_fast(self, which: int, rx: BatchReceiver, fast: PublicFastPath) -> None:
-        """Waiting datagrams in batches through the C path (relay/_fastpath.c): it sends the
-        hits; the misses of a batch come back here, in their slots, before the next batch."""
+    def forward_batches(self, which: int, hit_path: HitPath) -> None:
+        """Waiting datagrams in batches through the hit path: it sends the hits; what it
+        leaves of a batch is handled here, in its slots, before the next batch."""
+        rx = self.public_rx[which]
+        counts = self.counts
         batches = 0
-        while batches < MAX_BATCHES_PER_WAKEUP:
-            packets, nbytes, done, last_count, leftover = fast.forward_batches(MAX_BATCHES_PER_WAKEUP - batches)
-            counts = self.counts
+        while batches < MAX_BATCHES_PER_WAKEUP:  # (then yield to the other sockets)
+            packets, nbytes, done, last_count, leftover = hit_path.forward_batches(MAX_BATCHES_PER_WAKEUP - batches)
             counts[_CLIENT_PACKETS] += packets
             counts[_CLIENT_BYTES] += nbytes
             if leftover is None:
                 return  # the socket is empty, the batch was short, or the budget is spent
             batches += done
-            misses, lengths, keys, truncated = leftover
+            slots, lengths, keys, truncated = leftover
             rx.take_batch(lengths, keys, truncated)
-            for i in misses:
-                self.queue_miss(which, rx, i)
+            self.forward_left(which, rx, slots)
             if last_count < rx.batch:
                 return
 
-    def forward_public_batch(self, which: int, rx: BatchReceiver, n: int) -> None:
-        """Client datagrams → transceivers, for the batch ``rx`` just received (n ≥ 1)."""
+    def forward_left(self, which: int, rx: BatchReceiver, slots: list[int] | tuple[int, ...]) -> None:
+        """The datagrams the hit path left in these slots of ``rx``: a hit (its transceiver has
+        no link yet: C opens none) goes now; a truncated datagram or a miss to queue_miss."""
         get = self.flows.by_key.get
-        header = self.public_header[which]
-        pack_header = header.pack_into
-        hl = header.size
-        buffer = rx.buffer
-        lengths = rx.lengths
-        dests: list[bytes] = []  # b"" for a miss: send_rx wants bytes even where it skips
-        add_dest = dests.append
-        for key, header_offset, length in zip(rx.keys(), self.public_header_offsets[which], lengths):
-            entry = get(key)
+        keys = rx.keys()
+        for i in slots:
+            entry = None if rx.truncated(i) else get(keys[i])
             if entry is None:
-                add_dest(b"")
-                continue
-            pack_header(buffer, header_offset, entry.prefix, length)
-            add_dest(entry.tunnel_dest)
-            entry.packets_in += 1
-            entry.bytes_in += length
-        misses = [i for i, dest in enumerate(dests) if not dest] if b"" in dests else []
-        if rx.truncated_count:  # a truncated datagram may have hit a flow: never forward it
-            misses = sorted(set(misses) | {i for i in range(n) if rx.truncated(i)})
-        tx = self.tunnel_tx
-        counts = self.counts
-        if not misses:
-            counts[_CLIENT_PACKETS] += n
-            counts[_CLIENT_BYTES] += sum(lengths)
-            dest = dests[0]
-            # One transceiver for the whole batch: its connected link.
-            link = None
-            if n == 1 or dests.count(dest) == n:
-                link = self.links.senders.get(dest)
-                if link is None:
-                    link = self.links.open(dest)
-            if link is not None:
-                link.send_rx(rx, None, hl)
+                self.queue_miss(which, rx, i)
             else:
-                tx.send_rx(rx, dests, hl)
-            return
-        if len(misses) < n:
-            counts[_CLIENT_PACKETS] += n - len(misses)
-            counts[_CLIENT_BYTES] += sum(lengths) - sum(lengths[i] for i in misses)
-            tx.send_rx(rx, dests, hl, misses)
-        for i in misses:
-            self.queue_miss(which, rx, i)
+                self.forward_hit(which, entry, rx.buffer, rx.offsets[i], rx.lengths[i])
+
+    def forward_hit(self, which: int, entry: FlowEntry, buffer: memoryview | bytearray, off: int, length: int) -> None:
+        """A datagram of a known flow that the hit path did not send (headroom in front of it)."""
+        self.flow_senders[which].send(entry, buffer, off, length)
+        counts = self.counts
+        counts[_CLIENT_PACKETS] += 1
+        counts[_CLIENT_BYTES] += length
 
     # -- misses: junk dropped at once, the rest queued behind the hits -------------------------
 
@@ -338,7 +264,6 @@ class Worker:
                     self.on_public_miss(*misses.popleft())
                     if _monotonic() >= deadline:
                         break
-                self.tunnel_tx.flush()
                 if self.flows_added != learned:
                     gc.freeze()  # the new flows' objects: out of every collection (see run())
             except Exception:
@@ -377,13 +302,8 @@ class Worker:
                     return
                 self.counts[_C["flows_adopted"]] += 1
                 self.flows_added += 1
-        self.links.open(entry.tunnel_dest)  # for its next datagrams (the C path sends on links)
-        length = len(datagram)
-        self.tunnel_tx.add(entry.tunnel_dest, self.public_header[which].pack(entry.prefix, length) + datagram)
-        entry.packets_in += 1
-        entry.bytes_in += length
-        self.counts[_C["client_packets"]] += 1
-        self.counts[_C["client_bytes"]] += length
+        # (the send opens the flow's link to its transceiver: the C path sends its next datagrams)
+        self.forward_hit(which, entry, bytearray(HEADROOM) + datagram, HEADROOM, len(datagram))
         self._miss_packets += 1
 
     # -- transceiver → client -----------------------------------------------------------------
@@ -395,6 +315,8 @@ class Worker:
             rx = self.tunnel_rx
             rx.use_socket(sock)
             by_handle = self.flows.by_handle
+            headers = self.public_header
+            tag_handle = DATA_TAG_HANDLE.unpack_from
             buffer = rx.buffer
             offsets = rx.offsets
             senders = self.public_tx
@@ -421,15 +343,16 @@ class Worker:
                     if rx.truncated_count and rx.truncated(i):
                         self.drop("oversized")
                         continue
-                    if buffer[off : off + 4] == _DATA_TAG:
-                        entry = by_handle.get(int.from_bytes(buffer[off + 4 : off + 12], "big"))
+                    # (the slot always holds a whole header: a shorter frame leaves old bytes, and
+                    # its length does not match)
+                    tag, handle = tag_handle(buffer, off)
+                    if tag == DATA_TAG:
+                        entry = by_handle.get(handle)
                         if entry is not None:
-                            hl = entry.header_len
-                            if (
-                                entry.tunnel_dest == key
-                                and buffer[off : off + hl - 2] == entry.prefix
-                                and int.from_bytes(buffer[off + hl - 2 : off + hl], "big") == length - hl
-                            ):
+                            header = headers[entry.public_index]
+                            prefix, payload_len = header.unpack_from(buffer, off)
+                            hl = header.size
+                            if entry.tunnel_dest == key and prefix == entry.prefix and payload_len == length - hl:
                                 senders[entry.public_index].add(entry.client_key, buffer[off + hl : off + length])
                                 entry.packets_out += 1
                                 entry.bytes_out += length - hl
@@ -531,7 +454,7 @@ class Worker:
         counts[_C["flows"]] = len(self.flows.by_key)
         counts[_C["transceivers"]] = len(self.flows.transceivers)
         counts[_C["tunnel_links"]] = len(self.links)
-        counts[_C["fast_path_packets"]] = sum(f.sent + f.dropped_eagain + f.failed for f in self.fast_paths if f is not None)
+        counts[_C["hit_path_packets"]] = sum(h.forwarded for h in self.hit_paths)
         self.counters.store_row(self.index, counts)
 
     def reload_keys(self) -> None:

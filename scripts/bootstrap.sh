@@ -27,18 +27,18 @@ if [ ! -x "$VENV/bin/python" ]; then
     fi
 fi
 
-# gcc and Python's headers: relay._fastpath (the C hot path) is built at install; without
-# them the install succeeds and the relay runs its Python path.
+# gcc and Python's headers: relay._hitpath (the C hit path) is built at install; without
+# them the install succeeds and the relay runs its Python hit path.
 headers="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h"
 if ! command -v gcc >/dev/null 2>&1 || [ ! -f "$headers" ]; then
     ver="$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
     apt_install gcc "python$ver-dev" \
-        || echo "bootstrap: no gcc/python$ver-dev: relay._fastpath is not built, the relay runs its Python hot path" >&2
+        || echo "bootstrap: no gcc/python$ver-dev: relay._hitpath is not built, the relay runs its Python hit path" >&2
 fi
 
 stamp="$VENV/.rtcrelay-installed"
 extras="${RTCRELAY_EXTRAS:-test}"
-want="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/relay/_fastpath.c" | sha256sum | cut -c1-16)-$extras"
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT"/relay/_hitpath*.[ch] | sha256sum | cut -c1-16)-$extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e "$ROOT[$extras]"

@@ -65,7 +65,7 @@ class RelayProcess:
     log_path: Path
     workers: int
     config_path: Path
-    hot_path: str = "auto"  # relay/hot_path.py: "c" makes the relay refuse to start without it
+    hit_path: str = "auto"  # relay/hit_path.py: "c" makes the relay refuse to start without it
 
     @property
     def address(self) -> tuple[str, int]:
@@ -174,7 +174,7 @@ def start_relay(tmp_path: Path, *, workers: int = 2, config: dict | None = None,
     config_path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items()) + "\n")
     log_path = tmp_path / f"{name}.log"
     relay = RelayProcess(None, port, admin_port, name, table_dir, keys_path, RouteKeyring(secrets_by_id, active),  # type: ignore[arg-type]
-                         log_path, workers, config_path, settings.get("hot_path", "auto"))
+                         log_path, workers, config_path, settings.get("hit_path", "auto"))
     relay.proc = spawn_relay(relay, env=env, prefix=prefix, pass_fds=pass_fds, popen=popen)
     if wait:
         relay.wait_ready()

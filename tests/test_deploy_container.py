@@ -190,10 +190,10 @@ def test_wheel_installs_in_a_fresh_venv_and_runs(image_venv: Path, tmp_path: Pat
     where = subprocess.run([str(image_venv / "bin" / "python"), "-c", "import relay, cli; print(relay.__file__); print(cli.__file__)"],
                            capture_output=True, text=True, env=env, cwd="/", timeout=60)
     assert where.returncode == 0 and str(REPO) not in where.stdout and str(image_venv) in where.stdout, where
-    # The wheel compiled the C hot path (the builder stage fails without it).
-    fastpath = subprocess.run([str(image_venv / "bin" / "python"), "-c", "import relay._fastpath as f; print(f.__file__)"],
-                              capture_output=True, text=True, env=env, cwd="/", timeout=60)
-    assert fastpath.returncode == 0 and str(image_venv) in fastpath.stdout, fastpath
+    # The wheel compiled the C hit path (the builder stage fails without it).
+    hitpath = subprocess.run([str(image_venv / "bin" / "python"), "-c", "import relay._hitpath as h; print(h.__file__)"],
+                             capture_output=True, text=True, env=env, cwd="/", timeout=60)
+    assert hitpath.returncode == 0 and str(image_venv) in hitpath.stdout, hitpath
     # The demo page's static files are in the wheel.
     static = subprocess.run([str(image_venv / "bin" / "python"), "-c", "import cli, os; print(sorted(os.listdir(os.path.join(os.path.dirname(cli.__file__), 'static'))))"],
                             capture_output=True, text=True, env=env, cwd="/", timeout=60)

@@ -99,9 +99,9 @@ def test_a_dead_transceivers_flows_go_in_short_steps(big: LocalFlows) -> None:
 
 # --------------------------------------------------------------------------- misses vs hits
 
-@pytest.fixture(params=["c", "python"], ids=["c-hot-path", "python-hot-path"])
+@pytest.fixture(params=["c", "python"], ids=["c-hit-path", "python-hit-path"])
 def relay(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RelayProcess]:
-    relay = start_relay(tmp_path, workers=1, config={"hot_path": request.param, "socket_buffer": 64 << 20,
+    relay = start_relay(tmp_path, workers=1, config={"hit_path": request.param, "socket_buffer": 64 << 20,
                                                       "standby_workers": False})
     yield relay
     cleanup_relay(relay)
@@ -141,7 +141,7 @@ def test_a_flood_of_new_sessions_never_costs_an_established_datagram(relay: Rela
             return relay.total("drop_stun_bad_integrity") + relay.total("drop_miss_queue_full") == len(flood)
 
         wait_for(accounted, 20, "every flood datagram counted under a drop reason")
-        print(f"\nFIGURES test_a_flood_of_new_sessions_never_costs_an_established_datagram[{relay.hot_path}]: "
+        print(f"\nFIGURES test_a_flood_of_new_sessions_never_costs_an_established_datagram[{relay.hit_path}]: "
               + json.dumps({"flood": len(flood), "established_sent": sent_established, "established_forwarded": received,
                             "authenticated_and_refused": relay.total("drop_stun_bad_integrity"),
                             "refused_queue_full": relay.total("drop_miss_queue_full")}, sort_keys=True))

@@ -32,7 +32,18 @@ from collections.abc import Callable, Iterable, Sequence
 
 from daemon.networks import AllowedNetworks
 from wire.stun import StunError, looks_like_binding_request, parse
-from wire.tunnel_frame import MAX_PAYLOAD, Data, Drain, FrameError, Heartbeat, SessionClosed, data_prefix, decode_frame, encode_frame
+from wire.tunnel_frame import (
+    MAX_PAYLOAD,
+    Data,
+    Drain,
+    FrameError,
+    Heartbeat,
+    SessionClosed,
+    data_frame,
+    data_prefix,
+    decode_frame,
+    encode_frame,
+)
 
 __all__ = ["TUNNEL_DROP_REASONS", "SessionLink", "TunnelEndpoint", "TunnelCounters", "open_tunnel"]
 
@@ -271,7 +282,7 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
         if len(data) > MAX_PAYLOAD:
             self.counters.drop("payload_too_large")
             return
-        self.transport.sendto(b"".join((flow.prefix, len(data).to_bytes(2, "big"), data)), flow.relay)
+        self.transport.sendto(data_frame(flow.prefix, data), flow.relay)
         self.counters.frames_out += 1
         self.counters.bytes_out += len(data)
 

@@ -10,7 +10,7 @@ For ICE short-term credentials the MESSAGE-INTEGRITY key is simply the password'
 bytes. RFC 8489 would run the password through OpaqueString (SASLprep's successor) first,
 but ICE passwords are ice-chars (``A-Za-z0-9+/``), which that profile leaves unchanged.
 
-The builders are for tests, benchmarks and the test clients; they are not on any hot path.
+The builders are for tests, benchmarks and the test clients; they are not on any packet path.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """Tunnel frames between relay and transceiver: a version byte, then one MessagePack array.
 
-The msgspec Structs below are the schema and the single source of truth. The relay's hot path
-does not run the encoder per packet: it writes the data-frame header in place with
-:func:`data_header`, a fixed-width encoding of the same array that the decoder reads back as
-a :class:`Data` (tests hold the two to each other). Fixed widths keep the header a constant
+The msgspec Structs below are the schema and the single source of truth. The relay's packet
+paths do not run the encoder or the decoder per datagram: they write and match a fixed-width
+encoding of the same Data array in place (:func:`data_prefix`, :data:`DATA_HEADER_V4` /
+:data:`DATA_HEADER_V6`, :data:`DATA_TAG_HANDLE`), which the decoder reads back as a
+:class:`Data` (tests hold the two to each other). Fixed widths keep the header a constant
 24 bytes for an IPv4 client (36 for IPv6), so the relay can reserve it as headroom in front
-of the received payload.
+of the received payload. This module is the one place that knows that layout (the C hit
+path, relay/_hitpath.c, writes the same bytes and says so).
 
 Direction and meaning:
 
@@ -88,23 +90,38 @@ def decode_frame(buf: bytes | memoryview) -> Frame:
         raise FrameError("frame_malformed", str(exc)) from None
 
 
-# --- fixed-width data-frame header, for writing in place on the hot path -------------------
+# --- the fixed-width Data header, written and matched in place by the packet paths --------
 # version, fixarray(5), tag 1, uint64 handle, bin8 ip, uint16 port, bin16 payload length
 _HEADER_V4 = struct.Struct("!BBBBQBB4sBHBH")
 _HEADER_V6 = struct.Struct("!BBBBQBB16sBHBH")
 DATA_HEADER_LEN_V4 = _HEADER_V4.size  # 24
 DATA_HEADER_LEN_V6 = _HEADER_V6.size  # 36
 MAX_PAYLOAD = 0xFFFF
+#: The first 4 bytes of every fixed-width Data frame: version, fixarray(5), tag 1, uint64 marker.
+DATA_TAG = bytes((FRAME_VERSION, 0x95, 0x01, 0xCF))
+#: The tag and the flow's handle, the first 12 bytes: ``tag, handle = DATA_TAG_HANDLE.unpack_from(buf, off)``.
+DATA_TAG_HANDLE = struct.Struct("!4sQ")
+#: The whole header as (prefix, payload length): the prefix is constant per flow
+#: (:func:`data_prefix`), the length a big-endian uint16 (bin16). ``pack_into`` writes it in
+#: front of a payload, ``unpack_from`` reads it back to match a frame against its flow.
+DATA_HEADER_V4 = struct.Struct(f"!{DATA_HEADER_LEN_V4 - 2}sH")
+DATA_HEADER_V6 = struct.Struct(f"!{DATA_HEADER_LEN_V6 - 2}sH")
 
 
-def data_header_len(ip: bytes) -> int:
-    return DATA_HEADER_LEN_V4 if len(ip) == 4 else DATA_HEADER_LEN_V6
+def data_header_struct(ip: bytes) -> struct.Struct:
+    """:data:`DATA_HEADER_V4` or :data:`DATA_HEADER_V6`, for a client of ``ip``'s family."""
+    return DATA_HEADER_V4 if len(ip) == 4 else DATA_HEADER_V6
 
 
 def data_prefix(handle: int, ip: bytes, port: int) -> bytes:
     """Header bytes up to (not including) the 2-byte payload length: constant per flow, cache it."""
     header_struct = _HEADER_V4 if len(ip) == 4 else _HEADER_V6
     return header_struct.pack(FRAME_VERSION, 0x95, 0x01, 0xCF, handle, 0xC4, len(ip), ip, 0xCD, port, 0xC5, 0)[:-2]
+
+
+def data_frame(prefix: bytes, payload: bytes) -> bytes:
+    """A whole Data frame from a flow's cached :func:`data_prefix` (payload ≤ MAX_PAYLOAD)."""
+    return b"".join((prefix, len(payload).to_bytes(2, "big"), payload))
 
 
 def data_header(handle: int, ip: bytes, port: int, payload_len: int) -> bytes:

@@ -1,7 +1,7 @@
 /*
  * fwd_ref: the C reference forwarder for the relay benchmark (bench/relay.py).
  *
- * What it does per datagram is what the relay does on its hot path, in C:
+ * What it does per datagram is what the relay does on its hit path, in C:
  *   recvmmsg (batch 64) from the public UDP socket
  *   -> look the source address up in an open-addressing table (the relay's dict hit; a miss
  *      inserts, so every flow is a hit after its first packet)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import pytest
 
+# The network-namespace fixture (topology) for the tests that build their own networks.
+pytest_plugins = ["netns"]
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--long", action="store_true", default=False, help="also run tests marked long (stress/soak)")

@@ -6,6 +6,7 @@ import bisect
 import collections
 from collections.abc import Iterable
 
+from transceiver.ice_tunnel import IceCounters
 from transceiver.sdp import OFFER_ERROR_REASONS
 from transceiver.tunnel import TunnelCounters
 
@@ -45,6 +46,7 @@ class TransceiverMetrics:
         self.closed: collections.Counter[str] = collections.Counter({r: 0 for r in CLOSE_REASONS})
         self.rejected: collections.Counter[str] = collections.Counter({r: 0 for r in REJECT_REASONS})
         self.setup_seconds = Histogram(SETUP_BUCKETS)
+        self.ice = IceCounters()  # of every session's ICE
 
 
 def _num(value: float) -> str:
@@ -103,4 +105,17 @@ def render(metrics: TransceiverMetrics, tunnel: TunnelCounters, *, sessions: int
         "Tunnel datagrams dropped, by reason.",
         [(f'{{reason="{r}"}}', n) for r, n in sorted(tunnel.drops.items())],
     )
+    ice = metrics.ice
+    metric(
+        "rtcrelay_transceiver_ice_drops_total",
+        "counter",
+        "Session datagrams that never reached aioice (malformed or unauthenticated STUN, aioice errors), by reason.",
+        [(f'{{reason="{r}"}}', n) for r, n in sorted(ice.drops.items())],
+    )
+    metric("rtcrelay_transceiver_path_moves_total", "counter",
+           "Sessions whose media moved to the client's new address (NAT rebinding, network change).",
+           [("", ice.path_moves)])
+    metric("rtcrelay_transceiver_replayed_checks_total", "counter",
+           "Authenticated connectivity checks with a transaction id seen before (never move media).",
+           [("", ice.replayed_checks)])
     return "\n".join(out) + "\n"

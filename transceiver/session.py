@@ -100,7 +100,12 @@ class Session:
         self.link = self.manager.tunnel.register(self.ufrag)
         password = derive_password(self.manager.keyring, self.ufrag)
         self.ice = ice_tunnel.attach(
-            pc, ufrag=self.ufrag, password=password, local_addresses=self.manager.relay_public, send=self.link.sendto
+            pc,
+            ufrag=self.ufrag,
+            password=password,
+            local_addresses=self.manager.relay_public,
+            send=self.link.sendto,
+            counters=self.manager.metrics.ice,
         )
         self.link.receive = self.ice.datagram_received
 

@@ -54,6 +54,8 @@ SCENARIO_TIMEOUT_S = 90.0  # the scenario's own deadline (it cleans up after it)
 CHILD_TIMEOUT_S = 150.0  # the pytest side's last resort
 MIN_INBOUND_PACKETS = 50
 FLOW_GONE_TIMEOUT_S = 5.0
+REBIND_WATCH_S = 10.0  # after the NAT forgets the call's mapping
+REBIND_MAX_GAP_S = 4.0
 
 RTCRELAY = [sys.executable, "-m", "cli.main"]
 
@@ -104,8 +106,8 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(missing)"
 
 
-@pytest.mark.browser
-def test_browser_call(tmp_path: Path) -> None:
+def _run_scenario(tmp_path: Path, *extra: str) -> tuple[dict[str, Any], str, list[str]]:
+    """Run this file as the scenario in a loopback-only namespace; its report and a failure text."""
     from cdp import find_chromium
 
     chromium = find_chromium()
@@ -116,7 +118,7 @@ def test_browser_call(tmp_path: Path) -> None:
     prefix = _namespace_prefix()
     out = tmp_path / "scenario"
     out.mkdir()
-    cmd = [*prefix, sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--chromium", chromium]
+    cmd = [*prefix, sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--chromium", chromium, *extra]
     paths = [str(HERE), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     started = time.monotonic()
@@ -145,9 +147,14 @@ def test_browser_call(tmp_path: Path) -> None:
     )
     print(f"\nbrowser call: namespace {' '.join(prefix) or '(current, loopback only)'}; "
           f"timings {report.get('timings')}; screenshot {report.get('screenshot')}")
-
     assert report.get("error") is None, f"the scenario failed: {report['error']}\n{details}"
     assert report["interfaces"] == ["lo"], f"the scenario ran with other interfaces: {report['interfaces']}\n{details}"
+    return report, details, prefix
+
+
+@pytest.mark.browser
+def test_browser_call(tmp_path: Path) -> None:
+    report, details, _ = _run_scenario(tmp_path)
     page = report["page"]
     relay_addr = f"127.0.0.1:{report['relay_port']}"
     assert page["connectionState"] == "connected", details
@@ -173,6 +180,30 @@ def test_browser_call(tmp_path: Path) -> None:
     assert report["flows_after_hangup"] == [], f"flows left {FLOW_GONE_TIMEOUT_S} s after hang-up\n{details}"
     assert report["up_exit"] == 0, f"rtcrelay up did not stop cleanly on Ctrl-C\n{details}"
     assert report["table_left"] is False, f"rtcrelay up left its shm table behind\n{details}"
+
+
+@pytest.mark.browser
+def test_browser_call_survives_a_nat_rebinding(tmp_path: Path) -> None:
+    """Chromium behind the kernel's NAT (SNAT on lo to a random port, in the scenario's own
+    namespace); the mapping is flushed mid-call. Chromium does not notice (its own address
+    is unchanged); the relay and the transceiver must follow it to its new port."""
+    report, details, _ = _run_scenario(tmp_path, "--rebind")
+    rebind = report["rebind"]
+    relay_addr = f"127.0.0.1:{report['relay_port']}"
+    ufrag = report["server_ufrag"]
+    before = {f["client"] for f in report["flows_in_call"] if f["ufrag"] == ufrag}
+    after = {f["client"] for f in rebind["flows"] if f["ufrag"] == ufrag and f["relay"] == relay_addr}
+    assert len(before) == 1 and after - before, f"the relay never saw the client's new port\n{details}"
+    assert rebind["connection_state"] == "connected", details
+    # The transceiver moved the media itself, on the first check from the new port: without
+    # that, aioice follows Chromium only one check later (its USE-CANDIDATE on a pair whose
+    # triggered check succeeded), ~2.5 s more of one-way audio.
+    assert rebind["path_moves"] == 1, details
+    # Chromium checks a working pair every ~2.5 s: the move comes with its next check.
+    assert rebind["audio_gap_s"] <= REBIND_MAX_GAP_S, details
+    assert rebind["audio_rate_end"] > 40, details  # 50 packets/s of Opus
+    assert rebind["echoes_end"] >= 2, details  # the page pings once a second
+    print("\nFIGURES browser_nat_rebinding: " + json.dumps({k: v for k, v in rebind.items() if k != "flows"}))
 
 
 def test_demo_page_app() -> None:
@@ -221,6 +252,26 @@ def _loopback_up() -> None:
             fcntl.ioctl(sock, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
 
 
+def _http_get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.read().decode()
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0].split("{")[0] == name)
+
+
+def _nat_to_random_ports(relay_port: int) -> None:
+    """The kernel's NAT in this namespace: datagrams to the relay leave from a random port
+    (SNAT on lo; masquerade needs an interface address of a routable kind)."""
+    rules = ("add table ip rtcnat\n"
+             "add chain ip rtcnat post { type nat hook postrouting priority srcnat; }\n"
+             f"add rule ip rtcnat post oifname lo udp dport {relay_port} snat to 127.0.0.1:20000-60000 random\n")
+    subprocess.run(["nft", "-f", "-"], input=rules.encode(), capture_output=True, timeout=10, check=True)
+
+
 def _write_tone(path: Path, seconds: float = 2.0, freq: float = 440.0, rate: int = 48000) -> None:
     """A 440 Hz tone (about -12 dBFS) for the fake microphone (Chromium loops the file)."""
     frames = bytearray()
@@ -240,8 +291,9 @@ def _free_port(kind: int) -> int:
 
 
 class Scenario:
-    def __init__(self, out: Path, chromium: str, chromium_args: list[str]) -> None:
+    def __init__(self, out: Path, chromium: str, chromium_args: list[str], rebind: bool = False) -> None:
         self.out = out
+        self.rebind = rebind
         self.chromium = chromium
         self.chromium_args = chromium_args
         self.report: dict[str, Any] = {"error": None, "timings": {}, "logs": {}}
@@ -283,6 +335,9 @@ class Scenario:
                                        start_new_session=True, cwd=ROOT)
         self._record_pid("up", self.up.pid)
         self.report["relay_port"] = ports["--relay-port"]
+        self.transceiver_metrics = f"http://127.0.0.1:{ports['--signalling-port']}/metrics"
+        if self.rebind:
+            _nat_to_random_ports(ports["--relay-port"])
         page_url = f"http://127.0.0.1:{ports['--http-port']}/"
 
         def up_ready() -> bool:
@@ -336,6 +391,9 @@ class Scenario:
         decoded = json.loads(await self.cli("ufrag", "decode", ufrag, "--json"))
         self.report["transceiver_tunnel"] = decoded["target"]  # the route token names the transceiver
 
+        if self.rebind:
+            await self.rebind_phase()
+
         # hang up: DELETE -> SessionClosed -> the flow leaves the table
         t = time.monotonic()
         self.report["hangup"] = await page.evaluate("window.__hangup()", timeout=15)
@@ -348,6 +406,32 @@ class Scenario:
         timings["hangup_to_flow_gone_s"] = round(time.monotonic() - t, 3) if not remaining else None
         self.report["flows_after_hangup"] = remaining
         self.report["page_after_hangup"] = await page.evaluate("window.__result")
+
+    async def rebind_phase(self) -> None:
+        """Flush the NAT's mapping mid-call; watch inbound audio and the data channel."""
+        probe = "(r => [r.inboundPackets, r.echoCount, r.connectionState])(window.__result)"
+        subprocess.run(["conntrack", "-F"], capture_output=True, timeout=10, check=True)
+        flushed = time.monotonic()
+        samples: list[tuple[float, int, int, str]] = []
+        while time.monotonic() - flushed < REBIND_WATCH_S:
+            packets, echoes, state = await self.page.evaluate(probe)
+            samples.append((time.monotonic() - flushed, packets, echoes, state))
+            await asyncio.sleep(0.1)
+        gap, last_change, last_packets = 0.0, 0.0, samples[0][1]
+        for t, packets, _, _ in samples:
+            if packets != last_packets:
+                gap, last_change, last_packets = max(gap, t - last_change), t, packets
+        gap = max(gap, samples[-1][0] - last_change)
+        end = [x for x in samples if x[0] >= REBIND_WATCH_S - 3.0]
+        self.report["rebind"] = {
+            "audio_gap_s": round(gap, 2),  # (the page's stats tick is 0.5 s)
+            "audio_rate_end": round((end[-1][1] - end[0][1]) / max(end[-1][0] - end[0][0], 0.1), 1),
+            "echoes_end": end[-1][2] - end[0][2],
+            "connection_state": samples[-1][3],
+            "flows": await self.flows(),
+            "path_moves": _metric(await asyncio.to_thread(_http_get, self.transceiver_metrics),
+                                  "rtcrelay_transceiver_path_moves_total"),
+        }
 
     async def failure_evidence(self) -> None:
         if self.page is not None:
@@ -382,8 +466,8 @@ class Scenario:
             self.report["logs"]["up"] = _tail(self.out / "up.log", 40)
 
 
-async def _scenario(out: Path, chromium: str, chromium_args: list[str]) -> dict[str, Any]:
-    scenario = Scenario(out, chromium, chromium_args)
+async def _scenario(out: Path, chromium: str, chromium_args: list[str], rebind: bool) -> dict[str, Any]:
+    scenario = Scenario(out, chromium, chromium_args, rebind)
     try:
         await asyncio.wait_for(scenario.run(), SCENARIO_TIMEOUT_S)
     except BaseException as exc:  # noqa: BLE001 - everything goes into the report
@@ -401,11 +485,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--chromium", required=True)
     parser.add_argument("--chromium-arg", action="append", default=[], help="an extra Chromium switch (debugging)")
+    parser.add_argument("--rebind", action="store_true", help="NAT the call and move its mapping mid-call")
     args = parser.parse_args()
     if not _only_loopback():
         print("warning: running with interfaces other than lo:", socket.if_nameindex(), file=sys.stderr)
     _loopback_up()
-    report = asyncio.run(_scenario(args.out, args.chromium, args.chromium_arg))
+    report = asyncio.run(_scenario(args.out, args.chromium, args.chromium_arg, args.rebind))
     (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     print(json.dumps({k: v for k, v in report.items() if k != "logs"}, indent=1, default=str))
     return 0 if report["error"] is None else 1

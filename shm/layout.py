@@ -7,7 +7,7 @@ concurrently: it only describes where things are and how keys hash.
 File (one per relay instance, under /dev/shm)::
 
     0                 file header (HEADER_SIZE bytes)
-    HEADER_SIZE       partition 0: header (PART_HEADER_SIZE) | flow slots | session slots
+    HEADER_SIZE       partition 0: header (PART_HEADER_SIZE) | flow slots | session slots | closed slots
     + stride          partition 1 ...
 
 Flow slot (FLOW_SLOT = 128 bytes, 8-byte aligned words)::
@@ -28,6 +28,12 @@ Session slot (SESSION_SLOT = 128 bytes)::
     8   tag        u64  the session ref (keyed hash of the ufrag | 1); 0 = empty slot
     16  ufrag len u8, pad u8, target port u16, flows u32
     24  target ip 16s, 40 created u64, 48 last seen u64, 56 ufrag 64s, 120 reserved u64
+
+Closed slot (CLOSED_SLOT = 16 bytes; as many as session slots): a session that ended, whose
+ufrag must open no flow again until its token is too old to be accepted anyway (shm/closed.py)::
+
+    0   until      u64  unix ms after which the entry is void (written first)
+    8   tag        u64  the session ref (keyed hash of the ufrag | 1); 0 = never used
 """
 from __future__ import annotations
 
@@ -38,12 +44,13 @@ import zlib
 from typing import Final
 
 MAGIC: Final = b"RTCRFLT\x00"
-LAYOUT_VERSION: Final = 1
+LAYOUT_VERSION: Final = 2  # 2: closed-session slots
 
 HEADER_SIZE: Final = 256
 PART_HEADER_SIZE: Final = 256
 FLOW_SLOT: Final = 128
 SESSION_SLOT: Final = 128
+CLOSED_SLOT: Final = 16
 SLOT_WORDS: Final = 16  # 128 / 8
 
 MAX_PARTITIONS: Final = 256
@@ -75,6 +82,7 @@ P_DELETES: Final = 11
 P_JOURNAL: Final = 12  # byte offset of the slot whose previous image is in the journal (0 = none)
 P_ADOPTED: Final = 13
 P_EXPIRED: Final = 14
+P_CLOSED: Final = 15  # closed-session entries written (the last word before the journal image)
 JOURNAL_OFFSET: Final = 128  # journal image: 128 bytes at partition header + 128
 
 # Flow slot word indexes (within the slot) and byte offsets.
@@ -125,7 +133,8 @@ def split_handle(handle: int) -> tuple[int, int, int]:
 
 
 def partition_stride(flow_capacity: int, session_capacity: int) -> int:
-    return PART_HEADER_SIZE + flow_capacity * FLOW_SLOT + session_capacity * SESSION_SLOT
+    # closed slots: as many as session slots (sessions end about as often as they start)
+    return PART_HEADER_SIZE + flow_capacity * FLOW_SLOT + session_capacity * (SESSION_SLOT + CLOSED_SLOT)
 
 
 def file_size(partitions: int, flow_capacity: int, session_capacity: int) -> int:

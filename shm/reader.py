@@ -28,11 +28,13 @@ from shm.layout import (
     P_SC,
     PART_HEADER_SIZE,
     S_UFRAG_OFF,
+    SESSION_SLOT,
     SESSION_SLOT_STRUCT,
     SW_INFO,
     load_limit,
     session_ref,
 )
+from shm.closed import closed_until
 from shm.records import MISS, UNKNOWN, Flow, Layout, Lookup, Session, aggregate_sessions
 
 READ_RETRIES = 32  # probe attempts before a reader answers UNKNOWN
@@ -81,6 +83,7 @@ class TableReader:
         self._scw = [(b >> 3) + P_SC for b in bases]
         self._fw = [(b + PART_HEADER_SIZE) >> 3 for b in bases]  # flow slot 0, in words
         self._sw = [(b + PART_HEADER_SIZE + fcap * FLOW_SLOT) >> 3 for b in bases]  # session slot 0
+        self._cw = [sw + ((scap * SESSION_SLOT) >> 3) for sw in self._sw]  # closed slot 0
         # (sc word, flow slot 0's word, index in _d of its tag32); slot i: + (i << 4), + (i << 5)
         self._part_words = [(scw, fw, fw * 2 + 2) for scw, fw in zip(self._scw, self._fw)]
         self._srefs: dict[bytes, int] = {}  # ufrag -> session ref (a hash: never stale)
@@ -127,6 +130,12 @@ class TableReader:
                 self._srefs.clear()
             sref = self._srefs[ufrag] = session_ref(ufrag, self._seed)
         return sref
+
+    def session_closed(self, ufrag: bytes, now_ms: int) -> int:
+        """Unix ms until which ``ufrag`` stays closed (in any partition), 0 when it is not."""
+        sref = self._sref(ufrag)
+        q, scap = self._q, self.session_capacity
+        return max(closed_until(q, cw, scap, sref, now_ms) for cw in self._cw)
 
     def _flows_rows(self, p: int) -> Any:
         w = self._fw[p]

@@ -20,6 +20,7 @@ from shm.layout import (
     M32,
     MAX_UFRAG,
     P_ADOPTED,
+    P_CLOSED,
     P_DELETES,
     P_EXPIRED,
     P_FLOWS,
@@ -41,6 +42,7 @@ from shm.layout import (
     W_TIP_HI,
     W_TIP_LO,
 )
+from shm.closed import record_closed
 from shm.records import Flow, InsertResult, InsertStatus, Session
 from shm.repair import PartitionRepair
 
@@ -250,6 +252,15 @@ class PartitionWriter(PartitionRepair):
         flow = self._record(i)
         self._remove_flow(i)
         return flow
+
+    def record_closed(self, ufrag: bytes, until_ms: int, now_ms: int) -> bool:
+        """Remember that ``ufrag``'s session ended: it opens no flow until ``until_ms``
+        (shm/closed.py). False: no room near its home slot (the caller counts it)."""
+        table = self.table
+        done = record_closed(self._q, table._cw[self.partition], self._scap, self._sref(ufrag), until_ms, now_ms)
+        if done:
+            self._q[self._hw + P_CLOSED] += 1
+        return done
 
     def _delete_keys(self, slots: list[int]) -> list[Flow]:
         """Delete the flows now in `slots` (by key: deletions move the others)."""

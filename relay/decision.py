@@ -37,7 +37,9 @@ DECISION_DROP_REASONS = (
             "unknown_flow",  # DTLS/RTP/RTCP or STUN response from a source with no flow
             "stun_bad_integrity",
             "stun_bad_fingerprint",
+            "stun_no_fingerprint",  # RFC 8445 section 7.3: a connectivity check carries FINGERPRINT
             "stun_bad_username",
+            "session_closed",  # the session ended (DELETE, hang-up, ICE restart): no flow again
         }
     )
     | STUN_ERROR_REASONS
@@ -53,6 +55,9 @@ class FlowView(Protocol[FlowT_co]):
 
     def session_known(self, ufrag: str) -> bool:
         """True when the table already holds a session for this server ufrag."""
+
+    def session_closed(self, ufrag: str, now: float) -> bool:
+        """True when this server ufrag's session ended and its token is still young enough."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +137,30 @@ def authenticate(datagram: bytes, flows: FlowView[object], auth: AuthPolicy, now
     assert password is not None  # decode_token checked the key id
     if not message.verify_integrity(password.encode("ascii")):
         return Drop("stun_bad_integrity")
-    if message.has_fingerprint and not message.verify_fingerprint():
+    if not message.has_fingerprint:
+        return Drop("stun_no_fingerprint")
+    if not message.verify_fingerprint():
         return Drop("stun_bad_fingerprint")
+    # Last: a closed session is a shm read in every partition, paid only by signed checks.
+    if flows.session_closed(server_ufrag, now):
+        return Drop("session_closed")
     return Learn(server_ufrag, token.target_ip, token.target_port, token.key_id)
+
+
+def closed_until(ufrag: str, sender: tuple[bytes, int], auth: AuthPolicy, now: float) -> float | None:
+    """A ``SessionClosed`` for ``ufrag`` from ``sender`` (the transceiver's packed tunnel IP,
+    port): until when (unix s) the session must open no flow again, or None when there is
+    nothing to remember: not a token of ours, not the session's own transceiver (one
+    transceiver must not close another's sessions), or a token already too old to be learned."""
+    try:
+        token = decode_token(auth.keyring, ufrag, now, max_age=None, cluster=auth.cluster)
+    except TokenError:
+        return None
+    if (_ip16(token.target_ip), token.target_port) != (_ip16(sender[0]), sender[1]):
+        return None
+    until = token.issued_at + auth.token_max_age + 1.0  # (+1 s: check_age refuses only past it)
+    return until if until > now else None
+
+
+def _ip16(packed: bytes) -> bytes:
+    return b"\x00" * 10 + b"\xff\xff" + packed if len(packed) == 4 else packed

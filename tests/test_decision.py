@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.decision import DECISION_DROP_REASONS, AuthPolicy, Drop, Forward, Learn, decide
+from relay.decision import DECISION_DROP_REASONS, AuthPolicy, Drop, Forward, Learn, closed_until, decide
 from wire.route_token import RouteKeyring, derive_password, issue_token
 from wire.stun import (
     ATTR_USERNAME,
@@ -28,15 +28,20 @@ CLIENT = (socket.inet_aton("127.0.0.2"), 50000)
 class TableView:
     """A dict standing in for the shm table: the decision only reads through this protocol."""
 
-    def __init__(self, flows: dict | None = None, sessions: set[str] | None = None) -> None:
+    def __init__(self, flows: dict | None = None, sessions: set[str] | None = None,
+                 closed: set[str] | None = None) -> None:
         self.flows = flows or {}
         self.sessions = sessions or set()
+        self.closed = closed or set()
 
     def find(self, source):
         return self.flows.get(source)
 
     def session_known(self, ufrag: str) -> bool:
         return ufrag in self.sessions
+
+    def session_closed(self, ufrag: str, now: float) -> bool:
+        return ufrag in self.closed
 
 
 def ufrag(now: float = NOW, keyring: RouteKeyring = KEYRING, cluster: int | None = None) -> str:
@@ -63,9 +68,30 @@ def test_valid_binding_request_learns_the_flow() -> None:
     assert decision == Learn(u, TARGET[0], TARGET[1], 1)
 
 
-def test_without_fingerprint_is_still_learned() -> None:
+def test_without_fingerprint_is_refused() -> None:
+    # RFC 8445 section 7.3: checks carry FINGERPRINT. Without the rule, a captured request whose
+    # FINGERPRINT type was altered still verified (issue #17) and opened flows.
     u = ufrag()
-    assert isinstance(decide(binding_request(u, fingerprint=False), CLIENT, TableView(), AUTH, NOW), Learn)
+    assert decide(binding_request(u, fingerprint=False), CLIENT, TableView(), AUTH, NOW) == Drop("stun_no_fingerprint")
+
+
+def test_a_closed_session_opens_no_flow_even_with_a_fresh_signed_check() -> None:
+    u = ufrag()
+    assert decide(binding_request(u), CLIENT, TableView(closed={u}), AUTH, NOW + 1) == Drop("session_closed")
+    # forged or unsigned checks are refused for what they are, before the shm read
+    bad = binding_request(u, password="x" * 22)
+    assert decide(bad, CLIENT, TableView(closed={u}), AUTH, NOW + 1) == Drop("stun_bad_integrity")
+
+
+def test_closed_until_only_for_the_sessions_own_transceiver() -> None:
+    u = ufrag()
+    until = closed_until(u, TARGET, AUTH, NOW + 10)
+    assert until is not None and NOW + AUTH.token_max_age <= until <= NOW + AUTH.token_max_age + 2
+    v4_mapped = (b"\x00" * 10 + b"\xff\xff" + TARGET[0], TARGET[1])  # a dual-stack tunnel socket's view
+    assert closed_until(u, v4_mapped, AUTH, NOW + 10) == until
+    assert closed_until(u, (TARGET[0], TARGET[1] + 1), AUTH, NOW + 10) is None  # another transceiver
+    assert closed_until(u, TARGET, AUTH, NOW + AUTH.token_max_age + 5) is None  # too old to be learned anyway
+    assert closed_until("not-a-token", TARGET, AUTH, NOW) is None
 
 
 def test_known_source_forwards_anything_webrtc() -> None:

@@ -118,6 +118,10 @@ class FuzzView:
     def session_known(self, ufrag: str) -> bool:
         return ufrag[-1:] in ("+", "/")  # rare, and reachable: both age-check paths run
 
+    def session_closed(self, ufrag: str, now: float) -> bool:
+        # Only signed checks get this far: the corpus's key-2 request stands for a closed session.
+        return ufrag.endswith("30A")
+
 
 _AUTH = AuthPolicy(KEYRING, 300.0, CLUSTER)
 

@@ -97,6 +97,9 @@ class AllPartitionsView:
     def session_known(self, ufrag: str) -> bool:
         return self.table.session(ufrag.encode()) is not None
 
+    def session_closed(self, ufrag: str, now: float) -> bool:
+        return self.table.session_closed(ufrag.encode(), ms(now)) > 0
+
 
 class LocalFlows:
     def __init__(self, config: RelayConfig, index: int, tunnel_family: int, publics: list[tuple[bytes, int]]) -> None:
@@ -180,6 +183,11 @@ class LocalFlows:
         tunnel_dest = self._tunnel_dest(learned.target_ip, learned.target_port)
         if tunnel_dest is None:
             return None, "token_target_unreachable"
+        # max_flows_per_session holds for the relay, not for each worker's partition (the
+        # insert checks its own partition only): a read of the session in every partition.
+        session = self.table.session(learned.ufrag.encode())
+        if session is not None and session.flows >= self.table.max_flows_per_session:
+            return None, "session_flow_limit"
         local = self.views[public_index].local
         result = self._own().insert(
             ip16(source[0]), source[1], local[0], local[1],
@@ -222,6 +230,11 @@ class LocalFlows:
         for key in list(keys):
             self.remove(key)
         return count
+
+    def remember_closed(self, ufrag: str, until: float, now: float) -> bool:
+        """Record an ended session in this worker's partition of the shm closed set (read by
+        every worker's decision); False when it had no room (counted by the caller)."""
+        return self._own().record_closed(ufrag.encode(), ms(until), ms(now))
 
     def remove(self, client_key: bytes) -> bool:
         """Remove one flow from shm and the dicts (False: it was gone already)."""

@@ -468,8 +468,8 @@ def test_forged_and_tampered_requests_create_nothing(tmp_path: Path, transceiver
 @pytest.mark.parametrize("workers", [1, 2])
 def test_replays_beyond_the_session_flow_limit_create_nothing(tmp_path: Path, transceiver: FakeTransceiver, workers: int) -> None:
     """A valid request replayed from other addresses: each new address is another flow of the
-    session (that is NAT rebinding) until the limit, which is per worker partition; after it,
-    nothing."""
+    session (that is NAT rebinding) until the limit, which holds for the relay (all workers);
+    after it, nothing."""
     limit = 3
     relay = start_relay(tmp_path, workers=workers, config={"heartbeat_timeout": 30.0, "max_flows_per_session": limit})
     replayers = [Client(relay.address) for _ in range(16)]
@@ -485,12 +485,10 @@ def test_replays_beyond_the_session_flow_limit_create_nothing(tmp_path: Path, tr
         flows = [f for f in relay.table_flows() if f.ufrag.decode() == ufrag]
         refused = relay.total("drop_session_flow_limit")
         figures(f"replay workers={workers}", {"replays": len(replayers), "flows": len(flows), "refused": refused,
-                                              "limit_per_partition": limit})
-        if workers == 1:
-            assert len(flows) == limit and refused == 16 - (limit - 1)
-        else:
-            assert len(flows) <= workers * limit and refused == 17 - len(flows)
-            assert all(sum(1 for f in flows if f.partition == p) <= limit for p in range(workers))
+                                              "limit": limit})
+        # Two workers learning the session's next flow in the same instant can each pass the
+        # check: the documented bound is limit + workers - 1 (before: workers x limit).
+        assert limit <= len(flows) <= limit + workers - 1 and refused == 17 - len(flows)
         assert len(forwarded) == len(flows) - 1  # the replays that became flows, nothing more
         in_flow = {f.client_port for f in flows}
         # Media from the replayers that became flows is forwarded; from the refused ones, nothing.

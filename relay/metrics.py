@@ -23,6 +23,7 @@ WORKER_DROP_REASONS = frozenset(
         "tunnel_foreign_flow",  # handle live, but owned by another transceiver or client
         "send_failed",  # the kernel refused a send (buffer full, unreachable)
         "miss_queue_full",  # a new session's datagram while MISS_QUEUE_MAX misses wait: ICE retransmits it
+        "closed_table_full",  # a SessionClosed not remembered: no room near its home in shm's closed set
     }
 )
 DROP_REASONS = tuple(sorted(DECISION_DROP_REASONS | FRAME_ERROR_REASONS | WORKER_DROP_REASONS))

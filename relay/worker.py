@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterator
 
 from daemon.networks import AllowedNetworks
-from relay.decision import AuthPolicy, Drop, Forward, Learn, decide, screen
+from relay.decision import AuthPolicy, Drop, Forward, Learn, closed_until, decide, screen
 from relay.flows import FlowEntry, LocalFlows
 from relay.hit_path import FlowSender, HitPath, open_hit_path
 from daemon.keys import load_keyring
@@ -394,10 +394,19 @@ class Worker:
             self.counts[_C["heartbeats"]] += 1
         elif isinstance(frame, SessionClosed):
             self.counts[_C["flows_closed"]] += self.flows.close_session(frame.ufrag, key)
+            self.remember_closed(frame.ufrag, key)
         elif isinstance(frame, Drain):
             self.flows.transceiver_heartbeat(key, now, True)
         else:  # pragma: no cover - the union has no other members
             self.drop("tunnel_unexpected_frame")
+
+    def remember_closed(self, ufrag: str, key: bytes) -> None:
+        """A session ended: no Binding Request may open a flow for it again, on any worker,
+        while its token is young enough to be learned (shm's closed set)."""
+        now = time.time()
+        until = closed_until(ufrag, decode_sockaddr(key), self.auth, now)
+        if until is not None and not self.flows.remember_closed(ufrag, until, now):
+            self.drop("closed_table_full")
 
     # -- bookkeeping --------------------------------------------------------------------------
 

@@ -17,36 +17,15 @@ _rtcrelay_find_chromium() {
     return 1
 }
 
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
+
 _rtcrelay_browser_deps() {
     local found
     if found="$(_rtcrelay_find_chromium)"; then
         export RTCRELAY_CHROMIUM="$found"
         return 0
     fi
-    if ! command -v apt-get >/dev/null 2>&1; then
-        echo "browser-deps: Chromium is missing and there is no apt-get; set RTCRELAY_CHROMIUM=/path/to/chromium" >&2
-        return 1
-    fi
-    local sudo=""
-    if [ "$(id -u)" != 0 ]; then
-        if ! command -v sudo >/dev/null 2>&1; then
-            echo "browser-deps: Chromium is missing; installing it needs root or sudo" >&2
-            return 1
-        fi
-        sudo="sudo"
-    fi
-    echo "browser-deps: installing Debian's chromium (apt) for the browser test ..." >&2
-    local aptlog
-    aptlog="$(mktemp)"
-    if ! { $sudo apt-get update -qq \
-           && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-                  chromium fonts-dejavu-core; } >"$aptlog" 2>&1; then
-        tail -n 30 "$aptlog" >&2
-        rm -f "$aptlog"
-        echo "browser-deps: apt-get could not install chromium (output above)" >&2
-        return 1
-    fi
-    rm -f "$aptlog"
+    _rtcrelay_apt_install browser-deps chromium fonts-dejavu-core || return 1
     if ! found="$(_rtcrelay_find_chromium)"; then
         echo "browser-deps: apt installed chromium but no binary was found at /usr/lib/chromium/chromium" >&2
         return 1

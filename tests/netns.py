@@ -112,6 +112,22 @@ def start_transceiver(topo: Topology, relay: RelayProcess, tmp_path: Path) -> tu
     return proc, log_path
 
 
+# The start of a client script run in the client namespace: `connected()` prints the offer,
+# reads {"answer": ...} from stdin and returns the connected client and the loop.
+CLIENT_PROLOGUE = r"""
+import asyncio, json, sys, time
+from webrtc_peer import Client, wait_for
+
+async def connected():
+    client = Client()
+    print(json.dumps({"offer": await client.offer()}), flush=True)
+    loop = asyncio.get_running_loop()
+    line = await loop.run_in_executor(None, sys.stdin.readline)
+    await client.accept(json.loads(line)["answer"])
+    await wait_for(lambda: client.pc.connectionState == "connected", 25, "the call to connect")
+    return client, loop
+"""
+
 POST_OFFER = r"""
 import sys, urllib.request
 req = urllib.request.Request("http://" + sys.argv[1] + "/v1/sessions", data=sys.stdin.buffer.read(),

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from netns import (POST_OFFER, RELAY_PORT, RELAY_PUBLIC_IP, RELAY_TUNNEL_IP, ROOT, SIGNALLING, Topology,
+from netns import (CLIENT_PROLOGUE, POST_OFFER, RELAY_PORT, RELAY_PUBLIC_IP, RELAY_TUNNEL_IP, ROOT, SIGNALLING, Topology,
                    netns_env, run, start_transceiver, stop)
 from relayproc import cleanup_relay, start_relay, wait_for
 
@@ -26,17 +26,9 @@ CALL_BEFORE_S = 4.0
 CALL_AFTER_S = 14.0
 CONSENT_INTERVAL_S = 5.0  # aioice's checks: every 4-6 s (0.8-1.2 x 5 s)
 
-CLIENT_SCRIPT = r"""
-import asyncio, json, sys, time
-from webrtc_peer import Client, wait_for
-
+CLIENT_SCRIPT = CLIENT_PROLOGUE + r"""
 async def main():
-    client = Client()
-    print(json.dumps({"offer": await client.offer()}), flush=True)
-    loop = asyncio.get_running_loop()
-    line = await loop.run_in_executor(None, sys.stdin.readline)
-    await client.accept(json.loads(line)["answer"])
-    await wait_for(lambda: client.pc.connectionState == "connected", 25, "the call to connect")
+    client, loop = await connected()
     await client.roundtrip("first", timeout=10)
     await client.hears_echo(timeout=15)
     echoes = []

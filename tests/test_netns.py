@@ -18,24 +18,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from netns import (CLIENT_IP, POST_OFFER, RELAY_PORT, RELAY_PUBLIC_IP, RELAY_TUNNEL_IP, ROOT, SIGNALLING, TRANSCEIVER_IP,
+from netns import (CLIENT_IP, CLIENT_PROLOGUE, POST_OFFER, RELAY_PORT, RELAY_PUBLIC_IP, RELAY_TUNNEL_IP, ROOT, SIGNALLING, TRANSCEIVER_IP,
                    Topology, netns_env, run, start_transceiver, stop)
 from relayproc import cleanup_relay, start_relay, wait_for
 
 from shm.layout import ip16
 
 
-CLIENT_SCRIPT = r"""
-import asyncio, json, sys
-from webrtc_peer import Client, wait_for
-
+CLIENT_SCRIPT = CLIENT_PROLOGUE + r"""
 async def main():
-    client = Client()
-    print(json.dumps({"offer": await client.offer()}), flush=True)
-    loop = asyncio.get_running_loop()
-    line = await loop.run_in_executor(None, sys.stdin.readline)
-    await client.accept(json.loads(line)["answer"])
-    await wait_for(lambda: client.pc.connectionState == "connected", 25, "the call to connect")
+    client, loop = await connected()
     echo = await client.roundtrip("hello across three namespaces", timeout=10)
     level = await client.hears_echo(timeout=15)
     print(json.dumps({"echo": echo, "level": level, "remote": list(client.selected_remote()),

@@ -16,18 +16,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay.decision import AuthPolicy, authenticate, decide  # noqa: E402
-from wire.demux import classify  # noqa: E402
-from wire.route_token import RouteKeyring, decode_token, derive_password, issue_token  # noqa: E402
-from wire.stun import build_binding_request, parse, parse_binding_request  # noqa: E402
-from wire.tunnel_frame import Data, data_header, decode_frame, encode_frame  # noqa: E402
+from relay.decision import AuthPolicy, authenticate, decide
+from wire.demux import classify
+from wire.route_token import RouteKeyring, decode_token, derive_password, issue_token
+from wire.stun import build_binding_request, parse, parse_binding_request
+from wire.tunnel_frame import Data, data_header, decode_frame, encode_frame
 
 
 class EmptyView:
-    def find(self, source):  # noqa: ANN001, ANN201
+    def find(self, source):
         return None
 
-    def session_known(self, ufrag):  # noqa: ANN001, ANN201
+    def session_known(self, ufrag):
         return False
 
 

@@ -39,10 +39,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness.cpu import cpu_seconds, steal_seconds  # noqa: E402
-from bench.harness.procinfo import pin, proc_state  # noqa: E402
-from bench.udpload import udp_sockets  # noqa: E402
-from relay import batchio  # noqa: E402
+from bench.harness.cpu import cpu_seconds, steal_seconds
+from bench.harness.procinfo import pin, proc_state
+from bench.udpload import udp_sockets
+from relay import batchio
 
 HEADER_LEN = 24
 HEADER = struct.Struct("!22sH")  # cached per-flow prefix + payload length (as wire/tunnel_frame.py)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -51,7 +51,7 @@ def main(
     """rtcrelay command line."""
 
 
-ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="TOML config file.", show_default=False)]
+ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="TOML config file.", show_default=False)]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 NameOpt = Annotated[str, typer.Option("--name", "-n", envvar="RTCRELAY_RELAY_NAME", help="Relay instance name.")]

@@ -16,8 +16,8 @@ from typing import Any
 import psutil
 
 from relay.metrics import DROP_REASONS
-from shm.counters import CounterBlock, CounterLayoutError
 from shm import Flow, FlowTable, LayoutMismatch, Session, TableView
+from shm.counters import CounterBlock, CounterLayoutError
 from shm.layout import ip_str
 
 

@@ -6,7 +6,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -61,9 +61,9 @@ def flows_table(rows: list[dict[str, Any]], rates: dict[int, tuple[float, float]
     return table
 
 
-UfragOpt = Annotated[Optional[str], typer.Option("--ufrag", help="Only flows of this server ufrag.", show_default=False)]
-TransceiverOpt = Annotated[Optional[str], typer.Option("--transceiver", help="Only flows to this IP:PORT.", show_default=False)]
-WorkerOpt = Annotated[Optional[int], typer.Option("--worker", help="Only flows owned by this worker.", show_default=False)]
+UfragOpt = Annotated[str | None, typer.Option("--ufrag", help="Only flows of this server ufrag.", show_default=False)]
+TransceiverOpt = Annotated[str | None, typer.Option("--transceiver", help="Only flows to this IP:PORT.", show_default=False)]
+WorkerOpt = Annotated[int | None, typer.Option("--worker", help="Only flows owned by this worker.", show_default=False)]
 SortOpt = Annotated[str, typer.Option("--sort", help="age | idle | packets | bytes | client")]
 
 
@@ -191,9 +191,9 @@ def stats(name: NameOpt = "default", table_dir: TableDirOpt = "/dev/shm", as_jso
 
 @ufrag_app.command("decode")
 def ufrag_decode(ufrag: Annotated[str, typer.Argument(help="A server ufrag (route token).")],
-                 route_keys: Annotated[Optional[str], typer.Option("--route-keys", help="Route keys file: verify the MAC too.", show_default=False)] = None,
+                 route_keys: Annotated[str | None, typer.Option("--route-keys", help="Route keys file: verify the MAC too.", show_default=False)] = None,
                  max_age: Annotated[float, typer.Option(help="Age limit for a new session, seconds.")] = 300.0,
-                 cluster: Annotated[Optional[int], typer.Option(help="This relay's cluster id.", show_default=False)] = None,
+                 cluster: Annotated[int | None, typer.Option(help="This relay's cluster id.", show_default=False)] = None,
                  as_json: JsonOpt = False) -> None:
     """What a route token says (target, key id, issued) and whether it is valid."""
     from daemon.config_file import ConfigError

@@ -16,12 +16,12 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+from relay.batchio import address_tuple, sockaddr_for
 from relay.config import RelayConfig
 from relay.decision import Learn
-from relay.batchio import address_tuple, sockaddr_for
-from wire.tunnel_frame import data_prefix
 from shm import Flow, FlowTable, InsertStatus, PartitionWriter, TakeoverReport
 from shm.layout import ip16
+from wire.tunnel_frame import data_prefix
 
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 

@@ -29,15 +29,15 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from daemon import systemd
-from relay.config import RelayConfig
 from daemon.config_file import parse_host_port
-from relay.hit_path import describe as describe_hit_path
 from daemon.keys import load_keyring
+from relay.config import RelayConfig
+from relay.hit_path import describe as describe_hit_path
 from relay.metrics import WORKER_COUNTERS, render_prometheus
 from relay.sockets import adopt_fd, bound_address, open_udp, set_buffers
 from relay.worker_spec import PublicSocket, WorkerSpec, encode_spec
-from shm.counters import CounterBlock
 from shm import FlowTable, LayoutMismatch
+from shm.counters import CounterBlock
 
 log = logging.getLogger("rtcrelay.relay")
 
@@ -189,7 +189,7 @@ class Supervisor:
         env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
         return subprocess.Popen([sys.executable, "-m", "relay.worker"], pass_fds=fds, env=env)
 
-    def _watch(self, pid: int, callback, *args: object) -> int:  # noqa: ANN001
+    def _watch(self, pid: int, callback, *args: object) -> int:
         pidfd = os.pidfd_open(pid)
         asyncio.get_running_loop().add_reader(pidfd, callback, *args)
         return pidfd

@@ -40,14 +40,16 @@ import sys
 import time
 from collections.abc import Iterator
 
+from daemon.keys import load_keyring
 from daemon.networks import AllowedNetworks
+from relay.batchio import BatchReceiver, BatchSender, decode_sockaddr
 from relay.decision import AuthPolicy, Drop, Forward, Learn, closed_until, decide, screen
 from relay.flows import FlowEntry, LocalFlows
 from relay.hit_path import FlowSender, HitPath, open_hit_path
-from daemon.keys import load_keyring
 from relay.metrics import COUNTER_INDEX, WORKER_COUNTERS
-from relay.batchio import BatchReceiver, BatchSender, decode_sockaddr
 from relay.tunnel_links import TunnelLinks
+from relay.worker_spec import WorkerSpec, decode_spec
+from shm.counters import CounterBlock
 from wire.tunnel_frame import (
     DATA_HEADER_LEN_V6,
     DATA_TAG,
@@ -60,8 +62,6 @@ from wire.tunnel_frame import (
     data_header_struct,
     decode_frame,
 )
-from relay.worker_spec import WorkerSpec, decode_spec
-from shm.counters import CounterBlock
 
 log = logging.getLogger("rtcrelay.relay")
 

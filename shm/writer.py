@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from shm.closed import record_closed
 from shm.layout import (
     FLOW_BODY,
     FLOW_COUNTERS,
@@ -42,7 +43,6 @@ from shm.layout import (
     W_TIP_HI,
     W_TIP_LO,
 )
-from shm.closed import record_closed
 from shm.records import Flow, InsertResult, InsertStatus, Session
 from shm.repair import PartitionRepair
 

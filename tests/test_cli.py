@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from relayproc import RTCRELAY, Client, FakeTransceiver, RelayProcess, cleanup_relay, start_relay, wait_for, write_keys
 from typer.testing import CliRunner
 
 from cli.main import app
 from wire.route_token import RouteKeyring
-from relayproc import RTCRELAY, Client, FakeTransceiver, RelayProcess, cleanup_relay, start_relay, wait_for, write_keys
 
 runner = CliRunner()
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from relayproc import Client, FakeTransceiver, RelayProcess, cleanup_relay, spawn_relay, start_relay, wait_for
+
 from wire.tunnel_frame import Data
 
 ATTEMPTS = 16  # fresh sources: both workers get some (SO_REUSEPORT hashes the 4-tuple)

@@ -58,11 +58,10 @@ from typing import Any
 
 import msgspec
 import pytest
-
-from relay.config import RelayConfig, load_relay_config
-from daemon.keys import load_keyring
-from wire.tunnel_frame import Heartbeat
 from relayproc import Client, FakeTransceiver, rtp_like
+
+from daemon.keys import load_keyring
+from relay.config import RelayConfig, load_relay_config
 from transceiver.service import TransceiverConfig, load_transceiver_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import aioice.ice
 import pytest
-
 from fdstore import FdStore
 from relay_calls import Call, run
 from relayproc import cleanup_relay, spawn_relay, start_relay

@@ -18,18 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from loopback import FAMILIES
 
 from daemon.config_file import ConfigError
-from loopback import FAMILIES
 from relay import batchio
+from relay._hitpath import CHitPath  # the suite's set-up (scripts/bootstrap.sh) builds it: its absence fails here
 from relay.config import load_relay_config
 from relay.flows import FlowEntry
 from relay.hit_path import FlowSender, HitPath, HitPathError, PythonHitPath, c_hit_path_type, describe, open_hit_path
 from relay.tunnel_links import TunnelLinks
 from wire.tunnel_frame import Data, data_header_struct, decode_frame
-
-# The suite's set-up (scripts/bootstrap.sh) builds the extension: its absence is a failure here.
-from relay._hitpath import CHitPath  # noqa: E402
 
 BUFSIZE = 256
 HEADROOM = 64

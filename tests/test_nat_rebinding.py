@@ -18,8 +18,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from netns import (POST_OFFER, RELAY_PORT, RELAY_PUBLIC_IP, RELAY_TUNNEL_IP, ROOT, SIGNALLING, Topology,
-                   netns_env, run, start_transceiver, stop)
+from netns import (
+    POST_OFFER,
+    RELAY_PORT,
+    RELAY_PUBLIC_IP,
+    RELAY_TUNNEL_IP,
+    ROOT,
+    SIGNALLING,
+    Topology,
+    netns_env,
+    run,
+    start_transceiver,
+    stop,
+)
 from relayproc import cleanup_relay, start_relay, wait_for
 
 CALL_BEFORE_S = 4.0
@@ -171,7 +182,7 @@ def test_call_survives_a_nat_rebinding(topology: Topology, tmp_path: Path) -> No
             cleanup_relay(relay)
 
 
-def _relay_ready(relay) -> bool:  # noqa: ANN001 - relayproc.RelayProcess
+def _relay_ready(relay) -> bool:  # relayproc.RelayProcess
     try:
         rows = relay.rows()
     except (OSError, ValueError):

@@ -11,8 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from wire.tunnel_frame import Data
 from relayproc import (
     RTCRELAY,
     Client,
@@ -25,6 +23,8 @@ from relayproc import (
     wait_for,
     write_keys,
 )
+
+from wire.tunnel_frame import Data
 
 
 @pytest.fixture(params=["c", "python"], ids=["c-hit-path", "python-hit-path"])

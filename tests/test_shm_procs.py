@@ -10,9 +10,9 @@ import signal
 import time
 
 import pytest
+from test_shm_support import TARGET_A, key, shm_path, state  # noqa: F401  (shm_path is a fixture)
 
 from shm import Flow, FlowTable, PartitionBusy
-from test_shm_support import TARGET_A, key, shm_path, state  # noqa: F401  (shm_path is a fixture)
 
 CTX = multiprocessing.get_context("fork")
 

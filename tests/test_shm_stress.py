@@ -25,10 +25,10 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
+from test_shm_support import LOCAL4, remove_table_files, tmp_table_path
 
 from shm import MISS, UNKNOWN, Flow, FlowTable, PartitionWriter
 from shm.layout import ip16
-from test_shm_support import LOCAL4, remove_table_files, tmp_table_path
 
 CTX = multiprocessing.get_context("fork")
 

@@ -25,13 +25,13 @@ import aioice.ice
 import pytest
 import uvloop
 from av import AudioFrame
-
 from fake_relay import FakeRelay
 from webrtc_peer import Client, SineTrack, wait_for
-from wire.route_token import RouteKeyring
-from wire.tunnel_frame import Drain
+
 from transceiver.pipeline import EchoPipeline, Pipeline, PipelineFactory
 from transceiver.service import Transceiver, TransceiverConfig
+from wire.route_token import RouteKeyring
+from wire.tunnel_frame import Drain
 
 SECRETS = {1: b"route-secret-for-the-transceiver-tests"}
 KEYRING = RouteKeyring(SECRETS, 1)

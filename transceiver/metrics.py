@@ -43,8 +43,8 @@ class TransceiverMetrics:
     def __init__(self) -> None:
         self.sessions_created = 0
         self.sessions_connected = 0
-        self.closed: collections.Counter[str] = collections.Counter({r: 0 for r in CLOSE_REASONS})
-        self.rejected: collections.Counter[str] = collections.Counter({r: 0 for r in REJECT_REASONS})
+        self.closed: collections.Counter[str] = collections.Counter(dict.fromkeys(CLOSE_REASONS, 0))
+        self.rejected: collections.Counter[str] = collections.Counter(dict.fromkeys(REJECT_REASONS, 0))
         self.setup_seconds = Histogram(SETUP_BUCKETS)
         self.ice = IceCounters()  # of every session's ICE
 

@@ -20,13 +20,13 @@ from aiohttp import web
 
 from daemon.config_file import load_config, parse_host_port
 from daemon.networks import parse_networks
-from wire.route_token import MIN_SECRET_LEN, RouteKeyring
 from daemon.systemd import notify, watchdog_interval
 from transceiver import inline_executor
 from transceiver.pipeline import EchoPipeline, PipelineFactory
 from transceiver.session import SessionManager
 from transceiver.signalling import make_app
 from transceiver.tunnel import TunnelEndpoint, open_tunnel
+from wire.route_token import MIN_SECRET_LEN, RouteKeyring
 
 __all__ = ["TransceiverConfig", "Transceiver", "load_transceiver_config", "run_transceiver", "serve"]
 

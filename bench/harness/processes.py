@@ -189,7 +189,7 @@ def reap(*procs: subprocess.Popen | None) -> None:
 
 def stop_all(grace: float = 1.0) -> None:
     """Stop every process group started here and not yet finished or stopped."""
-    for p in list(_procs):
+    for p in list(_procs):  # noqa: PERF101 - a copy: _forget removes p from _procs
         stop_group(p, grace)
         _forget(p)
 

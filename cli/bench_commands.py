@@ -11,7 +11,8 @@ import typer
 from cli.app import bench_app, fail
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
-EXTRA = Annotated[list[str] | None, typer.Argument(help="Arguments passed to the script (after --).", show_default=False)]
+EXTRA = Annotated[list[str] | None,
+                  typer.Argument(help="Arguments passed to the script (after --).", show_default=False)]
 
 
 def run_script(name: str, extra: list[str] | None) -> None:

@@ -90,7 +90,8 @@ def render_prometheus(rows: Sequence[Mapping[str, int]], table_totals: Mapping[s
     family("housekeeping_step_max_seconds", "gauge",
            "Longest housekeeping step (CPU time the worker's packet path waited for it), since it started.")
     for w, row in enumerate(rows):
-        out.append(f'rtcrelay_housekeeping_step_max_seconds{{worker="{w}"}} {row.get("housekeeping_step_max_us", 0) / 1e6}')
+        out.append(f'rtcrelay_housekeeping_step_max_seconds{{worker="{w}"}} '
+                   f'{row.get("housekeeping_step_max_us", 0) / 1e6}')
     family("worker_ready", "gauge", "1 when the worker serves.")
     for w, row in enumerate(rows):
         out.append(f'rtcrelay_worker_ready{{worker="{w}"}} {row.get("ready", 0)}')

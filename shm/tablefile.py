@@ -147,7 +147,8 @@ def partitions_locked(path: str, partitions: int) -> Iterator[None]:
 
 
 def write_table_file(
-    path: str, partitions: int, flow_capacity: int, session_capacity: int, max_flows_per_session: int, seed: int, mode: int
+    path: str, partitions: int, flow_capacity: int, session_capacity: int, max_flows_per_session: int, seed: int,
+    mode: int,
 ) -> None:
     """Write an empty table under a temporary name and rename it over `path` (atomic: a process
     still mapping the old file keeps reading it). The caller holds every partition's lock."""

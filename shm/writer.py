@@ -116,9 +116,11 @@ class PartitionWriter(PartitionRepair):
         t32 = _crc32(key, self._seed32) | 1
         i, found = self._find(key, t32)
         if found:
-            return InsertResult(InsertStatus.EXISTS, ((self._q[self._fw + (i << 4) + 1] >> 32) << HANDLE_GEN_SHIFT) | self._pbits | i)
+            return InsertResult(InsertStatus.EXISTS,
+                                ((self._q[self._fw + (i << 4) + 1] >> 32) << HANDLE_GEN_SHIFT) | self._pbits | i)
         return self._insert_new(
-            i, t32, client_ip, client_port, local_ip, local_port, target_ip, target_port, ufrag, now, now, 0, 0, 0, 0, self.partition, now
+            i, t32, client_ip, client_port, local_ip, local_port, target_ip, target_port, ufrag, now, now, 0, 0, 0, 0,
+            self.partition, now,
         )
 
     def _insert_new(
@@ -176,7 +178,8 @@ class PartitionWriter(PartitionRepair):
             mm[jimg : jimg + 128] = mm[off : off + 128]
             q[jw] = off
             q[w] += 1
-            SESSION_BODY.pack_into(mm, off + 16, len(ufrag), tport, 1, tip, session_created, max(last_seen, session_created), ufrag, 0)
+            SESSION_BODY.pack_into(mm, off + 16, len(ufrag), tport, 1, tip, session_created,
+                                   max(last_seen, session_created), ufrag, 0)
             q[w + 1] = sref
             q[w] += 1
             q[hw + P_SESSIONS] += 1
@@ -208,7 +211,8 @@ class PartitionWriter(PartitionRepair):
         t32 = _crc32(key, self._seed32) | 1
         i, found = self._find(key, t32)
         if found:
-            return InsertResult(InsertStatus.EXISTS, ((self._q[self._fw + (i << 4) + 1] >> 32) << HANDLE_GEN_SHIFT) | self._pbits | i)
+            return InsertResult(InsertStatus.EXISTS,
+                                ((self._q[self._fw + (i << 4) + 1] >> 32) << HANDLE_GEN_SHIFT) | self._pbits | i)
         session_created = flow.created
         if flow.partition != self.partition and 0 <= flow.partition < self.table.partitions:
             src = self.table._session_in(flow.partition, flow.ufrag, self._sref(flow.ufrag))
@@ -304,7 +308,8 @@ class PartitionWriter(PartitionRepair):
         )
         return self._delete_keys(np.flatnonzero(match).tolist())
 
-    def flush_counters(self, handle: int, pkts_in: int, bytes_in: int, pkts_out: int, bytes_out: int, last_seen: int) -> bool:
+    def flush_counters(self, handle: int, pkts_in: int, bytes_in: int, pkts_out: int, bytes_out: int,
+                       last_seen: int) -> bool:
         """Write a flow's counters (absolute values) and last-seen time; False if the handle is
         stale or not this partition's. Moves the session's last_seen by steps of
         SESSION_TOUCH_MS at most."""

@@ -54,7 +54,8 @@ from transceiver.path_moves import PathTracker
 from transceiver.sdp import NotBundledError
 from transceiver.stun_screen import SCREEN_REASONS, screen
 
-__all__ = ["ICE_DROP_REASONS", "IceCounters", "IceTunnelError", "TunnelDatagramTransport", "TunnelIce", "attach", "ice_transports"]
+__all__ = ["ICE_DROP_REASONS", "IceCounters", "IceTunnelError", "TunnelDatagramTransport", "TunnelIce", "attach",
+           "ice_transports"]
 
 Addr = tuple[str, int]
 SendFn = Callable[[bytes, Addr], None]

@@ -65,8 +65,10 @@ def render(metrics: TransceiverMetrics, tunnel: TunnelCounters, *, sessions: int
     metric("rtcrelay_transceiver_sessions", "gauge", "Sessions open now.", [("", sessions)])
     metric("rtcrelay_transceiver_capacity", "gauge", "Most sessions at once.", [("", capacity)])
     metric("rtcrelay_transceiver_draining", "gauge", "1 while draining.", [("", int(draining))])
-    metric("rtcrelay_transceiver_sessions_created_total", "counter", "Offers answered.", [("", metrics.sessions_created)])
-    metric("rtcrelay_transceiver_sessions_connected_total", "counter", "Sessions that reached connected.", [("", metrics.sessions_connected)])
+    metric("rtcrelay_transceiver_sessions_created_total", "counter", "Offers answered.",
+           [("", metrics.sessions_created)])
+    metric("rtcrelay_transceiver_sessions_connected_total", "counter", "Sessions that reached connected.",
+           [("", metrics.sessions_connected)])
     metric(
         "rtcrelay_transceiver_sessions_closed_total",
         "counter",

@@ -161,7 +161,8 @@ class Transceiver:
         sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
         name = sockets[0].getsockname() if sockets else (cfg.http_host, cfg.http_port)
         self.http_address = (name[0], name[1])
-        log.info("transceiver up: http %s, tunnel %s, relay %s", self.http_address, self.tunnel.local_address, cfg.relay_public_addresses)
+        log.info("transceiver up: http %s, tunnel %s, relay %s", self.http_address, self.tunnel.local_address,
+                 cfg.relay_public_addresses)
 
     async def drain(self) -> None:
         assert self.manager is not None

@@ -225,7 +225,8 @@ class SenderBase(ErrorCounts):
     #: datagrams dropped because the socket would have blocked (EAGAIN/ENOBUFS)
     dropped_eagain: int
 
-    def __init__(self, sock: socket.socket, batch: int = 64, slot_size: int = 2048 + 64, connected: bool = False) -> None:
+    def __init__(self, sock: socket.socket, batch: int = 64, slot_size: int = 2048 + 64,
+                 connected: bool = False) -> None:
         self.family = adopt_udp(sock, "BatchSender")
         if batch < 1:
             raise ValueError("batch must be >= 1")

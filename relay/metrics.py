@@ -67,8 +67,8 @@ def render_prometheus(rows: Sequence[Mapping[str, int]], table_totals: Mapping[s
         out.append(f'rtcrelay_bytes_total{{worker="{w}",direction="to_client"}} {row.get("transceiver_bytes", 0)}')
     family("drops_total", "counter", "Datagrams dropped, by worker and reason.")
     for w, row in enumerate(rows):
-        for reason in DROP_REASONS:
-            out.append(f'rtcrelay_drops_total{{worker="{w}",reason="{reason}"}} {row.get("drop_" + reason, 0)}')
+        out.extend(f'rtcrelay_drops_total{{worker="{w}",reason="{reason}"}} {row.get("drop_" + reason, 0)}'
+                   for reason in DROP_REASONS)
     for name, help_text in (
         ("flows_learned", "Flows created from authenticated STUN."),
         ("flows_adopted", "Flows taken over from another worker's partition."),

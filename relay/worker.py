@@ -443,13 +443,13 @@ class Worker:
             yield
         slots = max(SWEEP_SLOTS_PER_STEP,
                     int(cfg.flow_capacity * SWEEP_PASSES_PER_IDLE / cfg.idle_timeout * HOUSEKEEPING_S))
-        expired = 0
-        for expired in flows.sweep_steps(now, slots, SWEEP_SLOTS_PER_STEP, REMOVALS_PER_STEP):
+        expired = 0  # the steps yield the flows expired (closed, below) so far: the last value is the total
+        for expired in flows.sweep_steps(now, slots, SWEEP_SLOTS_PER_STEP, REMOVALS_PER_STEP):  # noqa: B007
             yield
         self.counts[_C["flows_expired"]] += expired
         flows.expire_silent_transceivers(now, cfg.heartbeat_timeout)
         closed = 0
-        for closed in flows.remove_doomed_steps(REMOVALS_PER_STEP):
+        for closed in flows.remove_doomed_steps(REMOVALS_PER_STEP):  # noqa: B007
             yield
         self.counts[_C["flows_closed"]] += closed
         self.links.retain(flows.transceivers)

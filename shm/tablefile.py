@@ -136,7 +136,7 @@ def partitions_locked(path: str, partitions: int) -> Iterator[None]:
     fds: list[int] = []
     try:
         for p in range(partitions):
-            fds.append(try_lock(path, p))
+            fds.append(try_lock(path, p))  # noqa: PERF401 - one by one: the finally unlocks those taken
         yield
     finally:
         for fd in fds:

@@ -289,7 +289,7 @@ class PartitionWriter(PartitionRepair):
         if len(ufrag) > MAX_UFRAG or not ufrag:
             return []
         sref = self._sref(ufrag)
-        s, state = self._find_session(ufrag, sref)
+        _slot, state = self._find_session(ufrag, sref)
         if state != 1:
             return []
         rows = self._rows()
@@ -369,10 +369,7 @@ class PartitionWriter(PartitionRepair):
             q[hw + P_SWEEP_CURSOR] = (cursor + n) % cap
             return []
         rows = self._rows()
-        if cursor + n <= cap:
-            parts = [(cursor, cursor + n)]
-        else:
-            parts = [(cursor, cap), (0, cursor + n - cap)]
+        parts = [(cursor, cursor + n)] if cursor + n <= cap else [(cursor, cap), (0, cursor + n - cap)]
         limit = np.uint64(threshold)
         removed: list[Flow] = []
         while True:  # again after deletions: a shift may pull an idle flow into the window

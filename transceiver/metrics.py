@@ -18,7 +18,8 @@ SETUP_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0)
 # Why a session ended; "connect_timeout" and "failed" are failures.
 CLOSE_REASONS = ("deleted", "peer_closed", "failed", "connect_timeout", "drain_deadline", "shutdown", "error")
 # Why an offer got no session, besides the SDP reasons.
-REJECT_REASONS = tuple(sorted(OFFER_ERROR_REASONS)) + (
+REJECT_REASONS = (
+    *sorted(OFFER_ERROR_REASONS),
     "unsupported_media_type",
     "at_capacity",
     "draining",

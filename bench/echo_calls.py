@@ -209,6 +209,7 @@ async def serve_stock(max_sessions: int) -> None:
     loopback_only_ice()
     media_relay = MediaRelay()
     sessions: dict[str, RTCPeerConnection] = {}
+    closing: set[asyncio.Future] = set()  # the close tasks, held until done (the loop keeps weak references)
     log = _SetupLog()
     log.sessions = lambda: len(sessions)
 
@@ -234,7 +235,9 @@ async def serve_stock(max_sessions: int) -> None:
                 done = True
                 log.setup_ms.append((time.monotonic() - started) * 1000)
             elif pc.connectionState in ("failed", "closed"):
-                asyncio.ensure_future(close(sid))
+                task = asyncio.ensure_future(close(sid))
+                closing.add(task)
+                task.add_done_callback(closing.discard)
 
         @pc.on("track")
         def on_track(track) -> None:

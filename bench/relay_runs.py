@@ -150,7 +150,7 @@ def paced_run(fwd: Forwarder, load: Load, ports: Ports, rate: float, duration: f
     summary plus the generator's, and a verdict."""
     sink = gen = None
     try:
-        planned = int(round(rate * duration))
+        planned = round(rate * duration)
         sink = load.sink(ports.sink, expected=planned, idle_ms=500, max_s=duration + 20, late_ns=LATE_NS,
                          check_header=check_header)
         gen = load.gen(ports.listen, rate=rate, duration=duration, batch=batch, max_s=duration * 2 + 5)
@@ -262,7 +262,7 @@ def paced_search(fwd: Forwarder, load: Load, ports: Ports, guess: float, steps: 
     runs = []
     rate = guess
     for _ in range(steps):
-        r = measure(lambda: paced_run(fwd, load, ports, rate, duration), f"paced {rate / 1e3:.0f}k")
+        r = measure(lambda rate=rate: paced_run(fwd, load, ports, rate, duration), f"paced {rate / 1e3:.0f}k")
         runs.append({k: r.get(k) for k in ("rate", "sent", "gen_pps", "received", "late", "bad_fraction", "ok",
                                            "why", "load_cpu", "foreign_cpu", "noisy")})
         if r["ok"]:

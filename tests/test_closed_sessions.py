@@ -58,7 +58,7 @@ def test_a_closed_session_stays_closed_on_every_worker_across_a_crash_and_a_rest
         client = Client(relay.address)
         ufrag = transceiver.token(relay.keyring)
         client.send(client.binding_request(ufrag, keyring=relay.keyring))
-        first, tunnel = transceiver.recv_data()
+        _first, tunnel = transceiver.recv_data()
         assert len(flows_of(relay, ufrag)) == 1
 
         transceiver.close_session(tunnel, ufrag)  # to the worker with the flow only

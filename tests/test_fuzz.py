@@ -30,13 +30,14 @@ for _p in (str(ROOT), str(TESTS)):
     if _p not in sys.path:  # run as a script
         sys.path.insert(0, _p)
 
-from fuzz_targets import CLUSTER, KEYRING, NOW, SOURCE
-from fuzz_targets import FUZZ_TARGETS as TARGET_FUNCS
-from fuzz_targets import FuzzView as _View
+# E402: these imports need the sys.path set-up above when this file runs as a script.
+from fuzz_targets import CLUSTER, KEYRING, NOW, SOURCE  # noqa: E402
+from fuzz_targets import FUZZ_TARGETS as TARGET_FUNCS  # noqa: E402
+from fuzz_targets import FuzzView as _View  # noqa: E402
 
-from relay.decision import AuthPolicy, Drop, Learn, decide
-from wire.route_token import RouteKeyring, TokenError, derive_password, issue_token
-from wire.stun import (
+from relay.decision import AuthPolicy, Drop, Learn, decide  # noqa: E402
+from wire.route_token import RouteKeyring, TokenError, derive_password, issue_token  # noqa: E402
+from wire.stun import (  # noqa: E402
     ATTR_USERNAME,
     BINDING_INDICATION,
     BINDING_REQUEST,
@@ -44,7 +45,7 @@ from wire.stun import (
     build_binding_success,
     build_message,
 )
-from wire.tunnel_frame import (
+from wire.tunnel_frame import (  # noqa: E402
     Data,
     Drain,
     FrameError,

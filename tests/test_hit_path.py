@@ -337,7 +337,7 @@ def test_no_references_leak_per_datagram(c_rig: Rig) -> None:
     rig = c_rig
     entry = rig.learn()
     before = (sys.getrefcount(entry), sys.getrefcount(entry.prefix), sys.getrefcount(entry.tunnel_dest))
-    for i in range(200):
+    for _ in range(200):
         rig.send(b"z" * 30)
         assert rig.forward() == 30
         rig.transceiver.recvfrom(4096)
@@ -400,7 +400,7 @@ def test_the_old_key_hot_path_is_read_as_hit_path_with_a_warning(
         assert bool(caplog.records) == ("hot_path" in text)
     # both with different values: an error that names both
     config.write_text('hit_path = "c"\nhot_path = "python"\n')
-    with pytest.raises(ConfigError, match="`hot_path`.*`hit_path`"):
+    with pytest.raises(ConfigError, match=r"`hot_path`.*`hit_path`"):
         load_relay_config(str(config))
     # the old key's values are checked as the new key's
     config.write_text('hot_path = "fast"\n')

@@ -115,7 +115,7 @@ def client_ports(topo: Topology) -> set[int]:
 
 
 def metric(text: str, name: str) -> float:
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{"))
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
 
 
 def test_call_survives_a_nat_rebinding(topology: Topology, tmp_path: Path) -> None:

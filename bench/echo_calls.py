@@ -209,6 +209,7 @@ async def serve_stock(max_sessions: int) -> None:
     loopback_only_ice()
     media_relay = MediaRelay()
     sessions: dict[str, RTCPeerConnection] = {}
+    closing: set[asyncio.Future] = set()  # the close tasks, held until done (the loop keeps weak references)
     log = _SetupLog()
     log.sessions = lambda: len(sessions)
 
@@ -234,7 +235,9 @@ async def serve_stock(max_sessions: int) -> None:
                 done = True
                 log.setup_ms.append((time.monotonic() - started) * 1000)
             elif pc.connectionState in ("failed", "closed"):
-                asyncio.ensure_future(close(sid))
+                task = asyncio.ensure_future(close(sid))
+                closing.add(task)
+                task.add_done_callback(closing.discard)
 
         @pc.on("track")
         def on_track(track) -> None:
@@ -251,7 +254,7 @@ async def serve_stock(max_sessions: int) -> None:
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
             await pc.setLocalDescription(await pc.createAnswer())
-        except Exception as exc:  # noqa: BLE001 - aiortc's parser raises anything on a bad offer
+        except Exception as exc:  # aiortc's parser raises anything on a bad offer
             await close(sid)
             return web.Response(status=400, text=f"sdp_rejected: {type(exc).__name__}: {exc}\n")
         return web.Response(status=201, body=pc.localDescription.sdp.encode(), content_type="application/sdp",
@@ -427,7 +430,7 @@ class Caller:
             if len(data) > 12 and 127 < data[0] < 192 and not 192 <= data[1] <= 208 and dtls._rx_srtp is not None:
                 try:
                     plain = dtls._rx_srtp.unprotect(data)
-                except Exception:  # noqa: BLE001 - pylibsrtp.Error and friends: not authentic
+                except Exception:  # pylibsrtp.Error and friends: not authentic
                     self.rx_bad += 1
                     return
                 now = monotonic()
@@ -510,7 +513,7 @@ class Caller:
                 self.hangup_errors += 1
         try:
             await asyncio.wait_for(self.pc.close(), 5)
-        except Exception:  # noqa: BLE001 - aiortc's close may raise anything; the call is over either way
+        except Exception:  # aiortc's close may raise anything; the call is over either way
             self.hangup_errors += 1
 
 
@@ -550,7 +553,7 @@ class MediaClock:
                 if caller.media and caller.next_due <= now:
                     try:
                         late = caller.send_due(now, self.payloads)
-                    except Exception:  # noqa: BLE001 - the call went away under us: stop its media
+                    except Exception:  # the call went away under us: stop its media
                         caller.media = False
                         continue
                     worst = max(worst, late)
@@ -597,7 +600,7 @@ async def _with_executor(main, inline: bool) -> None:
                 future: concurrent.futures.Future = concurrent.futures.Future()
                 try:
                     future.set_result(fn(*args, **kwargs))
-                except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+                except BaseException as exc:  # handed to the awaiting caller
                     future.set_exception(exc)
                 return future
 

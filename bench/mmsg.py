@@ -39,10 +39,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness.cpu import cpu_seconds, steal_seconds  # noqa: E402
-from bench.harness.procinfo import pin, proc_state  # noqa: E402
-from bench.udpload import udp_sockets  # noqa: E402
-from relay import batchio  # noqa: E402
+from bench.harness.cpu import cpu_seconds, steal_seconds
+from bench.harness.procinfo import pin, proc_state
+from bench.udpload import udp_sockets
+from relay import batchio
 
 HEADER_LEN = 24
 HEADER = struct.Struct("!22sH")  # cached per-flow prefix + payload length (as wire/tunnel_frame.py)
@@ -138,7 +138,7 @@ def _fwd_mmsg(sock: socket.socket, out: socket.socket, sink: tuple[str, int], cl
             else:
                 pack_into(buf, off - HEADER_LEN, flow[1], length)
                 dests.append(flow[0])
-            i += 1
+            i += 1  # noqa: SIM113 - cheaper than enumerate(zip(...)) per datagram
         if rx.truncated_count:  # rare: redo the skip list with the oversized ones
             oversized += rx.truncated_count
             skip = sorted(set(skip) | {k for k in range(n) if rx.truncated(k)})
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also time this binary as impl 'c' (a C reference forwarder; argv: in_fd out_fd sink_ip sink_port)",
     )
     args = ap.parse_args(argv)
-    global BATCH, C_FORWARDER
+    global BATCH, C_FORWARDER  # noqa: PLW0603 - the options, read by the forwarders' code
     BATCH = args.batch
     C_FORWARDER = args.c_forwarder
     impls = [i for i in args.impls.split(",") if i]

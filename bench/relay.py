@@ -78,14 +78,14 @@ if sys.path and Path(sys.path[0] or ".").resolve() == _BENCH:
 
 
 # bench/ as a namespace package: nothing shadowed
-from bench import ctools, udpload  # noqa: E402
-from bench.harness import processes  # noqa: E402
-from bench.harness.errors import BenchError  # noqa: E402
-from bench.relay_churn import CHURN_FLOWS, ChurnResult, churn_phase  # noqa: E402
-from bench.relay_forwarders import FORWARDERS, make_forwarder  # noqa: E402
-from bench.relay_report import report  # noqa: E402
-from bench.relay_runs import Config, VariantResult, merge_rounds, run_variant  # noqa: E402
-from bench.udpload import SourcePlan  # noqa: E402
+from bench import ctools, udpload
+from bench.harness import processes
+from bench.harness.errors import BenchError
+from bench.relay_churn import CHURN_FLOWS, ChurnResult, churn_phase
+from bench.relay_forwarders import FORWARDERS, make_forwarder
+from bench.relay_report import report
+from bench.relay_runs import Config, VariantResult, merge_rounds, run_variant
+from bench.udpload import SourcePlan
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -17,8 +17,8 @@ from bench.relay_runs import (
     Config,
     Ports,
     drops,
-    fresh_counters,
     free_ports,
+    fresh_counters,
     learn,
     placement,
     ratio,
@@ -54,7 +54,7 @@ def established_run(fwd: Forwarder, load: Load, ports: Ports, rate: int, duratio
     t0 = time.monotonic()
     sink = ch = gen = None
     try:
-        sink = load.sink(ports.sink, expected=int(round(rate * duration)), idle_ms=500, max_s=duration + 20,
+        sink = load.sink(ports.sink, expected=round(rate * duration), idle_ms=500, max_s=duration + 20,
                          late_ns=LATE_NS)
         if churn:
             ch = load.churn(ports.listen, churn[0], churn[1], churn[2], duration, max_s=duration * 2 + 5)
@@ -136,7 +136,7 @@ def churn_phase(kind: str, workers: int, flows: int, cfg: Config, tools: dict[st
             log(f"    churn {rate:,}/s/worker: sent {run['churn']['sent']:,} ({run['churn']['rate']:,.0f}/s), "
                 f"learned {run['learned']}, established p99 {run['p99_us']:.1f} us (no churn "
                 f"{base['p99_us']:.1f}), lost {run['lost']}, late {run['late']}, drops {run['drops'] or 'none'}")
-    except Exception as e:  # noqa: BLE001 - reported, the rest of the report still prints
+    except Exception as e:  # reported, the rest of the report still prints
         res.status, res.message = "error", (str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}")
         log(f"  churn, {fwd.label} x{workers}: ERROR: {res.message}")
     finally:

@@ -46,7 +46,7 @@ class Config:
     hit_path: str = "auto"        # the relay's hit path (auto: C when it was built)
 
     @classmethod
-    def quick(cls) -> "Config":
+    def quick(cls) -> Config:
         return cls(drain_count=20_000, drain_reps=1, search_steps=3, search_duration=0.3,
                    latency_duration=0.5, latency_reps=1, noise_retries=0, flows=(64, 1000),
                    churn_rates=(500,), churn_duration=2.0)
@@ -150,7 +150,7 @@ def paced_run(fwd: Forwarder, load: Load, ports: Ports, rate: float, duration: f
     summary plus the generator's, and a verdict."""
     sink = gen = None
     try:
-        planned = int(round(rate * duration))
+        planned = round(rate * duration)
         sink = load.sink(ports.sink, expected=planned, idle_ms=500, max_s=duration + 20, late_ns=LATE_NS,
                          check_header=check_header)
         gen = load.gen(ports.listen, rate=rate, duration=duration, batch=batch, max_s=duration * 2 + 5)
@@ -262,7 +262,7 @@ def paced_search(fwd: Forwarder, load: Load, ports: Ports, guess: float, steps: 
     runs = []
     rate = guess
     for _ in range(steps):
-        r = measure(lambda: paced_run(fwd, load, ports, rate, duration), f"paced {rate / 1e3:.0f}k")
+        r = measure(lambda rate=rate: paced_run(fwd, load, ports, rate, duration), f"paced {rate / 1e3:.0f}k")
         runs.append({k: r.get(k) for k in ("rate", "sent", "gen_pps", "received", "late", "bad_fraction", "ok",
                                            "why", "load_cpu", "foreign_cpu", "noisy")})
         if r["ok"]:
@@ -417,7 +417,7 @@ def run_variant(fwd: Forwarder, cfg: Config, tools: dict[str, Path], pin: bool, 
         log(f"  {name}: NOT MEASURED: {e}")
         fwd.stop()
         return res
-    except Exception as e:  # noqa: BLE001 - one broken forwarder must not stop the others
+    except Exception as e:  # one broken forwarder must not stop the others
         res.status, res.message = "error", f"start failed: {type(e).__name__}: {e}"
         log(f"  {name}: ERROR: {res.message}")
         fwd.stop()
@@ -465,7 +465,7 @@ def run_variant(fwd: Forwarder, cfg: Config, tools: dict[str, Path], pin: bool, 
         if not res.flow_check["ok"]:
             log(f"    WARNING: the relay holds {res.flow_check['held']:,} flows after the measurements, "
                 f"not {load.flows:,} (drops: {res.flow_check['drops']})")
-    except Exception as e:  # noqa: BLE001 - reported in the table, the other variants still run
+    except Exception as e:  # reported in the table, the other variants still run
         res.status, res.message = "error", (str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}")
         log(f"  {name}: ERROR: {res.message}")
     finally:

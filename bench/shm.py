@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shm import FlowTable, PartitionWriter  # noqa: E402
-from shm.layout import FLOW_SLOT, SESSION_SLOT, file_size, load_limit  # noqa: E402
+from shm import FlowTable, PartitionWriter
+from shm.layout import FLOW_SLOT, SESSION_SLOT, file_size, load_limit
 
 MiB = 1 << 20
 ROWS: list[tuple[str, str, str, bool | None]] = []

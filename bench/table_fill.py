@@ -22,10 +22,10 @@ _BENCH = Path(__file__).resolve().parent
 if sys.path and Path(sys.path[0] or ".").resolve() == _BENCH:
     sys.path[0] = str(_BENCH.parent)  # as bench/relay.py: bench/ must not shadow `relay`
 
-from bench import ctools, udpload  # noqa: E402
-from bench.harness import processes  # noqa: E402
-from bench.relay_forwarders import HOST, PythonRelayForwarder  # noqa: E402
-from bench.relay_runs import drops, free_ports, start_and_pin  # noqa: E402
+from bench import ctools, udpload
+from bench.harness import processes
+from bench.relay_forwarders import HOST, PythonRelayForwarder
+from bench.relay_runs import drops, free_ports, start_and_pin
 
 
 def main(argv: list[str] | None = None) -> int:

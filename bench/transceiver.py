@@ -66,12 +66,12 @@ if sys.path and Path(sys.path[0] or ".").resolve() == _BENCH:
 
 
 # bench/ as a namespace package: nothing shadowed
-from bench import echo_calls  # noqa: E402
-from bench.harness import processes  # noqa: E402
-from bench.harness.errors import BenchError  # noqa: E402
-from bench.transceiver_report import json_safe, report  # noqa: E402
-from bench.transceiver_runner import Runner, VariantResult  # noqa: E402
-from bench.transceiver_stacks import CALLER_CPU, SERVER_ENV  # noqa: E402
+from bench import echo_calls
+from bench.harness import processes
+from bench.harness.errors import BenchError
+from bench.transceiver_report import json_safe, report
+from bench.transceiver_runner import Runner, VariantResult
+from bench.transceiver_stacks import CALLER_CPU, SERVER_ENV
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -152,7 +152,7 @@ class SourcePlan:
             raise BenchError(f"source plan {self}: wants a 127/8 address and a port in 1..{EPHEMERAL_LO - 1}")
 
     @classmethod
-    def parse(cls, text: str) -> "SourcePlan":
+    def parse(cls, text: str) -> SourcePlan:
         ip, _, port = text.rpartition(":")
         return cls(ip, int(port))
 
@@ -163,7 +163,7 @@ class SourcePlan:
     def address(self, i: int) -> tuple[str, int]:
         return str(ipaddress.IPv4Address(self.ip) + i // self.per_ip), self.port + i % self.per_ip
 
-    def after(self, n: int) -> "SourcePlan":
+    def after(self, n: int) -> SourcePlan:
         """A plan disjoint from this one's first n addresses (from the next IP it leaves unused)."""
         return SourcePlan(str(ipaddress.IPv4Address(self.ip) + -(-n // self.per_ip)), self.port)
 

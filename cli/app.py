@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -17,7 +17,8 @@ app = typer.Typer(
 keys_app = typer.Typer(no_args_is_help=True, help="Route secrets: generate them.")
 flows_app = typer.Typer(no_args_is_help=True, help="Flows (client 5-tuples) straight from the relay's shared memory.")
 ufrag_app = typer.Typer(no_args_is_help=True, help="Server ufrags (route tokens).")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures as ratios to a reference measured in the same run).")
+bench_app = typer.Typer(no_args_is_help=True,
+                        help="Benchmarks (figures as ratios to a reference measured in the same run).")
 app.add_typer(keys_app, name="keys")
 app.add_typer(flows_app, name="flows")
 app.add_typer(ufrag_app, name="ufrag")
@@ -46,13 +47,15 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
 ) -> None:
     """rtcrelay command line."""
 
 
-ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="TOML config file.", show_default=False)]
+ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="TOML config file.", show_default=False)]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 NameOpt = Annotated[str, typer.Option("--name", "-n", envvar="RTCRELAY_RELAY_NAME", help="Relay instance name.")]
-TableDirOpt = Annotated[str, typer.Option("--table-dir", envvar="RTCRELAY_RELAY_TABLE_DIR", help="Where the relay's shm files live.")]
+TableDirOpt = Annotated[str, typer.Option("--table-dir", envvar="RTCRELAY_RELAY_TABLE_DIR",
+                                          help="Where the relay's shm files live.")]

@@ -4,14 +4,15 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from cli.app import bench_app, fail
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
-EXTRA = Annotated[Optional[list[str]], typer.Argument(help="Arguments passed to the script (after --).", show_default=False)]
+EXTRA = Annotated[list[str] | None,
+                  typer.Argument(help="Arguments passed to the script (after --).", show_default=False)]
 
 
 def run_script(name: str, extra: list[str] | None) -> None:

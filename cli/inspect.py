@@ -16,8 +16,8 @@ from typing import Any
 import psutil
 
 from relay.metrics import DROP_REASONS
-from shm.counters import CounterBlock, CounterLayoutError
 from shm import Flow, FlowTable, LayoutMismatch, Session, TableView
+from shm.counters import CounterBlock, CounterLayoutError
 from shm.layout import ip_str
 
 
@@ -131,7 +131,8 @@ def worker_stats(stats_path: str) -> list[dict[str, Any]]:
     out = []
     for index, row in enumerate(rows):
         entry: dict[str, Any] = {"worker": index, **{k: v for k, v in row.items() if not k.startswith("drop_")}}
-        entry["drops"] = {reason: row.get("drop_" + reason, 0) for reason in DROP_REASONS if row.get("drop_" + reason, 0)}
+        entry["drops"] = {reason: row.get("drop_" + reason, 0)
+                          for reason in DROP_REASONS if row.get("drop_" + reason, 0)}
         entry["alive"] = False
         if row.get("pid"):
             try:

@@ -6,7 +6,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -47,12 +47,13 @@ def human_bytes(n: int) -> str:
 def flows_table(rows: list[dict[str, Any]], rates: dict[int, tuple[float, float]] | None = None) -> Table:
     table = Table(title=f"{len(rows)} flows", header_style="bold")
     for col in ("client", "ufrag", "transceiver", "worker", "age", "idle", "pkts in/out", "bytes in/out"):
-        table.add_column(col, justify="right" if col in ("worker", "age", "idle") else "left", no_wrap=col in ("client", "transceiver"))
+        table.add_column(col, justify="right" if col in ("worker", "age", "idle") else "left",
+                         no_wrap=col in ("client", "transceiver"))
     if rates is not None:
         table.add_column("pps in/out", justify="right")
     for r in rows:
-        cells = [r["client"], r["ufrag"][:16] + ("…" if len(r["ufrag"]) > 16 else ""), r["transceiver"], str(r["worker"]),
-                 f"{r['age_s']:.0f}s", f"{r['idle_s']:.1f}s", f"{r['packets_in']}/{r['packets_out']}",
+        cells = [r["client"], r["ufrag"][:16] + ("…" if len(r["ufrag"]) > 16 else ""), r["transceiver"],
+                 str(r["worker"]), f"{r['age_s']:.0f}s", f"{r['idle_s']:.1f}s", f"{r['packets_in']}/{r['packets_out']}",
                  f"{human_bytes(r['bytes_in'])}/{human_bytes(r['bytes_out'])}"]
         if rates is not None:
             pin, pout = rates.get(r["handle"], (0.0, 0.0))
@@ -61,9 +62,10 @@ def flows_table(rows: list[dict[str, Any]], rates: dict[int, tuple[float, float]
     return table
 
 
-UfragOpt = Annotated[Optional[str], typer.Option("--ufrag", help="Only flows of this server ufrag.", show_default=False)]
-TransceiverOpt = Annotated[Optional[str], typer.Option("--transceiver", help="Only flows to this IP:PORT.", show_default=False)]
-WorkerOpt = Annotated[Optional[int], typer.Option("--worker", help="Only flows owned by this worker.", show_default=False)]
+UfragOpt = Annotated[str | None, typer.Option("--ufrag", help="Only flows of this server ufrag.", show_default=False)]
+TransceiverOpt = Annotated[str | None,
+                           typer.Option("--transceiver", help="Only flows to this IP:PORT.", show_default=False)]
+WorkerOpt = Annotated[int | None, typer.Option("--worker", help="Only flows owned by this worker.", show_default=False)]
 SortOpt = Annotated[str, typer.Option("--sort", help="age | idle | packets | bytes | client")]
 
 
@@ -74,7 +76,8 @@ def check_sort(sort: str) -> None:
 
 @flows_app.command("list")
 def flows_list(name: NameOpt = "default", table_dir: TableDirOpt = "/dev/shm", ufrag: UfragOpt = None,
-               transceiver: TransceiverOpt = None, worker: WorkerOpt = None, sort: SortOpt = "age", as_json: JsonOpt = False) -> None:
+               transceiver: TransceiverOpt = None, worker: WorkerOpt = None, sort: SortOpt = "age",
+               as_json: JsonOpt = False) -> None:
     """List flows: client, ufrag, transceiver, worker, age, idle, packets/bytes each way."""
     check_sort(sort)
     with relay_view(name, table_dir) as view:
@@ -107,7 +110,8 @@ def flows_show(client: Annotated[str, typer.Argument(help="The client's IP:PORT 
 def flows_watch(name: NameOpt = "default", table_dir: TableDirOpt = "/dev/shm", ufrag: UfragOpt = None,
                 transceiver: TransceiverOpt = None, worker: WorkerOpt = None, sort: SortOpt = "packets",
                 interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
-                frames: Annotated[int, typer.Option(help="Stop after this many refreshes (0: until Ctrl-C).")] = 0) -> None:
+                frames: Annotated[int, typer.Option(help="Stop after this many refreshes (0: until Ctrl-C).")] = 0,
+) -> None:
     """A live view of the flows with packet rates (Ctrl-C to leave)."""
     check_sort(sort)
     if interval <= 0:
@@ -148,7 +152,8 @@ def sessions(name: NameOpt = "default", table_dir: TableDirOpt = "/dev/shm", as_
     for col in ("ufrag", "transceiver", "flows", "workers", "age", "idle"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["ufrag"], r["transceiver"], str(r["flows"]), ",".join(map(str, r["workers"])), f"{r['age_s']:.0f}s", f"{r['idle_s']:.1f}s")
+        table.add_row(r["ufrag"], r["transceiver"], str(r["flows"]), ",".join(map(str, r["workers"])),
+                      f"{r['age_s']:.0f}s", f"{r['idle_s']:.1f}s")
     console.print(table)
 
 
@@ -168,15 +173,16 @@ def stats(name: NameOpt = "default", table_dir: TableDirOpt = "/dev/shm", as_jso
     console.print(f"[bold]flows[/bold] {t['flows']} / {t['flow_limit']} ({result['table_fill']:.1%} of the load cap)   "
                   f"[bold]sessions[/bold] {t['sessions']}   [bold]refused[/bold] {t['refused_table_full']} table full, "
                   f"{t['refused_session_flow_limit']} session limit")
-    console.print(f"[bold]forwarded[/bold] {result['packets_to_transceivers']} pkts / {human_bytes(result['bytes_to_transceivers'])} to transceivers, "
+    console.print(f"[bold]forwarded[/bold] {result['packets_to_transceivers']} pkts / "
+                  f"{human_bytes(result['bytes_to_transceivers'])} to transceivers, "
                   f"{result['packets_to_clients']} pkts / {human_bytes(result['bytes_to_clients'])} to clients")
     table = Table(title="workers", header_style="bold")
     for col in ("worker", "pid", "alive", "ready", "flows", "cpu %", "rss", "learned", "expired", "closed"):
         table.add_column(col, justify="right")
     for w in result["workers"]:
-        table.add_row(str(w["worker"]), str(w.get("pid", 0)), "yes" if w["alive"] else "no", str(w.get("ready", 0)), str(w.get("flows", 0)),
-                      f"{w.get('cpu_percent', 0.0):.1f}", human_bytes(w.get("rss_bytes", 0)), str(w.get("flows_learned", 0)),
-                      str(w.get("flows_expired", 0)), str(w.get("flows_closed", 0)))
+        table.add_row(str(w["worker"]), str(w.get("pid", 0)), "yes" if w["alive"] else "no", str(w.get("ready", 0)),
+                      str(w.get("flows", 0)), f"{w.get('cpu_percent', 0.0):.1f}", human_bytes(w.get("rss_bytes", 0)),
+                      str(w.get("flows_learned", 0)), str(w.get("flows_expired", 0)), str(w.get("flows_closed", 0)))
     console.print(table)
     if result["drops"]:
         drops = Table(title="drops by reason", header_style="bold")
@@ -191,9 +197,12 @@ def stats(name: NameOpt = "default", table_dir: TableDirOpt = "/dev/shm", as_jso
 
 @ufrag_app.command("decode")
 def ufrag_decode(ufrag: Annotated[str, typer.Argument(help="A server ufrag (route token).")],
-                 route_keys: Annotated[Optional[str], typer.Option("--route-keys", help="Route keys file: verify the MAC too.", show_default=False)] = None,
+                 route_keys: Annotated[str | None, typer.Option("--route-keys",
+                                                                help="Route keys file: verify the MAC too.",
+                                                                show_default=False)] = None,
                  max_age: Annotated[float, typer.Option(help="Age limit for a new session, seconds.")] = 300.0,
-                 cluster: Annotated[Optional[int], typer.Option(help="This relay's cluster id.", show_default=False)] = None,
+                 cluster: Annotated[int | None,
+                                    typer.Option(help="This relay's cluster id.", show_default=False)] = None,
                  as_json: JsonOpt = False) -> None:
     """What a route token says (target, key id, issued) and whether it is valid."""
     from daemon.config_file import ConfigError

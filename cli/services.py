@@ -1,7 +1,7 @@
 """Commands that run things: relay, transceiver, up (the demo), keys."""
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -12,13 +12,16 @@ from daemon.config_file import ConfigError
 @app.command()
 def relay(
     config: ConfigOpt = None,
-    listen: Annotated[Optional[list[str]], typer.Option(help="Public UDP address HOST:PORT (repeat for several).", show_default=False)] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Worker processes (0: one per CPU).", show_default=False)] = None,
-    name: Annotated[Optional[str], typer.Option(help="Instance name (names the shm table).", show_default=False)] = None,
-    route_keys: Annotated[Optional[str], typer.Option("--route-keys", help="Route keys file (TOML).", show_default=False)] = None,
-    admin: Annotated[Optional[str], typer.Option(help="Admin HTTP HOST:PORT ('' disables).", show_default=False)] = None,
-    tunnel_host: Annotated[Optional[str], typer.Option(help="Tunnel socket address.", show_default=False)] = None,
-    ephemeral: Annotated[bool, typer.Option("--ephemeral", help="Remove the shm table on exit (default: keep it for a restart).")] = False,
+    listen: Annotated[list[str] | None, typer.Option(help="Public UDP address HOST:PORT (repeat for several).",
+                                                     show_default=False)] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (0: one per CPU).", show_default=False)] = None,
+    name: Annotated[str | None, typer.Option(help="Instance name (names the shm table).", show_default=False)] = None,
+    route_keys: Annotated[str | None,
+                          typer.Option("--route-keys", help="Route keys file (TOML).", show_default=False)] = None,
+    admin: Annotated[str | None, typer.Option(help="Admin HTTP HOST:PORT ('' disables).", show_default=False)] = None,
+    tunnel_host: Annotated[str | None, typer.Option(help="Tunnel socket address.", show_default=False)] = None,
+    ephemeral: Annotated[bool, typer.Option(
+        "--ephemeral", help="Remove the shm table on exit (default: keep it for a restart).")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the relay: supervisor + SO_REUSEPORT workers on the public UDP port."""
@@ -42,11 +45,14 @@ def relay(
 @app.command()
 def transceiver(
     config: ConfigOpt = None,
-    http: Annotated[Optional[str], typer.Option(help="Signalling HTTP HOST:PORT.", show_default=False)] = None,
-    relay_public: Annotated[Optional[list[str]], typer.Option("--relay-public", help="Relay public address IP:PORT (the ICE candidate).", show_default=False)] = None,
-    route_keys: Annotated[Optional[str], typer.Option("--route-keys", help="Route keys file (TOML).", show_default=False)] = None,
-    tunnel_host: Annotated[Optional[str], typer.Option(help="Tunnel socket address.", show_default=False)] = None,
-    max_sessions: Annotated[Optional[int], typer.Option(help="Sessions at once before 503.", show_default=False)] = None,
+    http: Annotated[str | None, typer.Option(help="Signalling HTTP HOST:PORT.", show_default=False)] = None,
+    relay_public: Annotated[list[str] | None,
+                            typer.Option("--relay-public", help="Relay public address IP:PORT (the ICE candidate).",
+                                         show_default=False)] = None,
+    route_keys: Annotated[str | None,
+                          typer.Option("--route-keys", help="Route keys file (TOML).", show_default=False)] = None,
+    tunnel_host: Annotated[str | None, typer.Option(help="Tunnel socket address.", show_default=False)] = None,
+    max_sessions: Annotated[int | None, typer.Option(help="Sessions at once before 503.", show_default=False)] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a transceiver: aiortc sessions behind the relay, WHIP-style signalling over HTTP."""
@@ -78,7 +84,9 @@ def up(
     admin_port: Annotated[int, typer.Option(help="Relay admin HTTP port (/metrics).")] = 9478,
     workers: Annotated[int, typer.Option(help="Relay worker processes.")] = 2,
     name: Annotated[str, typer.Option(help="Relay instance name (for `rtcrelay flows --name`).")] = "demo",
-    route_keys: Annotated[Optional[str], typer.Option("--route-keys", help="Route keys file; default: a fresh one for this run.", show_default=False)] = None,
+    route_keys: Annotated[str | None,
+                          typer.Option("--route-keys", help="Route keys file; default: a fresh one for this run.",
+                                       show_default=False)] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """The demo: relay + transceiver + a call page, all on 127.0.0.1. Ctrl-C stops everything."""

@@ -66,7 +66,8 @@ def check_ports(settings: DemoSettings) -> None:
             try:
                 sock.bind((HOST, port))
             except OSError:
-                raise PortInUse(f"{HOST}:{port} is in use ({'UDP' if kind == socket.SOCK_DGRAM else 'TCP'}); choose another with {flag}") from None
+                raise PortInUse(f"{HOST}:{port} is in use ({'UDP' if kind == socket.SOCK_DGRAM else 'TCP'}); "
+                                f"choose another with {flag}") from None
 
 
 def toml_lines(values: dict[str, object]) -> str:

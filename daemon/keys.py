@@ -66,7 +66,8 @@ def load_keyring(path: str | None) -> RouteKeyring:
         except binascii.Error:
             raise ConfigError(f"route keys {path}: `keys.{key_id}` is not base64") from None
         if len(secret) < MIN_SECRET_LEN:
-            raise ConfigError(f"route keys {path}: `keys.{key_id}` is {len(secret)} bytes, at least {MIN_SECRET_LEN} needed")
+            raise ConfigError(f"route keys {path}: `keys.{key_id}` is {len(secret)} bytes, "
+                              f"at least {MIN_SECRET_LEN} needed")
         secrets_by_id[int(key_id)] = secret
     try:
         return RouteKeyring(secrets_by_id, parsed.active)
@@ -76,4 +77,5 @@ def load_keyring(path: str | None) -> RouteKeyring:
 
 def generate_keys_toml(key_id: int = 1) -> str:
     secret = base64.b64encode(secrets.token_bytes(32)).decode()
-    return f'# rtcrelay route secrets: keep private, same file on relays and transceivers\nactive = {key_id}\n[keys]\n{key_id} = "{secret}"\n'
+    return ("# rtcrelay route secrets: keep private, same file on relays and transceivers\n"
+            f'active = {key_id}\n[keys]\n{key_id} = "{secret}"\n')

@@ -100,7 +100,8 @@ def screen(datagram: bytes) -> Drop | None:
     return None
 
 
-def decide(datagram: bytes, source: tuple[bytes, int], flows: FlowView[FlowT], auth: AuthPolicy, now: float) -> Decision[FlowT]:
+def decide(datagram: bytes, source: tuple[bytes, int], flows: FlowView[FlowT], auth: AuthPolicy,
+           now: float) -> Decision[FlowT]:
     """Decide for a datagram from ``source`` (packed IP, port) that missed the local flow dict."""
     junk = screen(datagram)
     if junk is not None:

@@ -16,12 +16,12 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+from relay.batchio import address_tuple, sockaddr_for
 from relay.config import RelayConfig
 from relay.decision import Learn
-from relay.batchio import address_tuple, sockaddr_for
-from wire.tunnel_frame import data_prefix
 from shm import Flow, FlowTable, InsertStatus, PartitionWriter, TakeoverReport
 from shm.layout import ip16
+from wire.tunnel_frame import data_prefix
 
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 
@@ -355,7 +355,8 @@ class LocalFlows:
             public_index = self.publics.index(local)
             client_ip = unmap(flow.client_ip)
             family = socket.AF_INET if len(local[0]) == 4 else socket.AF_INET6
-            client_key = sockaddr_for(client_ip if family == socket.AF_INET else ip16(client_ip), flow.client_port, family)
+            client_key = sockaddr_for(client_ip if family == socket.AF_INET else ip16(client_ip), flow.client_port,
+                                      family)
             entry = self._entry_from(flow, flow.handle, client_key, public_index)
             if entry is not None:
                 self._add(entry, now)

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from daemon.config_file import ConfigError
 
 if TYPE_CHECKING:
-    from relay.flows import FlowEntry, LocalFlows
     from relay.batchio import BatchReceiver, BatchSender
+    from relay.flows import FlowEntry, LocalFlows
     from relay.tunnel_links import TunnelLinks
 
 LEFT = -1  # forward_one: the datagram is in slot 0 for the worker

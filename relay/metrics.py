@@ -67,8 +67,8 @@ def render_prometheus(rows: Sequence[Mapping[str, int]], table_totals: Mapping[s
         out.append(f'rtcrelay_bytes_total{{worker="{w}",direction="to_client"}} {row.get("transceiver_bytes", 0)}')
     family("drops_total", "counter", "Datagrams dropped, by worker and reason.")
     for w, row in enumerate(rows):
-        for reason in DROP_REASONS:
-            out.append(f'rtcrelay_drops_total{{worker="{w}",reason="{reason}"}} {row.get("drop_" + reason, 0)}')
+        out.extend(f'rtcrelay_drops_total{{worker="{w}",reason="{reason}"}} {row.get("drop_" + reason, 0)}'
+                   for reason in DROP_REASONS)
     for name, help_text in (
         ("flows_learned", "Flows created from authenticated STUN."),
         ("flows_adopted", "Flows taken over from another worker's partition."),
@@ -90,7 +90,8 @@ def render_prometheus(rows: Sequence[Mapping[str, int]], table_totals: Mapping[s
     family("housekeeping_step_max_seconds", "gauge",
            "Longest housekeeping step (CPU time the worker's packet path waited for it), since it started.")
     for w, row in enumerate(rows):
-        out.append(f'rtcrelay_housekeeping_step_max_seconds{{worker="{w}"}} {row.get("housekeeping_step_max_us", 0) / 1e6}')
+        out.append(f'rtcrelay_housekeeping_step_max_seconds{{worker="{w}"}} '
+                   f'{row.get("housekeeping_step_max_us", 0) / 1e6}')
     family("worker_ready", "gauge", "1 when the worker serves.")
     for w, row in enumerate(rows):
         out.append(f'rtcrelay_worker_ready{{worker="{w}"}} {row.get("ready", 0)}')

@@ -16,7 +16,8 @@ def family_of(host: str) -> socket.AddressFamily:
 
 def set_buffers(sock: socket.socket, size: int) -> None:
     """Large buffers absorb bursts; as root, *BUFFORCE goes past net.core.rmem_max."""
-    for force, plain in ((getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF), (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF)):
+    for force, plain in ((getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF),
+                         (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF)):
         try:
             sock.setsockopt(socket.SOL_SOCKET, force, size)
         except OSError:

@@ -29,15 +29,15 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from daemon import systemd
-from relay.config import RelayConfig
 from daemon.config_file import parse_host_port
-from relay.hit_path import describe as describe_hit_path
 from daemon.keys import load_keyring
+from relay.config import RelayConfig
+from relay.hit_path import describe as describe_hit_path
 from relay.metrics import WORKER_COUNTERS, render_prometheus
 from relay.sockets import adopt_fd, bound_address, open_udp, set_buffers
 from relay.worker_spec import PublicSocket, WorkerSpec, encode_spec
-from shm.counters import CounterBlock
 from shm import FlowTable, LayoutMismatch
+from shm.counters import CounterBlock
 
 log = logging.getLogger("rtcrelay.relay")
 
@@ -83,7 +83,8 @@ def check_activation(activated: dict[tuple[str, int], list[socket.socket]], list
         return  # the fd store gave back our own sockets; activation fds are the same ones again
     for address, socks in activated.items():
         if address not in listen:
-            raise ActivationMismatch(f"socket activation passed {address[0]}:{address[1]}, which is not in `listen` {listen}")
+            raise ActivationMismatch(f"socket activation passed {address[0]}:{address[1]}, "
+                                     f"which is not in `listen` {listen}")
         if len(socks) != workers:
             raise ActivationMismatch(
                 f"socket activation passed {len(socks)} sockets for {address[0]}:{address[1]} but workers = {workers}: "
@@ -120,7 +121,8 @@ class Supervisor:
             set_buffers(sock, self.config.socket_buffer)
             activated_by_addr.setdefault(bound_address(sock), []).append(sock)
         listen = [parse_host_port(text, "listen") for text in self.config.listen]
-        check_activation(activated_by_addr, listen, self.config.worker_count, restored=any(n.startswith("public-") for n in stored))
+        check_activation(activated_by_addr, listen, self.config.worker_count,
+                         restored=any(n.startswith("public-") for n in stored))
         for index in range(self.config.worker_count):
             public = []
             for j, (host, port) in enumerate(listen):
@@ -137,7 +139,8 @@ class Supervisor:
             else:
                 tunnel_port = self.config.tunnel_port + index if self.config.tunnel_port else 0
                 # SO_REUSEPORT: the worker's connected tunnel links bind the same address (relay/tunnel_links.py)
-                tunnel = open_udp(self.config.tunnel_host, tunnel_port, reuseport=True, buffer_size=self.config.socket_buffer)
+                tunnel = open_udp(self.config.tunnel_host, tunnel_port, reuseport=True,
+                                  buffer_size=self.config.socket_buffer)
             self.workers.append(WorkerSlot(index, public, tunnel))
         for leftover in [*stored.values()]:
             os.close(leftover)  # a socket for a worker index this configuration no longer has
@@ -189,7 +192,7 @@ class Supervisor:
         env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
         return subprocess.Popen([sys.executable, "-m", "relay.worker"], pass_fds=fds, env=env)
 
-    def _watch(self, pid: int, callback, *args: object) -> int:  # noqa: ANN001
+    def _watch(self, pid: int, callback, *args: object) -> int:
         pidfd = os.pidfd_open(pid)
         asyncio.get_running_loop().add_reader(pidfd, callback, *args)
         return pidfd
@@ -236,7 +239,8 @@ class Supervisor:
         standby.channel.close()
         code = standby.process.wait()
         if not self.stopping:
-            log.warning("standby of worker %d (pid %d) exited with %d; a new one in %.0f s", slot.index, standby.process.pid, code, STANDBY_DELAY_S)
+            log.warning("standby of worker %d (pid %d) exited with %d; a new one in %.0f s",
+                        slot.index, standby.process.pid, code, STANDBY_DELAY_S)
             asyncio.get_running_loop().call_later(STANDBY_DELAY_S, self.spawn_standby, slot)
 
     def _promote(self, slot: WorkerSlot) -> bool:
@@ -271,10 +275,12 @@ class Supervisor:
         slot.process = None
         # A crash loop (a poison packet?) must not burn through spares: back off instead.
         if slot.crash_streak <= 2 and self._promote(slot):
-            log.warning("worker %d (pid %d) exited with %d after %.1f s; its standby took over", slot.index, pid, code, uptime)
+            log.warning("worker %d (pid %d) exited with %d after %.1f s; its standby took over",
+                        slot.index, pid, code, uptime)
             return
         delay = min(0.05 * 2 ** (slot.crash_streak - 1), RESTART_BACKOFF_MAX_S)
-        log.warning("worker %d (pid %d) exited with %d after %.1f s; restarting in %.2f s", slot.index, pid, code, uptime, delay)
+        log.warning("worker %d (pid %d) exited with %d after %.1f s; restarting in %.2f s",
+                    slot.index, pid, code, uptime, delay)
         asyncio.get_running_loop().call_later(delay, self._respawn, slot)
 
     def _respawn(self, slot: WorkerSlot) -> None:
@@ -323,7 +329,8 @@ class Supervisor:
                 if now_ms - row["heartbeat_ms"] > HEARTBEAT_STALE_S * 1000:
                     healthy = False
                     assert slot.process is not None
-                    log.error("worker %d (pid %d) stopped flushing for %.1f s: killing it", slot.index, slot.process.pid, (now_ms - row["heartbeat_ms"]) / 1000)
+                    log.error("worker %d (pid %d) stopped flushing for %.1f s: killing it",
+                              slot.index, slot.process.pid, (now_ms - row["heartbeat_ms"]) / 1000)
                     with contextlib.suppress(ProcessLookupError):
                         slot.process.kill()
         flows = sum(row["flows"] for row in rows)
@@ -415,7 +422,8 @@ class Supervisor:
         alive = sum(1 for slot in self.workers if slot.process is not None and slot.process.poll() is None)
         standbys = sum(1 for slot in self.workers if slot.standby is not None and slot.standby.ready)
         status = 200 if alive == len(self.workers) else 503
-        return web.json_response({"workers": len(self.workers), "alive": alive, "standbys_ready": standbys}, status=status)
+        return web.json_response({"workers": len(self.workers), "alive": alive, "standbys_ready": standbys},
+                                 status=status)
 
     async def _readyz(self, _request: web.Request) -> web.Response:
         serving = sum(1 for slot, row in zip(self.workers, self.worker_rows()) if self.worker_is_serving(slot, row))

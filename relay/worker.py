@@ -40,14 +40,16 @@ import sys
 import time
 from collections.abc import Iterator
 
+from daemon.keys import load_keyring
 from daemon.networks import AllowedNetworks
+from relay.batchio import BatchReceiver, BatchSender, decode_sockaddr
 from relay.decision import AuthPolicy, Drop, Forward, Learn, closed_until, decide, screen
 from relay.flows import FlowEntry, LocalFlows
 from relay.hit_path import FlowSender, HitPath, open_hit_path
-from daemon.keys import load_keyring
 from relay.metrics import COUNTER_INDEX, WORKER_COUNTERS
-from relay.batchio import BatchReceiver, BatchSender, decode_sockaddr
 from relay.tunnel_links import TunnelLinks
+from relay.worker_spec import WorkerSpec, decode_spec
+from shm.counters import CounterBlock
 from wire.tunnel_frame import (
     DATA_HEADER_LEN_V6,
     DATA_TAG,
@@ -60,8 +62,6 @@ from wire.tunnel_frame import (
     data_header_struct,
     decode_frame,
 )
-from relay.worker_spec import WorkerSpec, decode_spec
-from shm.counters import CounterBlock
 
 log = logging.getLogger("rtcrelay.relay")
 
@@ -443,13 +443,13 @@ class Worker:
             yield
         slots = max(SWEEP_SLOTS_PER_STEP,
                     int(cfg.flow_capacity * SWEEP_PASSES_PER_IDLE / cfg.idle_timeout * HOUSEKEEPING_S))
-        expired = 0
-        for expired in flows.sweep_steps(now, slots, SWEEP_SLOTS_PER_STEP, REMOVALS_PER_STEP):
+        expired = 0  # the steps yield the flows expired (closed, below) so far: the last value is the total
+        for expired in flows.sweep_steps(now, slots, SWEEP_SLOTS_PER_STEP, REMOVALS_PER_STEP):  # noqa: B007
             yield
         self.counts[_C["flows_expired"]] += expired
         flows.expire_silent_transceivers(now, cfg.heartbeat_timeout)
         closed = 0
-        for closed in flows.remove_doomed_steps(REMOVALS_PER_STEP):
+        for closed in flows.remove_doomed_steps(REMOVALS_PER_STEP):  # noqa: B007
             yield
         self.counts[_C["flows_closed"]] += closed
         self.links.retain(flows.transceivers)

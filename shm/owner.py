@@ -52,7 +52,8 @@ class _ClosedWords:
 class PartitionOwner:
     """The owner of one partition: its lock, its words, and the slot write primitives."""
 
-    def __init__(self, table: FlowTable, partition: int, lock_fd: int, on_move: Callable[[int, int], None] | None) -> None:
+    def __init__(self, table: FlowTable, partition: int, lock_fd: int,
+                 on_move: Callable[[int, int], None] | None) -> None:
         self.table = table
         self.partition = p = partition
         # on_move(old_handle, new_handle): a deletion shifted a flow to another slot.

@@ -13,6 +13,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from shm.closed import closed_until
 from shm.layout import (
     FLOW_KEY,
     FLOW_SLOT,
@@ -34,7 +35,6 @@ from shm.layout import (
     load_limit,
     session_ref,
 )
-from shm.closed import closed_until
 from shm.records import MISS, UNKNOWN, Flow, Layout, Lookup, Session, aggregate_sessions
 
 READ_RETRIES = 32  # probe attempts before a reader answers UNKNOWN

@@ -150,7 +150,8 @@ class TableScanner(TableReader):
     def totals(self) -> dict[str, int]:
         """Sums over partitions (plus `partitions`, per-partition capacities)."""
         parts = self.partition_totals()
-        out = {"partitions": self.partitions, "flow_capacity": self.flow_capacity, "session_capacity": self.session_capacity}
+        out = {"partitions": self.partitions, "flow_capacity": self.flow_capacity,
+               "session_capacity": self.session_capacity}
         for key in (
             "flows",
             "sessions",
@@ -202,7 +203,8 @@ class TableScanner(TableReader):
                 j = home
                 while j != i:
                     if not q[self._fw[p] + (j << 4) + 1] & M32:
-                        problems.append(f"I4: partition {p}: flow slot {i} unreachable (empty slot {j} after home {home})")
+                        problems.append(f"I4: partition {p}: flow slot {i} unreachable "
+                                        f"(empty slot {j} after home {home})")
                         break
                     j = (j + 1) & fmask
                 if key in keys:
@@ -243,7 +245,8 @@ class TableScanner(TableReader):
                 problems.append(f"I9: partition {p}: {len(orphans)} session refs of flows have no session entry")
             if q[h + P_FLOWS] != len(focc) or q[h + P_SESSIONS] != len(socc):
                 problems.append(
-                    f"I9: partition {p}: header counts {q[h + P_FLOWS]}/{q[h + P_SESSIONS]}, slots {len(focc)}/{len(socc)}"
+                    f"I9: partition {p}: header counts {q[h + P_FLOWS]}/{q[h + P_SESSIONS]}, "
+                    f"slots {len(focc)}/{len(socc)}"
                 )
             if len(focc) > self.flow_limit or len(socc) > self.session_limit:
                 problems.append(f"I8: partition {p}: {len(focc)} flows / {len(socc)} sessions exceed the load cap")

@@ -136,7 +136,7 @@ def partitions_locked(path: str, partitions: int) -> Iterator[None]:
     fds: list[int] = []
     try:
         for p in range(partitions):
-            fds.append(try_lock(path, p))
+            fds.append(try_lock(path, p))  # noqa: PERF401 - one by one: the finally unlocks those taken
         yield
     finally:
         for fd in fds:
@@ -147,7 +147,8 @@ def partitions_locked(path: str, partitions: int) -> Iterator[None]:
 
 
 def write_table_file(
-    path: str, partitions: int, flow_capacity: int, session_capacity: int, max_flows_per_session: int, seed: int, mode: int
+    path: str, partitions: int, flow_capacity: int, session_capacity: int, max_flows_per_session: int, seed: int,
+    mode: int,
 ) -> None:
     """Write an empty table under a temporary name and rename it over `path` (atomic: a process
     still mapping the old file keeps reading it). The caller holds every partition's lock."""

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from shm.closed import record_closed
 from shm.layout import (
     FLOW_BODY,
     FLOW_COUNTERS,
@@ -42,7 +43,6 @@ from shm.layout import (
     W_TIP_HI,
     W_TIP_LO,
 )
-from shm.closed import record_closed
 from shm.records import Flow, InsertResult, InsertStatus, Session
 from shm.repair import PartitionRepair
 
@@ -116,9 +116,11 @@ class PartitionWriter(PartitionRepair):
         t32 = _crc32(key, self._seed32) | 1
         i, found = self._find(key, t32)
         if found:
-            return InsertResult(InsertStatus.EXISTS, ((self._q[self._fw + (i << 4) + 1] >> 32) << HANDLE_GEN_SHIFT) | self._pbits | i)
+            return InsertResult(InsertStatus.EXISTS,
+                                ((self._q[self._fw + (i << 4) + 1] >> 32) << HANDLE_GEN_SHIFT) | self._pbits | i)
         return self._insert_new(
-            i, t32, client_ip, client_port, local_ip, local_port, target_ip, target_port, ufrag, now, now, 0, 0, 0, 0, self.partition, now
+            i, t32, client_ip, client_port, local_ip, local_port, target_ip, target_port, ufrag, now, now, 0, 0, 0, 0,
+            self.partition, now,
         )
 
     def _insert_new(
@@ -176,7 +178,8 @@ class PartitionWriter(PartitionRepair):
             mm[jimg : jimg + 128] = mm[off : off + 128]
             q[jw] = off
             q[w] += 1
-            SESSION_BODY.pack_into(mm, off + 16, len(ufrag), tport, 1, tip, session_created, max(last_seen, session_created), ufrag, 0)
+            SESSION_BODY.pack_into(mm, off + 16, len(ufrag), tport, 1, tip, session_created,
+                                   max(last_seen, session_created), ufrag, 0)
             q[w + 1] = sref
             q[w] += 1
             q[hw + P_SESSIONS] += 1
@@ -208,7 +211,8 @@ class PartitionWriter(PartitionRepair):
         t32 = _crc32(key, self._seed32) | 1
         i, found = self._find(key, t32)
         if found:
-            return InsertResult(InsertStatus.EXISTS, ((self._q[self._fw + (i << 4) + 1] >> 32) << HANDLE_GEN_SHIFT) | self._pbits | i)
+            return InsertResult(InsertStatus.EXISTS,
+                                ((self._q[self._fw + (i << 4) + 1] >> 32) << HANDLE_GEN_SHIFT) | self._pbits | i)
         session_created = flow.created
         if flow.partition != self.partition and 0 <= flow.partition < self.table.partitions:
             src = self.table._session_in(flow.partition, flow.ufrag, self._sref(flow.ufrag))
@@ -285,7 +289,7 @@ class PartitionWriter(PartitionRepair):
         if len(ufrag) > MAX_UFRAG or not ufrag:
             return []
         sref = self._sref(ufrag)
-        s, state = self._find_session(ufrag, sref)
+        _slot, state = self._find_session(ufrag, sref)
         if state != 1:
             return []
         rows = self._rows()
@@ -304,7 +308,8 @@ class PartitionWriter(PartitionRepair):
         )
         return self._delete_keys(np.flatnonzero(match).tolist())
 
-    def flush_counters(self, handle: int, pkts_in: int, bytes_in: int, pkts_out: int, bytes_out: int, last_seen: int) -> bool:
+    def flush_counters(self, handle: int, pkts_in: int, bytes_in: int, pkts_out: int, bytes_out: int,
+                       last_seen: int) -> bool:
         """Write a flow's counters (absolute values) and last-seen time; False if the handle is
         stale or not this partition's. Moves the session's last_seen by steps of
         SESSION_TOUCH_MS at most."""
@@ -364,10 +369,7 @@ class PartitionWriter(PartitionRepair):
             q[hw + P_SWEEP_CURSOR] = (cursor + n) % cap
             return []
         rows = self._rows()
-        if cursor + n <= cap:
-            parts = [(cursor, cursor + n)]
-        else:
-            parts = [(cursor, cap), (0, cursor + n - cap)]
+        parts = [(cursor, cursor + n)] if cursor + n <= cap else [(cursor, cap), (0, cursor + n - cap)]
         limit = np.uint64(threshold)
         removed: list[Flow] = []
         while True:  # again after deletions: a shift may pull an idle flow into the window

@@ -201,7 +201,7 @@ class Browser:
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
         try:
             self._ws = await self._http.ws_connect(url, max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=2.0))
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise CDPError(f"cannot open the DevTools websocket {url}: {exc!r}\n{_tail(self.log_path)}") from None
         self._reader = asyncio.create_task(self._read_loop())
 
@@ -220,7 +220,7 @@ class Browser:
                 else:
                     for listener in list(self._listeners):
                         listener(data)
-        except Exception as exc:  # noqa: BLE001 - reported to every waiter below
+        except Exception as exc:  # reported to every waiter below
             reason = f"DevTools websocket failed: {exc!r}"
         finally:
             self._closed_reason = reason
@@ -245,7 +245,7 @@ class Browser:
         try:
             await self._ws.send_str(json.dumps(message))
             reply = await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             alive = "running" if self.proc.poll() is None else f"exited with {self.proc.returncode}"
             raise CDPError(f"{method}: no answer within {timeout} s (browser {alive})\n{_tail(self.log_path)}") from None
         finally:

@@ -87,7 +87,8 @@ class FdStore:
 
         # LISTEN_PID must name the service itself: bash learns its pid, then execs the service.
         wrapper = ["bash", "-c", 'LISTEN_PID=$$ exec "$@"', "bash"] if count else []
-        return subprocess.Popen(wrapper + args, env={**os.environ, **env}, preexec_fn=place_fds,
+        # preexec_fn though this process has threads: place_fds only calls os.dup2 and os.close, no lock to inherit.
+        return subprocess.Popen(wrapper + args, env={**os.environ, **env}, preexec_fn=place_fds,  # noqa: PLW1509
                                 pass_fds=tuple(range(3, 3 + count)), **kwargs)
 
     def close(self) -> None:

@@ -22,7 +22,16 @@ from wire.stun import (
     parse,
     parse_binding_request,
 )
-from wire.tunnel_frame import FRAME_ERROR_REASONS, Data, Drain, FrameError, Heartbeat, SessionClosed, decode_frame, encode_frame
+from wire.tunnel_frame import (
+    FRAME_ERROR_REASONS,
+    Data,
+    Drain,
+    FrameError,
+    Heartbeat,
+    SessionClosed,
+    decode_frame,
+    encode_frame,
+)
 
 # Fixed secrets and clock, so the corpus' tokens and MESSAGE-INTEGRITY verify: the fuzzer
 # starts from inputs that reach the deepest checks.

@@ -6,10 +6,10 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 import uvloop
-
 from relayproc import RelayProcess
-from transceiver.service import Transceiver, TransceiverConfig
 from webrtc_peer import Client, wait_for
+
+from transceiver.service import Transceiver, TransceiverConfig
 
 SDP = {"Content-Type": "application/sdp"}
 
@@ -28,7 +28,7 @@ class Call:
         self.relay = relay
         self.clients: list[Client] = []
 
-    async def __aenter__(self) -> "Call":
+    async def __aenter__(self) -> Call:
         host, port = self.relay.address
         config = TransceiverConfig(relay_public_addresses=[f"{host}:{port}"], http_port=0, route_keys_file=str(self.relay.keys_path))
         self.tx = Transceiver(config)

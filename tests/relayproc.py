@@ -21,11 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shm import Flow, FlowTable
+from shm.counters import CounterBlock
 from wire.route_token import RouteKeyring, derive_password, issue_token
 from wire.stun import build_binding_request
 from wire.tunnel_frame import Data, Frame, FrameError, Heartbeat, SessionClosed, data_header, decode_frame, encode_frame
-from shm.counters import CounterBlock
-from shm import Flow, FlowTable
 
 LOCALHOST = "127.0.0.1"
 RTCRELAY = [sys.executable, "-c", "from cli.main import app; app()"]

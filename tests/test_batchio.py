@@ -13,8 +13,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-
 from loopback import FAMILIES, has_ipv6
+
 from relay import batchio
 from relay.batchio.errors import SendAction, send_action
 
@@ -376,7 +376,7 @@ def test_send_rx_per_message_header_lengths(impl, udp) -> None:
     if isinstance(tx, batchio.MmsgSender):
         real = tx._sendmmsg
 
-        def counting(fd, ptr, n, flags):  # noqa: ANN001
+        def counting(fd, ptr, n, flags):
             calls.append(n)
             return real(fd, ptr, n, flags)
 
@@ -457,7 +457,7 @@ def test_a_batch_of_one_goes_through_a_single_send(fam, udp) -> None:
     txc = batchio.MmsgSender(conn_out, connected=True)
     batches: list[int] = []
 
-    def no_sendmmsg(fd, ptr, n, flags):  # noqa: ANN001
+    def no_sendmmsg(fd, ptr, n, flags):
         batches.append(n)
         return batchio.mmsg._sendmmsg(fd, ptr, n, flags)
 
@@ -577,7 +577,7 @@ def _fake_send(tx, script: list[int | tuple[str, int]]) -> list[int]:
 
     if isinstance(tx, batchio.MmsgSender):
 
-        def fake(fd, ptr, n, flags):  # noqa: ANN001
+        def fake(fd, ptr, n, flags):
             calls.append(n)
             step = next(steps)
             if isinstance(step, tuple):
@@ -588,7 +588,7 @@ def _fake_send(tx, script: list[int | tuple[str, int]]) -> list[int]:
         tx._sendmmsg = fake
     state = {"left": 0}
 
-    def fake_sendto(data, addr=None):  # noqa: ANN001
+    def fake_sendto(data, addr=None):
         if state["left"] == 0:
             step = next(steps)
             calls.append(-1)
@@ -716,9 +716,8 @@ def test_rejects_non_udp_sockets() -> None:
         with pytest.raises(ValueError):
             batchio.BatchSender(s)
     if hasattr(socket, "AF_UNIX"):
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            with pytest.raises(ValueError):
-                batchio.BatchReceiver(s)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s, pytest.raises(ValueError):
+            batchio.BatchReceiver(s)
 
 
 def test_default_implementation_and_fallback_selection(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -470,7 +470,7 @@ async def _scenario(out: Path, chromium: str, chromium_args: list[str], rebind: 
     scenario = Scenario(out, chromium, chromium_args, rebind)
     try:
         await asyncio.wait_for(scenario.run(), SCENARIO_TIMEOUT_S)
-    except BaseException as exc:  # noqa: BLE001 - everything goes into the report
+    except BaseException as exc:  # everything goes into the report
         kind = "timed out" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
         scenario.report["error"] = f"{kind}: {exc}"
         scenario.report["traceback"] = traceback.format_exc()

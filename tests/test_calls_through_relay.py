@@ -10,7 +10,6 @@ from pathlib import Path
 
 import aioice.ice
 import pytest
-
 from relay_calls import Call, run
 from relayproc import RelayProcess, cleanup_relay, start_relay
 from webrtc_peer import wait_for

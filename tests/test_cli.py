@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from relayproc import RTCRELAY, Client, FakeTransceiver, RelayProcess, cleanup_relay, start_relay, wait_for, write_keys
 from typer.testing import CliRunner
 
 from cli.main import app
 from wire.route_token import RouteKeyring
-from relayproc import RTCRELAY, Client, FakeTransceiver, RelayProcess, cleanup_relay, start_relay, wait_for, write_keys
 
 runner = CliRunner()
 
@@ -39,7 +39,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RelayProces
     for _ in range(2):
         client = Client(relay.address)
         client.send(client.binding_request(ufrag, keyring=relay.keyring))
-        frame, tunnel = transceiver.recv_data()
+        _frame, tunnel = transceiver.recv_data()
         transceiver.heartbeat(tunnel)
         client.send(b"\x80" + bytes(99))
         transceiver.recv_data()
@@ -80,7 +80,7 @@ def test_flows_list_json_shows_live_flows(live) -> None:
 
 def test_flows_show_and_human_table(live) -> None:
     relay, clients, _t, ufrag = live
-    client = "%s:%d" % clients[0].address
+    client = "{}:{:d}".format(*clients[0].address)
     shown = json.loads(run_cli("flows", "show", client, "--json", *where(relay)).stdout)
     assert shown["client"] == client and shown["ufrag"] == ufrag
     human = run_cli("flows", "list", *where(relay))
@@ -90,7 +90,7 @@ def test_flows_show_and_human_table(live) -> None:
 
 
 def test_sessions_and_stats(live) -> None:
-    relay, _clients, transceiver, ufrag = live
+    relay, _clients, _transceiver, ufrag = live
     sessions = json.loads(run_cli("sessions", "--json", *where(relay)).stdout)
     assert len(sessions) == 1 and sessions[0]["ufrag"] == ufrag and sessions[0]["flows"] == 2
     stats = json.loads(run_cli("stats", "--json", *where(relay)).stdout)

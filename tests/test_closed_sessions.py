@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from relayproc import Client, FakeTransceiver, RelayProcess, cleanup_relay, spawn_relay, start_relay, wait_for
+
 from wire.tunnel_frame import Data
 
 ATTEMPTS = 16  # fresh sources: both workers get some (SO_REUSEPORT hashes the 4-tuple)
@@ -57,7 +58,7 @@ def test_a_closed_session_stays_closed_on_every_worker_across_a_crash_and_a_rest
         client = Client(relay.address)
         ufrag = transceiver.token(relay.keyring)
         client.send(client.binding_request(ufrag, keyring=relay.keyring))
-        first, tunnel = transceiver.recv_data()
+        _first, tunnel = transceiver.recv_data()
         assert len(flows_of(relay, ufrag)) == 1
 
         transceiver.close_session(tunnel, ufrag)  # to the worker with the flow only

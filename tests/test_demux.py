@@ -13,7 +13,7 @@ from wire.stun import build_binding_request
 
 def _reference(first: int) -> PacketKind:
     # RFC 7983 §7, written out independently of the module's table.
-    if first in range(0, 4):
+    if first in range(4):
         return PacketKind.STUN
     if first in range(20, 64):
         return PacketKind.DTLS

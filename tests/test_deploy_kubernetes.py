@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from tool_venv import tools_venv
 
-from relay.config import RelayConfig
 from daemon.config_file import ConfigError, load_config
+from relay.config import RelayConfig
 from transceiver.service import TransceiverConfig
 
 REPO = Path(__file__).resolve().parents[1]

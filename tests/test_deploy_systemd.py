@@ -58,11 +58,10 @@ from typing import Any
 
 import msgspec
 import pytest
-
-from relay.config import RelayConfig, load_relay_config
-from daemon.keys import load_keyring
-from wire.tunnel_frame import Heartbeat
 from relayproc import Client, FakeTransceiver, rtp_like
+
+from daemon.keys import load_keyring
+from relay.config import RelayConfig, load_relay_config
 from transceiver.service import TransceiverConfig, load_transceiver_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,8 +323,8 @@ def test_example_config_loads_and_shows_every_key_with_its_default(monkeypatch: 
     lines = text.splitlines()
     for i, line in enumerate(lines):
         if re.match(r"^[a-z_]+ = ", line):
-            above = [l for l in lines[max(0, i - 12):i]]
-            assert any(l.startswith("#") for l in above), f"{path}: {line!r} has no comment"
+            above = lines[max(0, i - 12):i]
+            assert any(prev.startswith("#") for prev in above), f"{path}: {line!r} has no comment"
 
 
 # -- the sandbox: a unit's settings applied to a child process ----------------------------------------
@@ -676,7 +675,8 @@ class Deployment:
         for line in values(u, "Service", "EnvironmentFile"):
             path = Path(expand_path(line.lstrip("-")))
             if path.exists():
-                env |= {k: v for k, v in (l.split("=", 1) for l in path.read_text().splitlines() if "=" in l and not l.startswith("#"))}
+                env |= dict(assignment.split("=", 1) for assignment in path.read_text().splitlines()
+                            if "=" in assignment and not assignment.startswith("#"))
             else:
                 assert line.startswith("-"), f"EnvironmentFile {line} is required and missing"
         if fds:
@@ -702,7 +702,7 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
-                raise AssertionError(f"pid {proc.pid} did not stop within {timeout} s of SIGTERM")
+                raise AssertionError(f"pid {proc.pid} did not stop within {timeout} s of SIGTERM") from None
         return proc.returncode
 
     def cleanup(self) -> None:
@@ -831,7 +831,7 @@ def test_relay_unit_runs_as_systemd_runs_it(deployment: Deployment, tmp_path: Pa
     client = Client((host, int(port)))
     try:
         u = unit(RELAY_UNIT)
-        proc, ready = start_relay_unit(d, cfg, notify, [("public", s.fileno()) for s in public], log)
+        proc, _ready = start_relay_unit(d, cfg, notify, [("public", s.fileno()) for s in public], log)
         # Only the main process talks to systemd (NotifyAccess=main): workers are quiet.
         assert {n.pid for n in notify.since(0)} == {proc.pid}
         # The watchdog: WatchdogSec= → WATCHDOG_USEC → WATCHDOG=1 pings.

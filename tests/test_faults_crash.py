@@ -14,7 +14,6 @@ from pathlib import Path
 
 import aioice.ice
 import pytest
-
 from fdstore import FdStore
 from relay_calls import Call, run
 from relayproc import cleanup_relay, spawn_relay, start_relay
@@ -72,7 +71,8 @@ def test_worker_kill_9_under_20_calls_drops_nothing(tmp_path: Path) -> None:
                 victim = rows[victim_index]["pid"]
                 killed_at = time.monotonic()
                 os.kill(victim, signal.SIGKILL)
-                await wait_for(lambda: relay.rows()[victim_index]["pid"] not in (0, victim) and relay.rows()[victim_index]["ready"] == 1,
+                await wait_for(lambda victim=victim, victim_index=victim_index: relay.rows()[victim_index]["pid"] not in (0, victim)
+                               and relay.rows()[victim_index]["ready"] == 1,
                                15, "the worker to be restarted")
                 await asyncio.sleep(2.0)
                 await all_calls_alive(clients, killed_at)

@@ -46,10 +46,10 @@ from relayproc import (
     start_relay,
 )
 
+from transceiver.tunnel import open_tunnel
 from wire.route_token import RouteKeyring, derive_password, issue_token
 from wire.stun import BINDING_SUCCESS, build_message
 from wire.tunnel_frame import Data, Heartbeat, encode_frame
-from transceiver.tunnel import open_tunnel
 
 # Drop reasons of datagrams that came in on the tunnel sockets; every other reason is the public side's.
 TUNNEL_REASONS = frozenset({"frame_empty", "frame_bad_version", "frame_malformed", "tunnel_source_not_allowed",

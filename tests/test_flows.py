@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from relay.batchio import sockaddr_for
 from relay.config import RelayConfig
 from relay.decision import Learn
 from relay.flows import LocalFlows
-from relay.batchio import sockaddr_for
 from shm import FlowTable, Lookup
 from shm.layout import ip16
 

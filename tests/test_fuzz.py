@@ -30,13 +30,14 @@ for _p in (str(ROOT), str(TESTS)):
     if _p not in sys.path:  # run as a script
         sys.path.insert(0, _p)
 
-from fuzz_targets import CLUSTER, KEYRING, NOW, SOURCE
-from fuzz_targets import FUZZ_TARGETS as TARGET_FUNCS
-from fuzz_targets import FuzzView as _View
+# E402: these imports need the sys.path set-up above when this file runs as a script.
+from fuzz_targets import CLUSTER, KEYRING, NOW, SOURCE  # noqa: E402
+from fuzz_targets import FUZZ_TARGETS as TARGET_FUNCS  # noqa: E402
+from fuzz_targets import FuzzView as _View  # noqa: E402
 
-from relay.decision import AuthPolicy, Drop, Learn, decide
-from wire.route_token import RouteKeyring, TokenError, derive_password, issue_token
-from wire.stun import (
+from relay.decision import AuthPolicy, Drop, Learn, decide  # noqa: E402
+from wire.route_token import RouteKeyring, TokenError, derive_password, issue_token  # noqa: E402
+from wire.stun import (  # noqa: E402
     ATTR_USERNAME,
     BINDING_INDICATION,
     BINDING_REQUEST,
@@ -44,7 +45,7 @@ from wire.stun import (
     build_binding_success,
     build_message,
 )
-from wire.tunnel_frame import (
+from wire.tunnel_frame import (  # noqa: E402
     Data,
     Drain,
     FrameError,
@@ -160,7 +161,7 @@ def test_corpus_replays_without_unexpected_exceptions(target: str) -> None:
         data = path.read_bytes()
         try:
             TARGET_FUNCS[target](data)
-        except Exception as exc:  # noqa: BLE001 - a named error of the right reason never gets here
+        except Exception as exc:  # a named error of the right reason never gets here
             pytest.fail(f"{target} raised {type(exc).__name__}: {exc} on {path.name} ({data.hex()})")
 
 
@@ -213,7 +214,7 @@ def test_hypothesis_mutations_of_the_frame_corpus() -> None:
 
 
 def test_frame_with_a_non_utf8_string_is_a_frame_error() -> None:
-    assert POISON_FRAME == encode_frame(SessionClosed("x"))[:-1] + b"\xb0"
+    assert encode_frame(SessionClosed("x"))[:-1] + b"\xb0" == POISON_FRAME
     with pytest.raises(FrameError) as info:
         decode_frame(POISON_FRAME)
     assert info.value.reason == "frame_malformed"

@@ -18,18 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from loopback import FAMILIES
 
 from daemon.config_file import ConfigError
-from loopback import FAMILIES
 from relay import batchio
+from relay._hitpath import CHitPath  # the suite's set-up (scripts/bootstrap.sh) builds it: its absence fails here
 from relay.config import load_relay_config
 from relay.flows import FlowEntry
 from relay.hit_path import FlowSender, HitPath, HitPathError, PythonHitPath, c_hit_path_type, describe, open_hit_path
 from relay.tunnel_links import TunnelLinks
 from wire.tunnel_frame import Data, data_header_struct, decode_frame
-
-# The suite's set-up (scripts/bootstrap.sh) builds the extension: its absence is a failure here.
-from relay._hitpath import CHitPath  # noqa: E402
 
 BUFSIZE = 256
 HEADROOM = 64
@@ -339,7 +337,7 @@ def test_no_references_leak_per_datagram(c_rig: Rig) -> None:
     rig = c_rig
     entry = rig.learn()
     before = (sys.getrefcount(entry), sys.getrefcount(entry.prefix), sys.getrefcount(entry.tunnel_dest))
-    for i in range(200):
+    for _ in range(200):
         rig.send(b"z" * 30)
         assert rig.forward() == 30
         rig.transceiver.recvfrom(4096)
@@ -402,7 +400,7 @@ def test_the_old_key_hot_path_is_read_as_hit_path_with_a_warning(
         assert bool(caplog.records) == ("hot_path" in text)
     # both with different values: an error that names both
     config.write_text('hit_path = "c"\nhot_path = "python"\n')
-    with pytest.raises(ConfigError, match="`hot_path`.*`hit_path`"):
+    with pytest.raises(ConfigError, match=r"`hot_path`.*`hit_path`"):
         load_relay_config(str(config))
     # the old key's values are checked as the new key's
     config.write_text('hot_path = "fast"\n')

@@ -18,8 +18,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from netns import (CLIENT_PROLOGUE, POST_OFFER, RELAY_PORT, RELAY_PUBLIC_IP, RELAY_TUNNEL_IP, ROOT, SIGNALLING, Topology,
-                   netns_env, run, start_transceiver, stop)
+from netns import (
+    CLIENT_PROLOGUE,
+    POST_OFFER,
+    RELAY_PORT,
+    RELAY_PUBLIC_IP,
+    RELAY_TUNNEL_IP,
+    ROOT,
+    SIGNALLING,
+    Topology,
+    netns_env,
+    run,
+    start_transceiver,
+    stop,
+)
 from relayproc import cleanup_relay, start_relay, wait_for
 
 CALL_BEFORE_S = 4.0
@@ -96,7 +108,7 @@ def client_ports(topo: Topology) -> set[int]:
 
 
 def metric(text: str, name: str) -> float:
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{"))
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
 
 
 def test_call_survives_a_nat_rebinding(topology: Topology, tmp_path: Path) -> None:
@@ -163,7 +175,7 @@ def test_call_survives_a_nat_rebinding(topology: Topology, tmp_path: Path) -> No
             cleanup_relay(relay)
 
 
-def _relay_ready(relay) -> bool:  # noqa: ANN001 - relayproc.RelayProcess
+def _relay_ready(relay) -> bool:
     try:
         rows = relay.rows()
     except (OSError, ValueError):

@@ -18,12 +18,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-from netns import (CLIENT_IP, CLIENT_PROLOGUE, POST_OFFER, RELAY_PORT, RELAY_PUBLIC_IP, RELAY_TUNNEL_IP, ROOT, SIGNALLING, TRANSCEIVER_IP,
-                   Topology, netns_env, run, start_transceiver, stop)
+from netns import (
+    CLIENT_IP,
+    CLIENT_PROLOGUE,
+    POST_OFFER,
+    RELAY_PORT,
+    RELAY_PUBLIC_IP,
+    RELAY_TUNNEL_IP,
+    ROOT,
+    SIGNALLING,
+    TRANSCEIVER_IP,
+    Topology,
+    netns_env,
+    run,
+    start_transceiver,
+    stop,
+)
 from relayproc import cleanup_relay, start_relay, wait_for
 
 from shm.layout import ip16
-
 
 CLIENT_SCRIPT = CLIENT_PROLOGUE + r"""
 async def main():

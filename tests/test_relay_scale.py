@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from relayproc import Client, FakeTransceiver, RelayProcess, cleanup_relay, rtp_like, start_relay, wait_for
 
+from relay.batchio import sockaddr_for
 from relay.config import RelayConfig
 from relay.decision import Learn
 from relay.flows import LocalFlows
-from relay.batchio import sockaddr_for
 from shm import FlowTable
 
 FLOWS = 50_000

@@ -11,8 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from wire.tunnel_frame import Data
 from relayproc import (
     RTCRELAY,
     Client,
@@ -25,6 +23,8 @@ from relayproc import (
     wait_for,
     write_keys,
 )
+
+from wire.tunnel_frame import Data
 
 
 @pytest.fixture(params=["c", "python"], ids=["c-hit-path", "python-hit-path"])
@@ -226,7 +226,7 @@ def test_sighup_rotates_keys_without_dropping_flows(tmp_path: Path, transceiver:
     new = secrets.token_bytes(32)
     relay = start_relay(tmp_path, workers=2, keyring_secrets={1: old}, active=1, config={"heartbeat_timeout": 30.0})
     try:
-        client_old, frame_old, tunnel_old, _ = connect(relay, transceiver)
+        client_old, frame_old, _tunnel_old, _ = connect(relay, transceiver)
         from wire.route_token import RouteKeyring
 
         rotated = RouteKeyring({1: old, 2: new}, 2)
@@ -341,7 +341,7 @@ def test_a_table_that_does_not_fit_in_shm_is_refused_at_start(tmp_path: Path) ->
 def test_standby_takes_over_and_a_new_standby_follows(relay: RelayProcess, transceiver: FakeTransceiver) -> None:
     import json
 
-    client, first, tunnel, _ = connect(relay, transceiver)
+    client, first, _tunnel, _ = connect(relay, transceiver)
     wait_for(lambda: json.loads(relay.http("/healthz")[1])["standbys_ready"] == 2, 30, "two ready standbys")
     index = next(i for i, row in enumerate(relay.rows()) if row["flows"] == 1)
     victim = relay.rows()[index]["pid"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import socket
 
 import pytest
@@ -111,7 +112,7 @@ def test_bad_mac_on_any_flipped_bit(keyring: RouteKeyring) -> None:
         tampered = bytearray(raw)
         tampered[index] ^= 0x01
         text = base64.b64encode(bytes(tampered)).rstrip(b"=").decode()
-        assert reason(lambda: decode_token(keyring, text, NOW)) == "token_bad_mac", index
+        assert reason(lambda text=text: decode_token(keyring, text, NOW)) == "token_bad_mac", index
     wrong_secret = RouteKeyring({7: b"z" * 32}, 7)
     assert reason(lambda: decode_token(wrong_secret, issue_token(keyring, V4, 1, NOW), NOW)) == "token_bad_mac"
 
@@ -136,7 +137,7 @@ def test_keyring_validation() -> None:
         RouteKeyring({1: b"short"}, 1)
     with pytest.raises(ValueError, match="active key id 2"):
         RouteKeyring({1: b"a" * 16}, 2)
-    with pytest.raises(ValueError, match="outside 0..255"):
+    with pytest.raises(ValueError, match=re.escape("outside 0..255")):
         RouteKeyring({256: b"a" * 16}, 256)
 
 

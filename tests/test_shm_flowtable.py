@@ -7,6 +7,15 @@ import os
 import random
 
 import pytest
+from test_shm_support import (  # noqa: F401  (shm_path is a fixture)
+    LOCAL4,
+    TARGET_A,
+    TARGET_B,
+    crash_during,
+    key,
+    shm_path,
+    state,
+)
 
 from shm import (
     MISS,
@@ -30,15 +39,6 @@ from shm.layout import (
     ip_str,
     make_handle,
     split_handle,
-)
-from test_shm_support import (  # noqa: F401  (shm_path is a fixture)
-    LOCAL4,
-    TARGET_A,
-    TARGET_B,
-    crash_during,
-    key,
-    shm_path,
-    state,
 )
 
 

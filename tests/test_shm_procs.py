@@ -8,11 +8,12 @@ import multiprocessing
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
+from test_shm_support import TARGET_A, key, shm_path, state  # noqa: F401  (shm_path is a fixture)
 
 from shm import Flow, FlowTable, PartitionBusy
-from test_shm_support import TARGET_A, key, shm_path, state  # noqa: F401  (shm_path is a fixture)
 
 CTX = multiprocessing.get_context("fork")
 
@@ -102,14 +103,14 @@ def test_readonly_view_never_writes(shm_path: str) -> None:
     w.close()
     table.close()
     before = os.stat(shm_path)
-    digest = hashlib.sha256(open(shm_path, "rb").read()).hexdigest()
+    digest = hashlib.sha256(Path(shm_path).read_bytes()).hexdigest()
     time.sleep(0.02)  # mtime granularity
     maps_ok, write_refused, n = _pipe_call(_read_everything, shm_path, 20)
     assert maps_ok, "the view's mapping is writable"
     assert write_refused and n == 20
     after = os.stat(shm_path)
     assert (after.st_mtime_ns, after.st_ctime_ns, after.st_size) == (before.st_mtime_ns, before.st_ctime_ns, before.st_size)
-    assert hashlib.sha256(open(shm_path, "rb").read()).hexdigest() == digest
+    assert hashlib.sha256(Path(shm_path).read_bytes()).hexdigest() == digest
 
 
 def _work(path: str, seconds: float, out) -> None:
@@ -131,7 +132,7 @@ def _work(path: str, seconds: float, out) -> None:
             assert w.insert(*key(n), TARGET_A, 9000, b"s%d" % (n % 40), 10_000 + step).ok
             model[n] = -1
         step += 1
-    out.send(({n: v for n, v in model.items()}, table.check_invariants()))
+    out.send((dict(model), table.check_invariants()))
     w.close()
 
 

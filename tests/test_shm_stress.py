@@ -25,10 +25,10 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
+from test_shm_support import LOCAL4, remove_table_files, tmp_table_path
 
 from shm import MISS, UNKNOWN, Flow, FlowTable, PartitionWriter
 from shm.layout import ip16
-from test_shm_support import LOCAL4, remove_table_files, tmp_table_path
 
 CTX = multiprocessing.get_context("fork")
 
@@ -347,9 +347,8 @@ def _reader(path: str, seed: int, stop, out) -> None:
                     errors.append(f"consistent scan of partition {w} misses permanent keys {missing}")
             else:
                 counts["inconsistent_scans"] += 1
-            for s in view.sessions(per_partition=True):
-                if (s.target_ip, s.target_port) != target_of(s.ufrag) or not 1 <= s.flows <= MAX_PER:
-                    errors.append(f"torn session {s}")
+            errors.extend(f"torn session {s}" for s in view.sessions(per_partition=True)
+                          if (s.target_ip, s.target_port) != target_of(s.ufrag) or not 1 <= s.flows <= MAX_PER)
         if it % 64 == 0:
             time.sleep(0.001)
     view.close()

@@ -97,13 +97,15 @@ def crash_during(writer: PartitionWriter, crash_at: int, op, *args) -> bool:
 
 def state(table: FlowTable, partition: int | None = None) -> tuple[dict, dict]:
     """Comparable contents: flows by (partition, key), session entries by (partition, ufrag)."""
+    # fmt: off
     flows = {
         (f.partition, f.client_ip, f.client_port, f.local_ip, f.local_port): (
             f.target_ip, f.target_port, f.ufrag, f.created, f.last_seen,
             f.pkts_in, f.bytes_in, f.pkts_out, f.bytes_out, f.worker, f.origin,
-        )  # fmt: skip
+        )
         for f in table.flows(partition)
     }
+    # fmt: on
     sessions = {
         (s.partition, s.ufrag): (s.target_ip, s.target_port, s.flows, s.created, s.last_seen)
         for s in table.sessions(per_partition=True)

@@ -25,13 +25,13 @@ import aioice.ice
 import pytest
 import uvloop
 from av import AudioFrame
-
 from fake_relay import FakeRelay
 from webrtc_peer import Client, SineTrack, wait_for
-from wire.route_token import RouteKeyring
-from wire.tunnel_frame import Drain
+
 from transceiver.pipeline import EchoPipeline, Pipeline, PipelineFactory
 from transceiver.service import Transceiver, TransceiverConfig
+from wire.route_token import RouteKeyring
+from wire.tunnel_frame import Drain
 
 SECRETS = {1: b"route-secret-for-the-transceiver-tests"}
 KEYRING = RouteKeyring(SECRETS, 1)
@@ -124,7 +124,7 @@ def test_call_connects_and_echoes_through_the_relay() -> None:
             assert await client.roundtrip("second") == "second"
             # The client reaches the server at the relay's address and nowhere else.
             assert client.selected_remote() == h.relay.public_address
-            assert [line for line in client.answer.splitlines() if line.startswith("a=candidate:")][0].endswith(  # type: ignore[union-attr]
+            assert next(line for line in client.answer.splitlines() if line.startswith("a=candidate:")).endswith(  # type: ignore[union-attr]
                 f"{h.relay.public_address[0]} {h.relay.public_address[1]} typ host"
             )
             assert await client.hears_echo() > 1000
@@ -189,7 +189,7 @@ def test_extra_media_lines_are_answered_inactive() -> None:
             client.location = headers["Location"]
             await client.accept(answer)
             directions = [
-                next(l[2:] for l in section.splitlines() if l[2:] in ("sendrecv", "sendonly", "recvonly", "inactive"))
+                next(line[2:] for line in section.splitlines() if line[2:] in ("sendrecv", "sendonly", "recvonly", "inactive"))
                 for section in answer.split("m=")[1:]
                 if not section.startswith("application")
             ]
@@ -238,7 +238,7 @@ def test_bad_offers_get_named_errors_and_leave_nothing_behind() -> None:
         async with Harness() as h:
             good = await Client().offer()
             h.clients.append(Client())  # closed at exit
-            no_bundle = "".join(l for l in good.splitlines(keepends=True) if not l.startswith("a=group:BUNDLE"))
+            no_bundle = "".join(line for line in good.splitlines(keepends=True) if not line.startswith("a=group:BUNDLE"))
             cases: list[tuple[str | bytes, dict[str, str] | None, int, str]] = [
                 ("", None, 400, "sdp_empty"),
                 ("this is not sdp", None, 400, "sdp_malformed"),
@@ -308,7 +308,7 @@ def test_watchdog_closes_a_session_that_never_connects() -> None:
             h.clients.append(client)
             status, _, answer = await h.post(await client.offer())  # the client never applies the answer
             assert status == 201
-            ufrag = next(l.split(":", 1)[1] for l in answer.splitlines() if l.startswith("a=ice-ufrag:"))
+            ufrag = next(line.split(":", 1)[1] for line in answer.splitlines() if line.startswith("a=ice-ufrag:"))
             assert h.manager.sessions
             await wait_for(lambda: not h.manager.sessions, 3, "the watchdog")
             assert h.manager.metrics.closed["connect_timeout"] == 1
@@ -329,9 +329,9 @@ def test_dtls_failure_closes_the_session() -> None:
             # A fingerprint that does not match the client's certificate: ICE works, DTLS fails.
             lines = offer.splitlines()
             forged = "\r\n".join(
-                l[: l.index(" ") + 1] + ":".join(["00"] * 32) if l.startswith("a=fingerprint:sha-256") else l for l in lines
+                line[: line.index(" ") + 1] + ":".join(["00"] * 32) if line.startswith("a=fingerprint:sha-256") else line for line in lines
             )
-            forged = "\r\n".join(l for l in forged.splitlines() if not l.startswith("a=fingerprint:sha-") or "sha-256" in l) + "\r\n"
+            forged = "\r\n".join(line for line in forged.splitlines() if not line.startswith("a=fingerprint:sha-") or "sha-256" in line) + "\r\n"
             status, _, answer = await h.post(forged)
             assert status == 201, answer
             await client.accept(answer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 
 import msgspec
 import pytest
@@ -80,5 +81,5 @@ def test_load_transceiver_config_uses_the_process_environment(monkeypatch: pytes
     monkeypatch.setenv("RTCRELAY_TRANSCEIVER_ROUTE_KEYS_FILE", str(tmp_path / "missing.toml"))
     cfg = load_transceiver_config(None)
     assert cfg.relay_public == [("192.0.2.9", 3478)]
-    with pytest.raises(ConfigError, match="missing.toml"):
+    with pytest.raises(ConfigError, match=re.escape("missing.toml")):
         cfg.keyring()

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import os
 
-from wire.stun import (ATTR_ICE_CONTROLLING, ATTR_PRIORITY, ATTR_USERNAME, BINDING_INDICATION, BINDING_REQUEST,
-                       BINDING_SUCCESS, build_binding_request, build_message)
 from transceiver.stun_screen import SCREEN_REASONS, Screened, screen
+from wire.stun import (
+    ATTR_ICE_CONTROLLING,
+    ATTR_PRIORITY,
+    ATTR_USERNAME,
+    BINDING_INDICATION,
+    BINDING_REQUEST,
+    BINDING_SUCCESS,
+    build_binding_request,
+    build_message,
+)
 
 UFRAG = "server-ufrag"
 PASSWORD = b"a-password-of-twenty-two+"

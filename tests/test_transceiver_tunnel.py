@@ -8,9 +8,9 @@ import os
 
 import pytest
 
+from transceiver.tunnel import MAX_FLOWS_PER_SESSION, TunnelEndpoint
 from wire.stun import build_binding_request
 from wire.tunnel_frame import Data, Drain, Heartbeat, SessionClosed, decode_frame, encode_frame
-from transceiver.tunnel import MAX_FLOWS_PER_SESSION, TunnelEndpoint
 
 RELAY = ("127.0.0.1", 40000)
 RELAY2 = ("127.0.0.2", 40001)

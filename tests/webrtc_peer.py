@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -109,7 +110,7 @@ class Client:
     def longest_gap(self, start: float, end: float) -> float:
         """The longest silence (s) between received frames in [start, end], edges included."""
         times = [start] + [t for t in self.arrivals if start <= t <= end] + [end]
-        return max(b - a for a, b in zip(times, times[1:]))
+        return max(b - a for a, b in itertools.pairwise(times))
 
     def selected_remote(self) -> tuple[str, int]:
         # aiortc has no public API for the selected pair; the nominated pair is it.

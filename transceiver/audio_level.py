@@ -40,10 +40,7 @@ def compute_audio_level_dbov(frame: AudioFrame) -> int:
     samples = np.frombuffer(frame.planes[0], dtype=np.int16).astype(np.int64)
     energy = float(np.dot(samples, samples))
     rms = math.sqrt(energy / (frame.samples * _MAX_SAMPLE_VALUE * _MAX_SAMPLE_VALUE))
-    if rms > 0:
-        db = min(max(20 * math.log10(rms), _MIN_AUDIO_LEVEL), 0)
-    else:
-        db = _MIN_AUDIO_LEVEL
+    db = min(max(20 * math.log10(rms), _MIN_AUDIO_LEVEL), 0) if rms > 0 else _MIN_AUDIO_LEVEL
     return round(db)
 
 

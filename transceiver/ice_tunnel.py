@@ -54,7 +54,8 @@ from transceiver.path_moves import PathTracker
 from transceiver.sdp import NotBundledError
 from transceiver.stun_screen import SCREEN_REASONS, screen
 
-__all__ = ["ICE_DROP_REASONS", "IceCounters", "IceTunnelError", "TunnelDatagramTransport", "TunnelIce", "attach", "ice_transports"]
+__all__ = ["ICE_DROP_REASONS", "IceCounters", "IceTunnelError", "TunnelDatagramTransport", "TunnelIce", "attach",
+           "ice_transports"]
 
 Addr = tuple[str, int]
 SendFn = Callable[[bytes, Addr], None]
@@ -69,7 +70,7 @@ class IceCounters:
     """Of every session of the process, read by /metrics."""
 
     def __init__(self) -> None:
-        self.drops: collections.Counter[str] = collections.Counter({r: 0 for r in ICE_DROP_REASONS})
+        self.drops: collections.Counter[str] = collections.Counter(dict.fromkeys(ICE_DROP_REASONS, 0))
         self.path_moves = 0  # media moved to a client's new address
         self.replayed_checks = 0  # authenticated checks with a transaction id seen before
 

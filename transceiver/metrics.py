@@ -18,7 +18,8 @@ SETUP_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0)
 # Why a session ended; "connect_timeout" and "failed" are failures.
 CLOSE_REASONS = ("deleted", "peer_closed", "failed", "connect_timeout", "drain_deadline", "shutdown", "error")
 # Why an offer got no session, besides the SDP reasons.
-REJECT_REASONS = tuple(sorted(OFFER_ERROR_REASONS)) + (
+REJECT_REASONS = (
+    *sorted(OFFER_ERROR_REASONS),
     "unsupported_media_type",
     "at_capacity",
     "draining",
@@ -43,8 +44,8 @@ class TransceiverMetrics:
     def __init__(self) -> None:
         self.sessions_created = 0
         self.sessions_connected = 0
-        self.closed: collections.Counter[str] = collections.Counter({r: 0 for r in CLOSE_REASONS})
-        self.rejected: collections.Counter[str] = collections.Counter({r: 0 for r in REJECT_REASONS})
+        self.closed: collections.Counter[str] = collections.Counter(dict.fromkeys(CLOSE_REASONS, 0))
+        self.rejected: collections.Counter[str] = collections.Counter(dict.fromkeys(REJECT_REASONS, 0))
         self.setup_seconds = Histogram(SETUP_BUCKETS)
         self.ice = IceCounters()  # of every session's ICE
 
@@ -65,8 +66,10 @@ def render(metrics: TransceiverMetrics, tunnel: TunnelCounters, *, sessions: int
     metric("rtcrelay_transceiver_sessions", "gauge", "Sessions open now.", [("", sessions)])
     metric("rtcrelay_transceiver_capacity", "gauge", "Most sessions at once.", [("", capacity)])
     metric("rtcrelay_transceiver_draining", "gauge", "1 while draining.", [("", int(draining))])
-    metric("rtcrelay_transceiver_sessions_created_total", "counter", "Offers answered.", [("", metrics.sessions_created)])
-    metric("rtcrelay_transceiver_sessions_connected_total", "counter", "Sessions that reached connected.", [("", metrics.sessions_connected)])
+    metric("rtcrelay_transceiver_sessions_created_total", "counter", "Offers answered.",
+           [("", metrics.sessions_created)])
+    metric("rtcrelay_transceiver_sessions_connected_total", "counter", "Sessions that reached connected.",
+           [("", metrics.sessions_connected)])
     metric(
         "rtcrelay_transceiver_sessions_closed_total",
         "counter",

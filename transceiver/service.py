@@ -20,13 +20,13 @@ from aiohttp import web
 
 from daemon.config_file import load_config, parse_host_port
 from daemon.networks import parse_networks
-from wire.route_token import MIN_SECRET_LEN, RouteKeyring
 from daemon.systemd import notify, watchdog_interval
 from transceiver import inline_executor
 from transceiver.pipeline import EchoPipeline, PipelineFactory
 from transceiver.session import SessionManager
 from transceiver.signalling import make_app
 from transceiver.tunnel import TunnelEndpoint, open_tunnel
+from wire.route_token import MIN_SECRET_LEN, RouteKeyring
 
 __all__ = ["TransceiverConfig", "Transceiver", "load_transceiver_config", "run_transceiver", "serve"]
 
@@ -161,7 +161,8 @@ class Transceiver:
         sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
         name = sockets[0].getsockname() if sockets else (cfg.http_host, cfg.http_port)
         self.http_address = (name[0], name[1])
-        log.info("transceiver up: http %s, tunnel %s, relay %s", self.http_address, self.tunnel.local_address, cfg.relay_public_addresses)
+        log.info("transceiver up: http %s, tunnel %s, relay %s", self.http_address, self.tunnel.local_address,
+                 cfg.relay_public_addresses)
 
     async def drain(self) -> None:
         assert self.manager is not None

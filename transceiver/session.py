@@ -29,13 +29,13 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcdatachannel import RTCDataChannel
 from av import AudioFrame
 
-from wire.route_token import RouteKeyring, derive_password, issue_token
-from wire.tunnel_frame import Heartbeat
 from transceiver import audio_level, ice_tunnel, opus_voice
 from transceiver.metrics import TransceiverMetrics
 from transceiver.pipeline import OutgoingAudioTrack, Pipeline, PipelineFactory
 from transceiver.sdp import OfferError, prepare_offer
 from transceiver.tunnel import SessionLink, TunnelEndpoint
+from wire.route_token import RouteKeyring, derive_password, issue_token
+from wire.tunnel_frame import Heartbeat
 
 __all__ = ["Session", "SessionManager", "SessionRejected"]
 
@@ -192,7 +192,7 @@ class Session:
     async def _watchdog(self) -> None:
         try:
             await asyncio.wait_for(self.connected.wait(), self.manager.connect_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.info("session %s: not connected after %.1f s, closing", self.id, self.manager.connect_timeout)
             self.close_soon("connect_timeout")
 
@@ -309,7 +309,7 @@ class SessionManager:
         self.tunnel.send_heartbeat()
         try:
             await asyncio.wait_for(self._idle.wait(), deadline_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         await self.close_all("drain_deadline")
 

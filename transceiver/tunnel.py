@@ -88,7 +88,7 @@ class TunnelCounters:
         self.bytes_out = 0
         self.control_out = 0  # Heartbeat, SessionClosed, Drain frames sent
         self.flows_moved = 0  # a flow now reached through another relay address or handle
-        self.drops: collections.Counter[str] = collections.Counter({r: 0 for r in TUNNEL_DROP_REASONS})
+        self.drops: collections.Counter[str] = collections.Counter(dict.fromkeys(TUNNEL_DROP_REASONS, 0))
 
     def drop(self, reason: str) -> None:
         self.drops[reason] += 1

@@ -142,7 +142,7 @@ class ForeignCpu:
     = all busy CPU time (/proc/stat) - ours; approximate (10 ms ticks), good enough to tell a
     quiet window from a busy one."""
 
-    def __enter__(self) -> "ForeignCpu":
+    def __enter__(self) -> ForeignCpu:
         self._me = os.getpid()
         self._t0 = time.monotonic()
         self._busy0 = _stat_busy_ticks()

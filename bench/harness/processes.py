@@ -46,7 +46,8 @@ def spawn(argv: list[str], *, cpus: set[int] | None = None, stdin: bool = False,
     """Start argv in its own session, pinned to cpus (every thread: see procinfo.pin); stdin a
     pipe when asked (else /dev/null), stdout an unbuffered pipe (discarded with stdout=False),
     stderr to log (else a temporary file)."""
-    sink: IO = open(log, "wb") if log is not None else tempfile.TemporaryFile(mode="w+")
+    # The child's stderr: the temporary file outlives this function (its tail goes into error messages).
+    sink: IO = open(log, "wb") if log is not None else tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
     try:
         p = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                              stdout=subprocess.PIPE if stdout else subprocess.DEVNULL, stderr=sink, bufsize=0,
@@ -117,7 +118,8 @@ def finish(p: subprocess.Popen, timeout: float) -> str:
     except subprocess.TimeoutExpired:
         stop_group(p)
         out, _ = p.communicate(timeout=5)
-        raise BenchError(f"{' '.join(map(str, p.args[:3]))}: timed out after {timeout:.1f}s\n{stderr_tail(p)}")
+        raise BenchError(f"{' '.join(map(str, p.args[:3]))}: timed out after {timeout:.1f}s\n"
+                         f"{stderr_tail(p)}") from None
     finally:
         _forget(p)
     return (out or b"").decode(errors="replace")
@@ -189,7 +191,7 @@ def reap(*procs: subprocess.Popen | None) -> None:
 
 def stop_all(grace: float = 1.0) -> None:
     """Stop every process group started here and not yet finished or stopped."""
-    for p in list(_procs):
+    for p in list(_procs):  # noqa: PERF101 - a copy: _forget removes p from _procs
         stop_group(p, grace)
         _forget(p)
 

@@ -13,12 +13,12 @@ import ctypes
 import errno
 import socket
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 from relay.batchio.errors import TRANSIENT_RECV, ErrorCounts, SendAction, send_action
 from relay.batchio.sockaddr import AF_INET, AF_INET6, address_tuple, decode_sockaddr, sockaddr_for
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 MSG_TRUNC = getattr(socket, "MSG_TRUNC", 0x20)
 
@@ -225,7 +225,8 @@ class SenderBase(ErrorCounts):
     #: datagrams dropped because the socket would have blocked (EAGAIN/ENOBUFS)
     dropped_eagain: int
 
-    def __init__(self, sock: socket.socket, batch: int = 64, slot_size: int = 2048 + 64, connected: bool = False) -> None:
+    def __init__(self, sock: socket.socket, batch: int = 64, slot_size: int = 2048 + 64,
+                 connected: bool = False) -> None:
         self.family = adopt_udp(sock, "BatchSender")
         if batch < 1:
             raise ValueError("batch must be >= 1")

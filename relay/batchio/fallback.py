@@ -91,7 +91,8 @@ class FallbackReceiver(ReceiverBase):
 class FallbackSender(SenderBase):
     """The same interface over a ``sendto`` loop (no ``sendmmsg`` in libc)."""
 
-    def __init__(self, sock: socket.socket, batch: int = 64, slot_size: int = 2048 + 64, connected: bool = False) -> None:
+    def __init__(self, sock: socket.socket, batch: int = 64, slot_size: int = 2048 + 64,
+                 connected: bool = False) -> None:
         super().__init__(sock, batch, slot_size, connected)
         self._data: list[Buffer] = []
 

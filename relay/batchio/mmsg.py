@@ -238,7 +238,8 @@ class MmsgSender(SenderBase):
     batch at once, the fast path (no per-packet work in the sender).
     """
 
-    def __init__(self, sock: socket.socket, batch: int = 64, slot_size: int = 2048 + 64, connected: bool = False) -> None:
+    def __init__(self, sock: socket.socket, batch: int = 64, slot_size: int = 2048 + 64,
+                 connected: bool = False) -> None:
         if not HAVE_MMSG:
             raise OSError(errno.ENOSYS, "sendmmsg is not available in this libc")
         super().__init__(sock, batch, slot_size, connected)

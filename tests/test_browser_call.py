@@ -56,6 +56,8 @@ MIN_INBOUND_PACKETS = 50
 FLOW_GONE_TIMEOUT_S = 5.0
 REBIND_WATCH_S = 10.0  # after the NAT forgets the call's mapping
 REBIND_MAX_GAP_S = 4.0
+RESTART_WATCH_S = 8.0  # after window.__restartIce()
+RESTART_MAX_GAP_S = 1.0
 
 RTCRELAY = [sys.executable, "-m", "cli.main"]
 
@@ -206,6 +208,27 @@ def test_browser_call_survives_a_nat_rebinding(tmp_path: Path) -> None:
     print("\nFIGURES browser_nat_rebinding: " + json.dumps({k: v for k, v in rebind.items() if k != "flows"}))
 
 
+@pytest.mark.browser
+def test_browser_ice_restart_over_whip_patch(tmp_path: Path) -> None:
+    """pc.restartIce() + PATCH (RFC 9725 section 4.3.2) mid-call: the same session goes on with
+    a new server ufrag (a new route token for the same transceiver); DTLS and SRTP go on; the
+    relay learns flows for the new ufrag and drops the old ufrag's."""
+    report, details, _ = _run_scenario(tmp_path, "--restart-ice")
+    restart = report["restart"]
+    assert restart["status"] == 200 and restart["etag"], details
+    assert restart["new_ufrag"] != restart["old_ufrag"] and restart["same_session"], details
+    assert restart["states"] == ["connected"], details  # never disconnected meanwhile
+    assert restart["audio_gap_s"] <= RESTART_MAX_GAP_S, details
+    assert restart["audio_rate_end"] > 40 and restart["echoes_end"] >= 2, details
+    assert restart["dtls"] == ["connected", "connected"] and restart["srtp"][0] == restart["srtp"][1], details
+    assert (restart["ice_restarts"], restart["sessions_created"], restart["sessions_connected"]) == (1, 1, 1), details
+    ufrags = {f["ufrag"] for f in restart["flows"]}
+    assert restart["new_ufrag"] in ufrags and restart["old_ufrag"] not in ufrags, details
+    # hanging up closes the new ufrag's flows too
+    assert report["hangup"]["hangupStatus"] == 204 and report["flows_after_hangup"] == [], details
+    print("\nFIGURES browser_ice_restart: " + json.dumps({k: v for k, v in restart.items() if k != "flows"}))
+
+
 def test_demo_page_app() -> None:
     """The page, its static files and config.json; no browser needed."""
     from aiohttp.test_utils import TestClient, TestServer
@@ -252,6 +275,18 @@ def _loopback_up() -> None:
             fcntl.ioctl(sock, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
 
 
+def _media_figures(gap: float, samples: list[tuple[float, int, int, str]]) -> dict[str, Any]:
+    """What a watch_media() saw: the longest audio gap, the last 3 s's rates, the states."""
+    end = [x for x in samples if x[0] >= samples[-1][0] - 3.0]
+    return {
+        "audio_gap_s": round(gap, 2),  # (the page's stats tick is 0.5 s)
+        "audio_rate_end": round((end[-1][1] - end[0][1]) / max(end[-1][0] - end[0][0], 0.1), 1),
+        "echoes_end": end[-1][2] - end[0][2],
+        "connection_state": samples[-1][3],
+        "states": sorted({x[3] for x in samples}),
+    }
+
+
 def _http_get(url: str) -> str:
     import urllib.request
 
@@ -291,9 +326,11 @@ def _free_port(kind: int) -> int:
 
 
 class Scenario:
-    def __init__(self, out: Path, chromium: str, chromium_args: list[str], rebind: bool = False) -> None:
+    def __init__(self, out: Path, chromium: str, chromium_args: list[str], rebind: bool = False,
+                 restart_ice: bool = False) -> None:
         self.out = out
         self.rebind = rebind
+        self.restart_ice = restart_ice
         self.chromium = chromium
         self.chromium_args = chromium_args
         self.report: dict[str, Any] = {"error": None, "timings": {}, "logs": {}}
@@ -393,6 +430,8 @@ class Scenario:
 
         if self.rebind:
             await self.rebind_phase()
+        if self.restart_ice:
+            await self.restart_ice_phase()
 
         # hang up: DELETE -> SessionClosed -> the flow leaves the table
         t = time.monotonic()
@@ -409,28 +448,56 @@ class Scenario:
 
     async def rebind_phase(self) -> None:
         """Flush the NAT's mapping mid-call; watch inbound audio and the data channel."""
-        probe = "(r => [r.inboundPackets, r.echoCount, r.connectionState])(window.__result)"
         subprocess.run(["conntrack", "-F"], capture_output=True, timeout=10, check=True)
-        flushed = time.monotonic()
+        gap, samples = await self.watch_media(REBIND_WATCH_S)
+        self.report["rebind"] = {
+            **_media_figures(gap, samples),
+            "flows": await self.flows(),
+            "path_moves": _metric(await asyncio.to_thread(_http_get, self.transceiver_metrics),
+                                  "rtcrelay_transceiver_path_moves_total"),
+        }
+
+    async def watch_media(self, seconds: float) -> tuple[float, list[tuple[float, int, int, str]]]:
+        """Sample the page for ``seconds``: (longest time without new inbound audio, samples)."""
+        probe = "(r => [r.inboundPackets, r.echoCount, r.connectionState])(window.__result)"
+        start = time.monotonic()
         samples: list[tuple[float, int, int, str]] = []
-        while time.monotonic() - flushed < REBIND_WATCH_S:
+        while time.monotonic() - start < seconds:
             packets, echoes, state = await self.page.evaluate(probe)
-            samples.append((time.monotonic() - flushed, packets, echoes, state))
+            samples.append((time.monotonic() - start, packets, echoes, state))
             await asyncio.sleep(0.1)
         gap, last_change, last_packets = 0.0, 0.0, samples[0][1]
         for t, packets, _, _ in samples:
             if packets != last_packets:
                 gap, last_change, last_packets = max(gap, t - last_change), t, packets
-        gap = max(gap, samples[-1][0] - last_change)
-        end = [x for x in samples if x[0] >= REBIND_WATCH_S - 3.0]
-        self.report["rebind"] = {
-            "audio_gap_s": round(gap, 2),  # (the page's stats tick is 0.5 s)
-            "audio_rate_end": round((end[-1][1] - end[0][1]) / max(end[-1][0] - end[0][0], 0.1), 1),
-            "echoes_end": end[-1][2] - end[0][2],
-            "connection_state": samples[-1][3],
-            "flows": await self.flows(),
-            "path_moves": _metric(await asyncio.to_thread(_http_get, self.transceiver_metrics),
-                                  "rtcrelay_transceiver_path_moves_total"),
+        return max(gap, samples[-1][0] - last_change), samples
+
+    async def restart_ice_phase(self) -> None:
+        """window.__restartIce(): WHIP PATCH, new credentials; watch media and the relay's flows."""
+        page = self.page
+        before = await page.evaluate("window.__result")
+        old_ufrag = before["serverUfrag"]
+        answer, (gap, samples) = await asyncio.gather(page.evaluate("window.__restartIce()", timeout=15),
+                                                      self.watch_media(RESTART_WATCH_S))
+        after = await page.evaluate("window.__result")
+        # The old ufrag's flows end once media has left them (the transceiver looks every 0.25 s).
+        deadline = time.monotonic() + 10.0
+        flows = await self.flows()
+        while any(f["ufrag"] == old_ufrag for f in flows) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            flows = await self.flows()
+        metrics = await asyncio.to_thread(_http_get, self.transceiver_metrics)
+        self.report["restart"] = {
+            "status": answer["status"], "etag": answer["etag"], "old_ufrag": old_ufrag,
+            "new_ufrag": answer["serverUfrag"],
+            "same_session": before["sessionUrl"] == after["sessionUrl"],
+            **_media_figures(gap, samples),
+            "dtls": [before["dtlsState"], after["dtlsState"]], "srtp": [before["srtpCipher"], after["srtpCipher"]],
+            "pair_changes": after["pairChanges"] - before["pairChanges"],
+            "flows": flows,
+            "ice_restarts": _metric(metrics, "rtcrelay_transceiver_ice_restarts_total"),
+            "sessions_created": _metric(metrics, "rtcrelay_transceiver_sessions_created_total"),
+            "sessions_connected": _metric(metrics, "rtcrelay_transceiver_sessions_connected_total"),
         }
 
     async def failure_evidence(self) -> None:
@@ -466,8 +533,9 @@ class Scenario:
             self.report["logs"]["up"] = _tail(self.out / "up.log", 40)
 
 
-async def _scenario(out: Path, chromium: str, chromium_args: list[str], rebind: bool) -> dict[str, Any]:
-    scenario = Scenario(out, chromium, chromium_args, rebind)
+async def _scenario(out: Path, chromium: str, chromium_args: list[str], rebind: bool,
+                    restart_ice: bool) -> dict[str, Any]:
+    scenario = Scenario(out, chromium, chromium_args, rebind, restart_ice)
     try:
         await asyncio.wait_for(scenario.run(), SCENARIO_TIMEOUT_S)
     except BaseException as exc:  # everything goes into the report
@@ -486,11 +554,12 @@ def main() -> int:
     parser.add_argument("--chromium", required=True)
     parser.add_argument("--chromium-arg", action="append", default=[], help="an extra Chromium switch (debugging)")
     parser.add_argument("--rebind", action="store_true", help="NAT the call and move its mapping mid-call")
+    parser.add_argument("--restart-ice", action="store_true", help="restart ICE mid-call (WHIP PATCH)")
     args = parser.parse_args()
     if not _only_loopback():
         print("warning: running with interfaces other than lo:", socket.if_nameindex(), file=sys.stderr)
     _loopback_up()
-    report = asyncio.run(_scenario(args.out, args.chromium, args.chromium_arg, args.rebind))
+    report = asyncio.run(_scenario(args.out, args.chromium, args.chromium_arg, args.rebind, args.restart_ice))
     (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     print(json.dumps({k: v for k, v in report.items() if k != "logs"}, indent=1, default=str))
     return 0 if report["error"] is None else 1

@@ -342,6 +342,65 @@ def test_dtls_failure_closes_the_session() -> None:
     run(main)
 
 
+def test_patch_restarts_ice_with_rfc9725_statuses() -> None:
+    """WHIP PATCH (RFC 9725 section 4.3): ETag on 201; 428/412/415/400/404; trickle-only 204;
+    new credentials restart ICE: 200, a fragment with a new route token for this transceiver,
+    a new ETag; the call goes on and the session answers to the new credentials only."""
+    frag = {"Content-Type": "application/trickle-ice-sdpfrag"}
+    restart_body = "a=ice-ufrag:Cl1ent\r\na=ice-pwd:aNewClientPasswordOf24ch\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n"
+
+    async def main() -> None:
+        async with Harness() as h:
+            client = await h.call()
+            await h.connected(client)
+            (session,) = h.manager.sessions.values()
+            url = h.url(client.location)  # type: ignore[arg-type]
+            async with h.http.post(h.url(), data=await Client().offer(), headers=SDP) as r:
+                etag = r.headers["ETag"]  # another session's: each has its own
+                await h.manager.end(r.headers["Location"].rsplit("/", 1)[1])
+            assert etag != session.etag and session.etag.startswith('"')
+
+            async def patch(body: str, headers: dict[str, str]) -> tuple[int, Any, str]:
+                async with h.http.patch(url, data=body, headers=headers) as r:
+                    return r.status, r.headers.copy(), await r.text()  # (header names case-insensitive)
+
+            assert (await patch(restart_body, frag))[0] == 428  # no If-Match
+            assert (await patch(restart_body, {**frag, "If-Match": etag}))[0] == 412  # not this session's
+            assert (await patch(restart_body, {"Content-Type": "application/sdp", "If-Match": "*"}))[0] == 415
+            assert (await patch("v=0\r\n", {**frag, "If-Match": "*"}))[0] == 400
+            async with h.http.patch(h.url("/v1/sessions/nope"), data=restart_body, headers={**frag, "If-Match": "*"}) as r:
+                assert r.status == 404
+            trickle = "a=candidate:1 1 udp 2122260223 192.0.2.1 61764 typ host\r\na=end-of-candidates\r\n"
+            status, headers, _ = await patch(trickle, {**frag, "If-Match": session.etag})
+            assert status == 204 and headers["ETag"] == session.etag
+            old_ufrag, old_etag = session.ufrag, session.etag
+
+            status, headers, body = await patch(restart_body, {**frag, "If-Match": "*"})
+            assert status == 200, body
+            assert headers["Content-Type"].startswith("application/trickle-ice-sdpfrag")
+            assert headers["ETag"] == session.etag != old_etag
+            lines = body.splitlines()
+            new_ufrag = lines[0].removeprefix("a=ice-ufrag:")
+            assert new_ufrag == session.ufrag != old_ufrag
+            assert KEYRING.password(1, new_ufrag) == lines[1].removeprefix("a=ice-pwd:")  # derived, as the relay checks
+            assert "m=audio 9 UDP/TLS/RTP/SAVPF 111" in lines and "a=mid:0" in lines
+            assert any(line.startswith("a=candidate:") and line.endswith(f"{h.relay.public_address[1]} typ host")
+                       for line in lines)
+            assert lines[-1] == "a=end-of-candidates"
+            assert session.remote_credentials == ("Cl1ent", "aNewClientPasswordOf24ch")
+            assert await client.roundtrip("after the restart") == "after the restart"  # media never stopped
+            assert "rtcrelay_transceiver_ice_restarts_total 1" in await h.metrics()
+            # the same credentials again are no restart: 204
+            assert (await patch(restart_body, {**frag, "If-Match": session.etag}))[0] == 204
+            # the hang-up closes both ufrags at the relays (the client kept its 5-tuple, learned
+            # under the old one: that one stays until the call ends)
+            async with h.http.delete(url) as r:
+                assert r.status == 204
+            await wait_for(lambda: {old_ufrag, new_ufrag} <= set(h.relay.closed), 2, "SessionClosed for both")
+
+    run(main)
+
+
 def test_delete_mid_call() -> None:
     async def main() -> None:
         async with Harness() as h:

@@ -19,6 +19,7 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.mediastreams import AudioStreamTrack
 
 from transceiver import ice_tunnel
+from transceiver.metrics import IceCounters
 from transceiver.sdp import NotBundledError, prepare_offer
 
 UFRAG = "AQB/AAABZ2l2ZW4tdWZyYWc+cm91dGUrdG9rZW4"
@@ -232,7 +233,7 @@ def test_malformed_stun_is_counted_and_never_reaches_aioice() -> None:
 
     async def main() -> None:
         pc = await server_for(await client_offer())
-        counters = ice_tunnel.IceCounters()
+        counters = IceCounters()
         ice = ice_tunnel.attach(pc, ufrag=UFRAG, password=PASSWORD, local_addresses=[RELAY_V4], send=lambda d, a: None,
                                 counters=counters)
         client = ("203.0.113.5", 50000)

@@ -221,3 +221,32 @@ def test_a_session_not_ready_yet_drops() -> None:
             endpoint.register(UFRAG)
 
     run(body)
+
+
+def test_an_ice_restart_adds_a_ufrag_and_retires_the_old_one() -> None:
+    new = "B" * 38
+
+    async def body(endpoint: TunnelEndpoint, transport: RecordingTransport) -> None:
+        link = endpoint.register(UFRAG, lambda data, addr: None)
+        old_path, new_path = ("127.0.0.1", 50000), ("127.0.0.1", 50001)
+        endpoint.datagram_received(data_frame(request(), client=old_path, handle=1), RELAY)
+        endpoint.add_ufrag(link, new)
+        assert link.ufrag == new and endpoint.session_count == 1
+        endpoint.datagram_received(data_frame(request(new), client=new_path, handle=2), RELAY)
+        # a check with the new ufrag on the old 5-tuple: the relay's flow keeps its old label
+        endpoint.datagram_received(data_frame(request(new), client=old_path, handle=1), RELAY)
+        assert (link.relay_ufrag(old_path), link.relay_ufrag(new_path)) == (UFRAG, new)
+        transport.sent.clear()
+        endpoint.retire_ufrag(link, new)  # the current one: never
+        assert transport.frames() == []
+        endpoint.retire_ufrag(link, UFRAG)
+        closed = [frame for frame, _ in transport.frames() if isinstance(frame, SessionClosed)]
+        assert closed and all(frame == SessionClosed(UFRAG) for frame in closed)
+        assert set(link.flows) == {new_path}  # the relay drops the old ufrag's flows: so do we
+        endpoint.datagram_received(data_frame(request(), client=("127.0.0.1", 50002), handle=3), RELAY)
+        assert endpoint.counters.drops["unknown_ufrag"] == 1  # the old ufrag routes nowhere now
+        transport.sent.clear()
+        link.close()
+        assert [frame for frame, _ in transport.frames()] and {f for f, _ in transport.frames()} == {SessionClosed(new)}
+
+    run(body)

@@ -29,7 +29,6 @@ nominated pair, which is what aioice sends media and consent checks to.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -50,11 +49,12 @@ from aioice.ice import CandidatePair, Connection, StunProtocol, validate_passwor
 from aiortc import RTCPeerConnection
 from aiortc.rtcicetransport import RTCIceTransport
 
+from transceiver.metrics import IceCounters
 from transceiver.path_moves import PathTracker
 from transceiver.sdp import NotBundledError
-from transceiver.stun_screen import SCREEN_REASONS, screen
+from transceiver.stun_screen import screen
 
-__all__ = ["ICE_DROP_REASONS", "IceCounters", "IceTunnelError", "TunnelDatagramTransport", "TunnelIce", "attach",
+__all__ = ["IceTunnelError", "TunnelDatagramTransport", "TunnelIce", "attach",
            "ice_transports"]
 
 Addr = tuple[str, int]
@@ -62,17 +62,6 @@ SendFn = Callable[[bytes, Addr], None]
 
 log = logging.getLogger("rtcrelay.transceiver")
 
-# Why a session's datagram never reached aioice; "aioice_error": aioice raised on it.
-ICE_DROP_REASONS = SCREEN_REASONS | {"aioice_error"}
-
-
-class IceCounters:
-    """Of every session of the process, read by /metrics."""
-
-    def __init__(self) -> None:
-        self.drops: collections.Counter[str] = collections.Counter(dict.fromkeys(ICE_DROP_REASONS, 0))
-        self.path_moves = 0  # media moved to a client's new address
-        self.replayed_checks = 0  # authenticated checks with a transaction id seen before
 
 
 class IceTunnelError(Exception):
@@ -158,6 +147,20 @@ class TunnelIce:
         if paths.on_datagram(addr, self.selected_remote, now):
             self._move_to(protocol, addr)
         return True
+
+    def restart(self, ufrag: str, password: str, remote_ufrag: str, remote_password: str) -> None:
+        """An ICE restart (RFC 8445 section 9) on the live connection: new credentials both
+        ways, the nominated pair kept, so media, DTLS and SRTP go on while the client checks
+        its new pairs (aioice has no restart of its own)."""
+        validate_username(ufrag)
+        validate_password(password)
+        conn = self.connection
+        conn._local_username = ufrag
+        conn._local_password = password
+        conn.remote_username = remote_ufrag
+        conn.remote_password = remote_password
+        self._ufrag = ufrag
+        self._password = password.encode()
 
     def _deliver(self, protocol: StunProtocol, data: bytes, addr: Addr) -> None:
         try:

@@ -6,8 +6,8 @@ import bisect
 import collections
 from collections.abc import Iterable
 
-from transceiver.ice_tunnel import IceCounters
 from transceiver.sdp import OFFER_ERROR_REASONS
+from transceiver.stun_screen import SCREEN_REASONS
 from transceiver.tunnel import TunnelCounters
 
 __all__ = ["Histogram", "TransceiverMetrics", "render"]
@@ -25,6 +25,19 @@ REJECT_REASONS = (
     "draining",
     "internal_error",
 )
+
+
+# Why a session's datagram never reached aioice; "aioice_error": aioice raised on it.
+ICE_DROP_REASONS = SCREEN_REASONS | {"aioice_error"}
+
+
+class IceCounters:
+    """Of every session of the process, read by /metrics."""
+
+    def __init__(self) -> None:
+        self.drops: collections.Counter[str] = collections.Counter(dict.fromkeys(ICE_DROP_REASONS, 0))
+        self.path_moves = 0  # media moved to a client's new address
+        self.replayed_checks = 0  # authenticated checks with a transaction id seen before
 
 
 class Histogram:
@@ -48,6 +61,7 @@ class TransceiverMetrics:
         self.rejected: collections.Counter[str] = collections.Counter(dict.fromkeys(REJECT_REASONS, 0))
         self.setup_seconds = Histogram(SETUP_BUCKETS)
         self.ice = IceCounters()  # of every session's ICE
+        self.ice_restarts = 0  # WHIP PATCH restarts answered
 
 
 def _num(value: float) -> str:
@@ -68,6 +82,8 @@ def render(metrics: TransceiverMetrics, tunnel: TunnelCounters, *, sessions: int
     metric("rtcrelay_transceiver_draining", "gauge", "1 while draining.", [("", int(draining))])
     metric("rtcrelay_transceiver_sessions_created_total", "counter", "Offers answered.",
            [("", metrics.sessions_created)])
+    metric("rtcrelay_transceiver_ice_restarts_total", "counter", "ICE restarts answered (WHIP PATCH).",
+           [("", metrics.ice_restarts)])
     metric("rtcrelay_transceiver_sessions_connected_total", "counter", "Sessions that reached connected.",
            [("", metrics.sessions_connected)])
     metric(

@@ -14,6 +14,14 @@ the tasks that feed it. A session ends exactly once, for one reason (metrics cou
 
 On close the connection is closed first (so the DTLS close_notify still reaches the client
 through the tunnel), then the tunnel link, which tells the relays ``SessionClosed(ufrag)``.
+
+ICE restart (WHIP PATCH, :meth:`Session.restart_ice`): a new server ufrag (a new route token
+for this same transceiver) and password; the connection keeps its nominated pair, so media,
+DTLS and SRTP go on while the client checks its new candidates. The old ufrag is retired
+(``SessionClosed`` for it: the relays drop its flows and refuse it from then on) as soon as
+media no longer goes over a flow the relay learned under it. A client that restarts on the
+same 5-tuple keeps that flow, learned under the old ufrag, so the old ufrag then lives until
+the call ends.
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ opus_voice.install()
 Addr = tuple[str, int]
 CLOSE_STEP_TIMEOUT_S = 5.0  # bound each close step: a stuck pipeline must not keep a session
 MESSAGE_QUEUE = 256
+RETIRE_POLL_S = 0.25  # after an ICE restart: how often to look whether the old ufrag is unused
+RETIRE_WAIT_S = 30.0  # ... and for how long (then it stays until the call ends)
 
 
 class SessionRejected(Exception):
@@ -78,6 +88,17 @@ class Session:
         self._messages: asyncio.Queue[tuple[str | bytes, str]] = asyncio.Queue(MESSAGE_QUEUE)
         self._tasks: set[asyncio.Task[None]] = set()
         self._close_task: asyncio.Task[None] | None = None
+        self.ice_generation = 0  # ICE restarts so far: part of the ETag
+
+    @property
+    def etag(self) -> str:
+        """A strong entity tag of the session's ICE state (RFC 9725: changes with a restart)."""
+        return f'"{self.id}.{self.ice_generation}"'
+
+    @property
+    def remote_credentials(self) -> tuple[str | None, str | None]:
+        conn = self.ice.connection if self.ice is not None else None
+        return (conn.remote_username, conn.remote_password) if conn is not None else (None, None)
 
     @property
     def state(self) -> str:
@@ -126,6 +147,37 @@ class Session:
         await pc.setLocalDescription(await pc.createAnswer())
         self._spawn(self._watchdog())
         return pc.localDescription.sdp
+
+    # -- ICE restart ----------------------------------------------------------------------
+
+    def restart_ice(self, remote_ufrag: str, remote_password: str) -> tuple[str, str, list[str]]:
+        """The client restarts ICE with new credentials: ours in exchange (ufrag, password)
+        and our candidates (``candidate:...`` values). RuntimeError when the session is over."""
+        if self.ice is None or self.link is None or self.close_reason is not None:
+            raise RuntimeError("the session has ended")
+        manager = self.manager
+        old = self.ufrag
+        self.ufrag = issue_token(manager.keyring, manager.route_ip, manager.route_port, manager.clock())
+        password = derive_password(manager.keyring, self.ufrag)
+        manager.tunnel.add_ufrag(self.link, self.ufrag)
+        self.ice.restart(self.ufrag, password, remote_ufrag, remote_password)
+        self.ice_generation += 1
+        manager.metrics.ice_restarts += 1
+        self._spawn(self._retire_when_unused(old))
+        log.info("session %s: ICE restart, ufrag %s... -> %s...", self.id, old[:12], self.ufrag[:12])
+        candidates = [f"candidate:{c.to_sdp()}" for c in self.ice.connection.local_candidates]
+        return self.ufrag, password, candidates
+
+    async def _retire_when_unused(self, old: str) -> None:
+        assert self.ice is not None and self.link is not None
+        deadline = time.monotonic() + RETIRE_WAIT_S
+        while time.monotonic() < deadline:
+            remote = self.ice.selected_remote
+            in_use = self.link.relay_ufrag(remote) if remote is not None else old
+            if in_use is not None and in_use != old:
+                self.manager.tunnel.retire_ufrag(self.link, old)
+                return
+            await asyncio.sleep(RETIRE_POLL_S)
 
     # -- PipelineIO -----------------------------------------------------------------------
 

@@ -6,12 +6,20 @@
   service will not answer (malformed, not BUNDLE, no audio/data channel, ...), ``413`` when
   too large, ``503`` with ``Retry-After`` at capacity, ``503`` while draining.
 - ``DELETE /v1/sessions/{id}``: ``204``, or ``404`` for an unknown (or already ended) session.
+- ``PATCH /v1/sessions/{id}`` with ``Content-Type: application/trickle-ice-sdpfrag`` (RFC 9725
+  section 4.3, RFC 8840): the ``201`` carries a strong ``ETag``; a PATCH needs ``If-Match``
+  (``428`` without, ``412`` unless it is ``*`` or the current ETag). New ``a=ice-ufrag``/
+  ``a=ice-pwd`` restart ICE: ``200`` with our fragment (new ufrag, password, candidates,
+  ``a=end-of-candidates``) and the new ETag. A fragment without new credentials (trickled
+  candidates) gets ``204``: its candidates are not needed, since the relay is the only path
+  and the client's addresses are learned from its checks (peer-reflexive). ``400`` for a
+  malformed fragment, ``415`` for another content type, ``404`` for an unknown session.
 - ``GET /healthz`` (the process answers), ``GET /readyz`` (``503`` while draining),
   ``GET /metrics`` (Prometheus text).
 
 The answer carries every candidate (there is one: the relay's address) and
-``a=end-of-candidates``, so WHIP's trickle PATCH is not supported (``405``, as RFC 9725 allows).
-CORS is open (``*``, exposing ``Location``) so a demo page served elsewhere can call it.
+``a=end-of-candidates``. CORS is open (``*``, exposing ``Location`` and ``ETag``) so a demo
+page served elsewhere can call it.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from aiohttp import web
 
 from transceiver.metrics import render
 from transceiver.sdp import MAX_OFFER_BYTES, OfferError
+from transceiver.sdpfrag import FRAGMENT_TYPE, FragmentError, build_answer_fragment, parse_fragment
 from transceiver.session import SessionManager, SessionRejected
 
 __all__ = ["make_app", "SESSIONS_PATH"]
@@ -33,12 +42,12 @@ SESSIONS_PATH = "/v1/sessions"
 SDP = "application/sdp"
 _CORS = {
     "Access-Control-Allow-Origin": "*",
-    "Access-Control-Expose-Headers": "Location",
+    "Access-Control-Expose-Headers": "Location, ETag",
 }
 _PREFLIGHT = {
     **_CORS,
-    "Access-Control-Allow-Methods": "POST, DELETE, OPTIONS",
-    "Access-Control-Allow-Headers": "Content-Type, Authorization",
+    "Access-Control-Allow-Methods": "POST, PATCH, DELETE, OPTIONS",
+    "Access-Control-Allow-Headers": "Content-Type, Authorization, If-Match",
     "Access-Control-Max-Age": "600",
 }
 
@@ -90,7 +99,36 @@ def make_app(manager: SessionManager) -> web.Application:
             status=201,
             body=answer.encode(),
             content_type=SDP,
-            headers={"Location": f"{SESSIONS_PATH}/{session.id}"},
+            headers={"Location": f"{SESSIONS_PATH}/{session.id}", "ETag": session.etag},
+        )
+
+    async def patch_session(request: web.Request) -> web.Response:
+        session = manager.get(request.match_info["session_id"])
+        if session is None:
+            return web.Response(status=404, text="unknown session\n")
+        if request.content_type != FRAGMENT_TYPE:
+            return web.Response(status=415, text=f"Content-Type must be {FRAGMENT_TYPE}\n")
+        if_match = request.headers.get("If-Match")
+        if if_match is None:
+            return web.Response(status=428, text="If-Match required (the session's ETag, or * for an ICE restart)\n")
+        if if_match.strip() not in ("*", session.etag):
+            return web.Response(status=412, text="the session's ICE state changed: its ETag is no longer that\n")
+        try:
+            fragment = parse_fragment(await request.text())
+        except (FragmentError, UnicodeDecodeError) as exc:
+            return web.Response(status=400, text=f"sdpfrag_malformed: {exc}\n")
+        credentials = fragment.credentials
+        if credentials is None or credentials == session.remote_credentials:
+            return web.Response(status=204, headers={"ETag": session.etag})  # trickle: nothing to do
+        try:
+            ufrag, password, candidates = session.restart_ice(*credentials)
+        except RuntimeError:
+            return web.Response(status=404, text="unknown session\n")
+        return web.Response(
+            status=200,
+            body=build_answer_fragment(fragment, ufrag, password, candidates).encode(),
+            content_type=FRAGMENT_TYPE,
+            headers={"ETag": session.etag},
         )
 
     async def delete_session(request: web.Request) -> web.Response:
@@ -122,6 +160,7 @@ def make_app(manager: SessionManager) -> web.Application:
     app.router.add_post(SESSIONS_PATH, create_session)
     app.router.add_route("OPTIONS", SESSIONS_PATH, preflight)
     app.router.add_delete(SESSIONS_PATH + "/{session_id}", delete_session)
+    app.router.add_patch(SESSIONS_PATH + "/{session_id}", patch_session)
     app.router.add_route("OPTIONS", SESSIONS_PATH + "/{session_id}", preflight)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -95,10 +95,12 @@ class TunnelCounters:
 
 
 class _Flow:
-    __slots__ = ("link", "relay", "handle", "ip", "port", "prefix", "peer")
+    __slots__ = ("link", "relay", "handle", "ip", "port", "prefix", "peer", "relay_ufrag")
 
-    def __init__(self, link: SessionLink, relay: Addr, handle: int, ip: bytes, port: int, peer: Addr) -> None:
+    def __init__(self, link: SessionLink, relay: Addr, handle: int, ip: bytes, port: int, peer: Addr,
+                 relay_ufrag: str) -> None:
         self.link = link
+        self.relay_ufrag = relay_ufrag  # the ufrag the relay learned this flow under
         self.relay = relay
         self.handle = handle
         self.ip = ip
@@ -112,10 +114,21 @@ class SessionLink:
 
     def __init__(self, tunnel: TunnelEndpoint, ufrag: str, receive: ReceiveFn | None) -> None:
         self.tunnel = tunnel
-        self.ufrag = ufrag
+        # Every server ufrag the session answers to: one, or two for a while after an ICE
+        # restart (the old one until no flow in use was learned under it); the last is current.
+        self.ufrags = [ufrag]
         self.receive = receive  # set before the answer goes out; datagrams before that are dropped
         self.flows: dict[Addr, _Flow] = {}  # by client address (text ip, port)
         self.closed = False
+
+    @property
+    def ufrag(self) -> str:
+        return self.ufrags[-1]
+
+    def relay_ufrag(self, addr: Addr) -> str | None:
+        """The ufrag the relay learned the flow to ``addr`` under (None: no such flow)."""
+        flow = self.flows.get(addr)
+        return flow.relay_ufrag if flow is not None else None
 
     def sendto(self, data: bytes, addr: Addr) -> None:
         self.tunnel._send_data(self, data, addr)
@@ -221,9 +234,28 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
         self._sessions[ufrag] = link
         return link
 
+    def add_ufrag(self, link: SessionLink, ufrag: str) -> None:
+        """An ICE restart: Binding Requests for ``ufrag`` go to ``link`` too (now its current)."""
+        if ufrag in self._sessions:
+            raise ValueError(f"ufrag {ufrag} is already registered")
+        self._sessions[ufrag] = link
+        link.ufrags.append(ufrag)
+
+    def retire_ufrag(self, link: SessionLink, ufrag: str) -> None:
+        """The session no longer answers to ``ufrag`` (not its current one): the relays drop
+        its flows and refuse it from now on; the flows the relay learned under it go here too."""
+        if ufrag not in link.ufrags or ufrag == link.ufrag:
+            return
+        link.ufrags.remove(ufrag)
+        if self._sessions.get(ufrag) is link:
+            del self._sessions[ufrag]
+        for flow in [f for f in link.flows.values() if f.relay_ufrag == ufrag]:
+            self._remove_flow(flow)
+        self._send_control(SessionClosed(ufrag))
+
     @property
     def session_count(self) -> int:
-        return len(self._sessions)
+        return len({id(link) for link in self._sessions.values()})
 
     def _bind_by_ufrag(self, relay: Addr, frame: Data) -> _Flow | None:
         try:
@@ -231,7 +263,8 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
         except StunError:
             self.counters.drop("stun_malformed")
             return None
-        link = self._sessions.get(username.partition(":")[0]) if username else None
+        ufrag = username.partition(":")[0] if username else ""
+        link = self._sessions.get(ufrag)
         if link is None:
             self.counters.drop("unknown_ufrag")
             return None
@@ -239,6 +272,7 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
         if flow is not None and flow.link is link:
             if flow.handle != frame.handle or flow.relay != relay:
                 self._move(flow, relay, frame.handle)
+                flow.relay_ufrag = ufrag  # a new handle: the relay learned it again, from this check
             return flow
         if flow is not None:  # the client address now belongs to another session
             self._remove_flow(flow)
@@ -246,7 +280,7 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
             self.counters.drop("flow_limit")
             return None
         peer = (str(ipaddress.ip_address(frame.ip)), frame.port)
-        flow = _Flow(link, relay, frame.handle, frame.ip, frame.port, peer)
+        flow = _Flow(link, relay, frame.handle, frame.ip, frame.port, peer, ufrag)
         self._flows[(frame.ip, frame.port)] = flow
         link.flows[peer] = flow
         return flow
@@ -270,9 +304,10 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
         link.receive = None
         for flow in list(link.flows.values()):
             self._remove_flow(flow)
-        if self._sessions.get(link.ufrag) is link:
-            del self._sessions[link.ufrag]
-        self._send_control(SessionClosed(link.ufrag))
+        for ufrag in link.ufrags:
+            if self._sessions.get(ufrag) is link:
+                del self._sessions[ufrag]
+            self._send_control(SessionClosed(ufrag))
 
     def _send_data(self, link: SessionLink, data: bytes, addr: Addr) -> None:
         flow = link.flows.get(addr)

@@ -30,6 +30,10 @@
     echoRttMs: null,             // round trip of the latest echoed ping
     echoCount: 0,
     pingsSent: 0,
+    iceRestarts: 0,              // window.__restartIce() done
+    dtlsState: null,             // transport stats: a new DTLS handshake would show here
+    pairChanges: 0,
+    srtpCipher: null,
     inboundPackets: 0,           // inbound-rtp audio packetsReceived
     inboundBytes: 0,
     inboundPacketsLost: 0,
@@ -58,6 +62,7 @@
   let statsTimer = null;
   let pingTimer = null;
   let pingSeq = 0;
+  let sessionEtag = null;  // the session's ETag (WHIP: a PATCH names it)
   let callStarted = 0;
 
   const $ = (id) => document.getElementById(id);
@@ -136,7 +141,7 @@
     if (pc) throw new Error("a call is already up: hang up first");
     Object.assign(result, {
       phase: "calling", error: null, connectionState: "new", iceConnectionState: "new", sessionUrl: null,
-      dataChannelState: null, dataChannelEcho: null, echoRttMs: null, echoCount: 0, pingsSent: 0,
+      dataChannelState: null, dataChannelEcho: null, echoRttMs: null, echoCount: 0, pingsSent: 0, iceRestarts: 0,
       inboundPackets: 0, inboundBytes: 0, inboundPacketsLost: 0, jitterMs: null, totalAudioEnergy: 0,
       audioLevel: 0, outboundPackets: 0, outboundBytes: 0, codec: null, rttMs: null, setupMs: null,
       selectedPair: { local: null, remote: null, localType: null, remoteType: null }, hangupStatus: null,
@@ -205,6 +210,7 @@
       window.__sdp.answer = body;
       if (resp.status !== 201) throw new Error(`signalling answered HTTP ${resp.status}: ${body.trim()}`);
       const location = resp.headers.get("Location");
+      sessionEtag = resp.headers.get("ETag");
       if (location) {
         result.sessionUrl = new URL(location, cfg.signalling_url).href;
       } else {
@@ -280,7 +286,12 @@
     if (peer !== pc) return;
     let pairId = null;
     report.forEach((s) => {
-      if (s.type === "transport" && s.selectedCandidatePairId) pairId = s.selectedCandidatePairId;
+      if (s.type === "transport") {
+        if (s.selectedCandidatePairId) pairId = s.selectedCandidatePairId;
+        result.dtlsState = s.dtlsState || null;
+        result.pairChanges = s.selectedCandidatePairChanges || 0;
+        result.srtpCipher = s.srtpCipher || null;
+      }
     });
     report.forEach((s) => {
       if (s.type === "inbound-rtp" && s.kind === "audio") {
@@ -339,6 +350,43 @@
     const audio = $("remote-audio");
     if (audio) audio.srcObject = null;
     dc = pc = localStream = null;
+  }
+
+  // ICE restart over WHIP (RFC 9725 section 4.3.2): a new offer with new ICE credentials,
+  // only its ICE part PATCHed as an SDP fragment; the answer fragment's credentials replace the
+  // old ones in the remote description. DTLS and SRTP go on: nothing else is renegotiated.
+  async function restartIce() {
+    if (!pc || !result.sessionUrl) throw new Error("no call to restart");
+    const peer = pc;
+    peer.restartIce();
+    await peer.setLocalDescription(await peer.createOffer({ iceRestart: true }));
+    const sdp = peer.localDescription.sdp;
+    const line = (re) => { const m = re.exec(sdp); return m ? m[1] : null; };
+    const fragment = [
+      `a=ice-ufrag:${line(/^a=ice-ufrag:(\S+)/m)}`,
+      `a=ice-pwd:${line(/^a=ice-pwd:(\S+)/m)}`,
+      line(/^(m=.*)$/m),
+      `a=mid:${line(/^a=mid:(\S+)/m)}`,
+    ].join("\r\n") + "\r\n";
+    const resp = await fetchWithTimeout(result.sessionUrl, {
+      method: "PATCH",
+      headers: { "Content-Type": "application/trickle-ice-sdpfrag", "If-Match": "*" },
+      body: fragment,
+    }, "ICE restart");
+    const answerFragment = await resp.text();
+    if (resp.status !== 200) throw new Error(`ICE restart: HTTP ${resp.status}: ${answerFragment.trim()}`);
+    sessionEtag = resp.headers.get("ETag");
+    const ufrag = /^a=ice-ufrag:(\S+)/m.exec(answerFragment)[1];
+    const pwd = /^a=ice-pwd:(\S+)/m.exec(answerFragment)[1];
+    const answer = peer.remoteDescription.sdp
+      .replace(/^a=ice-ufrag:\S+/gm, `a=ice-ufrag:${ufrag}`)
+      .replace(/^a=ice-pwd:\S+/gm, `a=ice-pwd:${pwd}`);
+    await peer.setRemoteDescription({ type: "answer", sdp: answer });
+    result.serverUfrag = ufrag;
+    result.iceRestarts += 1;
+    log(`ICE restart: PATCH ${resp.status}, new server ufrag ${ufrag.slice(0, 12)}...`);
+    render();
+    return { status: resp.status, etag: sessionEtag, serverUfrag: ufrag };
   }
 
   async function hangup() {
@@ -406,6 +454,7 @@
 
   window.__call = call;
   window.__hangup = hangup;
+  window.__restartIce = restartIce;
 
   document.addEventListener("DOMContentLoaded", () => {
     $("call").addEventListener("click", () => { call().catch(() => {}); });

@@ -80,21 +80,24 @@ def transceiver(
 def up(
     http_port: Annotated[int, typer.Option(help="Demo page port.")] = 8080,
     relay_port: Annotated[int, typer.Option(help="Relay public UDP port.")] = 3478,
-    signalling_port: Annotated[int, typer.Option(help="Transceiver signalling HTTP port.")] = 8081,
+    signalling_port: Annotated[int, typer.Option(help="Signalling HTTP port (the front for the transceivers).")] = 8081,
     admin_port: Annotated[int, typer.Option(help="Relay admin HTTP port (/metrics).")] = 9478,
     workers: Annotated[int, typer.Option(help="Relay worker processes.")] = 2,
+    transceivers: Annotated[int, typer.Option(min=1, max=16, help="Transceiver processes.")] = 2,
     name: Annotated[str, typer.Option(help="Relay instance name (for `rtcrelay flows --name`).")] = "demo",
     route_keys: Annotated[str | None,
                           typer.Option("--route-keys", help="Route keys file; default: a fresh one for this run.",
                                        show_default=False)] = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """The demo: relay + transceiver + a call page, all on 127.0.0.1. Ctrl-C stops everything."""
+    """The demo: relay + transceivers + a call page, all on 127.0.0.1; a service that dies is
+    restarted. Ctrl-C stops everything."""
     from cli.up import DemoSettings, PortInUse, run_demo
 
     setup_logging(verbose)
     settings = DemoSettings(http_port=http_port, relay_port=relay_port, signalling_port=signalling_port,
-                            admin_port=admin_port, workers=workers, name=name, route_keys=route_keys, verbose=verbose)
+                            admin_port=admin_port, workers=workers, transceivers=transceivers, name=name,
+                            route_keys=route_keys, verbose=verbose)
     try:
         code = run_demo(settings)
     except PortInUse as exc:

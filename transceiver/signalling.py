@@ -25,10 +25,10 @@ page served elsewhere can call it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from daemon.cors import cors_middleware, preflight
 from transceiver.metrics import render
 from transceiver.sdp import MAX_OFFER_BYTES, OfferError
 from transceiver.sdpfrag import FRAGMENT_TYPE, FragmentError, build_answer_fragment, parse_fragment
@@ -40,34 +40,9 @@ log = logging.getLogger("rtcrelay.transceiver.signalling")
 
 SESSIONS_PATH = "/v1/sessions"
 SDP = "application/sdp"
-_CORS = {
-    "Access-Control-Allow-Origin": "*",
-    "Access-Control-Expose-Headers": "Location, ETag",
-}
-_PREFLIGHT = {
-    **_CORS,
-    "Access-Control-Allow-Methods": "POST, PATCH, DELETE, OPTIONS",
-    "Access-Control-Allow-Headers": "Content-Type, Authorization, If-Match",
-    "Access-Control-Max-Age": "600",
-}
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def _cors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:  # aiohttp's own 404/405 responses need the headers too
-        exc.headers.update(_CORS)
-        raise
-    response.headers.update(_CORS)
-    return response
-
-
 def make_app(manager: SessionManager) -> web.Application:
     # client_max_size: aiohttp answers 413 itself past it.
-    app = web.Application(middlewares=[_cors], client_max_size=MAX_OFFER_BYTES)
+    app = web.Application(middlewares=[cors_middleware], client_max_size=MAX_OFFER_BYTES)
     metrics = manager.metrics
 
     def reject(status: int, reason: str, detail: str = "", headers: dict[str, str] | None = None) -> web.Response:
@@ -136,8 +111,6 @@ def make_app(manager: SessionManager) -> web.Application:
             return web.Response(status=404, text="unknown session\n")
         return web.Response(status=204)
 
-    async def preflight(request: web.Request) -> web.Response:
-        return web.Response(status=204, headers=_PREFLIGHT)
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

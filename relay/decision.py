@@ -8,6 +8,11 @@ is one of three small records:
 - :class:`Learn`: an authenticated STUN Binding Request with a valid route token: create the
   flow for this source, then forward the request to ``target``.
 - :class:`Drop`: anything else, with a reason the worker counts.
+- :class:`Answer`: a check that passed every test, for a session whose transceiver is gone
+  (it stopped heartbeating): the relay answers it itself with a signed Binding error (403),
+  so the client's ICE gives the pair up at once (libwebrtc kills a connection on an error
+  response to its check) instead of after its consent timeout, and the client can call
+  again, through a live transceiver. Counted as ``transceiver_gone``.
 
 A flow is created only after all of these held, in this order (cheapest first, so junk costs
 little): RFC 7983 says STUN; the header and attributes parse; it is a Binding Request with
@@ -24,7 +29,7 @@ from typing import Generic, Protocol, TypeVar
 
 from wire.demux import PacketKind, classify
 from wire.route_token import TOKEN_ERROR_REASONS, RouteKeyring, TokenError, check_age, decode_token
-from wire.stun import STUN_ERROR_REASONS, StunError, parse_binding_request
+from wire.stun import STUN_ERROR_REASONS, StunError, build_binding_error, parse_binding_request
 
 FlowT = TypeVar("FlowT")
 FlowT_co = TypeVar("FlowT_co", covariant=True)
@@ -40,6 +45,7 @@ DECISION_DROP_REASONS = (
             "stun_no_fingerprint",  # RFC 8445 section 7.3: a connectivity check carries FINGERPRINT
             "stun_bad_username",
             "session_closed",  # the session ended (DELETE, hang-up, ICE restart): no flow again
+            "transceiver_gone",  # the session's transceiver stopped: answered with a Binding error
         }
     )
     | STUN_ERROR_REASONS
@@ -58,6 +64,9 @@ class FlowView(Protocol[FlowT_co]):
 
     def session_closed(self, ufrag: str, now: float) -> bool:
         """True when this server ufrag's session ended and its token is still young enough."""
+
+    def transceiver_gone(self, target_ip: bytes, target_port: int) -> bool:
+        """True when the transceiver at this tunnel address was heard and then went silent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +87,18 @@ class Drop:
     reason: str
 
 
-Decision = Forward[FlowT] | Learn | Drop
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """Send ``datagram`` back to the source (and count ``reason``); learn nothing."""
+
+    datagram: bytes
+    reason: str
+
+
+Decision = Forward[FlowT] | Learn | Drop | Answer
+
+GONE_CODE = 403  # Forbidden: "the request was valid but cannot be performed"
+GONE_REASON = "transceiver gone"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +134,7 @@ def decide(datagram: bytes, source: tuple[bytes, int], flows: FlowView[FlowT], a
     return authenticate(datagram, flows, auth, now)
 
 
-def authenticate(datagram: bytes, flows: FlowView[object], auth: AuthPolicy, now: float) -> Learn | Drop:
+def authenticate(datagram: bytes, flows: FlowView[object], auth: AuthPolicy, now: float) -> Learn | Drop | Answer:
     """Check a STUN datagram from an unknown source; Learn only when every check held."""
     try:
         message = parse_binding_request(datagram)
@@ -145,6 +165,9 @@ def authenticate(datagram: bytes, flows: FlowView[object], auth: AuthPolicy, now
     # Last: a closed session is a shm read in every partition, paid only by signed checks.
     if flows.session_closed(server_ufrag, now):
         return Drop("session_closed")
+    if flows.transceiver_gone(token.target_ip, token.target_port):
+        key = password.encode("ascii")
+        return Answer(build_binding_error(message.transaction_id, GONE_CODE, GONE_REASON, key), "transceiver_gone")
     return Learn(server_ufrag, token.target_ip, token.target_port, token.key_id)
 
 

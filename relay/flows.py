@@ -12,8 +12,10 @@ entry, so return frames the transceiver sent with it still validate.
 
 from __future__ import annotations
 
+import collections
+import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from relay.batchio import address_tuple, sockaddr_for
@@ -23,7 +25,10 @@ from shm import Flow, FlowTable, InsertStatus, PartitionWriter, TakeoverReport
 from shm.layout import ip16
 from wire.tunnel_frame import data_prefix
 
+log = logging.getLogger("rtcrelay.relay")
+
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
+MAX_GONE = 4096  # silent transceivers remembered (their tokens' sessions get an error answer)
 
 _REFUSALS = {
     InsertStatus.TABLE_FULL: "table_full",
@@ -82,13 +87,16 @@ class FlowEntry:
 
 
 class AllPartitionsView:
-    """The decision function's read-only window on the whole table (all partitions)."""
+    """The decision function's read-only window on the whole table (all partitions), and on
+    the worker's knowledge of which transceivers went silent."""
 
-    __slots__ = ("table", "local")
+    __slots__ = ("table", "local", "transceiver_gone")
 
-    def __init__(self, table: FlowTable, local: tuple[bytes, int]) -> None:
+    def __init__(self, table: FlowTable, local: tuple[bytes, int],
+                 transceiver_gone: Callable[[bytes, int], bool] = lambda ip, port: False) -> None:
         self.table = table
         self.local = (ip16(local[0]), local[1])
+        self.transceiver_gone = transceiver_gone
 
     def find(self, source: tuple[bytes, int]) -> Flow | None:
         found = self.table.lookup(ip16(source[0]), source[1], *self.local)
@@ -129,7 +137,10 @@ class LocalFlows:
         self.doomed: list[FlowEntry] = []
         # transceiver sockaddr → [last heartbeat (monotonic s), draining]
         self.transceivers: dict[bytes, list[Any]] = {}
-        self.views = [AllPartitionsView(self.table, local) for local in publics]
+        # transceivers that went silent (tunnel sockaddr -> when): their sessions' checks are
+        # answered with an error (relay/decision.py), until they heartbeat again
+        self.gone: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self.views = [AllPartitionsView(self.table, local, self.is_gone) for local in publics]
 
     def _own(self) -> PartitionWriter:
         assert self.writer is not None, "take_over() first"
@@ -166,17 +177,20 @@ class LocalFlows:
             self.entries[entry.index] = last
             last.index = entry.index
 
-    def _tunnel_dest(self, target_ip: bytes, target_port: int) -> bytes | None:
-        """The transceiver's address in the tunnel socket's sockaddr form (None: unreachable).
-        One bytes object per transceiver, shared by its flows: the hit path reads it for every
-        datagram, and at 50k flows one object stays in cache where 50k would not."""
+    def _tunnel_sockaddr(self, target_ip: bytes, target_port: int) -> bytes | None:
+        """The transceiver's address in the tunnel socket's sockaddr form (None: unreachable)."""
         if self.tunnel_family == socket.AF_INET:
             if len(target_ip) != 4:
                 return None
-            dest = sockaddr_for(target_ip, target_port, socket.AF_INET)
-        else:
-            dest = sockaddr_for(ip16(target_ip), target_port, socket.AF_INET6)
-        return self.by_transceiver_dest.setdefault(dest, dest)
+            return sockaddr_for(target_ip, target_port, socket.AF_INET)
+        return sockaddr_for(ip16(target_ip), target_port, socket.AF_INET6)
+
+    def _tunnel_dest(self, target_ip: bytes, target_port: int) -> bytes | None:
+        """:meth:`_tunnel_sockaddr`, one bytes object per transceiver, shared by its flows: the
+        hit path reads it for every datagram, and at 50k flows one object stays in cache where
+        50k would not."""
+        dest = self._tunnel_sockaddr(target_ip, target_port)
+        return None if dest is None else self.by_transceiver_dest.setdefault(dest, dest)
 
     def learn(self, client_key: bytes, source: tuple[bytes, int], public_index: int,
               learned: Learn, now: float) -> tuple[FlowEntry | None, str]:
@@ -245,13 +259,34 @@ class LocalFlows:
         self._remove(client_key)
         return True
 
+    def is_gone(self, target_ip: bytes, target_port: int) -> bool:
+        dest = self._tunnel_sockaddr(target_ip, target_port)
+        return dest is not None and dest in self.gone
+
+    def mark_gone(self, tunnel_key: bytes, now: float) -> None:
+        self.gone[tunnel_key] = now
+        self.gone.move_to_end(tunnel_key)
+        while len(self.gone) > MAX_GONE:
+            self.gone.popitem(last=False)
+
     def transceiver_heartbeat(self, tunnel_key: bytes, now: float, draining: bool) -> None:
+        if self.gone and self.gone.pop(tunnel_key, None) is not None:
+            log.info("transceiver %s is back", address_tuple(tunnel_key))
         state = self.transceivers.get(tunnel_key)
         if state is None:
             self.transceivers[tunnel_key] = [now, draining]
         else:
             state[0] = now
             state[1] = draining
+
+    def transceiver_refused(self, tunnel_key: bytes) -> bool:
+        """The transceiver's port refuses datagrams: expire it at the next pass (False: it was
+        not one this worker knew)."""
+        state = self.transceivers.get(tunnel_key)
+        if state is None:
+            return False
+        state[0] = float("-inf")
+        return True
 
     def expire_silent_transceivers(self, now: float, timeout: float) -> int:
         """Forget every transceiver not heard from for ``timeout`` seconds; its flows join
@@ -261,6 +296,7 @@ class LocalFlows:
             if now - last <= timeout:
                 continue
             del self.transceivers[tunnel_key]
+            self.mark_gone(tunnel_key, now)
             keys = self.by_transceiver.get(tunnel_key, ())
             self.doomed.extend(self.by_key[key] for key in keys)
             doomed += len(keys)

@@ -103,6 +103,10 @@ class TunnelLinks:
             self.on_close(sock)
             sock.close()
 
+    def dest_of(self, sock: socket.socket) -> bytes | None:
+        """The transceiver a link socket is connected to (None: not a link)."""
+        return next((dest for dest, link in self._sockets.items() if link is sock), None)
+
     def retain(self, alive: Container[bytes]) -> None:
         """Close the links to transceivers no longer in ``alive``."""
         for dest in [d for d in self._sockets if d not in alive]:

@@ -30,6 +30,7 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import errno
 import gc
 import ipaddress
 import logging
@@ -42,8 +43,8 @@ from collections.abc import Iterator
 
 from daemon.keys import load_keyring
 from daemon.networks import AllowedNetworks
-from relay.batchio import BatchReceiver, BatchSender, decode_sockaddr
-from relay.decision import AuthPolicy, Drop, Forward, Learn, closed_until, decide, screen
+from relay.batchio import BatchReceiver, BatchSender, address_tuple, decode_sockaddr
+from relay.decision import Answer, AuthPolicy, Drop, Forward, Learn, closed_until, decide, screen
 from relay.flows import FlowEntry, LocalFlows
 from relay.hit_path import FlowSender, HitPath, open_hit_path
 from relay.metrics import COUNTER_INDEX, WORKER_COUNTERS
@@ -287,6 +288,12 @@ class Worker:
             if isinstance(decision, Drop):
                 self.drop(decision.reason)
                 return
+            if isinstance(decision, Answer):  # the relay answers the check itself
+                self.drop(decision.reason)
+                tx = self.public_tx[which]
+                tx.add(key, decision.datagram)
+                tx.flush()
+                return
             if isinstance(decision, Learn):
                 entry, refusal = self.flows.learn(key, source, which, decision, now)
                 if entry is None:
@@ -324,6 +331,7 @@ class Worker:
             now = time.monotonic()
             packets = 0
             nbytes = 0
+            refused = rx.errors.get(errno.ECONNREFUSED, 0)
             for _ in range(MAX_BATCHES_PER_WAKEUP):
                 n = rx.recv()
                 if not n:
@@ -366,6 +374,8 @@ class Worker:
                     break
             self.counts[_C["transceiver_packets"]] += packets
             self.counts[_C["transceiver_bytes"]] += nbytes
+            if rx.errors.get(errno.ECONNREFUSED, 0) != refused and sock is not self.tunnel:
+                self.link_refused(sock)
         except Exception:
             self.internal_error()
 
@@ -399,6 +409,15 @@ class Worker:
             self.flows.transceiver_heartbeat(key, now, True)
         else:  # pragma: no cover - the union has no other members
             self.drop("tunnel_unexpected_frame")
+
+    def link_refused(self, sock: socket.socket) -> None:
+        """The kernel says nothing listens at a link's transceiver any more (ICMP port
+        unreachable): a crashed transceiver, known now rather than after heartbeat_timeout.
+        Its flows go at the next housekeeping tick and its sessions' checks get an error."""
+        dest = self.links.dest_of(sock)
+        if dest is not None and self.flows.transceiver_refused(dest):
+            log.warning("worker %d: transceiver %s refuses the tunnel: treating it as gone",
+                        self.index, address_tuple(dest))
 
     def remember_closed(self, ufrag: str, key: bytes) -> None:
         """A session ended: no Binding Request may open a flow for it again, on any worker,

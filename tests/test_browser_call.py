@@ -58,6 +58,8 @@ REBIND_WATCH_S = 10.0  # after the NAT forgets the call's mapping
 REBIND_MAX_GAP_S = 4.0
 RESTART_WATCH_S = 8.0  # after window.__restartIce()
 RESTART_MAX_GAP_S = 1.0
+KILL_LEARN_MAX_S = 3.0  # Chromium checks a working pair every ~2.5 s: the error answers the next one
+KILL_BACK_MAX_S = 4.0
 
 RTCRELAY = [sys.executable, "-m", "cli.main"]
 
@@ -229,6 +231,21 @@ def test_browser_ice_restart_over_whip_patch(tmp_path: Path) -> None:
     print("\nFIGURES browser_ice_restart: " + json.dumps({k: v for k, v in restart.items() if k != "flows"}))
 
 
+@pytest.mark.browser
+def test_browser_call_survives_its_transceiver_dying(tmp_path: Path) -> None:
+    """kill -9 of the transceiver that owns the call (rtcrelay up runs two): the relay sees the
+    tunnel refused, answers the call's next check with a signed Binding error, Chromium's ICE
+    fails at once, the page calls again and the front sends it to the other transceiver."""
+    report, details, _ = _run_scenario(tmp_path, "--kill-transceiver")
+    kill = report["kill"]
+    assert kill["reconnects"] == 1, details
+    assert kill["learned_s"] is not None and kill["learned_s"] <= KILL_LEARN_MAX_S, details
+    assert kill["audio_back_s"] is not None and kill["audio_back_s"] <= KILL_BACK_MAX_S, details
+    port = f":{kill['killed_tunnel_port']}"
+    assert not [f for f in kill["relay_flows"] if f["transceiver"].endswith(port)], details  # no state for the dead one
+    print("\nFIGURES browser_transceiver_killed: " + json.dumps({k: v for k, v in kill.items() if k != "relay_flows"}))
+
+
 def test_demo_page_app() -> None:
     """The page, its static files and config.json; no browser needed."""
     from aiohttp.test_utils import TestClient, TestServer
@@ -327,10 +344,11 @@ def _free_port(kind: int) -> int:
 
 class Scenario:
     def __init__(self, out: Path, chromium: str, chromium_args: list[str], rebind: bool = False,
-                 restart_ice: bool = False) -> None:
+                 restart_ice: bool = False, kill_transceiver: bool = False) -> None:
         self.out = out
         self.rebind = rebind
         self.restart_ice = restart_ice
+        self.kill_transceiver = kill_transceiver
         self.chromium = chromium
         self.chromium_args = chromium_args
         self.report: dict[str, Any] = {"error": None, "timings": {}, "logs": {}}
@@ -432,6 +450,8 @@ class Scenario:
             await self.rebind_phase()
         if self.restart_ice:
             await self.restart_ice_phase()
+        if self.kill_transceiver:
+            await self.kill_transceiver_phase()
 
         # hang up: DELETE -> SessionClosed -> the flow leaves the table
         t = time.monotonic()
@@ -500,6 +520,36 @@ class Scenario:
             "sessions_connected": _metric(metrics, "rtcrelay_transceiver_sessions_connected_total"),
         }
 
+    async def kill_transceiver_phase(self) -> None:
+        """kill -9 the transceiver that owns the call; time how fast the page learns and is
+        back on the other one with echoed audio."""
+        import psutil
+
+        port = int(self.report["transceiver_tunnel"].rpartition(":")[2])
+        owner = next(p for p in psutil.Process(self.up.pid).children()
+                     if any(c.laddr.port == port for c in p.net_connections(kind="udp")))
+        page = self.page
+        killed_at = await page.evaluate("performance.now()")
+        os.kill(owner.pid, signal.SIGKILL)
+        probe = ("(r => [r.reconnects, r.failedAtMs, r.connectionState, r.connectedAtMs, r.inboundPackets,"
+                 " r.echoCount, r.totalAudioEnergy, performance.now()])(window.__result)")
+        back_at = None
+        deadline = time.monotonic() + 15.0
+        while time.monotonic() < deadline and back_at is None:
+            reconnects, failed_at, state, connected_at, packets, echoes, energy, now = await page.evaluate(probe)
+            if reconnects and state == "connected" and packets >= 25 and echoes and energy > 0:
+                back_at = now
+            await asyncio.sleep(0.05)
+        self.report["kill"] = {
+            "reconnects": reconnects,
+            "learned_s": round((failed_at - killed_at) / 1000, 2) if failed_at else None,
+            "reconnected_s": round((connected_at - killed_at) / 1000, 2) if reconnects and connected_at else None,
+            "audio_back_s": round((back_at - killed_at) / 1000, 2) if back_at else None,
+            "relay_flows": await self.flows(),
+            "killed_tunnel_port": port,
+        }
+        self.report["server_ufrag"] = (await page.evaluate("window.__result"))["serverUfrag"]
+
     async def failure_evidence(self) -> None:
         if self.page is not None:
             with contextlib.suppress(Exception):
@@ -534,8 +584,8 @@ class Scenario:
 
 
 async def _scenario(out: Path, chromium: str, chromium_args: list[str], rebind: bool,
-                    restart_ice: bool) -> dict[str, Any]:
-    scenario = Scenario(out, chromium, chromium_args, rebind, restart_ice)
+                    restart_ice: bool, kill_transceiver: bool) -> dict[str, Any]:
+    scenario = Scenario(out, chromium, chromium_args, rebind, restart_ice, kill_transceiver)
     try:
         await asyncio.wait_for(scenario.run(), SCENARIO_TIMEOUT_S)
     except BaseException as exc:  # everything goes into the report
@@ -555,11 +605,13 @@ def main() -> int:
     parser.add_argument("--chromium-arg", action="append", default=[], help="an extra Chromium switch (debugging)")
     parser.add_argument("--rebind", action="store_true", help="NAT the call and move its mapping mid-call")
     parser.add_argument("--restart-ice", action="store_true", help="restart ICE mid-call (WHIP PATCH)")
+    parser.add_argument("--kill-transceiver", action="store_true", help="kill -9 the call's transceiver mid-call")
     args = parser.parse_args()
     if not _only_loopback():
         print("warning: running with interfaces other than lo:", socket.if_nameindex(), file=sys.stderr)
     _loopback_up()
-    report = asyncio.run(_scenario(args.out, args.chromium, args.chromium_arg, args.rebind, args.restart_ice))
+    report = asyncio.run(_scenario(args.out, args.chromium, args.chromium_arg, args.rebind, args.restart_ice,
+                                  args.kill_transceiver))
     (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     print(json.dumps({k: v for k, v in report.items() if k != "logs"}, indent=1, default=str))
     return 0 if report["error"] is None else 1

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.decision import DECISION_DROP_REASONS, AuthPolicy, Drop, Forward, Learn, closed_until, decide
+from relay.decision import DECISION_DROP_REASONS, Answer, AuthPolicy, Drop, Forward, Learn, closed_until, decide
 from wire.route_token import RouteKeyring, derive_password, issue_token
 from wire.stun import (
     ATTR_USERNAME,
@@ -16,6 +16,7 @@ from wire.stun import (
     build_binding_request,
     build_binding_success,
     build_message,
+    parse,
 )
 
 NOW = 1_800_000_000.0
@@ -29,10 +30,11 @@ class TableView:
     """A dict standing in for the shm table: the decision only reads through this protocol."""
 
     def __init__(self, flows: dict | None = None, sessions: set[str] | None = None,
-                 closed: set[str] | None = None) -> None:
+                 closed: set[str] | None = None, gone: set[tuple[bytes, int]] | None = None) -> None:
         self.flows = flows or {}
         self.sessions = sessions or set()
         self.closed = closed or set()
+        self.gone = gone or set()
 
     def find(self, source):
         return self.flows.get(source)
@@ -42,6 +44,9 @@ class TableView:
 
     def session_closed(self, ufrag: str, now: float) -> bool:
         return ufrag in self.closed
+
+    def transceiver_gone(self, target_ip: bytes, target_port: int) -> bool:
+        return (target_ip, target_port) in self.gone
 
 
 def ufrag(now: float = NOW, keyring: RouteKeyring = KEYRING, cluster: int | None = None) -> str:
@@ -81,6 +86,20 @@ def test_a_closed_session_opens_no_flow_even_with_a_fresh_signed_check() -> None
     # forged or unsigned checks are refused for what they are, before the shm read
     bad = binding_request(u, password="x" * 22)
     assert decide(bad, CLIENT, TableView(closed={u}), AUTH, NOW + 1) == Drop("stun_bad_integrity")
+
+
+def test_a_check_for_a_gone_transceiver_is_answered_with_a_signed_error() -> None:
+    u = ufrag()
+    request = binding_request(u)
+    decision = decide(request, CLIENT, TableView(gone={TARGET}), AUTH, NOW + 1)
+    assert isinstance(decision, Answer) and decision.reason == "transceiver_gone"
+    msg = parse(decision.datagram)
+    assert msg.msg_type == 0x0111 and msg.transaction_id == parse(request).transaction_id
+    assert msg.verify_integrity(derive_password(KEYRING, u).encode()) and msg.verify_fingerprint()
+    assert msg.get(0x0009) == b"\x00\x00\x04\x03transceiver gone"
+    # only signed checks are answered: a forged one is just dropped
+    forged = binding_request(u, password="y" * 22)
+    assert decide(forged, CLIENT, TableView(gone={TARGET}), AUTH, NOW + 1) == Drop("stun_bad_integrity")
 
 
 def test_closed_until_only_for_the_sessions_own_transceiver() -> None:

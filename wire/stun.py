@@ -47,6 +47,7 @@ __all__ = [
     "build_message",
     "build_binding_request",
     "build_binding_success",
+    "build_binding_error",
     "encode_xor_address",
 ]
 
@@ -452,3 +453,12 @@ def build_binding_success(
     return build_message(
         BINDING_SUCCESS, transaction_id, [(ATTR_XOR_MAPPED_ADDRESS, value)], integrity_key, fingerprint
     )
+
+
+def build_binding_error(transaction_id: bytes, code: int, reason: str, integrity_key: bytes) -> bytes:
+    """An authenticated Binding error response (RFC 8489 section 14.8: ERROR-CODE is class,
+    number and a UTF-8 reason phrase), signed like the success it replaces."""
+    if not 300 <= code <= 699:
+        raise ValueError(f"STUN error code out of range: {code}")
+    value = bytes([0, 0, code // 100, code % 100]) + reason.encode("utf-8")
+    return build_message(BINDING_ERROR, transaction_id, [(ATTR_ERROR_CODE, value)], integrity_key)

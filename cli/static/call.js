@@ -31,6 +31,9 @@
     echoCount: 0,
     pingsSent: 0,
     iceRestarts: 0,              // window.__restartIce() done
+    reconnects: 0,               // calls made again after a failure (kept across calls)
+    failedAtMs: null,            // performance.now() when the last call failed
+    connectedAtMs: null,         // performance.now() when the current call connected
     dtlsState: null,             // transport stats: a new DTLS handshake would show here
     pairChanges: 0,
     srtpCipher: null,
@@ -166,10 +169,15 @@
         result.connectionState = peer.connectionState;
         if (peer.connectionState === "connected" && result.setupMs === null) {
           result.setupMs = Math.round(performance.now() - callStarted);
+          result.connectedAtMs = performance.now();
           result.phase = "in call";
         }
-        if (peer.connectionState === "failed") setError("the connection failed (ICE or DTLS)");
         log("connection: " + peer.connectionState);
+        if (peer.connectionState === "failed") {
+          // The relay answers the checks of a session whose transceiver died with an error, so
+          // ICE fails at once: call again (the signalling sends the new call to a live one).
+          reconnect().catch((err) => setError(err));
+        }
         render();
       });
       peer.addEventListener("iceconnectionstatechange", () => {
@@ -387,6 +395,14 @@
     log(`ICE restart: PATCH ${resp.status}, new server ufrag ${ufrag.slice(0, 12)}...`);
     render();
     return { status: resp.status, etag: sessionEtag, serverUfrag: ufrag };
+  }
+
+  async function reconnect() {
+    result.reconnects += 1;
+    result.failedAtMs = performance.now();
+    log(`the call failed: calling again (reconnect ${result.reconnects})`);
+    await teardown(false);  // no DELETE: the session went with its transceiver
+    await call();
   }
 
   async function hangup() {

@@ -3,8 +3,9 @@
 - ``POST /v1/sessions`` goes to the transceivers in turn, starting after the last one used; one
   that refuses (``503``: at capacity, draining) or does not answer (dead, restarting) is
   skipped, so a new call lands on a live transceiver while another is down.
-- ``PATCH``/``DELETE /v1/sessions/{id}`` go to the transceiver that answered the session's
-  POST (its ``Location`` path is kept: the page only ever talks to this origin).
+- ``GET``/``PATCH``/``DELETE /v1/sessions/{id}`` go to the transceiver that answered the
+  session's POST (its ``Location`` path is kept: the page only ever talks to this origin); a
+  transceiver that does not answer makes it ``404``: the session is gone with it.
 - ``/metrics`` sums the transceivers' samples of the same name and labels (counters and
   gauges of one kind, histogram buckets included); ``/healthz`` answers, ``/readyz`` is ``200``
   while one transceiver is ready.
@@ -79,6 +80,7 @@ class SignallingFront:
         app.router.add_route("OPTIONS", SESSIONS_PATH, preflight)
         app.router.add_route("PATCH", SESSIONS_PATH + "/{session_id}", self.forward)
         app.router.add_delete(SESSIONS_PATH + "/{session_id}", self.forward)
+        app.router.add_get(SESSIONS_PATH + "/{session_id}", self.forward)
         app.router.add_route("OPTIONS", SESSIONS_PATH + "/{session_id}", preflight)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)

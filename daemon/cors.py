@@ -16,7 +16,7 @@ CORS_HEADERS = {
 }
 PREFLIGHT_HEADERS = {
     **CORS_HEADERS,
-    "Access-Control-Allow-Methods": "POST, PATCH, DELETE, OPTIONS",
+    "Access-Control-Allow-Methods": "GET, POST, PATCH, DELETE, OPTIONS",
     "Access-Control-Allow-Headers": "Content-Type, Authorization, If-Match",
     "Access-Control-Max-Age": "600",
 }

@@ -6,7 +6,6 @@ Shared by the transceiver tests (fake relay) and the end-to-end tests (real rela
 from __future__ import annotations
 
 import asyncio
-import fractions
 import itertools
 import math
 import time
@@ -15,35 +14,8 @@ from collections.abc import Callable
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from av import AudioFrame
 
-
-class SineTrack(MediaStreamTrack):
-    """A 440 Hz tone at about -12 dBov, paced in real time, 20 ms frames of 48 kHz mono."""
-
-    kind = "audio"
-
-    def __init__(self, amplitude: int = 8000) -> None:
-        super().__init__()
-        self.amplitude = amplitude
-        self._start: float | None = None
-        self._pts = 0
-
-    async def recv(self) -> AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._start is None:
-            self._start = time.monotonic()
-        else:
-            self._pts += 960
-            await asyncio.sleep(max(0.0, self._start + self._pts / 48000 - time.monotonic()))
-        t = (np.arange(960) + self._pts) / 48000
-        samples = (self.amplitude * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
-        frame = AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = 48000
-        frame.pts = self._pts
-        frame.time_base = fractions.Fraction(1, 48000)
-        return frame
+from cli.call_client import SineTrack
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

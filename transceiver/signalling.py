@@ -6,6 +6,8 @@
   service will not answer (malformed, not BUNDLE, no audio/data channel, ...), ``413`` when
   too large, ``503`` with ``Retry-After`` at capacity, ``503`` while draining.
 - ``DELETE /v1/sessions/{id}``: ``204``, or ``404`` for an unknown (or already ended) session.
+- ``GET /v1/sessions/{id}``: ``{"state": ...}`` and the ETag, or ``404``: what a client whose
+  media stopped asks before it calls again.
 - ``PATCH /v1/sessions/{id}`` with ``Content-Type: application/trickle-ice-sdpfrag`` (RFC 9725
   section 4.3, RFC 8840): the ``201`` carries a strong ``ETag``; a PATCH needs ``If-Match``
   (``428`` without, ``412`` unless it is ``*`` or the current ETag). New ``a=ice-ufrag``/
@@ -111,6 +113,13 @@ def make_app(manager: SessionManager) -> web.Application:
             return web.Response(status=404, text="unknown session\n")
         return web.Response(status=204)
 
+    async def get_session(request: web.Request) -> web.Response:
+        # A client whose media stopped asks: 404 means its call is gone (its transceiver
+        # restarted, or the front says so when the transceiver is dead): call again.
+        session = manager.get(request.match_info["session_id"])
+        if session is None:
+            return web.Response(status=404, text="unknown session\n")
+        return web.json_response({"state": session.state}, headers={"ETag": session.etag})
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -134,6 +143,7 @@ def make_app(manager: SessionManager) -> web.Application:
     app.router.add_route("OPTIONS", SESSIONS_PATH, preflight)
     app.router.add_delete(SESSIONS_PATH + "/{session_id}", delete_session)
     app.router.add_patch(SESSIONS_PATH + "/{session_id}", patch_session)
+    app.router.add_get(SESSIONS_PATH + "/{session_id}", get_session)
     app.router.add_route("OPTIONS", SESSIONS_PATH + "/{session_id}", preflight)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -66,6 +66,7 @@
   let pingTimer = null;
   let pingSeq = 0;
   let sessionEtag = null;  // the session's ETag (WHIP: a PATCH names it)
+  let lastInbound = -1;    // inbound audio packets at the last stats tick
   let callStarted = 0;
 
   const $ = (id) => document.getElementById(id);
@@ -333,6 +334,16 @@
       result.rttMs = pair.currentRoundTripTime !== undefined ? Math.round(pair.currentRoundTripTime * 10000) / 10 : null;
     }
     render();
+    // No audio since the last tick in a connected call: ask the session resource. A 404 means
+    // the session went with its transceiver: call again now rather than wait for ICE to fail.
+    const silent = result.connectionState === "connected" && result.inboundPackets === lastInbound;
+    lastInbound = result.inboundPackets;
+    if (silent && result.sessionUrl && peer === pc) {
+      try {
+        const resp = await fetchWithTimeout(result.sessionUrl, { method: "GET" }, "session check");
+        if (resp.status === 404 && peer === pc) await reconnect();
+      } catch (_) { /* the signalling is unreachable: nothing to learn from it */ }
+    }
   }
 
   // -- hang up ---------------------------------------------------------------------------
@@ -397,7 +408,18 @@
     return { status: resp.status, etag: sessionEtag, serverUfrag: ufrag };
   }
 
+  let reconnecting = false;
   async function reconnect() {
+    if (reconnecting) return;  // the ICE failure and the session check may both see it
+    reconnecting = true;
+    try {
+      await callAgain();
+    } finally {
+      reconnecting = false;
+    }
+  }
+
+  async function callAgain() {
     result.reconnects += 1;
     result.failedAtMs = performance.now();
     log(`the call failed: calling again (reconnect ${result.reconnects})`);

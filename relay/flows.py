@@ -245,6 +245,21 @@ class LocalFlows:
             self.remove(key)
         return count
 
+    def rename_session(self, old: str, new: str, tunnel_key: bytes, now: float) -> int:
+        """After an ICE restart: the flows of ``old`` (only if they are the sender's) are
+        learned again under ``new``, same 5-tuple, same transceiver; their handles change (the
+        transceiver follows on the next client datagram). Returns the flows renamed."""
+        keys = self.by_ufrag.get(old)
+        if not keys or any(self.by_key[k].tunnel_dest != tunnel_key for k in keys):
+            return 0
+        renamed = 0
+        for key in list(keys):
+            entry = self.by_key[key]
+            self.remove(key)
+            learned = Learn(new, entry.target[0], entry.target[1], 0)
+            renamed += self.learn(key, entry.client, entry.public_index, learned, now)[0] is not None
+        return renamed
+
     def remember_closed(self, ufrag: str, until: float, now: float) -> bool:
         """Record an ended session in this worker's partition of the shm closed set (read by
         every worker's decision); False when it had no room (counted by the caller)."""

@@ -60,6 +60,7 @@ from wire.tunnel_frame import (
     FrameError,
     Heartbeat,
     SessionClosed,
+    SessionRenamed,
     data_header_struct,
     decode_frame,
 )
@@ -405,6 +406,11 @@ class Worker:
         elif isinstance(frame, SessionClosed):
             self.counts[_C["flows_closed"]] += self.flows.close_session(frame.ufrag, key)
             self.remember_closed(frame.ufrag, key)
+        elif isinstance(frame, SessionRenamed):
+            # an ICE restart: the new ufrag must be the sender's too (a token naming it)
+            if closed_until(frame.new, decode_sockaddr(key), self.auth, time.time()) is not None:
+                self.flows.rename_session(frame.old, frame.new, key, now)
+            self.remember_closed(frame.old, key)
         elif isinstance(frame, Drain):
             self.flows.transceiver_heartbeat(key, now, True)
         else:  # pragma: no cover - the union has no other members

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,3 +127,40 @@ def tunnel_worker(relay: RelayProcess, tunnel: tuple[str, int]) -> int:
         if tunnel[1] in ports:
             return index
     raise AssertionError(f"no worker has the tunnel socket {tunnel}")
+
+
+def test_an_ice_restart_on_the_same_5_tuple_renames_its_flow(tmp_path: Path, transceiver: FakeTransceiver) -> None:
+    """SessionRenamed(old, new): the flow is learned again under the new ufrag (same 5-tuple,
+    new handle), media goes on, the old ufrag is refused from then on; another transceiver's
+    rename does nothing."""
+    from relayproc import rtp_like
+
+    from wire.tunnel_frame import SessionRenamed
+
+    relay = start_relay(tmp_path, workers=2, config={"heartbeat_timeout": 30.0})
+    intruder = FakeTransceiver()
+    try:
+        client = Client(relay.address)
+        old = transceiver.token(relay.keyring)
+        client.send(client.binding_request(old, keyring=relay.keyring))
+        first, tunnel = transceiver.recv_data()
+        new = transceiver.token(relay.keyring)
+        intruder.send(tunnel, SessionRenamed(old, new))  # not its session: ignored
+        time.sleep(0.2)
+        assert [f.ufrag.decode() for f in relay.table_flows()] == [old]
+
+        transceiver.send(tunnel, SessionRenamed(old, new))
+        wait_for(lambda: [f.ufrag.decode() for f in relay.table_flows()] == [new], 5, "the flow renamed")
+        client.send(rtp_like(1))  # the same 5-tuple: a hit, now under the new handle
+        frame, _ = transceiver.recv_data()
+        assert frame.port == client.address[1] and frame.handle != first.handle
+        transceiver.reply(tunnel, frame, b"\x80back")
+        assert client.recv()[0] == b"\x80back"
+        other = Client(relay.address)  # the old ufrag from another address: refused
+        other.send(other.binding_request(old, keyring=relay.keyring))
+        relay.wait_flushed(lambda rows: sum(r["drop_session_closed"] for r in rows) == 1, what="the refusal")
+        other.close()
+        client.close()
+    finally:
+        intruder.close()
+        cleanup_relay(relay)

@@ -10,7 +10,7 @@ import pytest
 
 from transceiver.tunnel import MAX_FLOWS_PER_SESSION, TunnelEndpoint
 from wire.stun import build_binding_request
-from wire.tunnel_frame import Data, Drain, Heartbeat, SessionClosed, decode_frame, encode_frame
+from wire.tunnel_frame import Data, Drain, Heartbeat, SessionClosed, SessionRenamed, decode_frame, encode_frame
 
 RELAY = ("127.0.0.1", 40000)
 RELAY2 = ("127.0.0.2", 40001)
@@ -240,9 +240,10 @@ def test_an_ice_restart_adds_a_ufrag_and_retires_the_old_one() -> None:
         endpoint.retire_ufrag(link, new)  # the current one: never
         assert transport.frames() == []
         endpoint.retire_ufrag(link, UFRAG)
-        closed = [frame for frame, _ in transport.frames() if isinstance(frame, SessionClosed)]
-        assert closed and all(frame == SessionClosed(UFRAG) for frame in closed)
-        assert set(link.flows) == {new_path}  # the relay drops the old ufrag's flows: so do we
+        renamed = [frame for frame, _ in transport.frames()]
+        assert renamed and set(renamed) == {SessionRenamed(UFRAG, new)}
+        # the relays learn the old ufrag's flows again under the new one: so do we
+        assert set(link.flows) == {old_path, new_path} and link.relay_ufrag(old_path) == new
         endpoint.datagram_received(data_frame(request(), client=("127.0.0.1", 50002), handle=3), RELAY)
         assert endpoint.counters.drops["unknown_ufrag"] == 1  # the old ufrag routes nowhere now
         transport.sent.clear()

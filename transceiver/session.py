@@ -17,11 +17,10 @@ through the tunnel), then the tunnel link, which tells the relays ``SessionClose
 
 ICE restart (WHIP PATCH, :meth:`Session.restart_ice`): a new server ufrag (a new route token
 for this same transceiver) and password; the connection keeps its nominated pair, so media,
-DTLS and SRTP go on while the client checks its new candidates. The old ufrag is retired
-(``SessionClosed`` for it: the relays drop its flows and refuse it from then on) as soon as
-media no longer goes over a flow the relay learned under it. A client that restarts on the
-same 5-tuple keeps that flow, learned under the old ufrag, so the old ufrag then lives until
-the call ends.
+DTLS and SRTP go on while the client checks its new candidates. Once the client checks with
+the new credentials, the old ufrag is retired: ``SessionRenamed(old, new)`` has the relays
+learn its flows again under the new ufrag (a client may restart on the same 5-tuple and keep
+its flow) and refuse the old one from then on (at most RETIRE_WAIT_S after the PATCH).
 """
 
 from __future__ import annotations
@@ -56,8 +55,8 @@ opus_voice.install()
 Addr = tuple[str, int]
 CLOSE_STEP_TIMEOUT_S = 5.0  # bound each close step: a stuck pipeline must not keep a session
 MESSAGE_QUEUE = 256
-RETIRE_POLL_S = 0.25  # after an ICE restart: how often to look whether the old ufrag is unused
-RETIRE_WAIT_S = 30.0  # ... and for how long (then it stays until the call ends)
+RETIRE_POLL_S = 0.1  # after an ICE restart: how often to look for the client's first new check
+RETIRE_WAIT_S = 30.0  # ... and for how long (then the old ufrag is retired anyway)
 
 
 class SessionRejected(Exception):
@@ -169,15 +168,14 @@ class Session:
         return self.ufrag, password, candidates
 
     async def _retire_when_unused(self, old: str) -> None:
-        assert self.ice is not None and self.link is not None
+        # Once the client checks with the new credentials (it applied our answer), the relays
+        # relabel the old ufrag's flows and refuse it (SessionRenamed).
+        assert self.link is not None
+        new = self.ufrag
         deadline = time.monotonic() + RETIRE_WAIT_S
-        while time.monotonic() < deadline:
-            remote = self.ice.selected_remote
-            in_use = self.link.relay_ufrag(remote) if remote is not None else old
-            if in_use is not None and in_use != old:
-                self.manager.tunnel.retire_ufrag(self.link, old)
-                return
+        while time.monotonic() < deadline and new not in self.link.checked:
             await asyncio.sleep(RETIRE_POLL_S)
+        self.manager.tunnel.retire_ufrag(self.link, old)
 
     # -- PipelineIO -----------------------------------------------------------------------
 

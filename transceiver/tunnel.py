@@ -39,6 +39,7 @@ from wire.tunnel_frame import (
     FrameError,
     Heartbeat,
     SessionClosed,
+    SessionRenamed,
     data_frame,
     data_prefix,
     decode_frame,
@@ -117,6 +118,7 @@ class SessionLink:
         # Every server ufrag the session answers to: one, or two for a while after an ICE
         # restart (the old one until no flow in use was learned under it); the last is current.
         self.ufrags = [ufrag]
+        self.checked: set[str] = set()  # ufrags a client's check came with (an ICE restart: the new one)
         self.receive = receive  # set before the answer goes out; datagrams before that are dropped
         self.flows: dict[Addr, _Flow] = {}  # by client address (text ip, port)
         self.closed = False
@@ -242,16 +244,18 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
         link.ufrags.append(ufrag)
 
     def retire_ufrag(self, link: SessionLink, ufrag: str) -> None:
-        """The session no longer answers to ``ufrag`` (not its current one): the relays drop
-        its flows and refuse it from now on; the flows the relay learned under it go here too."""
+        """The session no longer answers to ``ufrag`` (not its current one): the relays learn
+        its flows again under the current ufrag (a client that restarted ICE on the same
+        5-tuple keeps its flow) and refuse ``ufrag`` from now on."""
         if ufrag not in link.ufrags or ufrag == link.ufrag:
             return
         link.ufrags.remove(ufrag)
         if self._sessions.get(ufrag) is link:
             del self._sessions[ufrag]
-        for flow in [f for f in link.flows.values() if f.relay_ufrag == ufrag]:
-            self._remove_flow(flow)
-        self._send_control(SessionClosed(ufrag))
+        for flow in link.flows.values():
+            if flow.relay_ufrag == ufrag:
+                flow.relay_ufrag = link.ufrag  # (its handle changes: _move follows it)
+        self._send_control(SessionRenamed(ufrag, link.ufrag))
 
     @property
     def session_count(self) -> int:
@@ -268,6 +272,7 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
         if link is None:
             self.counters.drop("unknown_ufrag")
             return None
+        link.checked.add(ufrag)
         flow = self._flows.get((frame.ip, frame.port))
         if flow is not None and flow.link is link:
             if flow.handle != frame.handle or flow.relay != relay:
@@ -333,7 +338,7 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
             del self._heard[next(iter(self._heard))]
         return list(dict.fromkeys([*self._configured_relays, *self._heard]))
 
-    def _send_control(self, frame: Heartbeat | SessionClosed | Drain) -> None:
+    def _send_control(self, frame: Heartbeat | SessionClosed | SessionRenamed | Drain) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         buf = encode_frame(frame)

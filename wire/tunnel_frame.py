@@ -16,6 +16,9 @@ Direction and meaning:
 - ``Heartbeat``       transceiver→relay, every second: alive, load, draining.
 - ``SessionClosed``   transceiver→relay: drop every flow of that ufrag now.
 - ``Drain``           transceiver→relay: it takes no new sessions; existing flows stay.
+- ``SessionRenamed``  transceiver→relay, after an ICE restart: the session's flows now belong to
+                      ``new`` (the client restarted on the same 5-tuple: its flow is still
+                      labelled ``old``), and ``old`` is closed as ``SessionClosed`` closes it.
 """
 
 from __future__ import annotations
@@ -57,7 +60,12 @@ class Drain(msgspec.Struct, array_like=True, frozen=True, tag=4):
     deadline_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
-Frame = Data | Heartbeat | SessionClosed | Drain
+class SessionRenamed(msgspec.Struct, array_like=True, frozen=True, tag=5):
+    old: Annotated[str, msgspec.Meta(max_length=256)]
+    new: Annotated[str, msgspec.Meta(max_length=256)]
+
+
+Frame = Data | Heartbeat | SessionClosed | Drain | SessionRenamed
 
 FRAME_ERROR_REASONS = frozenset({"frame_empty", "frame_bad_version", "frame_malformed"})
 

@@ -6,7 +6,11 @@ and watches the call: when no media has come in for ``silence_s`` it asks the se
 resource (``GET``); a ``404`` means the session is gone with its transceiver (a crash, or a
 restart that lost it), and so does a connection that went ``failed``: it calls again, and the
 signalling sends the new call to a live transceiver. A call on hold (no media, session
-``200``) is left alone. The browser side of the same logic is in cli/static/call.js.
+``200``) is left alone. It also moves when asked: a transceiver that drains sends ``{"type": "migrate"}`` on the
+``rtcrelay-control`` data channel; the caller then calls again (the draining transceiver
+refuses new calls, so the signalling picks another), waits for the new call's first audio,
+switches to it and only then hangs up the old one (make-before-break). The browser side of the
+same logic is in cli/static/call.js.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fractions
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +35,10 @@ __all__ = ["ReconnectingCall", "SineTrack"]
 log = logging.getLogger("rtcrelay.call")
 
 SDP = "application/sdp"
+CONTROL_CHANNEL = "rtcrelay-control"  # as transceiver/session.py
+# A moved call switches once the new one has played this many frames (0.2 s): its first
+# frames come in a burst as its jitter buffer fills, and the old call plays meanwhile.
+SWITCH_AFTER_FRAMES = 10
 
 
 class SineTrack(MediaStreamTrack):
@@ -77,6 +86,9 @@ class ReconnectingCall:
         self.location: str | None = None
         self.arrivals: list[float] = []
         self.reconnects = 0
+        self.migrations = 0  # calls moved on request (make-before-break)
+        self._audio_ready: dict[int, asyncio.Event] = {}  # id(pc) -> SWITCH_AFTER_FRAMES frames came
+        self._migrating = False
         self.lost_at: float | None = None  # monotonic time the last call was found lost
         self._tasks: set[asyncio.Task[None]] = set()
         self._watch: asyncio.Task[None] | None = None
@@ -92,10 +104,14 @@ class ReconnectingCall:
         await self._call()
         self._watch = asyncio.ensure_future(self._watchdog())
 
-    async def _call(self) -> None:
+    async def _dial(self) -> tuple[RTCPeerConnection, str]:
+        """A new connected call: (its connection, its session URL)."""
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         pc.addTrack(SineTrack())
         pc.createDataChannel("echo")
+        control = pc.createDataChannel(CONTROL_CHANNEL)
+        control.on("message", lambda message: self._on_control(pc, message))
+        self._audio_ready[id(pc)] = asyncio.Event()
         pc.on("track", lambda track: self._spawn(self._read(pc, track)))
         await pc.setLocalDescription(await pc.createOffer())
         async with self.http.post(self.signalling_url, data=pc.localDescription.sdp,
@@ -104,21 +120,59 @@ class ReconnectingCall:
             if resp.status != 201:
                 await pc.close()
                 raise RuntimeError(f"signalling answered {resp.status}: {answer.strip()}")
-            location = resp.headers["Location"]
+            location = str(URL(self.signalling_url).join(URL(resp.headers["Location"])))
         await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
-        self.pc, self.location = pc, str(URL(self.signalling_url).join(URL(location)))
         deadline = time.monotonic() + self.connect_timeout_s
         while pc.connectionState != "connected":
             if time.monotonic() > deadline or pc.connectionState in ("failed", "closed"):
+                await pc.close()
                 raise RuntimeError(f"the call did not connect ({pc.connectionState})")
             await asyncio.sleep(0.01)
         if self.on_call is not None:
             self.on_call(pc)
+        return pc, location
+
+    async def _call(self) -> None:
+        self.pc, self.location = await self._dial()
+
+    def _on_control(self, pc: RTCPeerConnection, message: str | bytes) -> None:
+        try:
+            kind = json.loads(message).get("type")
+        except (ValueError, AttributeError):
+            return
+        if kind == "migrate" and pc is self.pc:
+            self._spawn(self._migrate())
+
+    async def _migrate(self) -> None:
+        """Make-before-break: the new call first, its audio playing, then hang up the old one."""
+        if self._migrating:
+            return
+        self._migrating = True
+        try:
+            new_pc, new_location = await self._dial()
+            await asyncio.wait_for(self._audio_ready.pop(id(new_pc)).wait(), self.connect_timeout_s)
+            old_pc, old_location = self.pc, self.location
+            self.pc, self.location = new_pc, new_location
+            self.migrations += 1
+            with contextlib.suppress(aiohttp.ClientError):
+                async with self.http.delete(old_location or ""):
+                    pass
+            if old_pc is not None:
+                await old_pc.close()
+        except (RuntimeError, aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("moving the call failed (it stays where it is): %s", exc)
+        finally:
+            self._migrating = False
 
     async def _read(self, pc: RTCPeerConnection, track: MediaStreamTrack) -> None:
+        ready = self._audio_ready.get(id(pc))
+        frames = 0
         with contextlib.suppress(MediaStreamError):
             while True:
                 await track.recv()
+                frames += 1
+                if ready is not None and frames >= SWITCH_AFTER_FRAMES:
+                    ready.set()
                 if pc is self.pc:
                     self.arrivals.append(time.monotonic())
 

@@ -102,8 +102,8 @@ class SignallingFront:
     async def create(self, request: web.Request) -> web.Response:
         body = await request.read()
         last: web.Response | None = None
-        for _ in range(len(self.backends)):
-            base = self.backends[next(self._next)]
+        first = next(self._next)  # each request tries every backend once, from its own start
+        for base in self.backends[first:] + self.backends[:first]:
             try:
                 response = await self._send("POST", base + SESSIONS_PATH, request, body)
             except (TimeoutError, aiohttp.ClientError):

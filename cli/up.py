@@ -117,7 +117,7 @@ def write_configs(settings: DemoSettings, workdir: Path) -> tuple[Path, Path, li
             "http_host": HOST,
             "http_port": port,
             "route_keys_file": str(keys),
-            "drain_deadline": 2.0,
+            "drain_deadline": 10.0,  # room for its calls to move (make-before-break) on Ctrl-C or SIGTERM
         }))
         transceivers.append((config, port))
     return keys, relay_cfg, transceivers

@@ -62,6 +62,7 @@ class TransceiverMetrics:
         self.setup_seconds = Histogram(SETUP_BUCKETS)
         self.ice = IceCounters()  # of every session's ICE
         self.ice_restarts = 0  # WHIP PATCH restarts answered
+        self.migrations_asked = 0  # calls asked to move elsewhere (drain)
 
 
 def _num(value: float) -> str:
@@ -84,6 +85,9 @@ def render(metrics: TransceiverMetrics, tunnel: TunnelCounters, *, sessions: int
            [("", metrics.sessions_created)])
     metric("rtcrelay_transceiver_ice_restarts_total", "counter", "ICE restarts answered (WHIP PATCH).",
            [("", metrics.ice_restarts)])
+    metric("rtcrelay_transceiver_migrations_asked_total", "counter",
+           "Calls asked to move to another transceiver (drain), on their control data channel.",
+           [("", metrics.migrations_asked)])
     metric("rtcrelay_transceiver_sessions_connected_total", "counter", "Sessions that reached connected.",
            [("", metrics.sessions_connected)])
     metric(

@@ -26,6 +26,7 @@ its flow) and refuse the old one from then on (at most RETIRE_WAIT_S after the P
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -55,6 +56,10 @@ opus_voice.install()
 Addr = tuple[str, int]
 CLOSE_STEP_TIMEOUT_S = 5.0  # bound each close step: a stuck pipeline must not keep a session
 MESSAGE_QUEUE = 256
+# A data channel the client opens for the service's own messages (not the pipeline's): on
+# drain the transceiver sends {"type": "migrate", ...} on it, and the client moves the call
+# to another transceiver make-before-break (cli/static/call.js, cli/call_client.py).
+CONTROL_CHANNEL = "rtcrelay-control"
 RETIRE_POLL_S = 0.1  # after an ICE restart: how often to look for the client's first new check
 RETIRE_WAIT_S = 30.0  # ... and for how long (then the old ufrag is retired anyway)
 
@@ -83,7 +88,8 @@ class Session:
         self.link: SessionLink | None = None
         self.ice: ice_tunnel.TunnelIce | None = None
         self.outgoing = OutgoingAudioTrack()
-        self.channels: dict[str, RTCDataChannel] = {}
+        self.channels: dict[str, RTCDataChannel] = {}  # the pipeline's
+        self.control: RTCDataChannel | None = None
         self._messages: asyncio.Queue[tuple[str | bytes, str]] = asyncio.Queue(MESSAGE_QUEUE)
         self._tasks: set[asyncio.Task[None]] = set()
         self._close_task: asyncio.Task[None] | None = None
@@ -177,6 +183,14 @@ class Session:
             await asyncio.sleep(RETIRE_POLL_S)
         self.manager.tunnel.retire_ufrag(self.link, old)
 
+    def ask_to_migrate(self, reason: str) -> bool:
+        """Ask the client to move the call elsewhere (it calls again, then hangs this one up);
+        False when it has no control channel open (it will be cut at the drain deadline)."""
+        if self.control is None or self.control.readyState != "open":
+            return False
+        self.control.send(json.dumps({"type": "migrate", "reason": reason}))
+        return True
+
     # -- PipelineIO -----------------------------------------------------------------------
 
     def send_audio(self, frame: AudioFrame) -> None:
@@ -210,6 +224,9 @@ class Session:
             self.close_soon("peer_closed")
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if channel.label == CONTROL_CHANNEL:
+            self.control = channel
+            return
         self.channels[channel.label] = channel
 
         @channel.on("message")
@@ -357,6 +374,9 @@ class SessionManager:
         self.draining = True
         self.tunnel.send_drain(deadline_s)
         self.tunnel.send_heartbeat()
+        asked = sum(session.ask_to_migrate("drain") for session in self.sessions.values())
+        self.metrics.migrations_asked += asked
+        log.info("drain: %d of %d calls asked to move", asked, len(self.sessions))
         try:
             await asyncio.wait_for(self._idle.wait(), deadline_s)
         except TimeoutError:

@@ -698,7 +698,7 @@ def test_sockaddr_for_and_decode() -> None:
 
 
 def test_send_error_rules() -> None:
-    """What both senders (and relay/_fastpath.c) do about the error of the message at the head."""
+    """What both senders (and relay/_hitpath.c) do about the error of the message at the head."""
     assert send_action(errno.EAGAIN, False) is SendAction.DROP_REST
     assert send_action(errno.ENOBUFS, True, 8) is SendAction.DROP_REST
     assert send_action(errno.EINTR, False, 1) is SendAction.RETRY_INTERRUPTED

@@ -3,7 +3,7 @@ per-message accessors, the senders' queue, single-datagram send and counters.
 
 ``rx.buffer`` holds ``batch`` slots of ``stride`` bytes, each ``headroom`` free bytes then up to
 ``bufsize`` bytes of payload (and one byte more: a datagram that fills it was larger); payload
-``i`` is ``rx.buffer[rx.offsets[i] : rx.offsets[i] + rx.lengths[i]]``. relay/_fastpath.c
+``i`` is ``rx.buffer[rx.offsets[i] : rx.offsets[i] + rx.lengths[i]]``. relay/_hitpath.c
 receives into the same slots (buffer, offsets, stride): this layout is its interface too.
 """
 
@@ -139,7 +139,7 @@ class ReceiverBase(ErrorCounts):
 
     def take_one(self, length: int, key: bytes, truncated: bool) -> None:
         """A datagram that another reader of this receiver's socket put into slot 0 (the C hot
-        path, relay/_fastpath.c): the accessors now see it as a batch of one."""
+        path, relay/_hitpath.c): the accessors now see it as a batch of one."""
         self.take_batch((length,), (key,), (truncated,))
 
     def take_batch(self, lengths: tuple[int, ...], keys: tuple[bytes, ...], truncated: tuple[bool, ...]) -> None:

@@ -1,5 +1,5 @@
 """The errno policy of batched receive and send: which errors are waited out, retried, counted
-or raised, written once for the receivers and senders of both kinds. relay/_fastpath.c mirrors
+or raised, written once for the receivers and senders of both kinds. relay/_hitpath_rules.h mirrors
 it (``transient_recv``, ``async_send``, ``send_with_rules``): change both together.
 
 Receive: EAGAIN → 0. Transient errors are counted in ``errors`` (by errno) and the call is

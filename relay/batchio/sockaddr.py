@@ -7,7 +7,7 @@ They are the raw ``sockaddr`` the kernel writes for a datagram's source, in a co
   addr, scope id). flowinfo is 0 unless the socket enables ``IPV6_FLOWINFO``; a dual-stack
   socket receives IPv4 clients as v4-mapped ``::ffff:a.b.c.d`` (16-byte ``ip_packed``).
 
-A receiver's ``keys()`` are these bytes (relay/_fastpath.c builds the same ones), the worker's
+A receiver's ``keys()`` are these bytes (relay/_hitpath.c builds the same ones), the worker's
 flows are keyed by them and a sender takes them as destinations. :func:`sockaddr_for` builds
 them from ``(ip_packed, port)`` (build it once per flow and keep it in the flow entry);
 :func:`decode_sockaddr` goes back (miss path only).

@@ -27,8 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from shm.layout import ip16
 from wire.demux import PacketKind, classify
-from wire.route_token import TOKEN_ERROR_REASONS, RouteKeyring, TokenError, check_age, decode_token
+from wire.route_token import TOKEN_ERROR_REASONS, RouteKeyring, RouteToken, TokenError, check_age, decode_token
 from wire.stun import STUN_ERROR_REASONS, StunError, build_binding_error, parse_binding_request
 
 FlowT = TypeVar("FlowT")
@@ -171,20 +172,24 @@ def authenticate(datagram: bytes, flows: FlowView[object], auth: AuthPolicy, now
     return Learn(server_ufrag, token.target_ip, token.target_port, token.key_id)
 
 
-def closed_until(ufrag: str, sender: tuple[bytes, int], auth: AuthPolicy, now: float) -> float | None:
-    """A ``SessionClosed`` for ``ufrag`` from ``sender`` (the transceiver's packed tunnel IP,
-    port): until when (unix s) the session must open no flow again, or None when there is
-    nothing to remember: not a token of ours, not the session's own transceiver (one
-    transceiver must not close another's sessions), or a token already too old to be learned."""
+def sender_token(ufrag: str, sender: tuple[bytes, int], auth: AuthPolicy, now: float) -> RouteToken | None:
+    """The route token ``ufrag`` when it is ours and names ``sender`` (the transceiver's packed
+    tunnel IP, port): one transceiver must not close or rename another's sessions."""
     try:
         token = decode_token(auth.keyring, ufrag, now, max_age=None, cluster=auth.cluster)
     except TokenError:
         return None
-    if (_ip16(token.target_ip), token.target_port) != (_ip16(sender[0]), sender[1]):
+    if (ip16(token.target_ip), token.target_port) != (ip16(sender[0]), sender[1]):
+        return None
+    return token
+
+
+def closed_until(ufrag: str, sender: tuple[bytes, int], auth: AuthPolicy, now: float) -> float | None:
+    """A ``SessionClosed`` for ``ufrag`` from ``sender``: until when (unix s) the session must
+    open no flow again, or None when there is nothing to remember: not the sender's token
+    (:func:`sender_token`), or a token already too old to be learned."""
+    token = sender_token(ufrag, sender, auth, now)
+    if token is None:
         return None
     until = token.issued_at + auth.token_max_age + 1.0  # (+1 s: check_age refuses only past it)
     return until if until > now else None
-
-
-def _ip16(packed: bytes) -> bytes:
-    return b"\x00" * 10 + b"\xff\xff" + packed if len(packed) == 4 else packed

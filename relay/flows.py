@@ -237,23 +237,25 @@ class LocalFlows:
     def close_session(self, ufrag: str, tunnel_key: bytes) -> int:
         """SessionClosed from a transceiver: drop that session's flows, only if they are its own.
         By handle (at most max_flows_per_session deletes), never a scan of the partition."""
+        keys = self._sessions_own_keys(ufrag, tunnel_key)
+        for key in keys:
+            self.remove(key)
+        return len(keys)
+
+    def _sessions_own_keys(self, ufrag: str, tunnel_key: bytes) -> list[bytes]:
+        """The flows of ``ufrag`` when every one belongs to ``tunnel_key``'s transceiver, else
+        none: a transceiver acts on its own sessions only."""
         keys = self.by_ufrag.get(ufrag)
         if not keys or any(self.by_key[k].tunnel_dest != tunnel_key for k in keys):
-            return 0
-        count = len(keys)
-        for key in list(keys):
-            self.remove(key)
-        return count
+            return []
+        return list(keys)
 
     def rename_session(self, old: str, new: str, tunnel_key: bytes, now: float) -> int:
         """After an ICE restart: the flows of ``old`` (only if they are the sender's) are
         learned again under ``new``, same 5-tuple, same transceiver; their handles change (the
         transceiver follows on the next client datagram). Returns the flows renamed."""
-        keys = self.by_ufrag.get(old)
-        if not keys or any(self.by_key[k].tunnel_dest != tunnel_key for k in keys):
-            return 0
         renamed = 0
-        for key in list(keys):
+        for key in self._sessions_own_keys(old, tunnel_key):
             entry = self.by_key[key]
             self.remove(key)
             learned = Learn(new, entry.target[0], entry.target[1], 0)

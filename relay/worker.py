@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from daemon.keys import load_keyring
 from daemon.networks import AllowedNetworks
 from relay.batchio import BatchReceiver, BatchSender, address_tuple, decode_sockaddr
-from relay.decision import Answer, AuthPolicy, Drop, Forward, Learn, closed_until, decide, screen
+from relay.decision import Answer, AuthPolicy, Drop, Forward, Learn, closed_until, decide, screen, sender_token
 from relay.flows import FlowEntry, LocalFlows
 from relay.hit_path import FlowSender, HitPath, open_hit_path
 from relay.metrics import COUNTER_INDEX, WORKER_COUNTERS
@@ -407,8 +407,8 @@ class Worker:
             self.counts[_C["flows_closed"]] += self.flows.close_session(frame.ufrag, key)
             self.remember_closed(frame.ufrag, key)
         elif isinstance(frame, SessionRenamed):
-            # an ICE restart: the new ufrag must be the sender's too (a token naming it)
-            if closed_until(frame.new, decode_sockaddr(key), self.auth, time.time()) is not None:
+            # an ICE restart: the new ufrag must be the sender's too
+            if sender_token(frame.new, decode_sockaddr(key), self.auth, time.time()) is not None:
                 self.flows.rename_session(frame.old, frame.new, key, now)
             self.remember_closed(frame.old, key)
         elif isinstance(frame, Drain):

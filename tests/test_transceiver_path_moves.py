@@ -66,3 +66,13 @@ def test_a_stale_pending_move_is_forgotten() -> None:
     assert paths.on_request(NEW, b"t1", OLD, 4.0) == "stay"
     paths.heard(NEW, 20.0)  # nothing from NEW for 16 s, then one datagram
     assert not paths.on_datagram(NEW, OLD, 20.0)
+
+
+def test_addresses_are_bounded_and_the_selected_one_is_kept() -> None:
+    from transceiver.path_moves import ADDRESSES
+
+    paths = PathTracker()
+    for port in range(ADDRESSES * 3):  # a long call through many rebindings
+        paths.heard(("198.51.100.1", 10_000 + port), float(port))
+        paths.heard(OLD, float(port))  # the selected path keeps speaking
+    assert len(paths.last_heard) == ADDRESSES and OLD in paths.last_heard

@@ -37,6 +37,7 @@ Addr = tuple[str, int]
 QUIET_S = 1.0  # Opus sends at least every 400 ms even in DTX; RTCP every few seconds
 PENDING_S = 10.0  # a check from an address nothing has come from since is forgotten
 SEEN_TRANSACTIONS = 256  # per session: checks of the last minutes at Chromium's ~2.5 s cadence
+ADDRESSES = 64  # client addresses remembered per session (a long call through many rebindings)
 
 
 class PathTracker:
@@ -51,7 +52,10 @@ class PathTracker:
 
     def heard(self, addr: Addr, now: float) -> None:
         """Any datagram of the session from ``addr``."""
-        self.last_heard[addr] = now
+        last_heard = self.last_heard
+        if addr not in last_heard and len(last_heard) >= ADDRESSES:
+            del last_heard[min(last_heard, key=last_heard.__getitem__)]  # the longest silent
+        last_heard[addr] = now
 
     def _quiet(self, selected: Addr, now: float) -> bool:
         return now - self.last_heard.get(selected, float("-inf")) >= self.quiet_s
@@ -87,6 +91,3 @@ class PathTracker:
             self._pending = None
             return True
         return False
-
-    def forget(self, addr: Addr) -> None:
-        self.last_heard.pop(addr, None)

@@ -168,12 +168,12 @@ class Session:
         self.ice.restart(self.ufrag, password, remote_ufrag, remote_password)
         self.ice_generation += 1
         manager.metrics.ice_restarts += 1
-        self._spawn(self._retire_when_unused(old))
+        self._spawn(self._retire_after_new_check(old))
         log.info("session %s: ICE restart, ufrag %s... -> %s...", self.id, old[:12], self.ufrag[:12])
         candidates = [f"candidate:{c.to_sdp()}" for c in self.ice.connection.local_candidates]
         return self.ufrag, password, candidates
 
-    async def _retire_when_unused(self, old: str) -> None:
+    async def _retire_after_new_check(self, old: str) -> None:
         # Once the client checks with the new credentials (it applied our answer), the relays
         # relabel the old ufrag's flows and refuse it (SessionRenamed).
         assert self.link is not None

@@ -47,6 +47,11 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, interva
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def metric_sum(text: str, name: str) -> float:
+    """The sum of a Prometheus text's samples of metric ``name`` (every label set)."""
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0].split("{")[0] == name)
+
+
 def write_keys(path: Path, secrets_by_id: dict[int, bytes], active: int) -> None:
     lines = [f"active = {active}", "[keys]"]
     lines += [f'{k} = "{base64.b64encode(v).decode()}"' for k, v in secrets_by_id.items()]

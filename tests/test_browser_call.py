@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from relayproc import metric_sum
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -311,10 +312,6 @@ def _http_get(url: str) -> str:
         return resp.read().decode()
 
 
-def _metric(text: str, name: str) -> float:
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0].split("{")[0] == name)
-
-
 def _nat_to_random_ports(relay_port: int) -> None:
     """The kernel's NAT in this namespace: datagrams to the relay leave from a random port
     (SNAT on lo; masquerade needs an interface address of a routable kind)."""
@@ -473,7 +470,7 @@ class Scenario:
         self.report["rebind"] = {
             **_media_figures(gap, samples),
             "flows": await self.flows(),
-            "path_moves": _metric(await asyncio.to_thread(_http_get, self.transceiver_metrics),
+            "path_moves": metric_sum(await asyncio.to_thread(_http_get, self.transceiver_metrics),
                                   "rtcrelay_transceiver_path_moves_total"),
         }
 
@@ -515,9 +512,9 @@ class Scenario:
             "dtls": [before["dtlsState"], after["dtlsState"]], "srtp": [before["srtpCipher"], after["srtpCipher"]],
             "pair_changes": after["pairChanges"] - before["pairChanges"],
             "flows": flows,
-            "ice_restarts": _metric(metrics, "rtcrelay_transceiver_ice_restarts_total"),
-            "sessions_created": _metric(metrics, "rtcrelay_transceiver_sessions_created_total"),
-            "sessions_connected": _metric(metrics, "rtcrelay_transceiver_sessions_connected_total"),
+            "ice_restarts": metric_sum(metrics, "rtcrelay_transceiver_ice_restarts_total"),
+            "sessions_created": metric_sum(metrics, "rtcrelay_transceiver_sessions_created_total"),
+            "sessions_connected": metric_sum(metrics, "rtcrelay_transceiver_sessions_connected_total"),
         }
 
     async def kill_transceiver_phase(self) -> None:

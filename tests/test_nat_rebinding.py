@@ -32,7 +32,7 @@ from netns import (
     start_transceiver,
     stop,
 )
-from relayproc import cleanup_relay, start_relay, wait_for
+from relayproc import cleanup_relay, metric_sum, start_relay, wait_for
 
 CALL_BEFORE_S = 4.0
 CALL_AFTER_S = 14.0
@@ -107,10 +107,6 @@ def client_ports(topo: Topology) -> set[int]:
     return ports
 
 
-def metric(text: str, name: str) -> float:
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
-
-
 def test_call_survives_a_nat_rebinding(topology: Topology, tmp_path: Path) -> None:
     topo = topology
     relay = transceiver = client = None
@@ -163,7 +159,7 @@ def test_call_survives_a_nat_rebinding(topology: Topology, tmp_path: Path) -> No
         # Within one consent interval of the move (the client's next check), plus a second.
         assert result["audio_gap_s"] < 1.2 * CONSENT_INTERVAL_S + 1.0, result
         metrics = _get(f"http://{SIGNALLING}/metrics", topo)
-        assert metric(metrics, "rtcrelay_transceiver_path_moves_total") == 1, metrics
+        assert metric_sum(metrics, "rtcrelay_transceiver_path_moves_total") == 1, metrics
         client.stdin.write("bye\n")
         client.stdin.flush()
         print("\nFIGURES nat_rebinding: " + json.dumps({k: round(v, 2) if isinstance(v, float) else v

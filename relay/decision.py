@@ -66,8 +66,9 @@ class FlowView(Protocol[FlowT_co]):
     def session_closed(self, ufrag: str, now: float) -> bool:
         """True when this server ufrag's session ended and its token is still young enough."""
 
-    def transceiver_gone(self, target_ip: bytes, target_port: int) -> bool:
-        """True when the transceiver at this tunnel address was heard and then went silent."""
+    def transceiver_gone(self, target_ip: bytes, target_port: int, issued_at: int) -> bool:
+        """True when the transceiver at this tunnel address went away after it issued a token
+        at ``issued_at`` (unix s): a process started since at that address is another one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +167,7 @@ def authenticate(datagram: bytes, flows: FlowView[object], auth: AuthPolicy, now
     # Last: a closed session is a shm read in every partition, paid only by signed checks.
     if flows.session_closed(server_ufrag, now):
         return Drop("session_closed")
-    if flows.transceiver_gone(token.target_ip, token.target_port):
+    if flows.transceiver_gone(token.target_ip, token.target_port, token.issued_at):
         key = password.encode("ascii")
         return Answer(build_binding_error(message.transaction_id, GONE_CODE, GONE_REASON, key), "transceiver_gone")
     return Learn(server_ufrag, token.target_ip, token.target_port, token.key_id)

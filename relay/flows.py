@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -93,7 +94,7 @@ class AllPartitionsView:
     __slots__ = ("table", "local", "transceiver_gone")
 
     def __init__(self, table: FlowTable, local: tuple[bytes, int],
-                 transceiver_gone: Callable[[bytes, int], bool] = lambda ip, port: False) -> None:
+                 transceiver_gone: Callable[[bytes, int, int], bool] = lambda ip, port, issued: False) -> None:
         self.table = table
         self.local = (ip16(local[0]), local[1])
         self.transceiver_gone = transceiver_gone
@@ -137,8 +138,8 @@ class LocalFlows:
         self.doomed: list[FlowEntry] = []
         # transceiver sockaddr → [last heartbeat (monotonic s), draining]
         self.transceivers: dict[bytes, list[Any]] = {}
-        # transceivers that went silent (tunnel sockaddr -> when): their sessions' checks are
-        # answered with an error (relay/decision.py), until they heartbeat again
+        # transceivers that went silent (tunnel sockaddr -> unix time): the checks of sessions
+        # they started are answered with an error (relay/decision.py), until they heartbeat again
         self.gone: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self.views = [AllPartitionsView(self.table, local, self.is_gone) for local in publics]
 
@@ -276,12 +277,16 @@ class LocalFlows:
         self._remove(client_key)
         return True
 
-    def is_gone(self, target_ip: bytes, target_port: int) -> bool:
+    def is_gone(self, target_ip: bytes, target_port: int, issued_at: int) -> bool:
+        """The transceiver at this address went away after issuing a token at ``issued_at``.
+        A token issued later comes from a process started since at the same address (a fixed
+        tunnel port): its sessions are learned, and reaching it is what clears the mark."""
         dest = self._tunnel_sockaddr(target_ip, target_port)
-        return dest is not None and dest in self.gone
+        gone_at = self.gone.get(dest) if dest is not None else None
+        return gone_at is not None and issued_at <= gone_at
 
-    def mark_gone(self, tunnel_key: bytes, now: float) -> None:
-        self.gone[tunnel_key] = now
+    def mark_gone(self, tunnel_key: bytes) -> None:
+        self.gone[tunnel_key] = time.time()
         self.gone.move_to_end(tunnel_key)
         while len(self.gone) > MAX_GONE:
             self.gone.popitem(last=False)
@@ -313,7 +318,7 @@ class LocalFlows:
             if now - last <= timeout:
                 continue
             del self.transceivers[tunnel_key]
-            self.mark_gone(tunnel_key, now)
+            self.mark_gone(tunnel_key)
             keys = self.by_transceiver.get(tunnel_key, ())
             self.doomed.extend(self.by_key[key] for key in keys)
             doomed += len(keys)

@@ -131,7 +131,7 @@ class FuzzView:
         # Only signed checks get this far: the corpus's key-2 request stands for a closed session.
         return ufrag.endswith("30A")
 
-    def transceiver_gone(self, target_ip: bytes, target_port: int) -> bool:
+    def transceiver_gone(self, target_ip: bytes, target_port: int, issued_at: int) -> bool:
         return target_port % 7 == 0  # sometimes: the signed-error answer runs too
 
 

@@ -207,9 +207,10 @@ class FakeTransceiver:
     """A UDP socket that speaks tunnel frames: the transceiver's side, without WebRTC."""
 
     sock: socket.socket = field(default_factory=lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    port: int = 0  # a fixed tunnel port (a restarted transceiver at the same address); 0: any
 
     def __post_init__(self) -> None:
-        self.sock.bind((LOCALHOST, 0))
+        self.sock.bind((LOCALHOST, self.port))
         self.sock.settimeout(2.0)
 
     @property

@@ -45,8 +45,8 @@ class TableView:
     def session_closed(self, ufrag: str, now: float) -> bool:
         return ufrag in self.closed
 
-    def transceiver_gone(self, target_ip: bytes, target_port: int) -> bool:
-        return (target_ip, target_port) in self.gone
+    def transceiver_gone(self, target_ip: bytes, target_port: int, issued_at: int) -> bool:
+        return (target_ip, target_port) in self.gone and issued_at <= NOW + 5  # gone at NOW + 5
 
 
 def ufrag(now: float = NOW, keyring: RouteKeyring = KEYRING, cluster: int | None = None) -> str:
@@ -100,6 +100,9 @@ def test_a_check_for_a_gone_transceiver_is_answered_with_a_signed_error() -> Non
     # only signed checks are answered: a forged one is just dropped
     forged = binding_request(u, password="y" * 22)
     assert decide(forged, CLIENT, TableView(gone={TARGET}), AUTH, NOW + 1) == Drop("stun_bad_integrity")
+    # A token issued after it went away: a new process at the same address, learned as usual.
+    later = ufrag(NOW + 10)
+    assert isinstance(decide(binding_request(later), CLIENT, TableView(gone={TARGET}), AUTH, NOW + 11), Learn)
 
 
 def test_closed_until_only_for_the_sessions_own_transceiver() -> None:

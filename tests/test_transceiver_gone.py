@@ -31,6 +31,7 @@ def test_a_dead_transceiver_is_known_at_once_and_its_clients_are_told(tmp_path: 
         transceiver.recv_data()  # on the worker's connected link to this transceiver
         assert len(relay.table_flows()) == 1
 
+        tunnel_port = transceiver.address[1]
         transceiver.close()  # a crash: the port refuses from now on
         died = time.monotonic()
         for seq in range(2, 12):  # the client's media: the relay's sends get ICMP back
@@ -55,6 +56,20 @@ def test_a_dead_transceiver_is_known_at_once_and_its_clients_are_told(tmp_path: 
         client.send(client.binding_request(ufrag, password="x" * 22))
         assert client.nothing_arrives(0.3)
         print(f"\nFIGURES transceiver_gone: forgotten {forgotten_s:.2f} s after the crash")
+
+        # A new transceiver process at the same address (a fixed tunnel port): its sessions are
+        # learned (their tokens are newer than the crash), and so it is heard again.
+        time.sleep(1.1 - time.time() % 1.0)  # tokens carry whole seconds: one issued after the crash
+        restarted = FakeTransceiver(port=tunnel_port)
+        try:
+            fresh = restarted.token(relay.keyring)
+            again = Client(relay.address)
+            again.send(again.binding_request(fresh, keyring=relay.keyring))
+            frame, _ = restarted.recv_data()
+            assert frame.port == again.address[1]
+            again.close()
+        finally:
+            restarted.close()
     finally:
         client.close()
         cleanup_relay(relay)

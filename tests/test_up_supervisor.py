@@ -187,11 +187,9 @@ def test_twenty_calls_a_transceiver_crash_and_every_affected_call_is_back(up: Up
     calls have audio at the end; the relay keeps no flow for the dead one."""
 
     async def main() -> None:
-        calls = [ReconnectingCall(f"{up.front}/v1/sessions") for _ in range(CALLS)]
+        calls: list[ReconnectingCall] = []
         try:
-            for call in calls:
-                await call.start()
-            await await_for(lambda: all(len(c.arrivals) > 25 for c in calls), 30, "audio on every call")
+            await _start_calls(up, calls)
             victim_port = int(_tunnel_target(calls[0]).rpartition(":")[2])
             affected = [c for c in calls if _tunnel_target(c).endswith(f":{victim_port}")]
             assert 0 < len(affected) < CALLS
@@ -224,6 +222,14 @@ def test_twenty_calls_a_transceiver_crash_and_every_affected_call_is_back(up: Up
     run(main, timeout=150)
 
 
+async def _start_calls(up: Up, calls: list[ReconnectingCall]) -> None:
+    """CALLS calls through the front (into ``calls``, for the caller to close), all with audio."""
+    for _ in range(CALLS):
+        calls.append(ReconnectingCall(f"{up.front}/v1/sessions"))
+        await calls[-1].start()
+    await await_for(lambda: all(len(c.arrivals) > 25 for c in calls), 30, "audio on every call")
+
+
 def _tunnel_target(call: ReconnectingCall) -> str:
     """The transceiver tunnel address the call's route token names (rtcrelay ufrag decode)."""
     assert call.pc is not None
@@ -240,11 +246,9 @@ def test_a_rolling_restart_moves_every_call_and_drops_none(up: Up) -> None:
     hangs up the old one; the drained transceiver exits and `rtcrelay up` starts it again."""
 
     async def main() -> None:
-        calls = [ReconnectingCall(f"{up.front}/v1/sessions") for _ in range(CALLS)]
+        calls: list[ReconnectingCall] = []
         try:
-            for call in calls:
-                await call.start()
-            await await_for(lambda: all(len(c.arrivals) > 25 for c in calls), 30, "audio on every call")
+            await _start_calls(up, calls)
             quiet = time.monotonic()
             await asyncio.sleep(3.0)  # the same calls with nothing moving: the reference
             baseline = [_longest_gap(c.arrivals, quiet) for c in calls]

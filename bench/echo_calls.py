@@ -138,13 +138,15 @@ async def _until_signal() -> None:
     await stop.wait()
 
 
-async def serve_rtcrelay(relay_public: str, keys_file: str, max_sessions: int) -> None:
+async def serve_rtcrelay(relay_public: str, keys_file: str, max_sessions: int, cpu_budget: float = 0.0,
+                         max_loop_lag: float = 0.0) -> None:
     from aiohttp import web
 
     from transceiver.service import Transceiver, TransceiverConfig
 
     config = TransceiverConfig(relay_public_addresses=[relay_public], route_keys_file=keys_file, http_host=HOST,
-                               http_port=0, max_sessions=max_sessions, connect_timeout=20.0)
+                               http_port=0, max_sessions=max_sessions, connect_timeout=20.0,
+                               admission_cpu_budget=cpu_budget, admission_max_loop_lag=max_loop_lag)
     tx = Transceiver(config)
     await tx.start()
     manager = tx.manager
@@ -573,6 +575,9 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--relay-public", default="", help="rtcrelay: the relay's public HOST:PORT")
     serve.add_argument("--route-keys", default="", help="rtcrelay: the relay's route keys file")
     serve.add_argument("--max-sessions", type=int, default=1000)
+    # Admission by load is off unless asked: bench/transceiver.py looks for the cliff itself.
+    serve.add_argument("--admission-cpu-budget", type=float, default=0.0, help="rtcrelay: cores (0: off)")
+    serve.add_argument("--admission-max-loop-lag", type=float, default=0.0, help="rtcrelay: seconds (0: off)")
     args = parser.parse_args(argv)
 
     import logging
@@ -585,7 +590,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.setswitchinterval(float(switch))
     inline = os.environ.get("RTCRELAY_BENCH_INLINE_EXECUTOR") == "1"
     if args.kind == "rtcrelay":
-        uvloop.run(_with_executor(serve_rtcrelay(args.relay_public, args.route_keys, args.max_sessions), inline))
+        server = serve_rtcrelay(args.relay_public, args.route_keys, args.max_sessions, args.admission_cpu_budget,
+                                args.admission_max_loop_lag)
+        uvloop.run(_with_executor(server, inline))
     else:
         uvloop.run(_with_executor(serve_stock(args.max_sessions), inline))
 

@@ -95,7 +95,8 @@ class Stack:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def start_rtcrelay(workdir: Path) -> Stack:
+def start_rtcrelay(workdir: Path, server_args: tuple[str, ...] = ()) -> Stack:
+    """The relay and the echo transceiver behind it; ``server_args``: more `echo_calls.py serve` flags."""
     name = "bench" + secrets.token_hex(5)
     table_dir = Path("/dev/shm") / f"rtcrelay-{name}"
     table_dir.mkdir()
@@ -123,7 +124,7 @@ def start_rtcrelay(workdir: Path) -> Stack:
                 raise BenchError(f"relay not ready within 30 s\n{processes.stderr_tail(relay)}")
             time.sleep(0.1)
         server = _spawn_server([sys.executable, str(BENCH / "echo_calls.py"), "serve", "rtcrelay",
-                                "--relay-public", f"{HOST}:{port}", "--route-keys", str(keys)],
+                                "--relay-public", f"{HOST}:{port}", "--route-keys", str(keys), *server_args],
                                workdir / "transceiver.log")
         ready = _read_ready(server)
     except BaseException:

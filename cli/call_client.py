@@ -8,9 +8,11 @@ restart that lost it), and so does a connection that went ``failed``: it calls a
 signalling sends the new call to a live transceiver. A call on hold (no media, session
 ``200``) is left alone. It also moves when asked: a transceiver that drains sends ``{"type": "migrate"}`` on the
 ``rtcrelay-control`` data channel; the caller then calls again (the draining transceiver
-refuses new calls, so the signalling picks another), waits for the new call's first audio,
-switches to it and only then hangs up the old one (make-before-break). The browser side of the
-same logic is in cli/static/call.js.
+refuses new calls, so the signalling picks another), with the ``handoff`` the request carried
+(the old pipeline's sealed state) in the ``Rtcrelay-Handoff`` header, waits for the new call's
+first audio, switches to it and only then hangs up the old one (make-before-break). A ``503``
+(every transceiver busy) is tried again after its ``Retry-After`` until the request's
+``deadline_s``. The browser side of the same logic is cli/static/rtcrelay-call.js.
 """
 
 from __future__ import annotations
@@ -36,9 +38,21 @@ log = logging.getLogger("rtcrelay.call")
 
 SDP = "application/sdp"
 CONTROL_CHANNEL = "rtcrelay-control"  # as transceiver/session.py
+HANDOFF_HEADER = "Rtcrelay-Handoff"  # as transceiver/handoff.py: the old session's pipeline state
 # A moved call switches once the new one has played this many frames (0.2 s): its first
 # frames come in a burst as its jitter buffer fills, and the old call plays meanwhile.
 SWITCH_AFTER_FRAMES = 10
+MOVE_DEADLINE_S = 10.0  # a migrate request without deadline_s: how long to keep trying
+MOVE_MARGIN_S = 1.0  # stop trying this long before the deadline: the new call needs time to start
+
+
+class SignallingRefused(RuntimeError):
+    """The signalling answered an offer with an error status (503: try again after ``retry_after_s``)."""
+
+    def __init__(self, status: int, text: str, retry_after_s: float | None) -> None:
+        super().__init__(f"signalling answered {status}: {text}")
+        self.status = status
+        self.retry_after_s = retry_after_s
 
 
 class SineTrack(MediaStreamTrack):
@@ -104,8 +118,9 @@ class ReconnectingCall:
         await self._call()
         self._watch = asyncio.ensure_future(self._watchdog())
 
-    async def _dial(self) -> tuple[RTCPeerConnection, str]:
-        """A new connected call: (its connection, its session URL)."""
+    async def _dial(self, handoff: str | None = None) -> tuple[RTCPeerConnection, str]:
+        """A new connected call: (its connection, its session URL). ``handoff``: the old
+        session's sealed pipeline state, for the new one (a moved call)."""
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         pc.addTrack(SineTrack())
         pc.createDataChannel("echo")
@@ -114,12 +129,16 @@ class ReconnectingCall:
         self._audio_ready[id(pc)] = asyncio.Event()
         pc.on("track", lambda track: self._spawn(self._read(pc, track)))
         await pc.setLocalDescription(await pc.createOffer())
-        async with self.http.post(self.signalling_url, data=pc.localDescription.sdp,
-                                  headers={"Content-Type": SDP}) as resp:
+        headers = {"Content-Type": SDP}
+        if handoff:
+            headers[HANDOFF_HEADER] = handoff
+        async with self.http.post(self.signalling_url, data=pc.localDescription.sdp, headers=headers) as resp:
             answer = await resp.text()
             if resp.status != 201:
                 await pc.close()
-                raise RuntimeError(f"signalling answered {resp.status}: {answer.strip()}")
+                retry_after = resp.headers.get("Retry-After", "")
+                raise SignallingRefused(resp.status, answer.strip(),
+                                        float(retry_after) if retry_after.isdigit() else None)
             location = str(URL(self.signalling_url).join(URL(resp.headers["Location"])))
         await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
         deadline = time.monotonic() + self.connect_timeout_s
@@ -137,19 +156,35 @@ class ReconnectingCall:
 
     def _on_control(self, pc: RTCPeerConnection, message: str | bytes) -> None:
         try:
-            kind = json.loads(message).get("type")
-        except (ValueError, AttributeError):
+            request = json.loads(message)
+            kind = request.get("type")
+            deadline_s = float(request.get("deadline_s", MOVE_DEADLINE_S))
+            handoff = request.get("handoff")
+        except (ValueError, AttributeError, TypeError):
             return
         if kind == "migrate" and pc is self.pc:
-            self._spawn(self._migrate())
+            self._spawn(self._migrate(time.monotonic() + deadline_s - MOVE_MARGIN_S,
+                                      handoff if isinstance(handoff, str) else None))
 
-    async def _migrate(self) -> None:
+    async def _dial_before(self, deadline: float, handoff: str | None) -> tuple[RTCPeerConnection, str]:
+        """:meth:`_dial`, again after each 503's Retry-After (every transceiver busy) until ``deadline``."""
+        while True:
+            try:
+                return await self._dial(handoff)
+            except SignallingRefused as exc:
+                wait = exc.retry_after_s if exc.retry_after_s is not None else 1.0
+                if exc.status != 503 or time.monotonic() + wait > deadline:
+                    raise
+                log.info("no room for the call yet (%s): again in %.0f s", exc, wait)
+                await asyncio.sleep(wait)
+
+    async def _migrate(self, deadline: float, handoff: str | None) -> None:
         """Make-before-break: the new call first, its audio playing, then hang up the old one."""
         if self._migrating:
             return
         self._migrating = True
         try:
-            new_pc, new_location = await self._dial()
+            new_pc, new_location = await self._dial_before(deadline, handoff)
             await asyncio.wait_for(self._audio_ready.pop(id(new_pc)).wait(), self.connect_timeout_s)
             old_pc, old_location = self.pc, self.location
             self.pc, self.location = new_pc, new_location

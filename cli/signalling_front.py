@@ -28,7 +28,7 @@ from daemon.cors import cors_middleware, preflight
 __all__ = ["SignallingFront", "sum_metrics"]
 
 SESSIONS_PATH = "/v1/sessions"
-FORWARDED_REQUEST = ("Content-Type", "If-Match")
+FORWARDED_REQUEST = ("Content-Type", "If-Match", "Rtcrelay-Handoff")
 FORWARDED_RESPONSE = ("Content-Type", "Location", "ETag", "Retry-After")
 OFFER_TIMEOUT_S = 20.0  # an offer takes ~50 ms, seconds when many arrive at once
 CONNECT_TIMEOUT_S = 1.0  # a transceiver that does not accept in this long is skipped

@@ -17,7 +17,7 @@ CORS_HEADERS = {
 PREFLIGHT_HEADERS = {
     **CORS_HEADERS,
     "Access-Control-Allow-Methods": "GET, POST, PATCH, DELETE, OPTIONS",
-    "Access-Control-Allow-Headers": "Content-Type, Authorization, If-Match",
+    "Access-Control-Allow-Headers": "Content-Type, Authorization, If-Match, Rtcrelay-Handoff",
     "Access-Control-Max-Age": "600",
 }
 

@@ -56,7 +56,9 @@ class Harness:
     def __init__(self, relay_host: str = "127.0.0.1", pipeline: PipelineFactory = EchoPipeline, **config: Any) -> None:
         self.relay = FakeRelay(KEYRING, public_host=relay_host)
         self.pipeline = pipeline
-        self.config = config
+        # Admission by load off unless a test asks: the clients share this process's event
+        # loop and CPU, so their work would count as the transceiver's load.
+        self.config = {"admission_cpu_budget": 0, "admission_max_loop_lag": 0, **config}
         self.clients: list[Client] = []
 
     async def __aenter__(self) -> Harness:

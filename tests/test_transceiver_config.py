@@ -39,6 +39,9 @@ def test_defaults_and_derived_values() -> None:
         ({"route_key_id": 2}, "route_key_id"),
         ({"max_sessions": 0}, "max_sessions"),
         ({"connect_timeout": 0}, "connect_timeout"),
+        ({"admission_cpu_budget": -0.1}, "admission_cpu_budget"),
+        ({"admission_max_loop_lag": -1}, "admission_max_loop_lag"),
+        ({"admission_call_cpu": 0}, "admission_call_cpu"),
         ({"no_such_key": 1}, "no_such_key"),
     ],
 )

@@ -6,6 +6,8 @@ import bisect
 import collections
 from collections.abc import Iterable
 
+from transceiver.admission import LoadAdmission
+from transceiver.handoff import HANDOFF_ERROR_REASONS
 from transceiver.sdp import OFFER_ERROR_REASONS
 from transceiver.stun_screen import SCREEN_REASONS
 from transceiver.tunnel import TunnelCounters
@@ -21,7 +23,9 @@ CLOSE_REASONS = ("deleted", "peer_closed", "failed", "connect_timeout", "drain_d
 REJECT_REASONS = (
     *sorted(OFFER_ERROR_REASONS),
     "unsupported_media_type",
+    *sorted(HANDOFF_ERROR_REASONS),
     "at_capacity",
+    "overloaded",
     "draining",
     "internal_error",
 )
@@ -63,6 +67,8 @@ class TransceiverMetrics:
         self.ice = IceCounters()  # of every session's ICE
         self.ice_restarts = 0  # WHIP PATCH restarts answered
         self.migrations_asked = 0  # calls asked to move elsewhere (drain)
+        self.handoffs_sealed = 0  # pipeline states sent with a migrate request
+        self.handoffs_resumed = 0  # pipeline states a new session resumed from
 
 
 def _num(value: float) -> str:
@@ -70,7 +76,8 @@ def _num(value: float) -> str:
     return str(value) if isinstance(value, int) else repr(float(value))
 
 
-def render(metrics: TransceiverMetrics, tunnel: TunnelCounters, *, sessions: int, capacity: int, draining: bool) -> str:
+def render(metrics: TransceiverMetrics, tunnel: TunnelCounters, *, sessions: int, capacity: int, draining: bool,
+           admission: LoadAdmission | None = None) -> str:
     out: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> None:
@@ -81,6 +88,15 @@ def render(metrics: TransceiverMetrics, tunnel: TunnelCounters, *, sessions: int
     metric("rtcrelay_transceiver_sessions", "gauge", "Sessions open now.", [("", sessions)])
     metric("rtcrelay_transceiver_capacity", "gauge", "Most sessions at once.", [("", capacity)])
     metric("rtcrelay_transceiver_draining", "gauge", "1 while draining.", [("", int(draining))])
+    if admission is not None:
+        metric("rtcrelay_transceiver_cpu_cores", "gauge", "The process's CPU use over the last second, in cores.",
+               [("", admission.cpu_cores)])
+        metric("rtcrelay_transceiver_call_cpu_cores", "gauge",
+               "What admission counts one call to cost, in cores (measured, or admission_call_cpu).",
+               [("", admission.cost_per_call)])
+        metric("rtcrelay_transceiver_loop_lag_seconds", "gauge",
+               "How late the event loop runs a timer: 90th percentile over the last 2 s.",
+               [("", admission.loop_lag)])
     metric("rtcrelay_transceiver_sessions_created_total", "counter", "Offers answered.",
            [("", metrics.sessions_created)])
     metric("rtcrelay_transceiver_ice_restarts_total", "counter", "ICE restarts answered (WHIP PATCH).",
@@ -88,6 +104,9 @@ def render(metrics: TransceiverMetrics, tunnel: TunnelCounters, *, sessions: int
     metric("rtcrelay_transceiver_migrations_asked_total", "counter",
            "Calls asked to move to another transceiver (drain), on their control data channel.",
            [("", metrics.migrations_asked)])
+    metric("rtcrelay_transceiver_handoffs_total", "counter",
+           "Pipeline states handed to the client with a migrate request (sealed), and resumed by new sessions.",
+           [('{direction="sealed"}', metrics.handoffs_sealed), ('{direction="resumed"}', metrics.handoffs_resumed)])
     metric("rtcrelay_transceiver_sessions_connected_total", "counter", "Sessions that reached connected.",
            [("", metrics.sessions_connected)])
     metric(

@@ -14,6 +14,14 @@ and data-channel messages, one pipeline object per session:
     A data-channel message (``str`` or ``bytes``) and the channel's label, in order.
 ``await close()``
     Once, when the session ends (hang-up, DELETE, watchdog, drain). Cancel your tasks here.
+``await handoff() -> bytes | None``
+    When the call is asked to move to another transceiver (drain, rolling upgrade): the state
+    the new session's pipeline should continue from (at most 4 KiB: a conversation id in your
+    own store, or the state itself when small), or None. The call goes on here until the
+    client hangs this session up, once its new one plays.
+``await resume(state)``
+    On the new session's pipeline, before ``start``: the bytes the old one's ``handoff``
+    returned (sealed and verified on the way: transceiver/handoff.py).
 
 ``io.send_audio(frame)`` queues an ``AudioFrame`` (s16, mono or stereo, any rate: aiortc's
 Opus encoder resamples) for the caller; the queue holds about a second and drops the oldest
@@ -59,6 +67,12 @@ class Pipeline:
         pass
 
     async def close(self) -> None:
+        pass
+
+    async def handoff(self) -> bytes | None:
+        return None
+
+    async def resume(self, state: bytes) -> None:
         pass
 
 

@@ -22,6 +22,8 @@ from daemon.config_file import load_config, parse_host_port
 from daemon.networks import parse_networks
 from daemon.systemd import notify, watchdog_interval
 from transceiver import inline_executor
+from transceiver.admission import AdmissionLimits, LoadAdmission
+from transceiver.load_monitor import LoadMonitor
 from transceiver.pipeline import EchoPipeline, PipelineFactory
 from transceiver.session import SessionManager
 from transceiver.signalling import make_app
@@ -61,7 +63,14 @@ class TransceiverConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     route_secrets: dict[int, bytes] = msgspec.field(default_factory=dict)
     route_key_id: int = 1
     route_keys_file: str = ""
-    max_sessions: int = 50
+    max_sessions: int = 50  # an upper bound; admission_* refuse earlier when the process is busy
+    # Admission by load (transceiver/admission.py): a new offer is refused (503, Retry-After)
+    # when the process's CPU with one more call would pass admission_cpu_budget (cores), or
+    # when its event loop runs admission_max_loop_lag (s) late; 0 turns either check off.
+    # admission_call_cpu: the cost of a call (cores) until a few calls are measured.
+    admission_cpu_budget: float = 0.8
+    admission_max_loop_lag: float = 0.05
+    admission_call_cpu: float = 0.03
     connect_timeout: float = 20.0  # offer -> connected, else the watchdog closes the session
     drain_deadline: float = 30.0  # SIGTERM -> remaining calls closed
     heartbeat_interval: float = 1.0
@@ -95,6 +104,14 @@ class TransceiverConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
                 raise ValueError(f"`{key}`: must be > 0 seconds")
         if self.drain_deadline < 0:
             raise ValueError("`drain_deadline`: must be >= 0 seconds")
+        for key in ("admission_cpu_budget", "admission_max_loop_lag"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"`{key}`: must be >= 0 (0 turns the check off)")
+        if not 0 < self.admission_call_cpu <= 1:
+            raise ValueError("`admission_call_cpu`: the cores one call costs, > 0 and <= 1")
+
+    def admission_limits(self) -> AdmissionLimits:
+        return AdmissionLimits(self.admission_cpu_budget, self.admission_max_loop_lag, self.admission_call_cpu)
 
     @property
     def relay_public(self) -> list[tuple[str, int]]:
@@ -129,6 +146,7 @@ class Transceiver:
         self.tunnel: TunnelEndpoint | None = None
         self.manager: SessionManager | None = None
         self._runner: web.AppRunner | None = None
+        self._load_monitor: LoadMonitor | None = None
         self.http_address: tuple[str, int] | None = None
 
     async def start(self) -> None:
@@ -153,7 +171,11 @@ class Transceiver:
             max_sessions=cfg.max_sessions,
             connect_timeout=cfg.connect_timeout,
             pipeline_factory=self.pipeline_factory,
+            admission=LoadAdmission(cfg.admission_limits()),
         )
+        assert self.manager.admission is not None
+        self._load_monitor = LoadMonitor(self.manager.admission, self.manager.connected_calls)
+        self._load_monitor.start()
         self._runner = web.AppRunner(make_app(self.manager), access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.http_host, cfg.http_port)
@@ -170,6 +192,8 @@ class Transceiver:
         await self.manager.drain(self.config.drain_deadline)
 
     async def stop(self) -> None:
+        if self._load_monitor is not None:
+            await self._load_monitor.stop()
         if self.manager is not None:
             self.manager.draining = True
             await self.manager.close_all("shutdown")

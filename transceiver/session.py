@@ -38,6 +38,8 @@ from aiortc.rtcdatachannel import RTCDataChannel
 from av import AudioFrame
 
 from transceiver import audio_level, ice_tunnel, opus_voice
+from transceiver.admission import LoadAdmission
+from transceiver.handoff import seal_state
 from transceiver.metrics import TransceiverMetrics
 from transceiver.pipeline import OutgoingAudioTrack, Pipeline, PipelineFactory
 from transceiver.sdp import OfferError, prepare_offer
@@ -62,14 +64,17 @@ MESSAGE_QUEUE = 256
 CONTROL_CHANNEL = "rtcrelay-control"
 RETIRE_POLL_S = 0.1  # after an ICE restart: how often to look for the client's first new check
 RETIRE_WAIT_S = 30.0  # ... and for how long (then the old ufrag is retired anyway)
+RETRY_AFTER_S = 2  # a refused offer's Retry-After (at capacity, overloaded)
+HANDOFF_MARGIN_S = 30.0  # a sealed pipeline state outlives the drain deadline by this much
 
 
 class SessionRejected(Exception):
-    """No new session now: ``reason`` is ``at_capacity`` or ``draining``."""
+    """No new session now: ``reason`` is ``at_capacity``, ``overloaded`` or ``draining``."""
 
-    def __init__(self, reason: str, retry_after_s: int | None = None) -> None:
+    def __init__(self, reason: str, detail: str, retry_after_s: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.detail = detail
         self.retry_after_s = retry_after_s
 
 
@@ -113,8 +118,9 @@ class Session:
 
     # -- negotiation --------------------------------------------------------------------
 
-    async def negotiate(self, offer: str) -> str:
-        """Apply a prepared offer, route ICE through the tunnel, return the SDP answer."""
+    async def negotiate(self, offer: str, handoff: bytes | None = None) -> str:
+        """Apply a prepared offer, route ICE through the tunnel, return the SDP answer.
+        ``handoff``: a moved call's pipeline state, for ``Pipeline.resume``."""
         pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         pc.on("connectionstatechange", self._on_connection_state)
         pc.on("datachannel", self._on_datachannel)
@@ -144,6 +150,9 @@ class Session:
             if transceiver is not audio:
                 transceiver.direction = "inactive"
         incoming = audio.receiver.track if audio is not None else None
+        if handoff is not None:
+            await self.pipeline.resume(handoff)
+            self.manager.metrics.handoffs_resumed += 1
         await self.pipeline.start(self)
         if incoming is not None:
             self._spawn(self._pump_audio(incoming))
@@ -183,12 +192,24 @@ class Session:
             await asyncio.sleep(RETIRE_POLL_S)
         self.manager.tunnel.retire_ufrag(self.link, old)
 
-    def ask_to_migrate(self, reason: str) -> bool:
-        """Ask the client to move the call elsewhere (it calls again, then hangs this one up);
-        False when it has no control channel open (it will be cut at the drain deadline)."""
+    async def ask_to_migrate(self, reason: str, deadline_s: float) -> bool:
+        """Ask the client to move the call elsewhere within ``deadline_s`` (it calls again, then
+        hangs this one up), with the pipeline's state sealed for the new session; False when it
+        has no control channel open (it will be cut at the drain deadline)."""
         if self.control is None or self.control.readyState != "open":
             return False
-        self.control.send(json.dumps({"type": "migrate", "reason": reason}))
+        request: dict[str, object] = {"type": "migrate", "reason": reason, "deadline_s": deadline_s}
+        try:
+            state = await asyncio.wait_for(self.pipeline.handoff(), CLOSE_STEP_TIMEOUT_S)
+            if state is not None:
+                request["handoff"] = seal_state(self.manager.keyring, state, self.manager.clock(),
+                                                deadline_s + HANDOFF_MARGIN_S)
+                self.manager.metrics.handoffs_sealed += 1
+        except Exception:  # the call still moves, without its state
+            log.exception("session %s: the pipeline's handoff failed", self.id)
+        if self.control.readyState != "open":
+            return False
+        self.control.send(json.dumps(request))
         return True
 
     # -- PipelineIO -----------------------------------------------------------------------
@@ -309,6 +330,7 @@ class SessionManager:
         pipeline_factory: PipelineFactory,
         metrics: TransceiverMetrics | None = None,
         clock: Callable[[], float] = time.time,
+        admission: LoadAdmission | None = None,
     ) -> None:
         self.tunnel = tunnel
         self.keyring = keyring
@@ -319,6 +341,7 @@ class SessionManager:
         self.pipeline_factory = pipeline_factory
         self.metrics = metrics or TransceiverMetrics()
         self.clock = clock
+        self.admission = admission  # None: admit by count only
         self.sessions: dict[str, Session] = {}
         self.draining = False
         self._pending = 0  # offers being negotiated: they count against capacity
@@ -333,18 +356,22 @@ class SessionManager:
     def heartbeat(self) -> Heartbeat:
         return Heartbeat(sessions=self.load, capacity=self.max_sessions, draining=self.draining)
 
-    async def create(self, offer: str) -> tuple[Session, str]:
-        """Answer an offer: (session, SDP answer). Raises SessionRejected or OfferError."""
+    async def create(self, offer: str, handoff: bytes | None = None) -> tuple[Session, str]:
+        """Answer an offer: (session, SDP answer). Raises SessionRejected or OfferError.
+        ``handoff``: the pipeline state of the session this call moves from (opened)."""
         if self.draining:
-            raise SessionRejected("draining")
+            raise SessionRejected("draining", "the transceiver is draining")
         if self.load >= self.max_sessions:
-            raise SessionRejected("at_capacity", retry_after_s=2)
+            raise SessionRejected("at_capacity", f"{self.max_sessions} sessions (max_sessions)", RETRY_AFTER_S)
+        why = self.admission.refusal(self._pending) if self.admission is not None else None
+        if why is not None:
+            raise SessionRejected("overloaded", why, RETRY_AFTER_S)
         self._pending += 1
         session: Session | None = None
         try:
             prepared = prepare_offer(offer)
             session = Session(self, self.pipeline_factory())
-            answer = await session.negotiate(prepared)
+            answer = await session.negotiate(prepared, handoff)
         except BaseException:
             if session is not None:
                 session.close_reason = "rejected"  # not a session yet: no metrics, just cleanup
@@ -355,9 +382,14 @@ class SessionManager:
         self.sessions[session.id] = session
         self._idle.clear()
         self.metrics.sessions_created += 1
+        if self.admission is not None:
+            self.admission.admitted(time.monotonic())
         if self.draining:  # drain began while this offer was negotiated
             session.close_soon("drain_deadline")
         return session, answer
+
+    def connected_calls(self) -> int:
+        return sum(1 for session in self.sessions.values() if session.connected.is_set())
 
     def get(self, session_id: str) -> Session | None:
         return self.sessions.get(session_id)
@@ -374,7 +406,8 @@ class SessionManager:
         self.draining = True
         self.tunnel.send_drain(deadline_s)
         self.tunnel.send_heartbeat()
-        asked = sum(session.ask_to_migrate("drain") for session in self.sessions.values())
+        asked = sum(await asyncio.gather(*(session.ask_to_migrate("drain", deadline_s)
+                                           for session in list(self.sessions.values()))))
         self.metrics.migrations_asked += asked
         log.info("drain: %d of %d calls asked to move", asked, len(self.sessions))
         try:

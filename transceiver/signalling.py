@@ -4,7 +4,11 @@
   ``201 Created``, the SDP answer (``application/sdp``), ``Location: /v1/sessions/{id}``.
   ``415`` for another content type, ``400`` with a ``reason: detail`` line for an offer this
   service will not answer (malformed, not BUNDLE, no audio/data channel, ...), ``413`` when
-  too large, ``503`` with ``Retry-After`` at capacity, ``503`` while draining.
+  too large, ``503`` with ``Retry-After`` at capacity (``max_sessions``) or overloaded (the
+  process's CPU or event-loop lag: transceiver/admission.py), ``503`` while draining; the
+  body's first line is ``reason: detail``. An offer of a call that moves here (drain) may carry
+  its old pipeline's state in the ``Rtcrelay-Handoff`` header (transceiver/handoff.py): ``400``
+  ``handoff_malformed``/``_forged``/``_expired``/``_unknown_key`` when it cannot be used.
 - ``DELETE /v1/sessions/{id}``: ``204``, or ``404`` for an unknown (or already ended) session.
 - ``GET /v1/sessions/{id}``: ``{"state": ...}`` and the ETag, or ``404``: what a client whose
   media stopped asks before it calls again.
@@ -31,6 +35,7 @@ import logging
 from aiohttp import web
 
 from daemon.cors import cors_middleware, preflight
+from transceiver.handoff import HANDOFF_HEADER, HandoffError, open_state
 from transceiver.metrics import render
 from transceiver.sdp import MAX_OFFER_BYTES, OfferError
 from transceiver.sdpfrag import FRAGMENT_TYPE, FragmentError, build_answer_fragment, parse_fragment
@@ -61,12 +66,17 @@ def make_app(manager: SessionManager) -> web.Application:
             return reject(413, "sdp_too_large", f"at most {MAX_OFFER_BYTES} bytes")
         except UnicodeDecodeError:
             return reject(400, "sdp_malformed", "the offer is not text")
+        handoff = None
+        if HANDOFF_HEADER in request.headers:
+            try:
+                handoff = open_state(manager.keyring, request.headers[HANDOFF_HEADER], manager.clock())
+            except HandoffError as exc:
+                return reject(400, exc.reason, exc.detail)
         try:
-            session, answer = await manager.create(offer)
+            session, answer = await manager.create(offer, handoff)
         except SessionRejected as exc:
             headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
-            detail = "the transceiver is draining" if exc.reason == "draining" else "too many sessions"
-            return reject(503, exc.reason, detail, headers)
+            return reject(503, exc.reason, exc.detail, headers)
         except OfferError as exc:
             return reject(400, exc.reason, exc.detail)
         except Exception:
@@ -136,6 +146,7 @@ def make_app(manager: SessionManager) -> web.Application:
             sessions=len(manager.sessions),
             capacity=manager.max_sessions,
             draining=manager.draining,
+            admission=manager.admission,
         )
         return web.Response(text=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

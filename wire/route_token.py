@@ -116,6 +116,11 @@ class RouteKeyring:
             return None
         return hmac.digest(key, body, "sha256")[:MAC_LEN]
 
+    def purpose_key(self, key_id: int, label: bytes) -> bytes | None:
+        """A key of its own for another use of the shared secret (domain-separated by ``label``)."""
+        secret = self._secrets.get(key_id)
+        return None if secret is None else hmac.digest(secret, label, "sha256")
+
     def password(self, key_id: int, ufrag: str) -> str | None:
         secret = self._secrets.get(key_id)
         if secret is None:

@@ -61,6 +61,8 @@ RESTART_WATCH_S = 8.0  # after window.__restartIce()
 RESTART_MAX_GAP_S = 1.0
 KILL_LEARN_MAX_S = 3.0  # Chromium checks a working pair every ~2.5 s: the error answers the next one
 KILL_BACK_MAX_S = 4.0
+DRAIN_WATCH_S = 6.0  # after SIGTERM to the call's transceiver: the page moves the call meanwhile
+DRAIN_GAP_MAX_S = 0.4  # the longest stretch without new audio on the page's current call
 
 RTCRELAY = [sys.executable, "-m", "cli.main"]
 
@@ -247,6 +249,21 @@ def test_browser_call_survives_its_transceiver_dying(tmp_path: Path) -> None:
     print("\nFIGURES browser_transceiver_killed: " + json.dumps({k: v for k, v in kill.items() if k != "relay_flows"}))
 
 
+@pytest.mark.browser
+def test_browser_call_moves_when_its_transceiver_drains(tmp_path: Path) -> None:
+    """SIGTERM to the transceiver that owns the call (a rolling upgrade): it asks the page to
+    move on the control channel; the page calls again (the front skips the draining one),
+    switches once the new call plays and hangs up the old: not lost, audio on throughout."""
+    report, details, _ = _run_scenario(tmp_path, "--drain-transceiver")
+    drain = report["drain"]
+    assert drain["migrations"] == 1 and drain["reconnects"] == 0, details
+    assert drain["new_ufrag"] != drain["old_ufrag"] and drain["connection_state"] == "connected", details
+    assert drain["new_transceiver"] != report["transceiver_tunnel"], details
+    assert drain["audio_gap_ms"] <= DRAIN_GAP_MAX_S * 1000, details
+    assert report["hangup"]["hangupStatus"] == 204, details  # the new session, hung up at the end
+    print("\nFIGURES browser_transceiver_drained: " + json.dumps(drain))
+
+
 def test_demo_page_app() -> None:
     """The page, its static files and config.json; no browser needed."""
     from aiohttp.test_utils import TestClient, TestServer
@@ -341,8 +358,9 @@ def _free_port(kind: int) -> int:
 
 class Scenario:
     def __init__(self, out: Path, chromium: str, chromium_args: list[str], rebind: bool = False,
-                 restart_ice: bool = False, kill_transceiver: bool = False) -> None:
+                 restart_ice: bool = False, kill_transceiver: bool = False, drain_transceiver: bool = False) -> None:
         self.out = out
+        self.drain_transceiver = drain_transceiver
         self.rebind = rebind
         self.restart_ice = restart_ice
         self.kill_transceiver = kill_transceiver
@@ -449,6 +467,8 @@ class Scenario:
             await self.restart_ice_phase()
         if self.kill_transceiver:
             await self.kill_transceiver_phase()
+        if self.drain_transceiver:
+            await self.drain_transceiver_phase()
 
         # hang up: DELETE -> SessionClosed -> the flow leaves the table
         t = time.monotonic()
@@ -517,17 +537,52 @@ class Scenario:
             "sessions_connected": metric_sum(metrics, "rtcrelay_transceiver_sessions_connected_total"),
         }
 
+    def _call_transceiver_pid(self) -> int:
+        """The pid of the transceiver the call's route token names (the one holding its tunnel port)."""
+        import psutil
+
+        assert self.up is not None
+        port = int(self.report["transceiver_tunnel"].rpartition(":")[2])
+        return next(p.pid for p in psutil.Process(self.up.pid).children()
+                    if any(c.laddr.port == port for c in p.net_connections(kind="udp")))
+
+    async def drain_transceiver_phase(self) -> None:
+        """SIGTERM the transceiver that owns the call (a rolling upgrade): it asks the page to
+        move; the page calls again, switches once the new call plays, hangs up the old one.
+        The page's current call's inbound audio is sampled every 50 ms throughout."""
+        page = self.page
+        before = await page.evaluate("window.__result")
+        sent_at = await page.evaluate("performance.now()")
+        os.kill(self._call_transceiver_pid(), signal.SIGTERM)
+        start = time.monotonic()
+        samples: list[tuple[float, int]] = []
+        while time.monotonic() - start < DRAIN_WATCH_S:
+            samples.append((time.monotonic() - start, await page.evaluate("window.__audioPackets()")))
+            await asyncio.sleep(0.05)
+        gap, last_change, last = 0.0, 0.0, samples[0][1]
+        for t, packets in samples:
+            if packets != last:
+                gap, last_change, last = max(gap, t - last_change), t, packets
+        gap = max(gap, samples[-1][0] - last_change)
+        after = await page.evaluate("window.__result")
+        self.report["drain"] = {
+            "migrations": after["migrations"], "reconnects": after["reconnects"],
+            "moved_after_s": round((after["migratedAtMs"] - sent_at) / 1000, 2) if after["migratedAtMs"] else None,
+            "audio_gap_ms": round(gap * 1000), "samples": len(samples),
+            "connection_state": after["connectionState"], "old_ufrag": before["serverUfrag"],
+            "new_ufrag": after["serverUfrag"], "echoes": after["echoCount"],
+            "new_transceiver": json.loads(await self.cli("ufrag", "decode", after["serverUfrag"], "--json"))["target"],
+        }
+        self.report["server_ufrag"] = after["serverUfrag"]
+
     async def kill_transceiver_phase(self) -> None:
         """kill -9 the transceiver that owns the call; time how fast the page learns and is
         back on the other one with echoed audio."""
-        import psutil
-
         port = int(self.report["transceiver_tunnel"].rpartition(":")[2])
-        owner = next(p for p in psutil.Process(self.up.pid).children()
-                     if any(c.laddr.port == port for c in p.net_connections(kind="udp")))
+        owner_pid = self._call_transceiver_pid()
         page = self.page
         killed_at = await page.evaluate("performance.now()")
-        os.kill(owner.pid, signal.SIGKILL)
+        os.kill(owner_pid, signal.SIGKILL)
         probe = ("(r => [r.reconnects, r.failedAtMs, r.connectionState, r.connectedAtMs, r.inboundPackets,"
                  " r.echoCount, r.totalAudioEnergy, performance.now()])(window.__result)")
         back_at = None
@@ -581,8 +636,8 @@ class Scenario:
 
 
 async def _scenario(out: Path, chromium: str, chromium_args: list[str], rebind: bool,
-                    restart_ice: bool, kill_transceiver: bool) -> dict[str, Any]:
-    scenario = Scenario(out, chromium, chromium_args, rebind, restart_ice, kill_transceiver)
+                    restart_ice: bool, kill_transceiver: bool, drain_transceiver: bool) -> dict[str, Any]:
+    scenario = Scenario(out, chromium, chromium_args, rebind, restart_ice, kill_transceiver, drain_transceiver)
     try:
         await asyncio.wait_for(scenario.run(), SCENARIO_TIMEOUT_S)
     except BaseException as exc:  # everything goes into the report
@@ -603,12 +658,13 @@ def main() -> int:
     parser.add_argument("--rebind", action="store_true", help="NAT the call and move its mapping mid-call")
     parser.add_argument("--restart-ice", action="store_true", help="restart ICE mid-call (WHIP PATCH)")
     parser.add_argument("--kill-transceiver", action="store_true", help="kill -9 the call's transceiver mid-call")
+    parser.add_argument("--drain-transceiver", action="store_true", help="SIGTERM the call's transceiver mid-call")
     args = parser.parse_args()
     if not _only_loopback():
         print("warning: running with interfaces other than lo:", socket.if_nameindex(), file=sys.stderr)
     _loopback_up()
     report = asyncio.run(_scenario(args.out, args.chromium, args.chromium_arg, args.rebind, args.restart_ice,
-                                  args.kill_transceiver))
+                                  args.kill_transceiver, args.drain_transceiver))
     (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     print(json.dumps({k: v for k, v in report.items() if k != "logs"}, indent=1, default=str))
     return 0 if report["error"] is None else 1

@@ -4,19 +4,21 @@
 // signalling URL from ./config.json -> 201 Created, the SDP answer, and a Location for the
 // session; DELETE that Location hangs up. No STUN/TURN (iceServers: []): the transceiver's
 // only candidate is the relay's address and it ignores the browser's candidates, so the
-// offer is sent once, after ICE gathering (no trickle).
+// offer is sent once, after ICE gathering (no trickle). The call itself (offer, answer,
+// calling again when it is lost, moving when its transceiver drains) is RtcrelayCall in
+// rtcrelay-call.js; this file is the page around it.
 //
 // Test hooks:
 //   window.__call()    -> Promise: resolves once the answer is applied (not yet connected)
 //   window.__hangup()  -> Promise: DELETE the session, close the connection
 //   window.__result    -> live snapshot (see `result` below), updated every 500 ms
+//   window.__restartIce() -> Promise: WHIP PATCH with new ICE credentials
+//   window.__audioPackets() -> Promise: audio packets received by the current call (getStats)
 "use strict";
 
 (function () {
   const STATS_INTERVAL_MS = 500;
   const PING_INTERVAL_MS = 1000;
-  const GATHER_TIMEOUT_MS = 3000;
-  const HTTP_TIMEOUT_MS = 10000;
 
   const result = {
     phase: "idle",               // idle (loading) | ready | calling | in call | ended | error
@@ -32,6 +34,8 @@
     pingsSent: 0,
     iceRestarts: 0,              // window.__restartIce() done
     reconnects: 0,               // calls made again after a failure (kept across calls)
+    migrations: 0,               // moves to another transceiver on its request (drain)
+    migratedAtMs: null,          // performance.now() of the last move
     failedAtMs: null,            // performance.now() when the last call failed
     connectedAtMs: null,         // performance.now() when the current call connected
     dtlsState: null,             // transport stats: a new DTLS handshake would show here
@@ -59,14 +63,15 @@
 
   let config = null;
   let configPromise = null;
-  let pc = null;
-  let dc = null;
+  let client = null;       // the RtcrelayCall (rtcrelay-call.js)
+  let pc = null;           // its current connection
+  let dc = null;           // that connection's "echo" channel
+  const echoChannels = new WeakMap();  // connection -> its "echo" channel
   let localStream = null;
   let statsTimer = null;
   let pingTimer = null;
   let pingSeq = 0;
   let sessionEtag = null;  // the session's ETag (WHIP: a PATCH names it)
-  let lastInbound = -1;    // inbound audio packets at the last stats tick
   let callStarted = 0;
 
   const $ = (id) => document.getElementById(id);
@@ -98,17 +103,7 @@
     ]).finally(() => clearTimeout(timer));
   }
 
-  async function fetchWithTimeout(url, options, what) {
-    const abort = new AbortController();
-    const timer = setTimeout(() => abort.abort(), HTTP_TIMEOUT_MS);
-    try {
-      return await fetch(url, { ...options, signal: abort.signal });
-    } catch (err) {
-      throw new Error(`${what} (${url}): ${abort.signal.aborted ? "timed out" : err.message}`);
-    } finally {
-      clearTimeout(timer);
-    }
-  }
+  const fetchWithTimeout = RtcrelayCall.fetchWithTimeout;  // one timeout policy for all the page's requests
 
   function loadConfig() {
     if (!configPromise) {
@@ -125,31 +120,20 @@
     return configPromise;
   }
 
-  function waitGatheringComplete(peer, ms) {
-    if (peer.iceGatheringState === "complete") return Promise.resolve(true);
-    return new Promise((resolve) => {
-      const done = (complete) => {
-        clearTimeout(timer);
-        peer.removeEventListener("icegatheringstatechange", check);
-        resolve(complete);
-      };
-      const check = () => { if (peer.iceGatheringState === "complete") done(true); };
-      const timer = setTimeout(() => done(false), ms);
-      peer.addEventListener("icegatheringstatechange", check);
-    });
-  }
-
   // -- call ------------------------------------------------------------------------------
 
+  const MEDIA_RESET = {
+    connectionState: "new", iceConnectionState: "new", dataChannelState: null, dataChannelEcho: null,
+    echoRttMs: null, echoCount: 0, inboundPackets: 0, inboundBytes: 0, inboundPacketsLost: 0, jitterMs: null,
+    totalAudioEnergy: 0, audioLevel: 0, outboundPackets: 0, outboundBytes: 0, codec: null, rttMs: null,
+    setupMs: null, selectedPair: { local: null, remote: null, localType: null, remoteType: null },
+  };
+
   async function call() {
-    if (pc) throw new Error("a call is already up: hang up first");
-    Object.assign(result, {
-      phase: "calling", error: null, connectionState: "new", iceConnectionState: "new", sessionUrl: null,
-      dataChannelState: null, dataChannelEcho: null, echoRttMs: null, echoCount: 0, pingsSent: 0, iceRestarts: 0,
-      inboundPackets: 0, inboundBytes: 0, inboundPacketsLost: 0, jitterMs: null, totalAudioEnergy: 0,
-      audioLevel: 0, outboundPackets: 0, outboundBytes: 0, codec: null, rttMs: null, setupMs: null,
-      selectedPair: { local: null, remote: null, localType: null, remoteType: null }, hangupStatus: null,
-      serverUfrag: null,
+    if (client) throw new Error("a call is already up: hang up first");
+    Object.assign(result, MEDIA_RESET, {
+      phase: "calling", error: null, sessionUrl: null, pingsSent: 0, iceRestarts: 0, hangupStatus: null,
+      serverUfrag: null, migrations: 0,
     });
     window.__sdp = { offer: null, answer: null };
     callStarted = performance.now();
@@ -162,95 +146,103 @@
       }), 10000, "getUserMedia");
       const track = localStream.getAudioTracks()[0];
       $("mic").textContent = track ? track.label || "(unnamed)" : "(none)";
-
-      pc = new RTCPeerConnection({ iceServers: [], bundlePolicy: "max-bundle" });
-      const peer = pc;
-      peer.addEventListener("connectionstatechange", () => {
-        if (peer !== pc) return;
-        result.connectionState = peer.connectionState;
-        if (peer.connectionState === "connected" && result.setupMs === null) {
-          result.setupMs = Math.round(performance.now() - callStarted);
-          result.connectedAtMs = performance.now();
-          result.phase = "in call";
-        }
-        log("connection: " + peer.connectionState);
-        if (peer.connectionState === "failed") {
-          // The relay answers the checks of a session whose transceiver died with an error, so
-          // ICE fails at once: call again (the signalling sends the new call to a live one).
-          reconnect().catch((err) => setError(err));
-        }
-        render();
-      });
-      peer.addEventListener("iceconnectionstatechange", () => {
-        if (peer !== pc) return;
-        result.iceConnectionState = peer.iceConnectionState;
-        log("ICE: " + peer.iceConnectionState);
-        render();
-      });
-      peer.addEventListener("icegatheringstatechange", () => {
-        if (peer === pc) { result.iceGatheringState = peer.iceGatheringState; render(); }
-      });
-      peer.addEventListener("signalingstatechange", () => {
-        if (peer === pc) { result.signalingState = peer.signalingState; render(); }
-      });
-      peer.addEventListener("track", (ev) => {
-        log("remote audio track");
-        const audio = $("remote-audio");
-        audio.srcObject = ev.streams && ev.streams[0] ? ev.streams[0] : new MediaStream([ev.track]);
-        audio.play().catch((err) => log("audio playback: " + err.message));
-      });
-
-      for (const t of localStream.getAudioTracks()) peer.addTrack(t, localStream);
-      dc = peer.createDataChannel("echo");
-      setupDataChannel(dc);
-
-      await peer.setLocalDescription(await peer.createOffer());
-      const complete = await waitGatheringComplete(peer, GATHER_TIMEOUT_MS);
-      if (!complete) log(`ICE gathering not complete after ${GATHER_TIMEOUT_MS} ms: sending the offer as is`);
-
-      window.__sdp.offer = peer.localDescription.sdp;
       log("POST offer to " + cfg.signalling_url);
-      const resp = await fetchWithTimeout(cfg.signalling_url, {
-        method: "POST",
-        headers: { "Content-Type": "application/sdp" },
-        body: peer.localDescription.sdp,
-      }, "signalling");
-      const body = await resp.text();
-      window.__sdp.answer = body;
-      if (resp.status !== 201) throw new Error(`signalling answered HTTP ${resp.status}: ${body.trim()}`);
-      const location = resp.headers.get("Location");
-      sessionEtag = resp.headers.get("ETag");
-      if (location) {
-        result.sessionUrl = new URL(location, cfg.signalling_url).href;
-      } else {
-        log("no Location header (is Access-Control-Expose-Headers set?): hang-up cannot DELETE");
-      }
-      if (peer !== pc) throw new Error("hung up while signalling");
-      const ufrag = /^a=ice-ufrag:(\S+)/m.exec(body);
-      result.serverUfrag = ufrag ? ufrag[1] : null;
-      await peer.setRemoteDescription({ type: "answer", sdp: body });
-      log("answer applied; session " + (result.sessionUrl || "(no Location)"));
-
+      client = new RtcrelayCall({ signallingUrl: cfg.signalling_url, setup: setupPeer, log });
+      client.addEventListener("call", (ev) => onCall(ev.detail));
+      client.addEventListener("lost", () => {
+        result.reconnects += 1;
+        result.failedAtMs = performance.now();
+        render();
+      });
+      await client.start();
       statsTimer = setInterval(updateStats, STATS_INTERVAL_MS);
+      pingTimer = setInterval(sendPing, PING_INTERVAL_MS);
       render();
       return { sessionUrl: result.sessionUrl };
     } catch (err) {
+      if (err.leg) window.__sdp = { offer: err.leg.offer, answer: err.leg.answer };
       setError(err);
       await teardown(false);
       throw err;
     }
   }
 
-  function setupDataChannel(channel) {
+  // Every connection the call makes (the first, a reconnect, a move) is set up the same way.
+  function setupPeer(peer) {
+    peer.addEventListener("connectionstatechange", () => {
+      if (peer !== pc) return;
+      result.connectionState = peer.connectionState;
+      if (peer.connectionState === "connected" && result.setupMs === null) {
+        result.setupMs = Math.round(performance.now() - callStarted);
+        result.connectedAtMs = performance.now();
+        result.phase = "in call";
+      }
+      log("connection: " + peer.connectionState);
+      render();
+    });
+    peer.addEventListener("iceconnectionstatechange", () => {
+      if (peer !== pc) return;
+      result.iceConnectionState = peer.iceConnectionState;
+      log("ICE: " + peer.iceConnectionState);
+      render();
+    });
+    peer.addEventListener("icegatheringstatechange", () => {
+      if (peer === pc) { result.iceGatheringState = peer.iceGatheringState; render(); }
+    });
+    peer.addEventListener("signalingstatechange", () => {
+      if (peer === pc) { result.signalingState = peer.signalingState; render(); }
+    });
+    for (const t of localStream.getAudioTracks()) peer.addTrack(t, localStream);
+    const channel = peer.createDataChannel("echo");
+    echoChannels.set(peer, channel);
+    setupDataChannel(peer, channel);
+  }
+
+  // The call's connection changed: the first one, a reconnect after a failure, or a move.
+  function onCall(leg) {
+    pc = leg.pc;
+    dc = echoChannels.get(pc) || null;
+    window.__sdp = { offer: leg.offer, answer: leg.answer };
+    result.sessionUrl = leg.sessionUrl;
+    sessionEtag = leg.etag;
+    const ufrag = /^a=ice-ufrag:(\S+)/m.exec(leg.answer || "");
+    result.serverUfrag = ufrag ? ufrag[1] : null;
+    if (leg.reason === "migrate") {
+      // make-before-break: the new call is connected and playing already
+      result.migrations = client.migrations;
+      result.migratedAtMs = performance.now();
+      result.connectionState = pc.connectionState;
+    } else if (leg.reason === "reconnect") {
+      Object.assign(result, MEDIA_RESET);
+      callStarted = performance.now();
+    }
+    if (!leg.sessionUrl) log("no Location header (is Access-Control-Expose-Headers set?): hang-up cannot DELETE");
+    const audio = $("remote-audio");
+    if (leg.remoteStream) {
+      audio.srcObject = leg.remoteStream;
+      audio.play().catch((err) => log("audio playback: " + err.message));
+    }
+    pc.addEventListener("track", (ev) => {  // the answer's track, if it came after
+      if (ev.target !== pc) return;
+      audio.srcObject = ev.streams && ev.streams[0] ? ev.streams[0] : new MediaStream([ev.track]);
+      audio.play().catch((err) => log("audio playback: " + err.message));
+    });
+    log(`${leg.reason === "start" ? "answer applied" : leg.reason === "migrate" ? "moved" : "called again"}; session `
+        + (result.sessionUrl || "(no Location)"));
+    render();
+  }
+
+  function setupDataChannel(peer, channel) {
     channel.addEventListener("open", () => {
+      if (peer !== pc) return;
       result.dataChannelState = "open";
       log('data channel "echo" open');
       sendPing();
-      pingTimer = setInterval(sendPing, PING_INTERVAL_MS);
       render();
     });
-    channel.addEventListener("close", () => { result.dataChannelState = "closed"; render(); });
+    channel.addEventListener("close", () => { if (peer === pc) { result.dataChannelState = "closed"; render(); } });
     channel.addEventListener("message", (ev) => {
+      if (peer !== pc) return;
       const text = typeof ev.data === "string" ? ev.data : `(${ev.data.byteLength || ev.data.size} bytes)`;
       if (result.dataChannelEcho === null) {
         result.dataChannelEcho = text;
@@ -334,16 +326,6 @@
       result.rttMs = pair.currentRoundTripTime !== undefined ? Math.round(pair.currentRoundTripTime * 10000) / 10 : null;
     }
     render();
-    // No audio since the last tick in a connected call: ask the session resource. A 404 means
-    // the session went with its transceiver: call again now rather than wait for ICE to fail.
-    const silent = result.connectionState === "connected" && result.inboundPackets === lastInbound;
-    lastInbound = result.inboundPackets;
-    if (silent && result.sessionUrl && peer === pc) {
-      try {
-        const resp = await fetchWithTimeout(result.sessionUrl, { method: "GET" }, "session check");
-        if (resp.status === 404 && peer === pc) await reconnect();
-      } catch (_) { /* the signalling is unreachable: nothing to learn from it */ }
-    }
   }
 
   // -- hang up ---------------------------------------------------------------------------
@@ -352,23 +334,20 @@
     clearInterval(statsTimer);
     clearInterval(pingTimer);
     statsTimer = pingTimer = null;
-    const url = result.sessionUrl;
-    if (deleteSession && url) {
-      try {
-        const resp = await fetchWithTimeout(url, { method: "DELETE" }, "hang-up");
-        result.hangupStatus = resp.status;
-        log(`DELETE ${url}: HTTP ${resp.status}`);
-      } catch (err) {
-        result.hangupStatus = null;
-        log("hang-up: " + err.message);
+    if (client) {
+      const url = client.sessionUrl;
+      if (deleteSession) {
+        result.hangupStatus = await client.hangup();
+        if (url) log(`DELETE ${url}: HTTP ${result.hangupStatus}`);
+      } else {
+        client.closed = true;
+        if (client.pc) client.pc.close();
       }
     }
-    if (dc) { try { dc.close(); } catch (_) {} }
-    if (pc) { try { pc.close(); } catch (_) {} }
     if (localStream) localStream.getTracks().forEach((t) => t.stop());
     const audio = $("remote-audio");
     if (audio) audio.srcObject = null;
-    dc = pc = localStream = null;
+    client = dc = pc = localStream = null;
   }
 
   // ICE restart over WHIP (RFC 9725 section 4.3.2): a new offer with new ICE credentials,
@@ -408,27 +387,8 @@
     return { status: resp.status, etag: sessionEtag, serverUfrag: ufrag };
   }
 
-  let reconnecting = false;
-  async function reconnect() {
-    if (reconnecting) return;  // the ICE failure and the session check may both see it
-    reconnecting = true;
-    try {
-      await callAgain();
-    } finally {
-      reconnecting = false;
-    }
-  }
-
-  async function callAgain() {
-    result.reconnects += 1;
-    result.failedAtMs = performance.now();
-    log(`the call failed: calling again (reconnect ${result.reconnects})`);
-    await teardown(false);  // no DELETE: the session went with its transceiver
-    await call();
-  }
-
   async function hangup() {
-    const hadCall = pc !== null;
+    const hadCall = client !== null;
     await teardown(true);
     if (hadCall) {
       result.connectionState = "closed";
@@ -483,7 +443,7 @@
     setText("dc-rtt", result.echoRttMs !== null ? `${result.echoRttMs} ms` : null);
     setText("dc-count", `${result.echoCount} / ${result.pingsSent}`);
     setText("dc-first", result.dataChannelEcho);
-    const inCall = pc !== null;
+    const inCall = client !== null;
     $("call").disabled = inCall || !config;
     $("hangup").disabled = !inCall;
   }
@@ -493,13 +453,14 @@
   window.__call = call;
   window.__hangup = hangup;
   window.__restartIce = restartIce;
+  window.__audioPackets = () => (pc ? RtcrelayCall.inboundAudioPackets(pc) : Promise.resolve(0));
 
   document.addEventListener("DOMContentLoaded", () => {
     $("call").addEventListener("click", () => { call().catch(() => {}); });
     $("hangup").addEventListener("click", () => { hangup().catch(() => {}); });
     window.addEventListener("pagehide", () => {
       // best effort: tell the transceiver the call is over
-      if (result.sessionUrl && pc) fetch(result.sessionUrl, { method: "DELETE", keepalive: true }).catch(() => {});
+      if (result.sessionUrl && client) fetch(result.sessionUrl, { method: "DELETE", keepalive: true }).catch(() => {});
     });
     render();
     loadConfig().then((cfg) => {

@@ -150,8 +150,11 @@
       client = new RtcrelayCall({ signallingUrl: cfg.signalling_url, setup: setupPeer, log });
       client.addEventListener("call", (ev) => onCall(ev.detail));
       client.addEventListener("lost", () => {
+        // The call is gone (the client calls again): nothing of it is the call's any more.
+        pc = dc = null;
+        Object.assign(result, MEDIA_RESET);
         result.reconnects += 1;
-        result.failedAtMs = performance.now();
+        result.failedAtMs = callStarted = performance.now();
         render();
       });
       await client.start();
@@ -171,12 +174,7 @@
   function setupPeer(peer) {
     peer.addEventListener("connectionstatechange", () => {
       if (peer !== pc) return;
-      result.connectionState = peer.connectionState;
-      if (peer.connectionState === "connected" && result.setupMs === null) {
-        result.setupMs = Math.round(performance.now() - callStarted);
-        result.connectedAtMs = performance.now();
-        result.phase = "in call";
-      }
+      noteConnectionState(peer);
       log("connection: " + peer.connectionState);
       render();
     });
@@ -198,7 +196,17 @@
     setupDataChannel(peer, channel);
   }
 
+  function noteConnectionState(peer) {
+    result.connectionState = peer.connectionState;
+    if (peer.connectionState === "connected" && result.setupMs === null) {
+      result.setupMs = Math.round(performance.now() - callStarted);
+      result.connectedAtMs = performance.now();
+      result.phase = "in call";
+    }
+  }
+
   // The call's connection changed: the first one, a reconnect after a failure, or a move.
+  // (It may be connected already: its state events before this moment were not the call's.)
   function onCall(leg) {
     pc = leg.pc;
     dc = echoChannels.get(pc) || null;
@@ -211,11 +219,8 @@
       // make-before-break: the new call is connected and playing already
       result.migrations = client.migrations;
       result.migratedAtMs = performance.now();
-      result.connectionState = pc.connectionState;
-    } else if (leg.reason === "reconnect") {
-      Object.assign(result, MEDIA_RESET);
-      callStarted = performance.now();
     }
+    noteConnectionState(pc);
     if (!leg.sessionUrl) log("no Location header (is Access-Control-Expose-Headers set?): hang-up cannot DELETE");
     const audio = $("remote-audio");
     if (leg.remoteStream) {

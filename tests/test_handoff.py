@@ -2,6 +2,7 @@
 opened by the new one (transceiver/handoff.py, Pipeline.handoff/resume)."""
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import pytest
@@ -12,6 +13,7 @@ from webrtc_peer import Client, wait_for
 from cli.call_client import ReconnectingCall
 from transceiver.handoff import MAX_STATE_BYTES, HandoffError, open_state, seal_state
 from transceiver.pipeline import EchoPipeline
+from transceiver.session import move_interval
 from wire.route_token import RouteKeyring
 
 NOW = 1_800_000_000.0
@@ -133,3 +135,33 @@ def test_a_failing_handoff_still_moves_the_call() -> None:
                 await call.close()
 
     run(main)
+
+
+def test_drain_asks_calls_to_move_at_its_pace_and_within_half_the_deadline() -> None:
+    async def main() -> None:
+        async with Harness(drain_deadline=6.0, drain_move_rate=2.0) as h:
+            calls = [ReconnectingCall(h.url()) for _ in range(3)]
+            try:
+                for call in calls:
+                    await call.start()
+                sessions = list(h.manager.sessions.values())
+                await wait_for(lambda: all(s.control is not None and s.control.readyState == "open" for s in sessions),
+                               10, "every control channel open")
+                drain = asyncio.ensure_future(h.manager.drain(6.0, move_rate=2.0))
+                await asyncio.sleep(0.25)
+                assert h.manager.metrics.migrations_asked == 1  # one at once, then one per 0.5 s
+                await asyncio.sleep(0.5)
+                assert h.manager.metrics.migrations_asked == 2
+                await wait_for(lambda: h.manager.metrics.migrations_asked == 3, 2, "the third ask")
+                drain.cancel()
+            finally:
+                for call in calls:
+                    await call.close()
+
+    run(main)
+
+
+def test_the_drain_pace_is_its_rate_unless_half_the_deadline_is_too_short() -> None:
+    assert move_interval(10, 30.0, 20.0) == pytest.approx(0.05)
+    assert move_interval(1000, 30.0, 20.0) == pytest.approx(0.015)  # 1000 calls in 15 s
+    assert move_interval(0, 30.0, 20.0) == pytest.approx(0.05)

@@ -73,6 +73,9 @@ class TransceiverConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     admission_call_cpu: float = 0.03
     connect_timeout: float = 20.0  # offer -> connected, else the watchdog closes the session
     drain_deadline: float = 30.0  # SIGTERM -> remaining calls closed
+    # On drain, calls are asked to move at this many per second (all within half the deadline):
+    # each move is a new call on another transceiver, and a burst delays everyone's audio there.
+    drain_move_rate: float = 20.0
     heartbeat_interval: float = 1.0
     # Encode audio on the event loop instead of aiortc's thread pool (cheaper: see
     # transceiver/inline_executor.py). Turn off for a pipeline that blocks in executors.
@@ -104,6 +107,8 @@ class TransceiverConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
                 raise ValueError(f"`{key}`: must be > 0 seconds")
         if self.drain_deadline < 0:
             raise ValueError("`drain_deadline`: must be >= 0 seconds")
+        if self.drain_move_rate <= 0:
+            raise ValueError("`drain_move_rate`: calls per second, > 0")
         for key in ("admission_cpu_budget", "admission_max_loop_lag"):
             if getattr(self, key) < 0:
                 raise ValueError(f"`{key}`: must be >= 0 (0 turns the check off)")
@@ -189,7 +194,7 @@ class Transceiver:
     async def drain(self) -> None:
         assert self.manager is not None
         log.info("draining: %d sessions, deadline %.0f s", len(self.manager.sessions), self.config.drain_deadline)
-        await self.manager.drain(self.config.drain_deadline)
+        await self.manager.drain(self.config.drain_deadline, self.config.drain_move_rate)
 
     async def stop(self) -> None:
         if self._load_monitor is not None:

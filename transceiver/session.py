@@ -47,7 +47,7 @@ from transceiver.tunnel import SessionLink, TunnelEndpoint
 from wire.route_token import RouteKeyring, derive_password, issue_token
 from wire.tunnel_frame import Heartbeat
 
-__all__ = ["Session", "SessionManager", "SessionRejected"]
+__all__ = ["Session", "SessionManager", "SessionRejected", "move_interval"]
 
 log = logging.getLogger("rtcrelay.transceiver.session")
 
@@ -66,6 +66,13 @@ RETIRE_POLL_S = 0.1  # after an ICE restart: how often to look for the client's 
 RETIRE_WAIT_S = 30.0  # ... and for how long (then the old ufrag is retired anyway)
 RETRY_AFTER_S = 2  # a refused offer's Retry-After (at capacity, overloaded)
 HANDOFF_MARGIN_S = 30.0  # a sealed pipeline state outlives the drain deadline by this much
+DRAIN_MOVE_RATE = 20.0  # calls asked to move per second on drain (transceiver config: drain_move_rate)
+
+
+def move_interval(calls: int, deadline_s: float, move_rate: float) -> float:
+    """Seconds between two calls asked to move on drain: ``move_rate`` per second, faster when
+    that would not ask every call within half the deadline."""
+    return min(1.0 / move_rate, deadline_s / 2 / max(1, calls))
 
 
 class SessionRejected(Exception):
@@ -401,20 +408,35 @@ class SessionManager:
         await session.close(reason)
         return True
 
-    async def drain(self, deadline_s: float) -> None:
-        """Take no new sessions, tell the relays, let calls end by themselves until the deadline."""
+    async def drain(self, deadline_s: float, move_rate: float = DRAIN_MOVE_RATE) -> None:
+        """Take no new sessions, tell the relays, ask the calls to move (``move_rate`` per
+        second), let calls end by themselves until the deadline, then close the rest."""
         self.draining = True
         self.tunnel.send_drain(deadline_s)
         self.tunnel.send_heartbeat()
-        asked = sum(await asyncio.gather(*(session.ask_to_migrate("drain", deadline_s)
-                                           for session in list(self.sessions.values()))))
-        self.metrics.migrations_asked += asked
-        log.info("drain: %d of %d calls asked to move", asked, len(self.sessions))
+        asking = asyncio.ensure_future(self._ask_to_move(deadline_s, move_rate))
         try:
             await asyncio.wait_for(self._idle.wait(), deadline_s)
         except TimeoutError:
             pass
+        asking.cancel()
         await self.close_all("drain_deadline")
+
+    async def _ask_to_move(self, deadline_s: float, move_rate: float) -> None:
+        # Paced, not all at once: every moved call is a new offer (ICE, DTLS) on the other
+        # transceivers, and a burst of them delays everyone's audio there (and meets their
+        # admission). All are asked within half the deadline, however many there are.
+        end = time.monotonic() + deadline_s
+        sessions = list(self.sessions.values())
+        interval = move_interval(len(sessions), deadline_s, move_rate)
+        asked = 0
+        for index, session in enumerate(sessions):
+            if index:
+                await asyncio.sleep(interval)
+            if session.close_reason is None and await session.ask_to_migrate("drain", max(0.0, end - time.monotonic())):
+                asked += 1
+                self.metrics.migrations_asked += 1
+        log.info("drain: %d of %d calls asked to move", asked, len(sessions))
 
     async def close_all(self, reason: str) -> None:
         await asyncio.gather(*(s.close(reason) for s in list(self.sessions.values())))

@@ -14,12 +14,14 @@ app = typer.Typer(
     add_completion=False,
     help="rtcrelay: a UDP relay for WebRTC servers in containers, and the transceiver behind it.",
 )
-keys_app = typer.Typer(no_args_is_help=True, help="Route secrets: generate them.")
+keys_app = typer.Typer(no_args_is_help=True, help="Route secrets and WHIP token keys: generate them.")
+whip_token_app = typer.Typer(no_args_is_help=True, help="WHIP bearer tokens: issue one for a subject.")
 flows_app = typer.Typer(no_args_is_help=True, help="Flows (client 5-tuples) straight from the relay's shared memory.")
 ufrag_app = typer.Typer(no_args_is_help=True, help="Server ufrags (route tokens).")
 bench_app = typer.Typer(no_args_is_help=True,
                         help="Benchmarks (figures as ratios to a reference measured in the same run).")
 app.add_typer(keys_app, name="keys")
+app.add_typer(whip_token_app, name="whip-token")
 app.add_typer(flows_app, name="flows")
 app.add_typer(ufrag_app, name="ufrag")
 app.add_typer(bench_app, name="bench")

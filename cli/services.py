@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from cli.app import ConfigOpt, VerboseOpt, app, fail, keys_app, setup_logging
+from cli.app import ConfigOpt, VerboseOpt, app, fail, keys_app, setup_logging, whip_token_app
 from daemon.config_file import ConfigError
 
 
@@ -109,9 +109,35 @@ def up(
 
 @keys_app.command("generate")
 def keys_generate(key_id: Annotated[int, typer.Option("--key-id", help="Key id 0..255.")] = 1) -> None:
-    """Print a new route keys file (TOML) with one random 256-bit secret."""
+    """Print a new keys file (TOML) with one random 256-bit secret: route keys, or the keys
+    that sign WHIP bearer tokens (the same format, a file of its own)."""
     from daemon.keys import generate_keys_toml
 
     if not 0 <= key_id <= 255:
         fail("--key-id must be 0..255")
     typer.echo(generate_keys_toml(key_id), nl=False)
+
+
+@whip_token_app.command("issue")
+def whip_token_issue(
+    subject: Annotated[str, typer.Option(help="Who the token is for: it owns the sessions it opens.")],
+    keys: Annotated[str, typer.Option("--keys", help="The WHIP token keys file (whip_token_keys_file).")],
+    ttl: Annotated[float, typer.Option(help="Lifetime in seconds.")] = 3600.0,
+) -> None:
+    """Print a signed WHIP bearer token (what an application backend hands its client)."""
+    import time
+
+    from daemon.config_file import ConfigError
+    from daemon.keys import WHIP_KEYS, load_keyring
+    from transceiver.bearer import issue_bearer
+
+    try:
+        keyring = load_keyring(keys, WHIP_KEYS)
+    except ConfigError as exc:
+        fail(str(exc))
+    if ttl <= 0:
+        fail("--ttl must be > 0 seconds")
+    try:
+        typer.echo(issue_bearer(keyring, subject, time.time(), ttl))
+    except ValueError as exc:
+        fail(f"--subject: {exc}")

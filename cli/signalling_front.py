@@ -22,14 +22,16 @@ import itertools
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
-from daemon.cors import cors_middleware, preflight
+from daemon.cors import ACCEPT_POST, PREFLIGHT_HEADERS, cors_middleware, preflight
 
 __all__ = ["SignallingFront", "sum_metrics"]
 
 SESSIONS_PATH = "/v1/sessions"
-FORWARDED_REQUEST = ("Content-Type", "If-Match", "Rtcrelay-Handoff")
-FORWARDED_RESPONSE = ("Content-Type", "Location", "ETag", "Retry-After")
+FORWARDED_REQUEST = ("Content-Type", "If-Match", "Rtcrelay-Handoff", "Authorization")
+FORWARDED_RESPONSE = ("Content-Type", "Location", "ETag", "Retry-After", "WWW-Authenticate", "Link")
+FORWARDED_RESPONSE_LOWER = frozenset(k.lower() for k in FORWARDED_RESPONSE)
 OFFER_TIMEOUT_S = 20.0  # an offer takes ~50 ms, seconds when many arrive at once
 CONNECT_TIMEOUT_S = 1.0  # a transceiver that does not accept in this long is skipped
 MAX_OWNERS = 100_000  # session id -> transceiver, bounded (oldest first out)
@@ -77,7 +79,7 @@ class SignallingFront:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[cors_middleware])
         app.router.add_post(SESSIONS_PATH, self.create)
-        app.router.add_route("OPTIONS", SESSIONS_PATH, preflight)
+        app.router.add_route("OPTIONS", SESSIONS_PATH, self.sessions_options)
         app.router.add_route("PATCH", SESSIONS_PATH + "/{session_id}", self.forward)
         app.router.add_delete(SESSIONS_PATH + "/{session_id}", self.forward)
         app.router.add_get(SESSIONS_PATH + "/{session_id}", self.forward)
@@ -96,7 +98,8 @@ class SignallingFront:
     async def _send(self, method: str, url: str, request: web.Request, body: bytes) -> web.Response:
         headers = {k: request.headers[k] for k in FORWARDED_REQUEST if k in request.headers}
         async with self._client().request(method, url, data=body, headers=headers) as resp:
-            out = {k: resp.headers[k] for k in FORWARDED_RESPONSE if k in resp.headers}
+            # every value kept: a WHIP answer may carry several Link headers
+            out = CIMultiDict((k, v) for k, v in resp.headers.items() if k.lower() in FORWARDED_RESPONSE_LOWER)
             return web.Response(status=resp.status, body=await resp.read(), headers=out)
 
     async def create(self, request: web.Request) -> web.Response:
@@ -118,6 +121,9 @@ class SignallingFront:
                     self.owners.popitem(last=False)
             return response
         return last or web.Response(status=503, text="no transceiver is up\n", headers={"Retry-After": "1"})
+
+    async def sessions_options(self, request: web.Request) -> web.Response:
+        return web.Response(status=204, headers={**PREFLIGHT_HEADERS, **ACCEPT_POST})
 
     async def forward(self, request: web.Request) -> web.Response:
         session_id = request.match_info["session_id"]

@@ -8,11 +8,11 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-__all__ = ["CORS_HEADERS", "PREFLIGHT_HEADERS", "cors_middleware", "preflight"]
+__all__ = ["ACCEPT_POST", "CORS_HEADERS", "PREFLIGHT_HEADERS", "cors_middleware", "preflight"]
 
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
-    "Access-Control-Expose-Headers": "Location, ETag",
+    "Access-Control-Expose-Headers": "Location, ETag, Link, WWW-Authenticate, Retry-After",
 }
 PREFLIGHT_HEADERS = {
     **CORS_HEADERS,
@@ -20,6 +20,8 @@ PREFLIGHT_HEADERS = {
     "Access-Control-Allow-Headers": "Content-Type, Authorization, If-Match, Rtcrelay-Handoff",
     "Access-Control-Max-Age": "600",
 }
+
+ACCEPT_POST = {"Accept-Post": "application/sdp"}  # WHIP: what a POST to the sessions URL takes
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

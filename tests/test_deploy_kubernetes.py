@@ -96,14 +96,20 @@ def check_container_security(spec: dict[str, Any], where: str) -> None:
         assert container["resources"]["limits"]["memory"], where
 
 
-def check_route_keys_mount(spec: dict[str, Any], where: str) -> None:
+def check_route_keys_mount(spec: dict[str, Any], where: str,
+                           extra_secrets: dict[str, list[dict[str, str]]] | None = None) -> None:
+    extra_secrets = extra_secrets or {}
     volumes = {v["name"]: v for v in spec["volumes"]}
     [container] = spec["containers"]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     mount = mounts["/run/secrets"]  # the image's CREDENTIALS_DIRECTORY
-    secret = volumes[mount["name"]]["secret"]
-    assert secret["secretName"] == "rtcrelay-route-keys", where
-    assert secret["items"] == [{"key": "route-keys", "path": "route-keys"}], where
+    volume = volumes[mount["name"]]
+    # One Secret, or several projected into the one directory: {Secret name: its items}.
+    sources = {v["secret"].get("secretName", v["secret"].get("name")): v["secret"]["items"]
+               for v in ([volume] if "secret" in volume else volume["projected"]["sources"])}
+    assert sources["rtcrelay-route-keys"] == [{"key": "route-keys", "path": "route-keys"}], where
+    for name, items in extra_secrets.items():
+        assert sources[name] == items, where
     assert mount.get("readOnly") is True, where
     env_names = {e["name"] for e in container.get("env", [])}
     assert not any("SECRET" in n or "ROUTE_KEYS" in n for n in env_names), f"{where}: keys only as a file"
@@ -167,7 +173,8 @@ def test_transceiver_deployment_has_no_public_ports(docs: dict[str, list[dict[st
     dep = one(docs, "Deployment", "rtcrelay-transceiver")
     spec = pod_spec(dep)
     check_container_security(spec, "transceiver")
-    check_route_keys_mount(spec, "transceiver")
+    check_route_keys_mount(spec, "transceiver", {"rtcrelay-whip-token-keys": [{"key": "whip-token-keys",
+                                                                                "path": "whip-token-keys"}]})
     assert not spec.get("hostNetwork", False)
     [container] = spec["containers"]
     assert container["args"][:1] == ["transceiver"]
@@ -180,6 +187,7 @@ def test_transceiver_deployment_has_no_public_ports(docs: dict[str, list[dict[st
     assert env["RTCRELAY_TRANSCEIVER_TUNNEL_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     cfg: TransceiverConfig = config_from(docs, "rtcrelay-transceiver", "transceiver.toml", TransceiverConfig, "RTCRELAY_TRANSCEIVER_")
     assert container["ports"][0]["containerPort"] == cfg.http_port and cfg.http_host == "0.0.0.0"
+    assert cfg.whip_token_keys_file == "credential"  # WHIP bearer tokens on, keys from the projected Secret
     # SIGTERM drains for drain_deadline seconds: the pod must be given longer.
     assert spec["terminationGracePeriodSeconds"] > cfg.drain_deadline
     # Every other object that selects transceivers exposes TCP signalling only.

@@ -300,7 +300,7 @@ def documented_keys(text: str) -> dict[str, str | None]:
 
 @pytest.mark.parametrize(("path", "struct", "loader", "own"), [
     ("relay.toml", RelayConfig, load_relay_config, {"workers"}),
-    ("transceiver.toml", TransceiverConfig, load_transceiver_config, {"relay_public_addresses"}),
+    ("transceiver.toml", TransceiverConfig, load_transceiver_config, {"relay_public_addresses", "whip_token_keys_file"}),
 ])
 def test_example_config_loads_and_shows_every_key_with_its_default(monkeypatch: pytest.MonkeyPatch, path: str, struct: type, loader: Callable[..., Any], own: set[str]) -> None:
     for name in list(os.environ):
@@ -637,15 +637,17 @@ class Deployment:
         return self.base / "etc"
 
     def credentials(self, uid: int | None) -> Path:
-        """LoadCredential=route-keys:/etc/rtcrelay/route-keys.toml: a private copy owned by the service user."""
+        """LoadCredential= route-keys and whip-token-keys: private copies owned by the service user."""
         directory = self.base / f"credentials-{uuid.uuid4().hex[:6]}"
         directory.mkdir()
-        target = directory / "route-keys"
-        shutil.copyfile(self.etc / "route-keys.toml", target)
-        target.chmod(0o400)
+        for name in ("route-keys", "whip-token-keys"):
+            target = directory / name
+            shutil.copyfile(self.etc / f"{name}.toml", target)
+            target.chmod(0o400)
+            if uid is not None and os.geteuid() == 0:
+                os.chown(target, uid, uid)
         directory.chmod(0o500)
         if uid is not None and os.geteuid() == 0:
-            os.chown(target, uid, uid)
             os.chown(directory, uid, uid)
         return directory
 
@@ -728,6 +730,9 @@ def deployment(analyze: str) -> Iterator[Deployment]:
     keys_file.write_text(keys.stdout)
     keys_file.chmod(0o600)  # root-only; the services read their credential copy
     d.keys_text = keys.stdout
+    whip_keys = subprocess.run([str(RTCRELAY), "keys", "generate"], capture_output=True, text=True, check=True, timeout=60)
+    (d.etc / "whip-token-keys.toml").write_text(whip_keys.stdout)
+    (d.etc / "whip-token-keys.toml").chmod(0o600)
     try:
         yield d
     finally:
@@ -991,8 +996,16 @@ def test_a_call_through_both_units(deployment: Deployment, tmp_path: Path) -> No
             echoed: asyncio.Queue[str] = asyncio.Queue()
             channel.on("message", echoed.put_nowait)
             await pc.setLocalDescription(await pc.createOffer())
-            async with aiohttp.ClientSession() as http:
-                async with http.post(f"{base}/v1/sessions", data=pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}) as response:
+            # The example config turns WHIP authentication on: a token from the deployment's keys.
+            token = subprocess.run([str(RTCRELAY), "whip-token", "issue", "--subject", "deploy-test", "--keys",
+                                    str(d.etc / "whip-token-keys.toml")], capture_output=True, text=True, check=True,
+                                   timeout=60).stdout.strip()
+            sdp = {"Content-Type": "application/sdp"}
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+                async with aiohttp.ClientSession() as anonymous, \
+                        anonymous.post(f"{base}/v1/sessions", data=pc.localDescription.sdp, headers=sdp) as response:
+                    assert response.status == 401, await response.text()
+                async with http.post(f"{base}/v1/sessions", data=pc.localDescription.sdp, headers=sdp) as response:
                     answer = await response.text()
                     assert response.status == 201, answer
                     location = response.headers["Location"]

@@ -87,7 +87,7 @@ def test_a_moved_call_resumes_its_pipeline_state_on_the_new_session() -> None:
                 (old,) = h.manager.sessions.values()
                 assert await old.ask_to_migrate("test", 10.0)
                 await wait_for(lambda: call.migrations == 1, 15, "the call to move")
-                await wait_for(lambda: old.close_reason is not None, 5, "the old session to be hung up")
+                await wait_for(old.closed.is_set, 5, "the old session to be hung up")
                 (new,) = h.manager.sessions.values()
                 assert isinstance(new.pipeline, CountingPipeline) and isinstance(old.pipeline, CountingPipeline)
                 assert new.pipeline.resumed_from is not None and new.pipeline.resumed_from >= 25

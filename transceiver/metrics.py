@@ -26,10 +26,13 @@ REJECT_REASONS = (
     *sorted(HANDOFF_ERROR_REASONS),
     "at_capacity",
     "overloaded",
+    "subject_limit",
     "draining",
     "internal_error",
 )
 
+
+AUTH_FAILURES = ("missing", "invalid_request", "invalid_token", "insufficient_scope")
 
 # Why a session's datagram never reached aioice; "aioice_error": aioice raised on it.
 ICE_DROP_REASONS = SCREEN_REASONS | {"aioice_error"}
@@ -69,6 +72,9 @@ class TransceiverMetrics:
         self.migrations_asked = 0  # calls asked to move elsewhere (drain)
         self.handoffs_sealed = 0  # pipeline states sent with a migrate request
         self.handoffs_resumed = 0  # pipeline states a new session resumed from
+        # WHIP requests refused for their bearer token: missing, invalid_request, invalid_token,
+        # insufficient_scope (another subject's session)
+        self.auth_failures: collections.Counter[str] = collections.Counter(dict.fromkeys(AUTH_FAILURES, 0))
 
 
 def _num(value: float) -> str:
@@ -107,6 +113,9 @@ def render(metrics: TransceiverMetrics, tunnel: TunnelCounters, *, sessions: int
     metric("rtcrelay_transceiver_handoffs_total", "counter",
            "Pipeline states handed to the client with a migrate request (sealed), and resumed by new sessions.",
            [('{direction="sealed"}', metrics.handoffs_sealed), ('{direction="resumed"}', metrics.handoffs_resumed)])
+    metric("rtcrelay_transceiver_auth_failures_total", "counter",
+           "WHIP requests refused for their bearer token (401, 403), by reason.",
+           [(f'{{reason="{r}"}}', n) for r, n in sorted(metrics.auth_failures.items())])
     metric("rtcrelay_transceiver_sessions_connected_total", "counter", "Sessions that reached connected.",
            [("", metrics.sessions_connected)])
     metric(

@@ -23,6 +23,8 @@ from daemon.networks import parse_networks
 from daemon.systemd import notify, watchdog_interval
 from transceiver import inline_executor
 from transceiver.admission import AdmissionLimits, LoadAdmission
+from transceiver.bearer import BearerVerifier, load_tokens_file
+from transceiver.ice_links import IceServer, link_values
 from transceiver.load_monitor import LoadMonitor
 from transceiver.pipeline import EchoPipeline, PipelineFactory
 from transceiver.session import SessionManager
@@ -64,6 +66,17 @@ class TransceiverConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     route_key_id: int = 1
     route_keys_file: str = ""
     max_sessions: int = 50  # an upper bound; admission_* refuse earlier when the process is busy
+    # WHIP bearer-token authentication (transceiver/bearer.py): on when either is set. Signed
+    # tokens verified with the keys in whip_token_keys_file (route-keys format, its own file;
+    # the systemd credential `whip-token-keys` when "credential"), and/or static
+    # `subject token` lines in whip_tokens_file. A subject holds at most
+    # max_sessions_per_subject sessions (0: no limit).
+    whip_token_keys_file: str = ""
+    whip_tokens_file: str = ""
+    max_sessions_per_subject: int = 10
+    # ICE servers offered to WHIP clients in Link headers (RFC 9725 section 4.6): TURN for
+    # clients that cannot send UDP to the relay. [{urls = ["turn:..."], username, credential}]
+    ice_servers: list[IceServer] = msgspec.field(default_factory=list)
     # Admission by load (transceiver/admission.py): a new offer is refused (503, Retry-After)
     # when the process's CPU with one more call would pass admission_cpu_budget (cores), or
     # when its event loop runs admission_max_loop_lag (s) late; 0 turns either check off.
@@ -102,6 +115,8 @@ class TransceiverConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
             raise ValueError(f"`route_key_id`: {self.route_key_id} has no secret in route_secrets")
         if self.max_sessions < 1:
             raise ValueError("`max_sessions`: at least 1")
+        if self.max_sessions_per_subject < 0:
+            raise ValueError("`max_sessions_per_subject`: >= 0 (0: no limit)")
         for key in ("connect_timeout", "heartbeat_interval"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"`{key}`: must be > 0 seconds")
@@ -114,6 +129,17 @@ class TransceiverConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
                 raise ValueError(f"`{key}`: must be >= 0 (0 turns the check off)")
         if not 0 < self.admission_call_cpu <= 1:
             raise ValueError("`admission_call_cpu`: the cores one call costs, > 0 and <= 1")
+
+    def bearer_verifier(self) -> BearerVerifier | None:
+        """WHIP authentication as configured (None: off); ConfigError names a bad file."""
+        if not self.whip_token_keys_file and not self.whip_tokens_file:
+            return None
+        from daemon.keys import WHIP_KEYS, load_keyring
+
+        keys = self.whip_token_keys_file
+        keyring = load_keyring(None if keys == "credential" else keys, WHIP_KEYS) if keys else None
+        static = load_tokens_file(self.whip_tokens_file) if self.whip_tokens_file else {}
+        return BearerVerifier(keyring, static)
 
     def admission_limits(self) -> AdmissionLimits:
         return AdmissionLimits(self.admission_cpu_budget, self.admission_max_loop_lag, self.admission_call_cpu)
@@ -177,19 +203,22 @@ class Transceiver:
             connect_timeout=cfg.connect_timeout,
             pipeline_factory=self.pipeline_factory,
             admission=LoadAdmission(cfg.admission_limits()),
+            max_sessions_per_subject=cfg.max_sessions_per_subject,
         )
         assert self.manager.admission is not None
         self._load_monitor = LoadMonitor(self.manager.admission, self.manager.connected_calls)
         self._load_monitor.start()
-        self._runner = web.AppRunner(make_app(self.manager), access_log=None, handle_signals=False)
+        verifier = cfg.bearer_verifier()
+        app = make_app(self.manager, verifier, link_values(cfg.ice_servers))
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.http_host, cfg.http_port)
         await site.start()
         sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
         name = sockets[0].getsockname() if sockets else (cfg.http_host, cfg.http_port)
         self.http_address = (name[0], name[1])
-        log.info("transceiver up: http %s, tunnel %s, relay %s", self.http_address, self.tunnel.local_address,
-                 cfg.relay_public_addresses)
+        log.info("transceiver up: http %s, tunnel %s, relay %s, WHIP authentication %s", self.http_address,
+                 self.tunnel.local_address, cfg.relay_public_addresses, "on" if verifier else "off")
 
     async def drain(self) -> None:
         assert self.manager is not None

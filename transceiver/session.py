@@ -76,7 +76,7 @@ def move_interval(calls: int, deadline_s: float, move_rate: float) -> float:
 
 
 class SessionRejected(Exception):
-    """No new session now: ``reason`` is ``at_capacity``, ``overloaded`` or ``draining``."""
+    """No new session now: ``reason`` is ``at_capacity``, ``overloaded``, ``subject_limit`` or ``draining``."""
 
     def __init__(self, reason: str, detail: str, retry_after_s: int | None = None) -> None:
         super().__init__(reason)
@@ -86,9 +86,10 @@ class SessionRejected(Exception):
 
 
 class Session:
-    def __init__(self, manager: SessionManager, pipeline: Pipeline) -> None:
+    def __init__(self, manager: SessionManager, pipeline: Pipeline, subject: str | None = None) -> None:
         self.manager = manager
         self.id = secrets.token_urlsafe(12)
+        self.subject = subject  # who opened it (WHIP bearer token), None without authentication
         self.ufrag = issue_token(manager.keyring, manager.route_ip, manager.route_port, manager.clock())
         self.pipeline = pipeline
         self.started = time.monotonic()  # offer received
@@ -338,6 +339,7 @@ class SessionManager:
         metrics: TransceiverMetrics | None = None,
         clock: Callable[[], float] = time.time,
         admission: LoadAdmission | None = None,
+        max_sessions_per_subject: int = 0,
     ) -> None:
         self.tunnel = tunnel
         self.keyring = keyring
@@ -349,6 +351,8 @@ class SessionManager:
         self.metrics = metrics or TransceiverMetrics()
         self.clock = clock
         self.admission = admission  # None: admit by count only
+        self.max_sessions_per_subject = max_sessions_per_subject  # 0: no limit
+        self._pending_by: dict[str, int] = {}  # subject -> its offers being negotiated
         self.sessions: dict[str, Session] = {}
         self.draining = False
         self._pending = 0  # offers being negotiated: they count against capacity
@@ -363,21 +367,30 @@ class SessionManager:
     def heartbeat(self) -> Heartbeat:
         return Heartbeat(sessions=self.load, capacity=self.max_sessions, draining=self.draining)
 
-    async def create(self, offer: str, handoff: bytes | None = None) -> tuple[Session, str]:
+    async def create(self, offer: str, handoff: bytes | None = None,
+                     subject: str | None = None) -> tuple[Session, str]:
         """Answer an offer: (session, SDP answer). Raises SessionRejected or OfferError.
-        ``handoff``: the pipeline state of the session this call moves from (opened)."""
+        ``handoff``: the pipeline state of the session this call moves from (opened);
+        ``subject``: who asks (its sessions are limited to ``max_sessions_per_subject``)."""
         if self.draining:
             raise SessionRejected("draining", "the transceiver is draining")
         if self.load >= self.max_sessions:
             raise SessionRejected("at_capacity", f"{self.max_sessions} sessions (max_sessions)", RETRY_AFTER_S)
+        if subject is not None and self.max_sessions_per_subject:
+            held = sum(1 for s in self.sessions.values() if s.subject == subject) + self._pending_by.get(subject, 0)
+            if held >= self.max_sessions_per_subject:
+                raise SessionRejected("subject_limit", f"{subject} holds {held} sessions "
+                                      f"(max_sessions_per_subject {self.max_sessions_per_subject})", RETRY_AFTER_S)
         why = self.admission.refusal(self._pending) if self.admission is not None else None
         if why is not None:
             raise SessionRejected("overloaded", why, RETRY_AFTER_S)
         self._pending += 1
+        if subject is not None:
+            self._pending_by[subject] = self._pending_by.get(subject, 0) + 1
         session: Session | None = None
         try:
             prepared = prepare_offer(offer)
-            session = Session(self, self.pipeline_factory())
+            session = Session(self, self.pipeline_factory(), subject)
             answer = await session.negotiate(prepared, handoff)
         except BaseException:
             if session is not None:
@@ -386,6 +399,10 @@ class SessionManager:
             raise
         finally:
             self._pending -= 1
+            if subject is not None:
+                self._pending_by[subject] -= 1
+                if not self._pending_by[subject]:
+                    del self._pending_by[subject]
         self.sessions[session.id] = session
         self._idle.clear()
         self.metrics.sessions_created += 1

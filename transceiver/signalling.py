@@ -31,15 +31,18 @@ page served elsewhere can call it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from aiohttp import web
+from multidict import CIMultiDict
 
-from daemon.cors import cors_middleware, preflight
+from daemon.cors import ACCEPT_POST, PREFLIGHT_HEADERS, cors_middleware, preflight
+from transceiver.bearer import BearerError, BearerVerifier
 from transceiver.handoff import HANDOFF_HEADER, HandoffError, open_state
 from transceiver.metrics import render
 from transceiver.sdp import MAX_OFFER_BYTES, OfferError
 from transceiver.sdpfrag import FRAGMENT_TYPE, FragmentError, build_answer_fragment, parse_fragment
-from transceiver.session import SessionManager, SessionRejected
+from transceiver.session import Session, SessionManager, SessionRejected
 
 __all__ = ["make_app", "SESSIONS_PATH"]
 
@@ -47,10 +50,43 @@ log = logging.getLogger("rtcrelay.transceiver.signalling")
 
 SESSIONS_PATH = "/v1/sessions"
 SDP = "application/sdp"
-def make_app(manager: SessionManager) -> web.Application:
+def make_app(manager: SessionManager, verifier: BearerVerifier | None = None,
+             ice_links: Sequence[str] = ()) -> web.Application:
+    """``verifier``: bearer-token authentication (None: off); ``ice_links``: ``Link`` header
+    values for ICE servers (transceiver/ice_links.py)."""
     # client_max_size: aiohttp answers 413 itself past it.
     app = web.Application(middlewares=[cors_middleware], client_max_size=MAX_OFFER_BYTES)
     metrics = manager.metrics
+
+    def with_links(headers: dict[str, str]) -> CIMultiDict[str]:
+        out = CIMultiDict(headers)
+        for value in ice_links:
+            out.add("Link", value)
+        return out
+
+    def denied(exc: BearerError) -> web.Response:
+        metrics.auth_failures[exc.reason] += 1
+        return web.Response(status=exc.status, text=f"{exc.error or 'unauthorized'}: {exc.description}\n",
+                            headers={"WWW-Authenticate": exc.www_authenticate()})
+
+    def subject_of(request: web.Request) -> str | None:
+        """The request's subject (None: authentication is off); BearerError if it has none."""
+        if verifier is None:
+            return None
+        return verifier.subject(request.headers.get("Authorization"), manager.clock())
+
+    def owned_session(request: web.Request) -> Session | web.Response:
+        """The session the path names, if the request may touch it: else 401, 403 or 404."""
+        try:
+            subject = subject_of(request)
+        except BearerError as exc:
+            return denied(exc)
+        session = manager.get(request.match_info["session_id"])
+        if session is None:
+            return web.Response(status=404, text="unknown session\n")
+        if subject is not None and session.subject != subject:
+            return denied(BearerVerifier.forbid(subject))
+        return session
 
     def reject(status: int, reason: str, detail: str = "", headers: dict[str, str] | None = None) -> web.Response:
         metrics.rejected[reason] += 1
@@ -66,6 +102,10 @@ def make_app(manager: SessionManager) -> web.Application:
             return reject(413, "sdp_too_large", f"at most {MAX_OFFER_BYTES} bytes")
         except UnicodeDecodeError:
             return reject(400, "sdp_malformed", "the offer is not text")
+        try:
+            subject = subject_of(request)
+        except BearerError as exc:
+            return denied(exc)
         handoff = None
         if HANDOFF_HEADER in request.headers:
             try:
@@ -73,10 +113,10 @@ def make_app(manager: SessionManager) -> web.Application:
             except HandoffError as exc:
                 return reject(400, exc.reason, exc.detail)
         try:
-            session, answer = await manager.create(offer, handoff)
+            session, answer = await manager.create(offer, handoff, subject)
         except SessionRejected as exc:
             headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
-            return reject(503, exc.reason, exc.detail, headers)
+            return reject(429 if exc.reason == "subject_limit" else 503, exc.reason, exc.detail, headers)
         except OfferError as exc:
             return reject(400, exc.reason, exc.detail)
         except Exception:
@@ -86,13 +126,13 @@ def make_app(manager: SessionManager) -> web.Application:
             status=201,
             body=answer.encode(),
             content_type=SDP,
-            headers={"Location": f"{SESSIONS_PATH}/{session.id}", "ETag": session.etag},
+            headers=with_links({"Location": f"{SESSIONS_PATH}/{session.id}", "ETag": session.etag}),
         )
 
     async def patch_session(request: web.Request) -> web.Response:
-        session = manager.get(request.match_info["session_id"])
-        if session is None:
-            return web.Response(status=404, text="unknown session\n")
+        session = owned_session(request)
+        if isinstance(session, web.Response):
+            return session
         if request.content_type != FRAGMENT_TYPE:
             return web.Response(status=415, text=f"Content-Type must be {FRAGMENT_TYPE}\n")
         if_match = request.headers.get("If-Match")
@@ -119,17 +159,24 @@ def make_app(manager: SessionManager) -> web.Application:
         )
 
     async def delete_session(request: web.Request) -> web.Response:
-        if not await manager.end(request.match_info["session_id"]):
+        session = owned_session(request)
+        if isinstance(session, web.Response):
+            return session
+        if not await manager.end(session.id):
             return web.Response(status=404, text="unknown session\n")
         return web.Response(status=204)
 
     async def get_session(request: web.Request) -> web.Response:
         # A client whose media stopped asks: 404 means its call is gone (its transceiver
         # restarted, or the front says so when the transceiver is dead): call again.
-        session = manager.get(request.match_info["session_id"])
-        if session is None:
-            return web.Response(status=404, text="unknown session\n")
+        session = owned_session(request)
+        if isinstance(session, web.Response):
+            return session
         return web.json_response({"state": session.state}, headers={"ETag": session.etag})
+
+    async def sessions_options(request: web.Request) -> web.Response:
+        # WHIP (RFC 9725 section 4.2): what a POST takes, and the ICE servers (section 4.6).
+        return web.Response(status=204, headers=with_links({**PREFLIGHT_HEADERS, **ACCEPT_POST}))
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -151,7 +198,7 @@ def make_app(manager: SessionManager) -> web.Application:
         return web.Response(text=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     app.router.add_post(SESSIONS_PATH, create_session)
-    app.router.add_route("OPTIONS", SESSIONS_PATH, preflight)
+    app.router.add_route("OPTIONS", SESSIONS_PATH, sessions_options)
     app.router.add_delete(SESSIONS_PATH + "/{session_id}", delete_session)
     app.router.add_patch(SESSIONS_PATH + "/{session_id}", patch_session)
     app.router.add_get(SESSIONS_PATH + "/{session_id}", get_session)

@@ -92,14 +92,10 @@ class _SetupLog:
 
 def rtp_totals(pcs) -> dict:
     """Server-side RTP counters summed over live connections: in (received, lost by sequence), out."""
-    received = lost = sent = 0
-    for pc in pcs:
-        for t in pc.getTransceivers():
-            for stream in getattr(t.receiver, "_RTCRtpReceiver__remote_streams", {}).values():
-                received += stream.packets_received
-                lost += max(0, stream.packets_expected - stream.packets_received)
-            sent += getattr(t.sender, "_RTCRtpSender__packet_count", 0)
-    return {"rtp_in": received, "rtp_in_lost": lost, "rtp_out": sent}
+    from transceiver.rtp_stats import rtp_counts
+
+    counts = rtp_counts(pcs)
+    return {"rtp_in": counts.received, "rtp_in_lost": counts.lost, "rtp_out": counts.sent}
 
 
 def _control_routes(app, log: _SetupLog, extra=None) -> None:

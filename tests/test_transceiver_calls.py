@@ -26,6 +26,7 @@ import pytest
 import uvloop
 from av import AudioFrame
 from fake_relay import FakeRelay
+from prom import sample
 from webrtc_peer import Client, SineTrack, wait_for
 
 from transceiver.pipeline import EchoPipeline, Pipeline, PipelineFactory
@@ -141,10 +142,16 @@ def test_call_connects_and_echoes_through_the_relay() -> None:
             assert "rtcrelay_transceiver_setup_seconds_count 1" in text
             counters = h.tx.tunnel.counters  # type: ignore[union-attr]
             assert counters.frames_in > 20 and counters.frames_out > 20
+            rtp_in = sample(text, "rtcrelay_transceiver_rtp_packets_total", direction="in")
+            assert rtp_in > 20 and sample(text, "rtcrelay_transceiver_rtp_packets_total", direction="out") > 20
+            assert sample(text, "rtcrelay_transceiver_rtp_lost_total") == 0  # loopback loses nothing
 
             # The client hangs up: DTLS close_notify reaches the server, which tells the relay.
             await client.pc.close()
             await wait_for(lambda: not h.manager.sessions, 5, "the session to end")
+            # The ended call's packets stay in the totals (counters never go down).
+            ended = sample(await h.metrics(), "rtcrelay_transceiver_rtp_packets_total", direction="in")
+            assert ended >= rtp_in
             assert h.manager.metrics.closed["peer_closed"] == 1
             await wait_for(lambda: client.server_ufrag in h.relay.closed, 2, "SessionClosed")
             assert not h.relay.flows

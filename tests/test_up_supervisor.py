@@ -9,20 +9,17 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import aioice.ice
-import psutil
 import pytest
 from relay_calls import run
-from relayproc import wait_for
+from up_process import Up, run_up
 from webrtc_peer import Client
 from webrtc_peer import wait_for as await_for
 
@@ -38,70 +35,9 @@ def loopback_client(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
 
 
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Up:
-    proc: subprocess.Popen[bytes]
-    ports: dict[str, int]
-    log_path: Path
-
-    @property
-    def front(self) -> str:
-        return f"http://127.0.0.1:{self.ports['--signalling-port']}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def service_pid(self, marker: str) -> int:
-        for child in psutil.Process(self.proc.pid).children():
-            try:
-                if child.status() != psutil.STATUS_ZOMBIE and marker in " ".join(child.cmdline()):
-                    return child.pid
-            except psutil.Error:  # exited meanwhile
-                continue
-        raise AssertionError(f"no child with {marker!r}")
-
-    def transceiver_with_tunnel_port(self, port: int) -> int:
-        for child in psutil.Process(self.proc.pid).children():
-            if any(c.laddr.port == port for c in child.net_connections(kind="udp")):
-                return child.pid
-        raise AssertionError(f"no transceiver on tunnel port {port}")
-
-
-def _run_up(tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[Up]:
-    """`rtcrelay up --transceivers 2` on free ports; Ctrl-C at the end must exit 0."""
-    ports = {"--relay-port": free_port(socket.SOCK_DGRAM), "--http-port": free_port(socket.SOCK_STREAM),
-             "--signalling-port": free_port(socket.SOCK_STREAM), "--admin-port": free_port(socket.SOCK_STREAM)}
-    log_path = tmp_path / "up.log"
-    args = [arg for flag, port in ports.items() for arg in (flag, str(port))]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "up", *args, "--transceivers", "2",
-                                 "--name", f"up{os.getpid()}"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                start_new_session=True, env={**os.environ, **(env or {})})
-    handle = Up(proc, ports, log_path)
-    try:
-        wait_for(lambda: proc.poll() is None and "rtcrelay demo is up" in handle.log(), 45, "the banner")
-        yield handle
-        assert proc.poll() is None, handle.log()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-    assert proc.returncode == 0, handle.log()[-3000:]
-
-
 @pytest.fixture
 def up(tmp_path: Path) -> Iterator[Up]:
-    yield from _run_up(tmp_path)
+    yield from run_up(tmp_path)
 
 
 @pytest.fixture
@@ -109,7 +45,7 @@ def up_without_admission(tmp_path: Path) -> Iterator[Up]:
     """For 20 calls that must all fit on ONE transceiver (the other crashed or drains): about
     0.9 of a core on this machine, past the default admission budget (0.8), which would
     refuse the extra calls (its job, tested in tests/test_admission.py), not move them."""
-    yield from _run_up(tmp_path, {"RTCRELAY_TRANSCEIVER_ADMISSION_CPU_BUDGET": "0",
+    yield from run_up(tmp_path, {"RTCRELAY_TRANSCEIVER_ADMISSION_CPU_BUDGET": "0",
                                   "RTCRELAY_TRANSCEIVER_ADMISSION_MAX_LOOP_LAG": "0"})
 
 

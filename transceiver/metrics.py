@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 from transceiver.admission import LoadAdmission
 from transceiver.handoff import HANDOFF_ERROR_REASONS
+from transceiver.rtp_stats import RtpCounts
 from transceiver.sdp import OFFER_ERROR_REASONS
 from transceiver.stun_screen import SCREEN_REASONS
 from transceiver.tunnel import TunnelCounters
@@ -72,6 +73,8 @@ class TransceiverMetrics:
         self.migrations_asked = 0  # calls asked to move elsewhere (drain)
         self.handoffs_sealed = 0  # pipeline states sent with a migrate request
         self.handoffs_resumed = 0  # pipeline states a new session resumed from
+        self.rtp_ended = RtpCounts()  # RTP counters of the calls that ended (live ones are read at render)
+        self.audio_dropped_ended = 0  # outgoing audio frames the ended calls' queues dropped
         # WHIP requests refused for their bearer token: missing, invalid_request, invalid_token,
         # insufficient_scope (another subject's session)
         self.auth_failures: collections.Counter[str] = collections.Counter(dict.fromkeys(AUTH_FAILURES, 0))
@@ -83,7 +86,7 @@ def _num(value: float) -> str:
 
 
 def render(metrics: TransceiverMetrics, tunnel: TunnelCounters, *, sessions: int, capacity: int, draining: bool,
-           admission: LoadAdmission | None = None) -> str:
+           admission: LoadAdmission | None = None, media: tuple[RtpCounts, int] | None = None) -> str:
     out: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> None:
@@ -156,6 +159,15 @@ def render(metrics: TransceiverMetrics, tunnel: TunnelCounters, *, sessions: int
         "Tunnel datagrams dropped, by reason.",
         [(f'{{reason="{r}"}}', n) for r, n in sorted(tunnel.drops.items())],
     )
+    if media is not None:
+        rtp, dropped = media
+        metric("rtcrelay_transceiver_rtp_packets_total", "counter", "RTP packets of the calls, by direction.",
+               [('{direction="in"}', rtp.received), ('{direction="out"}', rtp.sent)])
+        metric("rtcrelay_transceiver_rtp_lost_total", "counter",
+               "Incoming RTP packets lost on the way (missing sequence numbers).", [("", rtp.lost)])
+        metric("rtcrelay_transceiver_audio_dropped_total", "counter",
+               "Outgoing audio frames dropped because the pipeline produced them faster than real time.",
+               [("", dropped)])
     ice = metrics.ice
     metric(
         "rtcrelay_transceiver_ice_drops_total",

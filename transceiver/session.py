@@ -42,6 +42,7 @@ from transceiver.admission import LoadAdmission
 from transceiver.handoff import seal_state
 from transceiver.metrics import TransceiverMetrics
 from transceiver.pipeline import OutgoingAudioTrack, Pipeline, PipelineFactory
+from transceiver.rtp_stats import RtpCounts, rtp_counts
 from transceiver.sdp import OfferError, prepare_offer
 from transceiver.tunnel import SessionLink, TunnelEndpoint
 from wire.route_token import RouteKeyring, derive_password, issue_token
@@ -310,6 +311,9 @@ class Session:
             if task is not current:
                 task.cancel()
         self.outgoing.stop()
+        if self.pc is not None:  # its counters go on in the totals of ended calls (monotonic /metrics)
+            self.manager.metrics.rtp_ended.add(rtp_counts([self.pc]))
+        self.manager.metrics.audio_dropped_ended += self.outgoing.dropped
         for step, what in ((self.pipeline.close, "pipeline"), (self.pc.close if self.pc else None, "connection")):
             if step is None:
                 continue
@@ -411,6 +415,15 @@ class SessionManager:
         if self.draining:  # drain began while this offer was negotiated
             session.close_soon("drain_deadline")
         return session, answer
+
+    def media_totals(self) -> tuple[RtpCounts, int]:
+        """RTP packets in, lost and out, and outgoing audio frames dropped, of every call so far."""
+        counts = RtpCounts()
+        counts.add(self.metrics.rtp_ended)
+        counts.add(rtp_counts(s.pc for s in self.sessions.values() if s.pc is not None and s.close_reason is None))
+        dropped = self.metrics.audio_dropped_ended + sum(s.outgoing.dropped for s in self.sessions.values()
+                                                          if s.close_reason is None)
+        return counts, dropped
 
     def connected_calls(self) -> int:
         return sum(1 for session in self.sessions.values() if session.connected.is_set())

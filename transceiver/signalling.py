@@ -194,6 +194,7 @@ def make_app(manager: SessionManager, verifier: BearerVerifier | None = None,
             capacity=manager.max_sessions,
             draining=manager.draining,
             admission=manager.admission,
+            media=manager.media_totals(),
         )
         return web.Response(text=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

@@ -413,7 +413,7 @@ class Worker:
             self.remember_closed(frame.old, key)
         elif isinstance(frame, Drain):
             self.flows.transceiver_heartbeat(key, now, True)
-        else:  # pragma: no cover - the union has no other members
+        else:  # HopData: only edge relays send it, to a cluster relay's hop address
             self.drop("tunnel_unexpected_frame")
 
     def link_refused(self, sock: socket.socket) -> None:

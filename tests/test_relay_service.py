@@ -24,7 +24,7 @@ from relayproc import (
     write_keys,
 )
 
-from wire.tunnel_frame import Data
+from wire.tunnel_frame import Data, HopData
 
 
 @pytest.fixture(params=["c", "python"], ids=["c-hit-path", "python-hit-path"])
@@ -123,9 +123,12 @@ def test_return_frames_for_unknown_or_foreign_flows_send_nothing(relay: RelayPro
         transceiver.reply(tunnel_a, forged, b"\x80" * 20)
         # Known handle and client, but from a transceiver that does not own the flow.
         intruder.reply(tunnel_a, frame_a, b"\x80" * 20)
+        # An edge relay's HopData, from the owner, naming the flow's handle and client: a
+        # transceiver never sends one, and a tunnel socket is no hop address.
+        transceiver.send(tunnel_a, HopData(frame_a.handle, frame_a.ip, frame_a.port, 1, b"\x80" * 20))
         assert client_a.nothing_arrives() and client_b.nothing_arrives()
-        relay.wait_flushed(lambda rows: sum(r["drop_tunnel_unknown_flow"] + r["drop_tunnel_foreign_flow"] for r in rows) == 3,
-                           what="return-path drops counted")
+        relay.wait_flushed(lambda rows: sum(r["drop_tunnel_unknown_flow"] + r["drop_tunnel_foreign_flow"] for r in rows) == 3
+                           and sum(r["drop_tunnel_unexpected_frame"] for r in rows) == 1, what="return-path drops counted")
         # The owner still gets through.
         transceiver.reply(tunnel_a, frame_a, b"\x80ok")
         assert client_a.recv()[0] == b"\x80ok"

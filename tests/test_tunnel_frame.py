@@ -10,15 +10,20 @@ from wire.tunnel_frame import (
     DATA_HEADER_LEN_V4,
     DATA_HEADER_LEN_V6,
     FRAME_ERROR_REASONS,
+    HOP_HEADER_LEN_V4,
+    HOP_HEADER_LEN_V6,
+    HOP_TAG,
     Data,
     Drain,
     FrameError,
     Heartbeat,
+    HopData,
     SessionClosed,
     data_header,
     data_prefix,
     decode_frame,
     encode_frame,
+    hop_prefix,
 )
 
 LOOPBACK = b"\x7f\x00\x00\x01"
@@ -96,3 +101,23 @@ def test_arbitrary_bytes_only_raise_frame_error(raw: bytes) -> None:
         decode_frame(raw)
     except FrameError as exc:
         assert exc.reason in FRAME_ERROR_REASONS
+
+
+@pytest.mark.parametrize("ip", [LOOPBACK, bytes(range(16))])
+@pytest.mark.parametrize("hops", [0, 1, 127])
+def test_the_fixed_hop_header_decodes_as_hop_data(ip: bytes, hops: int) -> None:
+    payload = b"\x00\x01 a STUN check, say"
+    prefix = hop_prefix(1 << 40, ip, 4242, hops)
+    raw = prefix + len(payload).to_bytes(2, "big") + payload
+    assert raw.startswith(HOP_TAG)
+    assert len(prefix) + 2 == (HOP_HEADER_LEN_V4 if len(ip) == 4 else HOP_HEADER_LEN_V6)
+    assert decode_frame(raw) == HopData(1 << 40, ip, 4242, hops, payload)
+    assert decode_frame(encode_frame(HopData(7, ip, 1, hops, payload))) == HopData(7, ip, 1, hops, payload)
+
+
+def test_a_hop_limit_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError):
+        hop_prefix(1, LOOPBACK, 1, 128)
+    raw = encode_frame(HopData(1, LOOPBACK, 1, 3, b"x")).replace(b"\x03\xc4\x01x", b"\xcc\xff\xc4\x01x")
+    with pytest.raises(FrameError, match="frame_malformed"):
+        decode_frame(raw)

@@ -19,6 +19,11 @@ Direction and meaning:
 - ``SessionRenamed``  transceiver→relay, after an ICE restart: the session's flows now belong to
                       ``new`` (the client restarted on the same 5-tuple: its flow is still
                       labelled ``old``), and ``old`` is closed as ``SessionClosed`` closes it.
+- ``HopData``         edge relay→cluster relay: a client datagram of a session that lives in
+                      another cluster (the route token names it), with the client's address,
+                      the edge's ``handle`` for the way back (a ``Data`` frame with that handle,
+                      as a transceiver answers) and ``hops`` left: a relay that would forward
+                      it again with no hop left drops it, so routes can never loop.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ FRAME_VERSION = 1
 _VERSION_BYTE = bytes([FRAME_VERSION])
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+MAX_HOPS = 127  # a positive fixint: one byte in the fixed-width HopData header
 Handle = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
 
 
@@ -65,7 +71,19 @@ class SessionRenamed(msgspec.Struct, array_like=True, frozen=True, tag=5):
     new: Annotated[str, msgspec.Meta(max_length=256)]
 
 
-Frame = Data | Heartbeat | SessionClosed | Drain | SessionRenamed
+class HopData(msgspec.Struct, array_like=True, frozen=True, tag=6):
+    handle: Handle
+    ip: bytes  # packed client IP, 4 or 16 bytes
+    port: Port
+    hops: Annotated[int, msgspec.Meta(ge=0, le=MAX_HOPS)]
+    payload: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.ip) not in (4, 16):
+            raise ValueError("ip must be 4 or 16 bytes")
+
+
+Frame = Data | Heartbeat | SessionClosed | Drain | SessionRenamed | HopData
 
 FRAME_ERROR_REASONS = frozenset({"frame_empty", "frame_bad_version", "frame_malformed"})
 
@@ -137,3 +155,22 @@ def data_header(handle: int, ip: bytes, port: int, payload_len: int) -> bytes:
     if payload_len > MAX_PAYLOAD:
         raise ValueError("payload larger than 65535 bytes")
     return data_prefix(handle, ip, port) + payload_len.to_bytes(2, "big")
+
+
+# --- the fixed-width HopData header (edge relay -> cluster relay) ----------------------------
+# version, fixarray(6), tag 6, uint64 handle, bin8 ip, uint16 port, fixint hops, bin16 length
+_HOP_HEADER_V4 = struct.Struct("!BBBBQBB4sBHBBH")
+_HOP_HEADER_V6 = struct.Struct("!BBBBQBB16sBHBBH")
+HOP_HEADER_LEN_V4 = _HOP_HEADER_V4.size  # 25
+HOP_HEADER_LEN_V6 = _HOP_HEADER_V6.size  # 37
+#: The first 4 bytes of every fixed-width HopData frame.
+HOP_TAG = bytes((FRAME_VERSION, 0x96, 0x06, 0xCF))
+
+
+def hop_prefix(handle: int, ip: bytes, port: int, hops: int) -> bytes:
+    """HopData header bytes up to the 2-byte payload length: constant per edge flow."""
+    if not 0 <= hops <= MAX_HOPS:
+        raise ValueError(f"hops must be 0..{MAX_HOPS}")
+    header_struct = _HOP_HEADER_V4 if len(ip) == 4 else _HOP_HEADER_V6
+    return header_struct.pack(FRAME_VERSION, 0x96, 0x06, 0xCF, handle, 0xC4, len(ip), ip, 0xCD, port, hops,
+                              0xC5, 0)[:-2]

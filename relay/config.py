@@ -8,6 +8,7 @@ import msgspec
 
 from daemon.config_file import load_config, parse_host_port
 from daemon.networks import parse_networks
+from relay.cluster_routes import HopTarget, parse_cluster_routes
 
 ENV_PREFIX = "RTCRELAY_RELAY_"
 HIT_PATHS = ("auto", "c", "python")
@@ -29,7 +30,23 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Tunnel frames are accepted only from these networks (the transceivers').
     transceiver_networks: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     route_keys_file: str = ""
+    # This relay's cluster (route tokens name the cluster that owns a session). A token of
+    # another cluster is forwarded to a relay of that cluster when cluster_routes has one
+    # (an edge relay), else dropped (`cluster_no_route`). A token without a cluster id is this
+    # relay's own (tokens issued before clusters were set up keep working).
     cluster_id: int | None = None
+    # Edge relays: cluster id -> that cluster's relays' hop addresses, "ip:port" or
+    # "dns.name:port" (re-resolved every cluster_dns_interval seconds).
+    cluster_routes: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    cluster_dns_interval: float = 10.0
+    # Cluster relays: where edge relays' HopData frames arrive (one SO_REUSEPORT socket per
+    # worker each); [] = not a cluster relay. Keep them on the private network.
+    hop_listen: list[str] = msgspec.field(default_factory=list)
+    # Hop frames (and the answers to an edge's hop frames) are accepted only from these networks.
+    peer_networks: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # Relays a session's datagrams may cross after the first (an edge sends hop_limit - 1);
+    # a relay never forwards a frame with no hop left, so a misconfigured route cannot loop.
+    hop_limit: int = 2
     # How old a route token may be when its session is new to the relay (seconds).
     token_max_age: float = 300.0
     table_dir: str = "/dev/shm"
@@ -73,12 +90,24 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 raise ValueError(f"`{key}`: must be > 0 seconds")
         if self.cluster_id is not None and not 0 <= self.cluster_id < 65536:
             raise ValueError("`cluster_id`: 0 to 65535")
+        self.routes  # noqa: B018 - parses cluster_routes: errors name the entry
+        for index, text in enumerate(self.hop_listen):
+            parse_host_port(text, f"hop_listen[{index}]")
+        parse_networks(self.peer_networks, "peer_networks")
+        if not 1 <= self.hop_limit <= 16:
+            raise ValueError("`hop_limit`: 1 to 16")
+        if self.cluster_dns_interval <= 0:
+            raise ValueError("`cluster_dns_interval`: must be > 0 seconds")
         if not 1 <= self.batch <= 1024:
             raise ValueError("`batch`: 1 to 1024")
         if not 0 <= self.tunnel_links <= 4096:
             raise ValueError("`tunnel_links`: 0 (none) to 4096")
         if self.hit_path not in HIT_PATHS:
             raise ValueError(f"`hit_path`: {self.hit_path!r} is not one of {', '.join(HIT_PATHS)}")
+
+    @property
+    def routes(self) -> dict[int, list[HopTarget]]:
+        return parse_cluster_routes(self.cluster_routes)
 
     @property
     def worker_count(self) -> int:

@@ -6,7 +6,8 @@ is one of three small records:
 - :class:`Forward`: the source already has a flow (found by the view, e.g. in another
   worker's partition after a restart or a reuseport rehash): adopt it and forward.
 - :class:`Learn`: an authenticated STUN Binding Request with a valid route token: create the
-  flow for this source, then forward the request to ``target``.
+  flow for this source, then forward the request to ``target`` (or, for a session of another
+  cluster on an edge relay, to ``hop``: a relay of that cluster).
 - :class:`Drop`: anything else, with a reason the worker counts.
 - :class:`Answer`: a check that passed every test, for a session whose transceiver is gone
   (it stopped heartbeating): the relay answers it itself with a signed Binding error (403),
@@ -27,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from relay.cluster_routes import ClusterRoutes
 from shm.layout import ip16
 from wire.demux import PacketKind, classify
 from wire.route_token import TOKEN_ERROR_REASONS, RouteKeyring, RouteToken, TokenError, check_age, decode_token
@@ -47,6 +49,8 @@ DECISION_DROP_REASONS = (
             "stun_bad_username",
             "session_closed",  # the session ended (DELETE, hang-up, ICE restart): no flow again
             "transceiver_gone",  # the session's transceiver stopped: answered with a Binding error
+            "cluster_no_route",  # an edge relay has no route to the token's cluster
+            "hop_limit",  # a frame from an edge relay with no hop left, for another cluster
         }
     )
     | STUN_ERROR_REASONS
@@ -70,6 +74,9 @@ class FlowView(Protocol[FlowT_co]):
         """True when the transceiver at this tunnel address went away after it issued a token
         at ``issued_at`` (unix s): a process started since at that address is another one."""
 
+    def hops_unavailable(self) -> frozenset[tuple[str, int]]:
+        """Cluster relays (hop addresses) that stopped answering: no new session goes there."""
+
 
 @dataclass(frozen=True, slots=True)
 class Forward(Generic[FlowT]):
@@ -82,6 +89,10 @@ class Learn:
     target_ip: bytes
     target_port: int
     key_id: int
+    #: a session of another cluster: the relay of that cluster to forward it to (ip text,
+    #: port), with ``hops`` left in the HopData frames; None: the token's transceiver is ours
+    hop: tuple[str, int] | None = None
+    hops: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,11 +116,14 @@ GONE_REASON = "transceiver gone"
 
 @dataclass(frozen=True, slots=True)
 class AuthPolicy:
-    """The relay's side of authentication: its keys, its cluster, how old a new token may be."""
+    """The relay's side of authentication: its keys, its cluster, how old a new token may be,
+    and (an edge relay) the routes to other clusters and the hops a session may cross."""
 
     keyring: RouteKeyring
     token_max_age: float = 300.0
     cluster: int | None = None
+    routes: ClusterRoutes | None = None
+    hop_limit: int = 2
 
 
 def screen(datagram: bytes) -> Drop | None:
@@ -123,8 +137,10 @@ def screen(datagram: bytes) -> Drop | None:
 
 
 def decide(datagram: bytes, source: tuple[bytes, int], flows: FlowView[FlowT], auth: AuthPolicy,
-           now: float) -> Decision[FlowT]:
-    """Decide for a datagram from ``source`` (packed IP, port) that missed the local flow dict."""
+           now: float, hops_left: int | None = None) -> Decision[FlowT]:
+    """Decide for a datagram from ``source`` (packed IP, port) that missed the local flow dict.
+    ``hops_left``: a datagram an edge relay forwarded (HopData), with the hops it has left;
+    None: straight from a client (``auth.hop_limit`` - 1 left after this relay)."""
     junk = screen(datagram)
     if junk is not None:
         return junk
@@ -133,10 +149,11 @@ def decide(datagram: bytes, source: tuple[bytes, int], flows: FlowView[FlowT], a
         return Forward(known)
     if classify(datagram) is not PacketKind.STUN:
         return Drop("unknown_flow")
-    return authenticate(datagram, flows, auth, now)
+    return authenticate(datagram, flows, auth, now, auth.hop_limit - 1 if hops_left is None else hops_left)
 
 
-def authenticate(datagram: bytes, flows: FlowView[object], auth: AuthPolicy, now: float) -> Learn | Drop | Answer:
+def authenticate(datagram: bytes, flows: FlowView[object], auth: AuthPolicy, now: float,
+                 hops_left: int = 0) -> Learn | Drop | Answer:
     """Check a STUN datagram from an unknown source; Learn only when every check held."""
     try:
         message = parse_binding_request(datagram)
@@ -149,7 +166,8 @@ def authenticate(datagram: bytes, flows: FlowView[object], auth: AuthPolicy, now
     if not colon or not server_ufrag:
         return Drop("stun_bad_username")
     try:
-        token = decode_token(auth.keyring, server_ufrag, now, max_age=None, cluster=auth.cluster)
+        token = decode_token(auth.keyring, server_ufrag, now, max_age=None, cluster=auth.cluster,
+                             any_cluster=auth.routes is not None)
         # Only a signed token reaches the table (junk ufrags must not fill its caches); a
         # session the relay already knows (NAT rebinding mid-call) is not age-checked.
         if not flows.session_known(server_ufrag):
@@ -167,10 +185,24 @@ def authenticate(datagram: bytes, flows: FlowView[object], auth: AuthPolicy, now
     # Last: a closed session is a shm read in every partition, paid only by signed checks.
     if flows.session_closed(server_ufrag, now):
         return Drop("session_closed")
+    if token.cluster is not None and token.cluster != auth.cluster:  # an edge relay (routes set)
+        return _next_hop(server_ufrag, token.cluster, token.key_id, flows, auth, hops_left, token)
     if flows.transceiver_gone(token.target_ip, token.target_port, token.issued_at):
         key = password.encode("ascii")
         return Answer(build_binding_error(message.transaction_id, GONE_CODE, GONE_REASON, key), "transceiver_gone")
     return Learn(server_ufrag, token.target_ip, token.target_port, token.key_id)
+
+
+def _next_hop(ufrag: str, cluster: int, key_id: int, flows: FlowView[object], auth: AuthPolicy, hops_left: int,
+              token: RouteToken) -> Learn | Drop:
+    """A session of another cluster: the relay of that cluster to forward it to."""
+    if hops_left < 1:
+        return Drop("hop_limit")
+    assert auth.routes is not None
+    hop = auth.routes.choose(cluster, ufrag, flows.hops_unavailable())
+    if hop is None:
+        return Drop("cluster_no_route")
+    return Learn(ufrag, token.target_ip, token.target_port, key_id, hop=hop, hops=hops_left - 1)
 
 
 def sender_token(ufrag: str, sender: tuple[bytes, int], auth: AuthPolicy, now: float) -> RouteToken | None:

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay.cluster_routes import ClusterRoutes, parse_cluster_routes
 from relay.decision import DECISION_DROP_REASONS, Answer, AuthPolicy, Drop, Forward, Learn, closed_until, decide
 from wire.route_token import RouteKeyring, derive_password, issue_token
 from wire.stun import (
@@ -35,6 +36,7 @@ class TableView:
         self.sessions = sessions or set()
         self.closed = closed or set()
         self.gone = gone or set()
+        self.gone_hops: set[tuple[str, int]] = set()
 
     def find(self, source):
         return self.flows.get(source)
@@ -47,6 +49,9 @@ class TableView:
 
     def transceiver_gone(self, target_ip: bytes, target_port: int, issued_at: int) -> bool:
         return (target_ip, target_port) in self.gone and issued_at <= NOW + 5  # gone at NOW + 5
+
+    def hops_unavailable(self) -> frozenset[tuple[str, int]]:
+        return frozenset(self.gone_hops)
 
 
 def ufrag(now: float = NOW, keyring: RouteKeyring = KEYRING, cluster: int | None = None) -> str:
@@ -204,6 +209,43 @@ def test_unknown_key_id() -> None:
     other = RouteKeyring({9: b"r" * 32}, 9)
     u = issue_token(other, *TARGET, NOW)
     assert decide(binding_request(u, derive_password(other, u)), CLIENT, TableView(), AUTH, NOW) == Drop("token_unknown_key")
+
+
+EDGE_ROUTES = ClusterRoutes(parse_cluster_routes({"5": ["10.5.0.1:3479", "10.5.0.2:3479"]}))
+EDGE = AuthPolicy(KEYRING, cluster=1, routes=EDGE_ROUTES, hop_limit=2)
+
+
+def test_an_edge_forwards_another_clusters_session_to_a_relay_of_it() -> None:
+    u = ufrag(cluster=5)
+    decision = decide(binding_request(u), CLIENT, TableView(), EDGE, NOW)
+    assert isinstance(decision, Learn) and decision.hop == EDGE_ROUTES.choose(5, u) and decision.hops == 0
+    assert (decision.target_ip, decision.target_port) == TARGET  # the transceiver, for the cluster relay
+    # Its own cluster's session, or a token without a cluster: its own transceivers.
+    for own in (ufrag(cluster=1), ufrag()):
+        assert decide(binding_request(own), CLIENT, TableView(), EDGE, NOW) == Learn(own, TARGET[0], TARGET[1], 1)
+
+
+def test_an_edge_skips_cluster_relays_that_went_away() -> None:
+    u = ufrag(cluster=5)
+    first = EDGE_ROUTES.choose(5, u)
+    view = TableView()
+    view.gone_hops = {first}
+    decision = decide(binding_request(u), CLIENT, view, EDGE, NOW)
+    assert isinstance(decision, Learn) and decision.hop not in (None, first)
+    view.gone_hops = set(EDGE_ROUTES.addresses(5))
+    assert decide(binding_request(u), CLIENT, view, EDGE, NOW) == Drop("cluster_no_route")
+
+
+def test_no_route_and_no_hop_left_are_dropped_and_named() -> None:
+    assert decide(binding_request(ufrag(cluster=9)), CLIENT, TableView(), EDGE, NOW) == Drop("cluster_no_route")
+    u = ufrag(cluster=5)
+    # A frame an edge forwarded with no hop left: never forwarded again (routes cannot loop).
+    assert decide(binding_request(u), CLIENT, TableView(), EDGE, NOW, hops_left=0) == Drop("hop_limit")
+    three = AuthPolicy(KEYRING, cluster=1, routes=EDGE_ROUTES, hop_limit=3)
+    decision = decide(binding_request(u), CLIENT, TableView(), three, NOW, hops_left=2)
+    assert isinstance(decision, Learn) and decision.hops == 1
+    # The checks come first: a forged request for another cluster is not forwarded anywhere.
+    assert decide(binding_request(u, "wrong-password"), CLIENT, TableView(), EDGE, NOW) == Drop("stun_bad_integrity")
 
 
 def test_token_for_another_cluster() -> None:

@@ -209,11 +209,13 @@ def decode_token(
     *,
     max_age: float | None = 300.0,
     cluster: int | None = None,
+    any_cluster: bool = False,
 ) -> RouteToken:
     """Check a ufrag and return what it says, or raise TokenError naming the first failed check.
 
     ``max_age=None`` skips the age check (a flow of a session the relay already knows).
-    ``cluster``: this relay's cluster id; a token naming another cluster is refused.
+    ``cluster``: this relay's cluster id; a token naming another cluster is refused, unless
+    ``any_cluster`` (an edge relay, which forwards other clusters' sessions, decides itself).
     """
     token, body, mac = _parse(ufrag)
     good = keyring.mac(token.key_id, body)
@@ -221,7 +223,7 @@ def decode_token(
         raise TokenError("token_unknown_key", f"key id {token.key_id}")
     if not hmac.compare_digest(good, mac):
         raise TokenError("token_bad_mac")
-    if token.cluster is not None and token.cluster != cluster:
+    if token.cluster is not None and token.cluster != cluster and not any_cluster:
         raise TokenError("token_wrong_cluster", f"token cluster {token.cluster}, relay cluster {cluster}")
     if max_age is not None:
         check_age(token, now, max_age)

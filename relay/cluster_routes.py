@@ -109,6 +109,11 @@ class ClusterRoutes:
     def addresses(self, cluster: int) -> list[Address]:
         return list(self._addresses.get(cluster, ()))
 
+    def is_hop(self, ip: bytes, port: int) -> bool:
+        """Is (packed IP, port) a cluster relay of some route (as last resolved)?"""
+        address = (str(ipaddress.ip_address(ip)), port)
+        return any(address in addresses for addresses in self._addresses.values())
+
     def choose(self, cluster: int, ufrag: str, unavailable: frozenset[Address] = frozenset()) -> Address | None:
         """The cluster relay for this session (rendezvous hashing), skipping ``unavailable``;
         None when the cluster has no route or no relay left."""

@@ -13,6 +13,7 @@ entry, so return frames the transceiver sent with it still validate.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
 import socket
 import time
@@ -24,7 +25,7 @@ from relay.config import RelayConfig
 from relay.decision import Learn
 from shm import Flow, FlowTable, InsertStatus, PartitionWriter, TakeoverReport
 from shm.layout import ip16
-from wire.tunnel_frame import data_prefix
+from wire.tunnel_frame import data_prefix, hop_prefix
 
 log = logging.getLogger("rtcrelay.relay")
 
@@ -57,22 +58,28 @@ def ms(seconds: float) -> int:
 
 
 class FlowEntry:
-    """One client 5-tuple, as the packet path needs it."""
+    """One client 5-tuple, as the packet path needs it.
+
+    ``prefix`` is what the hit path writes in front of a client datagram: a Data header, or a
+    HopData header with ``hops`` left for a session that lives in another cluster (this relay
+    is its edge, ``tunnel_dest`` a relay of that cluster). ``match`` is what the frames coming
+    back start with: a Data header with the flow's handle, from a transceiver or a cluster
+    relay alike (the same object as ``prefix`` but for hops)."""
 
     __slots__ = (
-        "client_key", "client", "public_index", "handle", "prefix", "tunnel_dest",
+        "client_key", "client", "public_index", "handle", "prefix", "match", "hops", "tunnel_dest",
         "target", "ufrag", "packets_in", "bytes_in", "packets_out", "bytes_out", "aliases",
         "flushed_activity", "client_address", "index",
     )
 
     def __init__(self, client_key: bytes, client: tuple[bytes, int], public_index: int, handle: int,
-                 tunnel_dest: bytes, target: tuple[bytes, int], ufrag: str) -> None:
+                 tunnel_dest: bytes, target: tuple[bytes, int], ufrag: str, hops: int | None = None) -> None:
         self.client_key = client_key
         self.client_address = address_tuple(client_key)  # as recvfrom gives it (by_address key)
         self.client = client
         self.public_index = public_index
-        self.handle = handle
-        self.prefix = data_prefix(handle, client[0], client[1])
+        self.hops = hops
+        self._set_handle(handle)
         self.tunnel_dest = tunnel_dest
         self.target = target
         self.ufrag = ufrag
@@ -81,23 +88,29 @@ class FlowEntry:
         self.aliases: tuple[int, ...] = ()  # (a tuple: no list per flow for the collector to walk)
         self.index = -1  # position in LocalFlows.entries
 
+    def _set_handle(self, handle: int) -> None:
+        self.handle = handle
+        self.match = data_prefix(handle, self.client[0], self.client[1])
+        self.prefix = self.match if self.hops is None else hop_prefix(handle, self.client[0], self.client[1], self.hops)
+
     def rehandle(self, handle: int) -> None:
         self.aliases += (self.handle,)
-        self.handle = handle
-        self.prefix = data_prefix(handle, self.client[0], self.client[1])
+        self._set_handle(handle)
 
 
 class AllPartitionsView:
     """The decision function's read-only window on the whole table (all partitions), and on
     the worker's knowledge of which transceivers went silent."""
 
-    __slots__ = ("table", "local", "transceiver_gone")
+    __slots__ = ("table", "local", "transceiver_gone", "hops_unavailable")
 
     def __init__(self, table: FlowTable, local: tuple[bytes, int],
-                 transceiver_gone: Callable[[bytes, int, int], bool] = lambda ip, port, issued: False) -> None:
+                 transceiver_gone: Callable[[bytes, int, int], bool] = lambda ip, port, issued: False,
+                 hops_unavailable: Callable[[], frozenset[tuple[str, int]]] = frozenset) -> None:
         self.table = table
         self.local = (ip16(local[0]), local[1])
         self.transceiver_gone = transceiver_gone
+        self.hops_unavailable = hops_unavailable
 
     def find(self, source: tuple[bytes, int]) -> Flow | None:
         found = self.table.lookup(ip16(source[0]), source[1], *self.local)
@@ -111,7 +124,8 @@ class AllPartitionsView:
 
 
 class LocalFlows:
-    def __init__(self, config: RelayConfig, index: int, tunnel_family: int, publics: list[tuple[bytes, int]]) -> None:
+    def __init__(self, config: RelayConfig, index: int, tunnel_family: int, publics: list[tuple[bytes, int]],
+                 is_hop: Callable[[bytes, int], bool] = lambda ip, port: False) -> None:
         self.table = FlowTable.open(
             config.table_path,
             partitions=config.worker_count,
@@ -141,7 +155,10 @@ class LocalFlows:
         # transceivers that went silent (tunnel sockaddr -> unix time): the checks of sessions
         # they started are answered with an error (relay/decision.py), until they heartbeat again
         self.gone: collections.OrderedDict[bytes, float] = collections.OrderedDict()
-        self.views = [AllPartitionsView(self.table, local, self.is_gone) for local in publics]
+        self.views = [AllPartitionsView(self.table, local, self.is_gone, self.hops_gone) for local in publics]
+        #: is this (packed IP, port) a cluster relay's hop address (a flow to it is a hop)
+        self.is_hop = is_hop
+        self.hop_limit = config.hop_limit
 
     def _own(self) -> PartitionWriter:
         assert self.writer is not None, "take_over() first"
@@ -195,7 +212,14 @@ class LocalFlows:
 
     def learn(self, client_key: bytes, source: tuple[bytes, int], public_index: int,
               learned: Learn, now: float) -> tuple[FlowEntry | None, str]:
-        tunnel_dest = self._tunnel_dest(learned.target_ip, learned.target_port)
+        # Where the flow's datagrams go: the token's transceiver, or (another cluster's session
+        # on an edge) the cluster relay chosen for it, which the table records as the target.
+        if learned.hop is not None:
+            target = (ipaddress.ip_address(learned.hop[0]).packed, learned.hop[1])
+            hops: int | None = learned.hops
+        else:
+            target, hops = (learned.target_ip, learned.target_port), None
+        tunnel_dest = self._tunnel_dest(*target)
         if tunnel_dest is None:
             return None, "token_target_unreachable"
         # max_flows_per_session holds for the relay, not for each worker's partition (the
@@ -206,12 +230,11 @@ class LocalFlows:
         local = self.views[public_index].local
         result = self._own().insert(
             ip16(source[0]), source[1], local[0], local[1],
-            ip16(learned.target_ip), learned.target_port, learned.ufrag.encode(), ms(now),
+            ip16(target[0]), target[1], learned.ufrag.encode(), ms(now),
         )
         if not result.has_flow:
             return None, _REFUSALS[result.status]
-        entry = FlowEntry(client_key, source, public_index, result.handle, tunnel_dest,
-                          (learned.target_ip, learned.target_port), learned.ufrag)
+        entry = FlowEntry(client_key, source, public_index, result.handle, tunnel_dest, target, learned.ufrag, hops)
         return self._add(entry, now), ""
 
     def adopt(self, client_key: bytes, public_index: int, flow: Flow, now: float) -> tuple[FlowEntry | None, str]:
@@ -228,8 +251,11 @@ class LocalFlows:
         tunnel_dest = self._tunnel_dest(*target)
         if tunnel_dest is None:
             return None
+        # a flow to a cluster relay is a hop (the count it left with is not in the table: the
+        # most a flow of this relay starts with)
+        hops = self.hop_limit - 1 if self.is_hop(*target) else None
         entry = FlowEntry(client_key, (unmap(flow.client_ip), flow.client_port), public_index, handle,
-                          tunnel_dest, target, (flow.ufrag or b"").decode())
+                          tunnel_dest, target, (flow.ufrag or b"").decode(), hops)
         entry.packets_in, entry.bytes_in = flow.pkts_in, flow.bytes_in
         entry.packets_out, entry.bytes_out = flow.pkts_out, flow.bytes_out
         entry.flushed_activity = flow.pkts_in + flow.pkts_out
@@ -284,6 +310,12 @@ class LocalFlows:
         dest = self._tunnel_sockaddr(target_ip, target_port)
         gone_at = self.gone.get(dest) if dest is not None else None
         return gone_at is not None and issued_at <= gone_at
+
+    def hops_gone(self) -> frozenset[tuple[str, int]]:
+        """The cluster relays (hop addresses) that went silent or refused: for the decision."""
+        if not self.gone:
+            return frozenset()
+        return frozenset(address_tuple(key)[:2] for key in self.gone)
 
     def mark_gone(self, tunnel_key: bytes) -> None:
         self.gone[tunnel_key] = time.time()

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from daemon.config_file import ConfigError
 
+DATA_LENGTH_LEN = 2  # a tunnel header's last field: the payload length (wire/tunnel_frame.py)
+
 if TYPE_CHECKING:
     from relay.batchio import BatchReceiver, BatchSender
     from relay.flows import FlowEntry, LocalFlows
@@ -65,27 +67,39 @@ class FlowSender:
     copy of that step: :class:`PythonHitPath`, the hits the C path leaves and the misses the
     worker serves all go through it."""
 
-    __slots__ = ("header", "header_len", "links", "shared")
+    __slots__ = ("header", "header_len", "prefix_len", "links", "shared")
 
     def __init__(self, header: struct.Struct, links: TunnelLinks, shared: BatchSender) -> None:
         self.header = header
         self.header_len = header.size
+        self.prefix_len = header.size - DATA_LENGTH_LEN
         self.links = links
         self.shared = shared
 
     def frame(self, entry: FlowEntry, buffer: memoryview | bytearray, header_offset: int, length: int) -> bytes:
         """Write ``entry``'s header at ``header_offset`` (in front of its ``length``-byte
-        payload) and count the datagram on the flow; the transceiver's sockaddr bytes."""
+        payload) and count the datagram on the flow; the transceiver's sockaddr bytes. b"" for
+        a flow whose header is longer (a hop to another cluster's relay): :meth:`send` it."""
+        if len(entry.prefix) != self.prefix_len:
+            return b""
         self.header.pack_into(buffer, header_offset, entry.prefix, length)
         entry.packets_in += 1
         entry.bytes_in += length
         return entry.tunnel_dest
 
     def send(self, entry: FlowEntry, buffer: memoryview | bytearray, off: int, length: int) -> None:
-        """Frame the payload at ``buffer[off : off + length]`` (``header_len`` bytes free in
+        """Frame the payload at ``buffer[off : off + length]`` (its header's length free in
         front of it) and send it now."""
-        start = off - self.header_len
-        dest = self.frame(entry, buffer, start, length)
+        prefix = entry.prefix
+        start = off - len(prefix) - DATA_LENGTH_LEN
+        if len(prefix) == self.prefix_len:
+            dest = self.frame(entry, buffer, start, length)
+        else:  # a HopData header (an edge's flow to a cluster relay)
+            buffer[start : off - DATA_LENGTH_LEN] = prefix
+            buffer[off - DATA_LENGTH_LEN : off] = length.to_bytes(DATA_LENGTH_LEN, "big")
+            entry.packets_in += 1
+            entry.bytes_in += length
+            dest = entry.tunnel_dest
         link = self.links.senders.get(dest)  # the dict first: open() is a call more
         if link is None:
             link = self.links.open(dest)  # (None: no link allowed, the shared socket)

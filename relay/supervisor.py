@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -63,6 +63,7 @@ class WorkerSlot:
     index: int
     public: list[socket.socket]
     tunnel: socket.socket
+    hop: list[socket.socket] = field(default_factory=list)  # hop_listen, one per address
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     crash_streak: int = 0
@@ -113,8 +114,9 @@ class Supervisor:
     def open_sockets(self) -> None:
         inherited = systemd.listen_fds()
         systemd.unset_listen_env()
-        stored = {name: fds[0] for name, fds in inherited.items() if name.startswith(("public-", "tunnel-"))}
-        activated = [fd for name, fds in inherited.items() if not name.startswith(("public-", "tunnel-")) for fd in fds]
+        ours = ("public-", "tunnel-", "hop-")
+        stored = {name: fds[0] for name, fds in inherited.items() if name.startswith(ours)}
+        activated = [fd for name, fds in inherited.items() if not name.startswith(ours) for fd in fds]
         activated_by_addr: dict[tuple[str, int], list[socket.socket]] = {}
         for fd in activated:
             sock = adopt_fd(fd)
@@ -141,7 +143,12 @@ class Supervisor:
                 # SO_REUSEPORT: the worker's connected tunnel links bind the same address (relay/tunnel_links.py)
                 tunnel = open_udp(self.config.tunnel_host, tunnel_port, reuseport=True,
                                   buffer_size=self.config.socket_buffer)
-            self.workers.append(WorkerSlot(index, public, tunnel))
+            hop = []
+            for j, (host, port) in enumerate(parse_host_port(text, "hop_listen") for text in self.config.hop_listen):
+                name = f"hop-{index}-{j}"
+                hop.append(adopt_fd(stored.pop(name)) if name in stored else
+                           open_udp(host, port, reuseport=True, buffer_size=self.config.socket_buffer))
+            self.workers.append(WorkerSlot(index, public, tunnel, hop))
         for leftover in [*stored.values()]:
             os.close(leftover)  # a socket for a worker index this configuration no longer has
         for socks in activated_by_addr.values():
@@ -155,6 +162,8 @@ class Supervisor:
             for j, sock in enumerate(slot.public):
                 systemd.notify(f"FDSTORE=1\nFDNAME=public-{slot.index}-{j}", [sock.fileno()])
             systemd.notify(f"FDSTORE=1\nFDNAME=tunnel-{slot.index}", [slot.tunnel.fileno()])
+            for j, sock in enumerate(slot.hop):
+                systemd.notify(f"FDSTORE=1\nFDNAME=hop-{slot.index}-{j}", [sock.fileno()])
 
     def open_table(self) -> None:
         cfg = self.config
@@ -186,8 +195,11 @@ class Supervisor:
             tunnel_fd=slot.tunnel.fileno(),
             supervisor_pid=os.getpid(),
             go_fd=go_fd,
+            hop=[PublicSocket(sock.fileno(), *bound_address(sock)) for sock in slot.hop],
         )
-        fds = [sock.fileno() for sock in slot.public] + [slot.tunnel.fileno()] + ([go_fd] if go_fd is not None else [])
+        fds = [sock.fileno() for sock in (*slot.public, slot.tunnel, *slot.hop)]
+        if go_fd is not None:
+            fds.append(go_fd)
         env = dict(os.environ, RTCRELAY_WORKER_SPEC=encode_spec(spec))
         env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
         return subprocess.Popen([sys.executable, "-m", "relay.worker"], pass_fds=fds, env=env)
@@ -385,7 +397,7 @@ class Supervisor:
         if self._admin is not None:
             await self._admin.cleanup()
         for slot in self.workers:
-            for sock in slot.public:
+            for sock in (*slot.public, *slot.hop):
                 sock.close()
             slot.tunnel.close()
         if self.table is not None:

@@ -9,7 +9,7 @@ Client → transceiver:
          at once (:class:`relay.hit_path.FlowSender`); junk is dropped
          (:func:`relay.decision.screen`); the rest is a miss, queued behind the hits and
          served in short slices with at most half the worker's time
-         (:meth:`Worker.serve_misses`): :func:`relay.decision.decide` (demux, STUN, route
+         (:meth:`Worker.serve_misses`, relay/miss_budget.py): :func:`relay.decision.decide` (demux, STUN, route
          token, integrity), then learn the flow in this worker's shm partition, or adopt one
          found in another partition.
 
@@ -30,6 +30,7 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import gc
 import ipaddress
@@ -47,8 +48,11 @@ from relay.batchio import BatchReceiver, BatchSender, address_tuple, decode_sock
 from relay.decision import Answer, AuthPolicy, Drop, Forward, Learn, closed_until, decide, screen, sender_token
 from relay.flows import FlowEntry, LocalFlows
 from relay.hit_path import FlowSender, HitPath, open_hit_path
+from relay.hop_ingress import HopReturn
 from relay.metrics import COUNTER_INDEX, WORKER_COUNTERS
+from relay.miss_budget import MISS_QUEUE_MAX, MissBudget
 from relay.tunnel_links import TunnelLinks
+from relay.worker_hops import WorkerHops, hop_locals
 from relay.worker_spec import WorkerSpec, decode_spec
 from shm.counters import CounterBlock
 from wire.tunnel_frame import (
@@ -91,19 +95,6 @@ FLUSH_PASSES_PER_IDLE = 3
 SWEEP_SLOTS_PER_STEP = 1024  # ~25 µs with nothing to expire
 SWEEP_PASSES_PER_IDLE = 4  # an idle flow goes at most idle_timeout / 4 late
 REMOVALS_PER_STEP = 8  # shm deletes (~12 µs each with the dicts and backward shifts)
-# Misses (authentication ~20 µs, learning ~20 µs more) wait in a queue and are served between
-# loop iterations, at most MISS_SLICE_S at a time: an established flow's datagram never waits
-# behind more than one slice of new sessions. And while established flows have traffic,
-# misses get at most MISS_CPU_SHARE of the worker's time (a credit that accrues with wall time,
-# bursts up to MISS_CREDIT_MAX_S): at 10,000 new sessions/s a worker with no such bound spent
-# all of its time on them, and the established flows' datagrams waited in the socket behind
-# theirs (p50 250 ms). A worker with nothing else to do (a relay that lost its table and
-# re-learns every client) gives misses all of its time. A full queue
-# refuses new misses (counted "miss_queue_full"): the client's ICE retransmits its check.
-MISS_SLICE_S = 100e-6
-MISS_CPU_SHARE = 0.5
-MISS_CREDIT_MAX_S = 0.005
-MISS_QUEUE_MAX = 1024  # ~60-120 ms of work: beyond that a new session is better refused
 
 _C = COUNTER_INDEX
 _monotonic = time.monotonic
@@ -117,19 +108,28 @@ class Worker:
         self.spec = spec
         cfg = spec.config
         self.index = spec.index
-        self.auth = AuthPolicy(load_keyring(cfg.route_keys_file or None), cfg.token_max_age, cfg.cluster_id)
-        self.allowed_networks = AllowedNetworks.parse(cfg.transceiver_networks, "transceiver_networks")
+        # hop sockets (a cluster relay) and routes to other clusters (an edge): relay/worker_hops.py
+        self.hops = WorkerHops(cfg, spec.hop, len(spec.public), cfg.batch, BUFSIZE, self.deliver, self.drop)
+        self.auth = AuthPolicy(load_keyring(cfg.route_keys_file or None), cfg.token_max_age, cfg.cluster_id,
+                               self.hops.routes, cfg.hop_limit)
+        # (an edge's cluster relays answer like transceivers: from peer_networks)
+        networks = cfg.transceiver_networks + (cfg.peer_networks if self.hops.routes is not None else [])
+        self.allowed_networks = AllowedNetworks.parse(networks, "transceiver_networks/peer_networks")
         self.counts = [0] * len(WORKER_COUNTERS)
         self.counters = CounterBlock.attach(cfg.stats_path, writable=True)
         self.public = [socket.socket(fileno=p.fd) for p in spec.public]
         self.public_addr = [(ipaddress.ip_address(p.host).packed, p.port) for p in spec.public]
         self.tunnel = socket.socket(fileno=spec.tunnel_fd)
-        self.flows = LocalFlows(cfg, spec.index, self.tunnel.family, self.public_addr)
+        routes = self.hops.routes
+        self.flows = LocalFlows(cfg, spec.index, self.tunnel.family, self.public_addr + hop_locals(spec.hop),
+                                is_hop=routes.is_hop if routes is not None else lambda ip, port: False)
         batch = cfg.batch
         self.public_rx = [BatchReceiver(s, batch=batch, bufsize=BUFSIZE, headroom=HEADROOM) for s in self.public]
-        self.public_tx = [BatchSender(s, batch=batch) for s in self.public]
-        # The tunnel Data header of each public socket's clients (their family's).
-        self.public_header = [data_header_struct(ip) for ip, _port in self.public_addr]
+        # per socket index (public sockets, then hop indexes): how clients' datagrams go back,
+        # and the tunnel Data header of its clients (their family's)
+        self.public_tx: list[BatchSender | HopReturn] = [BatchSender(s, batch=batch) for s in self.public]
+        self.public_tx += self.hops.senders()
+        self.public_header = [data_header_struct(ip) for ip, _port in self.public_addr] + self.hops.headers()
         self.tunnel_rx = BatchReceiver(self.tunnel, batch=batch, bufsize=BUFSIZE + DATA_HEADER_LEN_V6, headroom=0)
         self.tunnel_tx = BatchSender(self.tunnel, batch=batch)
         self.links = TunnelLinks(
@@ -146,10 +146,8 @@ class Worker:
         #: misses waiting for serve_misses: (public socket index, source sockaddr, datagram)
         self.misses: collections.deque[tuple[int, bytes, bytes]] = collections.deque()
         self._misses_scheduled = False
-        self._miss_credit = MISS_CREDIT_MAX_S  # seconds of miss work allowed now
-        self._miss_credit_at = _monotonic()
+        self.miss_budget = MissBudget(_monotonic())  # relay/miss_budget.py: misses never starve hits
         self._miss_packets = 0  # client_packets that were misses' first datagrams
-        self._established_seen = -1
         self.flows_added = 0
         self.loop: asyncio.AbstractEventLoop  # set by run()
         self.public_done = [0.0] * len(self.public)  # when each public callback last returned
@@ -232,7 +230,18 @@ class Worker:
         if rx.truncated(i):
             self.drop("oversized")
             return
-        datagram = bytes(rx.payload(i))
+        self.queue_datagram(which, rx.keys()[i], bytes(rx.payload(i)))
+
+    def deliver(self, which: int, key: bytes, buffer: memoryview | bytearray, off: int, length: int) -> None:
+        """A client datagram that came in another way (a hop socket: an edge relay's client):
+        a hit goes on now, the rest is queued as a miss."""
+        entry = self.flows.by_key.get(key)
+        if entry is not None:
+            self.forward_hit(which, entry, buffer, off, length)
+        else:
+            self.queue_datagram(which, key, bytes(buffer[off : off + length]))
+
+    def queue_datagram(self, which: int, key: bytes, datagram: bytes) -> None:
         junk = screen(datagram)
         if junk is not None:
             self.drop(junk.reason)
@@ -240,27 +249,23 @@ class Worker:
         if len(self.misses) >= MISS_QUEUE_MAX:
             self.drop("miss_queue_full")
             return
-        self.misses.append((which, rx.keys()[i], datagram))
+        self.misses.append((which, key, datagram))
         if not self._misses_scheduled:
             self._misses_scheduled = True
             self.loop.call_soon(self.serve_misses)
 
     def serve_misses(self) -> None:
-        """Queued misses in order, for at most MISS_SLICE_S and the credit left; then the loop
-        polls the sockets (their hits go first) before the next slice, or, out of credit,
-        serves only hits until a slice's worth has accrued."""
+        """Queued misses in order, for the slice the budget allows (relay/miss_budget.py); then
+        the loop polls the sockets (their hits go first) before the next slice, or, out of
+        credit, serves only hits until a slice's worth has accrued."""
         self._misses_scheduled = False
         misses = self.misses
         started = _monotonic()
-        credit = min(MISS_CREDIT_MAX_S, self._miss_credit + (started - self._miss_credit_at) * MISS_CPU_SHARE)
-        self._miss_credit_at = started
         counts = self.counts
-        established = counts[_CLIENT_PACKETS] + counts[_C["transceiver_packets"]] - self._miss_packets
-        alone = established == self._established_seen  # no established datagram since the last slice
-        self._established_seen = established
-        if credit > 0 or alone:
+        deadline = self.miss_budget.start(started, counts[_CLIENT_PACKETS] + counts[_C["transceiver_packets"]]
+                                          - self._miss_packets)
+        if deadline is not None:
             try:
-                deadline = started + min(credit, MISS_SLICE_S)
                 learned = self.flows_added
                 while misses:
                     self.on_public_miss(*misses.popleft())
@@ -270,14 +275,14 @@ class Worker:
                     gc.freeze()  # the new flows' objects: out of every collection (see run())
             except Exception:
                 self.internal_error()
-            credit -= _monotonic() - started
-        self._miss_credit = credit
+            self.miss_budget.spent(_monotonic() - started)
         if misses and not self._misses_scheduled:
             self._misses_scheduled = True
-            if credit > 0 or alone:
+            wait = self.miss_budget.wait_s()
+            if wait:
+                self.loop.call_later(wait, self.serve_misses)
+            else:
                 self.loop.call_soon(self.serve_misses)
-            else:  # (the loop's timers have 1 ms resolution: no spinning on shorter waits)
-                self.loop.call_later(max(-credit / MISS_CPU_SHARE, 0.001), self.serve_misses)
         self.counts[_C["miss_queue"]] = len(misses)
 
     def on_public_miss(self, which: int, key: bytes, datagram: bytes) -> None:
@@ -285,7 +290,8 @@ class Worker:
         entry = self.flows.by_key.get(key)  # learned from an earlier miss in the queue
         if entry is None:
             source = decode_sockaddr(key)
-            decision = decide(datagram, source, self.flows.views[which], self.auth, time.time())
+            decision = decide(datagram, source, self.flows.views[which], self.auth, time.time(),
+                              self.hops.hops_left(key))
             if isinstance(decision, Drop):
                 self.drop(decision.reason)
                 return
@@ -361,7 +367,7 @@ class Worker:
                             header = headers[entry.public_index]
                             prefix, payload_len = header.unpack_from(buffer, off)
                             hl = header.size
-                            if entry.tunnel_dest == key and prefix == entry.prefix and payload_len == length - hl:
+                            if entry.tunnel_dest == key and prefix == entry.match and payload_len == length - hl:
                                 senders[entry.public_index].add(entry.client_key, buffer[off + hl : off + length])
                                 entry.packets_out += 1
                                 entry.bytes_out += length - hl
@@ -404,11 +410,13 @@ class Worker:
             self.flows.transceiver_heartbeat(key, now, frame.draining)
             self.counts[_C["heartbeats"]] += 1
         elif isinstance(frame, SessionClosed):
+            self.hops.session_ended(frame, self.flows)  # (edges forwarding it to us: told too)
             self.counts[_C["flows_closed"]] += self.flows.close_session(frame.ufrag, key)
             self.remember_closed(frame.ufrag, key)
         elif isinstance(frame, SessionRenamed):
             # an ICE restart: the new ufrag must be the sender's too
             if sender_token(frame.new, decode_sockaddr(key), self.auth, time.time()) is not None:
+                self.hops.session_ended(frame, self.flows)
                 self.flows.rename_session(frame.old, frame.new, key, now)
             self.remember_closed(frame.old, key)
         elif isinstance(frame, Drain):
@@ -478,6 +486,7 @@ class Worker:
             yield
         self.counts[_C["flows_closed"]] += closed
         self.links.retain(flows.transceivers)
+        self.hops.tick(now, flows)
         self.publish_counters(ready=1)
 
     def publish_counters(self, ready: int) -> None:
@@ -497,7 +506,7 @@ class Worker:
         except Exception as exc:
             log.error("worker %d: route keys not reloaded: %s", self.index, exc)
             return
-        self.auth = AuthPolicy(keyring, self.auth.token_max_age, self.auth.cluster)
+        self.auth = dataclasses.replace(self.auth, keyring=keyring)
 
     async def run(self) -> None:
         self.loop = loop = asyncio.get_running_loop()
@@ -506,6 +515,7 @@ class Worker:
         for which, sock in enumerate(self.public):
             loop.add_reader(sock.fileno(), self.on_public_readable, which)
         loop.add_reader(self.tunnel.fileno(), self.on_tunnel_readable, self.tunnel)
+        self.hops.start(loop)
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
@@ -539,6 +549,7 @@ class Worker:
         for sock in self.public:
             loop.remove_reader(sock.fileno())
         loop.remove_reader(self.tunnel.fileno())
+        self.hops.stop(loop)
         self.links.close_all()
         self.flows.flush_counters(time.monotonic())
         self.publish_counters(ready=0)

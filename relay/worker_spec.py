@@ -20,6 +20,7 @@ class WorkerSpec(msgspec.Struct):
     tunnel_fd: int
     supervisor_pid: int
     go_fd: int | None = None  # a standby's socketpair end: say ready, wait for "go" before taking over
+    hop: list[PublicSocket] = msgspec.field(default_factory=list)  # hop_listen sockets (a cluster relay)
 
 
 def encode_spec(spec: WorkerSpec) -> str:

@@ -13,18 +13,19 @@ Where ``ip netns`` is not permitted, the fixture fails saying so.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from relayproc import RelayProcess
+from relayproc import RelayProcess, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -62,37 +63,53 @@ def require_netns() -> None:
     run(["ip", "netns", "del", probe], check=False)
 
 
-@pytest.fixture
-def topology() -> Iterator[Topology]:
+@contextlib.contextmanager
+def chain(roles: list[str], links: list[tuple[str, str, str, str]]) -> Iterator[dict[str, str]]:
+    """Namespaces by role (role -> namespace name), joined by veth pairs made inside them:
+    ``links`` are (role a, address a, role b, address b), each address a /24. No namespace
+    forwards IP; nothing touches the host's own network namespace. Deleted at the end."""
     require_netns()
     tag = uuid.uuid4().hex[:6]
-    topo = Topology(f"rtcr-{tag}-cli", f"rtcr-{tag}-rly", f"rtcr-{tag}-trx")
+    names = {role: f"rtcr-{tag}-{role[:3]}" for role in roles}
+    made: list[str] = []
     try:
-        for ns in (topo.client, topo.relay, topo.transceiver):
+        for ns in names.values():
             run(["ip", "netns", "add", ns])
-            topo.made.append(ns)
+            made.append(ns)
             run(["ip", "-n", ns, "link", "set", "lo", "up"])
-            run(topo.exec(ns) + ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv4.ip_forward=0"])
-        # veth pairs made inside the namespaces: nothing touches the host's own network namespace
-        run(["ip", "-n", topo.client, "link", "add", f"vc{tag}", "type", "veth", "peer", "name", f"vrc{tag}", "netns", topo.relay])
-        run(["ip", "-n", topo.relay, "link", "add", f"vrt{tag}", "type", "veth", "peer", "name", f"vt{tag}", "netns", topo.transceiver])
-        for ns, dev, addr in ((topo.client, f"vc{tag}", CLIENT_IP), (topo.relay, f"vrc{tag}", RELAY_PUBLIC_IP),
-                              (topo.relay, f"vrt{tag}", RELAY_TUNNEL_IP), (topo.transceiver, f"vt{tag}", TRANSCEIVER_IP)):
-            run(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev])
-            run(["ip", "-n", ns, "link", "set", dev, "up"])
-        yield topo
+            run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                 "net.ipv4.ip_forward=0"])
+        for n, (role_a, addr_a, role_b, addr_b) in enumerate(links):
+            dev_a, dev_b = f"v{n}a{tag}", f"v{n}b{tag}"
+            run(["ip", "-n", names[role_a], "link", "add", dev_a, "type", "veth", "peer", "name", dev_b,
+                 "netns", names[role_b]])
+            for role, dev, addr in ((role_a, dev_a, addr_a), (role_b, dev_b, addr_b)):
+                run(["ip", "-n", names[role], "addr", "add", f"{addr}/24", "dev", dev])
+                run(["ip", "-n", names[role], "link", "set", dev, "up"])
+        yield names
     finally:
-        for ns in topo.made:
+        for ns in made:
             run(["ip", "netns", "del", ns], check=False)
         leftover = run(["ip", "netns", "list"], check=False).stdout
-        assert not any(ns in leftover for ns in topo.made), f"namespaces left behind: {leftover}"
+        assert not any(ns in leftover for ns in made), f"namespaces left behind: {leftover}"
+
+
+@pytest.fixture
+def topology() -> Iterator[Topology]:
+    with chain(["client", "relay", "transceiver"],
+               [("client", CLIENT_IP, "relay", RELAY_PUBLIC_IP),
+                ("relay", RELAY_TUNNEL_IP, "transceiver", TRANSCEIVER_IP)]) as names:
+        yield Topology(names["client"], names["relay"], names["transceiver"], list(names.values()))
 
 
 def netns_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
 
 
-def start_transceiver(topo: Topology, relay: RelayProcess, tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def start_transceiver(topo: Topology, relay: RelayProcess, tmp_path: Path, namespace: str | None = None,
+                      **overrides: object) -> tuple[subprocess.Popen[bytes], Path]:
+    """`rtcrelay transceiver` in the topology's transceiver namespace (or ``namespace``), with
+    the relay's keys; ``overrides``: config keys of its own."""
     config = tmp_path / "transceiver.toml"
     settings = {
         "tunnel_host": TRANSCEIVER_IP,
@@ -102,11 +119,12 @@ def start_transceiver(topo: Topology, relay: RelayProcess, tmp_path: Path) -> tu
         "http_host": SIGNALLING.split(":")[0],
         "http_port": int(SIGNALLING.split(":")[1]),
         "route_keys_file": str(relay.keys_path),
+        **overrides,
     }
     config.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items()) + "\n")
     log_path = tmp_path / "transceiver.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(topo.exec(topo.transceiver) + [sys.executable, "-c", "from cli.main import app; app()",
+        proc = subprocess.Popen(topo.exec(namespace or topo.transceiver) + [sys.executable, "-c", "from cli.main import app; app()",
                                 "transceiver", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
                                 env=netns_env(), cwd=ROOT, start_new_session=True)
     return proc, log_path
@@ -135,6 +153,72 @@ req = urllib.request.Request("http://" + sys.argv[1] + "/v1/sessions", data=sys.
 with urllib.request.urlopen(req, timeout=15) as resp:
     sys.stdout.write(resp.read().decode())
 """
+
+
+def wait_relay(relay: RelayProcess, where: str) -> None:
+    """Until every worker of ``relay`` (started with wait=False) serves."""
+    def ready() -> bool:
+        if relay.proc.poll() is not None:
+            raise AssertionError(f"relay exited with {relay.proc.returncode}:\n{relay.log()}")
+        try:
+            rows = relay.rows()
+        except (OSError, ValueError):
+            return False
+        return len(rows) == relay.workers and all(r["ready"] == 1 and r["pid"] for r in rows)
+
+    wait_for(ready, 20, f"the relay in {where}")
+
+
+def wait_transceiver(proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"transceiver exited with {proc.returncode}:\n{log_path.read_text()}")
+        return "transceiver up" in log_path.read_text(errors="replace")
+
+    wait_for(up, 20, "the transceiver in its namespace")
+
+
+@dataclass
+class ClientCall:
+    """A client script (CLIENT_PROLOGUE + its main) in the client namespace, its offer POSTed
+    from the transceiver's namespace (signalling out of band), the answer handed back."""
+
+    client_ns: list[str]
+    transceiver_ns: list[str]
+    script: str
+    diagnostics: Callable[[], str] = lambda: ""
+    proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> tuple[str, str]:
+        """Run it: (its offer, the transceiver's answer)."""
+        self.proc = subprocess.Popen(self.client_ns + [sys.executable, "-c", self.script], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=netns_env(),
+                                     cwd=ROOT, start_new_session=True)
+        offer = json.loads(self.line("no offer"))["offer"]
+        answer = run(self.transceiver_ns + [sys.executable, "-c", POST_OFFER, SIGNALLING], input=offer, timeout=30).stdout
+        self.say(json.dumps({"answer": answer}))
+        return offer, answer
+
+    def line(self, what: str) -> str:
+        """The script's next line (bounded by its own timeout), or AssertionError with its stderr."""
+        assert self.proc is not None and self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            stop(self.proc)
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise AssertionError(f"client: {what}\n{err[-4000:]}\n{self.diagnostics()}")
+        return line
+
+    def say(self, text: str) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+    def finish(self) -> int:
+        assert self.proc is not None
+        self.say("bye")
+        self.proc.communicate(timeout=30)
+        return self.proc.returncode
 
 
 def stop(proc: subprocess.Popen | None) -> None:

@@ -14,25 +14,23 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 from netns import (
     CLIENT_IP,
     CLIENT_PROLOGUE,
-    POST_OFFER,
     RELAY_PORT,
     RELAY_PUBLIC_IP,
     RELAY_TUNNEL_IP,
-    ROOT,
-    SIGNALLING,
     TRANSCEIVER_IP,
+    ClientCall,
     Topology,
-    netns_env,
     run,
     start_transceiver,
     stop,
+    wait_relay,
+    wait_transceiver,
 )
 from relayproc import cleanup_relay, start_relay, wait_for
 
@@ -68,7 +66,7 @@ else:
 
 def test_a_call_works_only_through_the_relay_across_namespaces(topology: Topology, tmp_path: Path) -> None:
     topo = topology
-    relay = transceiver = client = None
+    relay = transceiver = call = None
     try:
         # The isolation this test relies on, checked first.
         route = run(["ip", "-n", topo.transceiver, "route", "get", CLIENT_IP], check=False)
@@ -81,50 +79,16 @@ def test_a_call_works_only_through_the_relay_across_namespaces(topology: Topolog
             "listen": [f"{RELAY_PUBLIC_IP}:{RELAY_PORT}"], "tunnel_host": RELAY_TUNNEL_IP,
             "transceiver_networks": ["10.250.2.0/24"], "admin_listen": "127.0.0.1:9478", "heartbeat_timeout": 5.0})
 
-        def relay_ready() -> bool:
-            if relay.proc.poll() is not None:
-                raise AssertionError(f"relay exited with {relay.proc.returncode}:\n{relay.log()}")
-            try:
-                rows = relay.rows()
-            except (OSError, ValueError):
-                return False
-            return len(rows) == 2 and all(r["ready"] == 1 and r["pid"] for r in rows)
-
-        wait_for(relay_ready, 20, "the relay in its namespace")
+        wait_relay(relay, "its namespace")
         transceiver, tx_log = start_transceiver(topo, relay, tmp_path)
-
-        def transceiver_up() -> bool:
-            if transceiver.poll() is not None:
-                raise AssertionError(f"transceiver exited with {transceiver.returncode}:\n{tx_log.read_text()}")
-            return "transceiver up" in tx_log.read_text(errors="replace")
-
-        wait_for(transceiver_up, 20, "the transceiver in its namespace")
-
-        client = subprocess.Popen(topo.exec(topo.client) + [sys.executable, "-c", CLIENT_SCRIPT], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=netns_env(), cwd=ROOT,
-                                  start_new_session=True)
-        assert client.stdin is not None and client.stdout is not None
-
-        def client_failed(what: str) -> AssertionError:
-            stop(client)
-            err = client.stderr.read() if client.stderr else ""
-            return AssertionError(f"client: {what}\n{err[-4000:]}\nrelay:\n{relay.log()[-2000:]}\n"
-                                  f"transceiver:\n{tx_log.read_text()[-2000:]}")
-
-        offer_line = client.stdout.readline()  # bounded: the client's own 75 s timeout
-        if not offer_line:
-            raise client_failed("no offer")
-        offer = json.loads(offer_line)["offer"]
+        wait_transceiver(transceiver, tx_log)
+        call = ClientCall(topo.exec(topo.client), topo.exec(topo.transceiver), CLIENT_SCRIPT,
+                          lambda: f"relay:\n{relay.log()[-2000:]}\ntransceiver:\n{tx_log.read_text()[-2000:]}")
+        offer, answer = call.start()
         assert CLIENT_IP in offer  # the client offers its own address, which the transceiver cannot reach
-        answer = run(topo.exec(topo.transceiver) + [sys.executable, "-c", POST_OFFER, SIGNALLING], input=offer, timeout=30).stdout
         candidates = [line for line in answer.splitlines() if line.startswith("a=candidate")]
         assert candidates and all(f"{RELAY_PUBLIC_IP} {RELAY_PORT}" in c for c in candidates), candidates
-        client.stdin.write(json.dumps({"answer": answer}) + "\n")
-        client.stdin.flush()
-        line = client.stdout.readline()
-        if not line:
-            raise client_failed("the call did not complete")
-        result = json.loads(line)
+        result = json.loads(call.line("the call did not complete"))
         assert result["echo"] == "hello across three namespaces"
         assert result["level"] > 1000  # the echoed tone, not silence
         assert result["remote"] == [RELAY_PUBLIC_IP, RELAY_PORT]  # the relay's public address, the only candidate
@@ -135,10 +99,7 @@ def test_a_call_works_only_through_the_relay_across_namespaces(topology: Topolog
         relay.wait_flushed(lambda rows: sum(r["client_packets"] for r in rows) > 50
                            and sum(r["transceiver_packets"] for r in rows) > 50, what="media counted both ways")
         rows = relay.rows()
-        client.stdin.write("bye\n")
-        client.stdin.flush()
-        client.communicate(timeout=30)
-        assert client.returncode == 0
+        assert call.finish() == 0
         # Hanging up ends the session: the transceiver tells the relay, which forgets the flow.
         wait_for(lambda: relay.table_flows() == [], 10, "the flow removed after the hang-up")
         print("\nFIGURES netns: " + json.dumps({
@@ -146,7 +107,7 @@ def test_a_call_works_only_through_the_relay_across_namespaces(topology: Topolog
             "transceiver_packets": sum(r["transceiver_packets"] for r in rows),
             "level": round(result["level"]), "remote": result["remote"]}))
     finally:
-        stop(client)
+        stop(call.proc if call is not None else None)
         stop(transceiver)
         if relay is not None:
             cleanup_relay(relay)

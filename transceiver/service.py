@@ -65,6 +65,9 @@ class TransceiverConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     route_secrets: dict[int, bytes] = msgspec.field(default_factory=dict)
     route_key_id: int = 1
     route_keys_file: str = ""
+    # The cluster this transceiver belongs to (0..65535), written into every route token: edge
+    # relays near clients forward its sessions to a relay of this cluster (relay cluster_routes).
+    cluster_id: int | None = None
     max_sessions: int = 50  # an upper bound; admission_* refuse earlier when the process is busy
     # WHIP bearer-token authentication (transceiver/bearer.py): on when either is set. Signed
     # tokens verified with the keys in whip_token_keys_file (route-keys format, its own file;
@@ -115,6 +118,8 @@ class TransceiverConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
             raise ValueError(f"`route_key_id`: {self.route_key_id} has no secret in route_secrets")
         if self.max_sessions < 1:
             raise ValueError("`max_sessions`: at least 1")
+        if self.cluster_id is not None and not 0 <= self.cluster_id < 65536:
+            raise ValueError("`cluster_id`: 0 to 65535")
         if self.max_sessions_per_subject < 0:
             raise ValueError("`max_sessions_per_subject`: >= 0 (0: no limit)")
         for key in ("connect_timeout", "heartbeat_interval"):
@@ -204,6 +209,7 @@ class Transceiver:
             pipeline_factory=self.pipeline_factory,
             admission=LoadAdmission(cfg.admission_limits()),
             max_sessions_per_subject=cfg.max_sessions_per_subject,
+            cluster_id=cfg.cluster_id,
         )
         assert self.manager.admission is not None
         self._load_monitor = LoadMonitor(self.manager.admission, self.manager.connected_calls)

@@ -91,7 +91,7 @@ class Session:
         self.manager = manager
         self.id = secrets.token_urlsafe(12)
         self.subject = subject  # who opened it (WHIP bearer token), None without authentication
-        self.ufrag = issue_token(manager.keyring, manager.route_ip, manager.route_port, manager.clock())
+        self.ufrag = manager.new_token()
         self.pipeline = pipeline
         self.started = time.monotonic()  # offer received
         self.setup_seconds: float | None = None  # offer -> connected
@@ -180,7 +180,7 @@ class Session:
             raise RuntimeError("the session has ended")
         manager = self.manager
         old = self.ufrag
-        self.ufrag = issue_token(manager.keyring, manager.route_ip, manager.route_port, manager.clock())
+        self.ufrag = manager.new_token()
         password = derive_password(manager.keyring, self.ufrag)
         manager.tunnel.add_ufrag(self.link, self.ufrag)
         self.ice.restart(self.ufrag, password, remote_ufrag, remote_password)
@@ -344,6 +344,7 @@ class SessionManager:
         clock: Callable[[], float] = time.time,
         admission: LoadAdmission | None = None,
         max_sessions_per_subject: int = 0,
+        cluster_id: int | None = None,
     ) -> None:
         self.tunnel = tunnel
         self.keyring = keyring
@@ -356,6 +357,7 @@ class SessionManager:
         self.clock = clock
         self.admission = admission  # None: admit by count only
         self.max_sessions_per_subject = max_sessions_per_subject  # 0: no limit
+        self.cluster_id = cluster_id  # written into every route token: edge relays route by it
         self._pending_by: dict[str, int] = {}  # subject -> its offers being negotiated
         self.sessions: dict[str, Session] = {}
         self.draining = False
@@ -424,6 +426,10 @@ class SessionManager:
         dropped = self.metrics.audio_dropped_ended + sum(s.outgoing.dropped for s in self.sessions.values()
                                                           if s.close_reason is None)
         return counts, dropped
+
+    def new_token(self) -> str:
+        """A route token (a server ufrag) naming this transceiver, and its cluster if it has one."""
+        return issue_token(self.keyring, self.route_ip, self.route_port, self.clock(), cluster=self.cluster_id)
 
     def connected_calls(self) -> int:
         return sum(1 for session in self.sessions.values() if session.connected.is_set())

@@ -22,39 +22,31 @@ namespace too): Chromium's only candidate is 127.0.0.1 (``--allow-loopback-in-pe
 and no packet of the test can reach any other interface — the namespace has none.
 
 The pytest process starts the scenario (this file run as a script) in that namespace, reads
-its JSON report and asserts on it. A missing Chromium is a failure, not a skip:
-``scripts/test`` installs it (scripts/browser-deps.sh).
+its JSON report and asserts on it; the scenario and the checks of a call are
+tests/browser_scenario.py, shared with the Firefox test (test_browser_firefox.py). A missing
+Chromium is a failure, not a skip: ``scripts/test`` installs it (scripts/browser-deps.sh).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import os
-import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
 import time
-import traceback
 import wave
 from pathlib import Path
 from typing import Any
 
 import pytest
+from browser_scenario import ROOT, CallScenario, call_figures, check_call, require_browser, run_scenario, scenario_main
 from relayproc import metric_sum
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-SCENARIO_TIMEOUT_S = 90.0  # the scenario's own deadline (it cleans up after it)
-CHILD_TIMEOUT_S = 150.0  # the pytest side's last resort
-MIN_INBOUND_PACKETS = 50
-FLOW_GONE_TIMEOUT_S = 5.0
 REBIND_WATCH_S = 10.0  # after the NAT forgets the call's mapping
 REBIND_MAX_GAP_S = 4.0
 RESTART_WATCH_S = 8.0  # after window.__restartIce()
@@ -64,129 +56,26 @@ KILL_BACK_MAX_S = 4.0
 DRAIN_WATCH_S = 6.0  # after SIGTERM to the call's transceiver: the page moves the call meanwhile
 DRAIN_GAP_MAX_S = 0.4  # the longest stretch without new audio on the page's current call
 
-RTCRELAY = [sys.executable, "-m", "cli.main"]
-
 
 # ---------------------------------------------------------------------------------------
 # the pytest side
 # ---------------------------------------------------------------------------------------
 
 
-def _only_loopback() -> bool:
-    return [name for _, name in socket.if_nameindex()] == ["lo"]
-
-
-def _namespace_prefix() -> list[str]:
-    """How to run the scenario where only ``lo`` exists ([] when that is already so here)."""
-    if _only_loopback():
-        return []
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        pytest.fail("the browser test needs `unshare` (util-linux) to run Chromium in a loopback-only network namespace")
-    options = [["--net"]] if os.geteuid() == 0 else []
-    options.append(["--user", "--map-root-user", "--net"])  # unprivileged: a user namespace too
-    errors = []
-    for opts in options:
-        probe = subprocess.run([unshare, *opts, "--", sys.executable, "-c", "pass"], capture_output=True, text=True, timeout=10)
-        if probe.returncode == 0:
-            return [unshare, *opts, "--"]
-        errors.append(f"unshare {' '.join(opts)}: {probe.stderr.strip() or probe.returncode}")
-    pytest.fail("cannot create a network namespace for the browser test (Chromium must see only the loopback):\n"
-                + "\n".join(errors))
-
-
-def _kill_groups(pids_file: Path) -> None:
-    """Last resort after a hung scenario: the process groups it recorded (all ours)."""
-    try:
-        pids = json.loads(pids_file.read_text())
-    except (OSError, ValueError):
-        return
-    for pid in pids.values():
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(missing)"
-
-
 def _run_scenario(tmp_path: Path, *extra: str) -> tuple[dict[str, Any], str, list[str]]:
     """Run this file as the scenario in a loopback-only namespace; its report and a failure text."""
     from cdp import find_chromium
 
-    chromium = find_chromium()
-    if chromium is None:
-        where = os.environ.get("RTCRELAY_CHROMIUM") or "/usr/lib/chromium/chromium, /usr/bin/chromium"
-        pytest.fail(f"Chromium not found ({where}): the browser test needs it; scripts/test installs it with "
-                    "scripts/browser-deps.sh (apt install chromium), or set RTCRELAY_CHROMIUM=/path/to/chromium")
-    prefix = _namespace_prefix()
-    out = tmp_path / "scenario"
-    out.mkdir()
-    cmd = [*prefix, sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--chromium", chromium, *extra]
-    paths = [str(HERE), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-    started = time.monotonic()
-    with open(out / "scenario.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                start_new_session=True)
-        try:
-            proc.wait(CHILD_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-            _kill_groups(out / "pids.json")
-            pytest.fail(f"the browser scenario did not finish in {CHILD_TIMEOUT_S} s:\n{_tail(out / 'scenario.log')}")
-    elapsed = time.monotonic() - started
-
-    report_path = out / "report.json"
-    if not report_path.exists():
-        pytest.fail(f"the browser scenario exited with {proc.returncode} and no report:\n{_tail(out / 'scenario.log', 60)}")
-    report: dict[str, Any] = json.loads(report_path.read_text())
-    details = "\n".join(
-        [
-            f"scenario exit {proc.returncode}, {elapsed:.1f} s; files in {out}",
-            f"report: {json.dumps({k: v for k, v in report.items() if k != 'logs'}, indent=1, default=str)}",
-            *(f"--- {name} (tail) ---\n{text}" for name, text in report.get("logs", {}).items()),
-        ]
-    )
-    print(f"\nbrowser call: namespace {' '.join(prefix) or '(current, loopback only)'}; "
-          f"timings {report.get('timings')}; screenshot {report.get('screenshot')}")
-    assert report.get("error") is None, f"the scenario failed: {report['error']}\n{details}"
-    assert report["interfaces"] == ["lo"], f"the scenario ran with other interfaces: {report['interfaces']}\n{details}"
-    return report, details, prefix
+    chromium = require_browser(find_chromium(), "Chromium", "RTCRELAY_CHROMIUM", "/usr/lib/chromium/chromium, /usr/bin/chromium",
+                               "chromium")
+    return run_scenario(__file__, tmp_path, "--chromium", chromium, *extra)
 
 
 @pytest.mark.browser
 def test_browser_call(tmp_path: Path) -> None:
     report, details, _ = _run_scenario(tmp_path)
-    page = report["page"]
-    relay_addr = f"127.0.0.1:{report['relay_port']}"
-    assert page["connectionState"] == "connected", details
-    assert page["dataChannelEcho"], f"no data-channel message came back\n{details}"
-    assert json.loads(page["dataChannelEcho"]).get("type") == "ping", details
-    assert page["inboundPackets"] >= MIN_INBOUND_PACKETS, details
-    assert page["totalAudioEnergy"] > 0, f"the echoed audio is silent\n{details}"
-    assert page["selectedPair"]["remote"] == relay_addr, details
-    assert page["selectedPair"]["local"].rpartition(":")[0] == "127.0.0.1", details
-
-    flows = report["flows_in_call"]
-    assert flows, f"the relay's flow table has no flow for the call\n{details}"
-    browser_flows = [f for f in flows if f["client"] == page["selectedPair"]["local"]]
-    assert browser_flows, f"no flow from the browser's {page['selectedPair']['local']}\n{details}"
-    for flow in flows:
-        assert flow["client"].startswith("127.0.0.1:"), f"the relay saw a non-loopback client: {flow}\n{details}"
-        assert flow["relay"] == relay_addr, details
-        assert flow["transceiver"] == report["transceiver_tunnel"], details
-        assert flow["ufrag"] == report["server_ufrag"], details
-    assert browser_flows[0]["packets_in"] > 0 and browser_flows[0]["packets_out"] > 0, details
-
-    assert report["hangup"]["hangupStatus"] == 204, details
-    assert report["flows_after_hangup"] == [], f"flows left {FLOW_GONE_TIMEOUT_S} s after hang-up\n{details}"
-    assert report["up_exit"] == 0, f"rtcrelay up did not stop cleanly on Ctrl-C\n{details}"
-    assert report["table_left"] is False, f"rtcrelay up left its shm table behind\n{details}"
+    check_call(report, details)
+    print("\nFIGURES browser_call chromium: " + json.dumps(call_figures(report)))
 
 
 @pytest.mark.browser
@@ -298,18 +187,6 @@ def test_demo_page_app() -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def _loopback_up() -> None:
-    """``ip link set lo up`` without iproute2 (a fresh namespace's lo is down)."""
-    import fcntl
-
-    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        req = struct.pack("16sH14x", b"lo", 0)
-        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, siocgifflags, req))[1]
-        if not flags & iff_up:
-            fcntl.ioctl(sock, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
-
-
 def _media_figures(gap: float, samples: list[tuple[float, int, int, str]]) -> dict[str, Any]:
     """What a watch_media() saw: the longest audio gap, the last 3 s's rates, the states."""
     end = [x for x in samples if x[0] >= samples[-1][0] - 3.0]
@@ -350,117 +227,39 @@ def _write_tone(path: Path, seconds: float = 2.0, freq: float = 440.0, rate: int
         wav.writeframes(bytes(frames))
 
 
-def _free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+class ChromiumScenario(CallScenario):
+    """The call from Chromium (tests/cdp.py), with one of the mid-call phases when asked."""
 
-
-class Scenario:
     def __init__(self, out: Path, chromium: str, chromium_args: list[str], rebind: bool = False,
                  restart_ice: bool = False, kill_transceiver: bool = False, drain_transceiver: bool = False) -> None:
-        self.out = out
+        super().__init__(out)
         self.drain_transceiver = drain_transceiver
         self.rebind = rebind
         self.restart_ice = restart_ice
         self.kill_transceiver = kill_transceiver
         self.chromium = chromium
         self.chromium_args = chromium_args
-        self.report: dict[str, Any] = {"error": None, "timings": {}, "logs": {}}
-        self.pids: dict[str, int] = {}
-        self.up: subprocess.Popen[bytes] | None = None
-        self.name = ""
-        self.browser: Any = None
-        self.page: Any = None
 
-    def _record_pid(self, name: str, pid: int) -> None:
-        self.pids[name] = pid
-        (self.out / "pids.json").write_text(json.dumps(self.pids))
-
-    async def cli(self, *args: str) -> str:
-        """An `rtcrelay` command, as an operator runs it; its stdout."""
-        proc = await asyncio.to_thread(subprocess.run, [*RTCRELAY, *args], capture_output=True, text=True, timeout=30, cwd=ROOT)
-        if proc.returncode != 0:
-            raise AssertionError(f"rtcrelay {' '.join(args)} exited with {proc.returncode}: {proc.stderr}")
-        return proc.stdout
-
-    async def flows(self) -> list[dict[str, Any]]:
-        return json.loads(await self.cli("flows", "list", "--json", "--name", self.name))
-
-    async def run(self) -> None:
-        from cdp import Browser
-        from relayproc import wait_for
-
-        timings = self.report["timings"]
-        self.report["interfaces"] = [name for _, name in socket.if_nameindex()]
-
-        # the README's main job: `rtcrelay up` (relay + transceiver + demo page), on free ports
-        ports = {flag: _free_port(kind) for flag, kind in (("--relay-port", socket.SOCK_DGRAM), ("--http-port", socket.SOCK_STREAM),
-                                                            ("--signalling-port", socket.SOCK_STREAM), ("--admin-port", socket.SOCK_STREAM))}
-        self.name = f"browser{os.getpid()}"
-        args = [arg for flag, port in ports.items() for arg in (flag, str(port))]
-        t = time.monotonic()
-        with open(self.out / "up.log", "wb") as log:
-            self.up = subprocess.Popen([*RTCRELAY, "up", *args, "--name", self.name], stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True, cwd=ROOT)
-        self._record_pid("up", self.up.pid)
-        self.report["relay_port"] = ports["--relay-port"]
-        self.transceiver_metrics = f"http://127.0.0.1:{ports['--signalling-port']}/metrics"
+    async def start_up(self) -> str:
+        page_url = await super().start_up()
         if self.rebind:
-            _nat_to_random_ports(ports["--relay-port"])
-        page_url = f"http://127.0.0.1:{ports['--http-port']}/"
+            _nat_to_random_ports(self.report["relay_port"])
+        return page_url
 
-        def up_ready() -> bool:
-            if self.up is not None and self.up.poll() is not None:
-                raise AssertionError(f"rtcrelay up exited with {self.up.returncode}:\n{_tail(self.out / 'up.log')}")
-            return "rtcrelay demo is up" in (self.out / "up.log").read_text(errors="replace")
+    async def launch_browser(self) -> None:
+        from cdp import Browser
 
-        await asyncio.to_thread(wait_for, up_ready, 45.0, "rtcrelay up to print its banner")
-        timings["up_ready_s"] = round(time.monotonic() - t, 3)
-
-        # Chromium
         tone = self.out / "tone.wav"
         _write_tone(tone)
         self.browser = await Browser.launch(self.out / "browser", executable=self.chromium, fake_audio_file=tone,
                                             extra_args=self.chromium_args)
-        self._record_pid("chromium", self.browser.proc.pid)
-        timings["browser_launch_s"] = round(self.browser.launch_seconds, 3)
-        self.report["chromium"] = {"version": self.browser.version.get("product"), "args": self.browser.args[1:]}
+        self.record_pid("chromium", self.browser.proc.pid)
+        self.report["browser"] = {"version": self.browser.version.get("product"), "args": self.browser.args[1:]}
 
-        t = time.monotonic()
-        self.page = page = await self.browser.new_page(page_url)
-        await page.wait_for("window.__result && window.__result.phase === 'ready'", 10, what="the page to read config.json",
-                            show="window.__result")
-        timings["page_load_s"] = round(time.monotonic() - t, 3)
+    async def open_page(self, url: str) -> None:
+        self.page = await self.browser.new_page(url)
 
-        t = time.monotonic()
-        await page.evaluate("window.__call()", timeout=20)
-        timings["call_to_answer_s"] = round(time.monotonic() - t, 3)
-        self.report["offer_candidates"] = await page.evaluate(
-            "(window.__sdp.offer || '').split(/\\r?\\n/).filter(l => l.startsWith('a=candidate:'))")
-        await page.wait_for("window.__result.connectionState === 'connected' || window.__result.error", 20,
-                            what="connectionState 'connected'", show="window.__result")
-        timings["call_to_connected_s"] = round(time.monotonic() - t, 3)
-        self.report["page"] = await page.evaluate("window.__result")
-        if self.report["page"]["error"]:
-            raise AssertionError(f"the page reports: {self.report['page']['error']}")
-        await page.wait_for(
-            f"(r => r.dataChannelEcho && r.inboundPackets >= {MIN_INBOUND_PACKETS} && r.totalAudioEnergy > 0"
-            " && r.selectedPair.remote)(window.__result)",
-            20, what=f"an echo, {MIN_INBOUND_PACKETS}+ audio packets with energy, a selected pair", show="window.__result",
-        )
-        timings["call_to_media_s"] = round(time.monotonic() - t, 3)
-        await asyncio.sleep(0.6)  # one more stats round for the screenshot
-        self.report["page"] = await page.evaluate("window.__result")
-        self.report["screenshot"] = str(await page.screenshot(self.out / "call.png"))
-
-        # the relay's flow table, as an operator reads it: the browser's flow
-        flows = await self.flows()
-        self.report["flows_in_call"] = flows
-        self.report["server_ufrag"] = ufrag = self.report["page"]["serverUfrag"]
-        decoded = json.loads(await self.cli("ufrag", "decode", ufrag, "--json"))
-        self.report["transceiver_tunnel"] = decoded["target"]  # the route token names the transceiver
-
+    async def phases(self) -> None:
         if self.rebind:
             await self.rebind_phase()
         if self.restart_ice:
@@ -469,19 +268,6 @@ class Scenario:
             await self.kill_transceiver_phase()
         if self.drain_transceiver:
             await self.drain_transceiver_phase()
-
-        # hang up: DELETE -> SessionClosed -> the flow leaves the table
-        t = time.monotonic()
-        self.report["hangup"] = await page.evaluate("window.__hangup()", timeout=15)
-        timings["hangup_http_s"] = round(time.monotonic() - t, 3)
-        deadline = time.monotonic() + FLOW_GONE_TIMEOUT_S
-        remaining = await self.flows()
-        while remaining and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-            remaining = await self.flows()
-        timings["hangup_to_flow_gone_s"] = round(time.monotonic() - t, 3) if not remaining else None
-        self.report["flows_after_hangup"] = remaining
-        self.report["page_after_hangup"] = await page.evaluate("window.__result")
 
     async def rebind_phase(self) -> None:
         """Flush the NAT's mapping mid-call; watch inbound audio and the data channel."""
@@ -602,72 +388,17 @@ class Scenario:
         }
         self.report["server_ufrag"] = (await page.evaluate("window.__result"))["serverUfrag"]
 
-    async def failure_evidence(self) -> None:
-        if self.page is not None:
-            with contextlib.suppress(Exception):
-                self.report["page"] = await self.page.evaluate("window.__result", timeout=3)
-            with contextlib.suppress(Exception):
-                self.report["screenshot"] = str(await self.page.screenshot(self.out / "failure.png", timeout=5))
-            with contextlib.suppress(Exception):
-                self.report["sdp"] = await self.page.evaluate("window.__sdp", timeout=3)
-        if self.up is not None:
-            with contextlib.suppress(Exception):
-                self.report["flows_at_failure"] = await self.flows()
-
-    async def close(self) -> None:
-        if self.page is not None:
-            self.report["logs"]["page console"] = self.page.console_tail(40)
-        if self.browser is not None:
-            self.report["logs"]["chromium"] = self.browser.stderr_tail(25)
-            with contextlib.suppress(Exception):
-                await self.browser.close()
-        if self.up is not None:
-            # Ctrl-C, as a person stops the demo: everything must stop cleanly, table removed.
-            if self.up.poll() is None:
-                self.up.send_signal(signal.SIGINT)
-                try:
-                    await asyncio.to_thread(self.up.wait, 20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.up.pid, signal.SIGKILL)
-                    await asyncio.to_thread(self.up.wait, 5)
-            self.report["up_exit"] = self.up.returncode
-            self.report["table_left"] = os.path.exists(f"/dev/shm/rtcrelay-{self.name}.table")
-            self.report["logs"]["up"] = _tail(self.out / "up.log", 40)
-
-
-async def _scenario(out: Path, chromium: str, chromium_args: list[str], rebind: bool,
-                    restart_ice: bool, kill_transceiver: bool, drain_transceiver: bool) -> dict[str, Any]:
-    scenario = Scenario(out, chromium, chromium_args, rebind, restart_ice, kill_transceiver, drain_transceiver)
-    try:
-        await asyncio.wait_for(scenario.run(), SCENARIO_TIMEOUT_S)
-    except BaseException as exc:  # everything goes into the report
-        kind = "timed out" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
-        scenario.report["error"] = f"{kind}: {exc}"
-        scenario.report["traceback"] = traceback.format_exc()
-        await scenario.failure_evidence()
-    finally:
-        await scenario.close()
-    return scenario.report
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description="the browser-call scenario (run by test_browser_call)")
-    parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--chromium", required=True)
     parser.add_argument("--chromium-arg", action="append", default=[], help="an extra Chromium switch (debugging)")
     parser.add_argument("--rebind", action="store_true", help="NAT the call and move its mapping mid-call")
     parser.add_argument("--restart-ice", action="store_true", help="restart ICE mid-call (WHIP PATCH)")
     parser.add_argument("--kill-transceiver", action="store_true", help="kill -9 the call's transceiver mid-call")
     parser.add_argument("--drain-transceiver", action="store_true", help="SIGTERM the call's transceiver mid-call")
-    args = parser.parse_args()
-    if not _only_loopback():
-        print("warning: running with interfaces other than lo:", socket.if_nameindex(), file=sys.stderr)
-    _loopback_up()
-    report = asyncio.run(_scenario(args.out, args.chromium, args.chromium_arg, args.rebind, args.restart_ice,
-                                  args.kill_transceiver, args.drain_transceiver))
-    (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    print(json.dumps({k: v for k, v in report.items() if k != "logs"}, indent=1, default=str))
-    return 0 if report["error"] is None else 1
+    return scenario_main(parser, lambda args: ChromiumScenario(
+        args.out, args.chromium, args.chromium_arg, args.rebind, args.restart_ice, args.kill_transceiver,
+        args.drain_transceiver))
 
 
 if __name__ == "__main__":

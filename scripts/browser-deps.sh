@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Chromium for the end-to-end browser test (tests/test_browser_call.py).
+# The browsers of the end-to-end browser tests: Chromium (tests/test_browser_call.py) and
+# Firefox ESR (tests/test_browser_firefox.py).
 #
 # Sourced by scripts/test (after bootstrap.sh); can also be run on its own. Installs Debian's
-# `chromium` with apt when it is missing (apt-get update first; as root, else with sudo),
-# then exports RTCRELAY_CHROMIUM=/path/to/the/real/binary. Quick and silent when installed.
-# (/usr/bin/chromium is Debian's wrapper script; the real binary is /usr/lib/chromium/chromium.)
+# `chromium` and `firefox-esr` with apt when missing (apt-get update first; as root, else with
+# sudo), then exports RTCRELAY_CHROMIUM and RTCRELAY_FIREFOX=/path/to/the/real/binary. Quick
+# and silent when installed.
+# (/usr/bin/chromium is Debian's wrapper script; the real binary is /usr/lib/chromium/chromium.
+# /usr/bin/firefox-esr is a link to /usr/lib/firefox-esr/firefox-esr.)
 
-_rtcrelay_find_chromium() {
+# The first executable of the arguments (empty ones are passed over).
+_rtcrelay_first_executable() {
     local candidate
-    for candidate in "${RTCRELAY_CHROMIUM:-}" /usr/lib/chromium/chromium /usr/bin/chromium; do
+    for candidate in "$@"; do
         if [ -n "$candidate" ] && [ -x "$candidate" ]; then
             echo "$candidate"
             return 0
@@ -17,20 +21,32 @@ _rtcrelay_find_chromium() {
     return 1
 }
 
+_rtcrelay_find_chromium() {
+    _rtcrelay_first_executable "${RTCRELAY_CHROMIUM:-}" /usr/lib/chromium/chromium /usr/bin/chromium
+}
+
+_rtcrelay_find_firefox() {
+    _rtcrelay_first_executable "${RTCRELAY_FIREFOX:-}" /usr/lib/firefox-esr/firefox-esr /usr/bin/firefox-esr
+}
+
 source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 _rtcrelay_browser_deps() {
-    local found
-    if found="$(_rtcrelay_find_chromium)"; then
-        export RTCRELAY_CHROMIUM="$found"
-        return 0
+    local missing=() chromium firefox
+    _rtcrelay_find_chromium >/dev/null || missing+=(chromium)
+    _rtcrelay_find_firefox >/dev/null || missing+=(firefox-esr)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        _rtcrelay_apt_install browser-deps "${missing[@]}" fonts-dejavu-core || return 1
     fi
-    _rtcrelay_apt_install browser-deps chromium fonts-dejavu-core || return 1
-    if ! found="$(_rtcrelay_find_chromium)"; then
+    if ! chromium="$(_rtcrelay_find_chromium)"; then
         echo "browser-deps: apt installed chromium but no binary was found at /usr/lib/chromium/chromium" >&2
         return 1
     fi
-    export RTCRELAY_CHROMIUM="$found"
+    if ! firefox="$(_rtcrelay_find_firefox)"; then
+        echo "browser-deps: apt installed firefox-esr but no binary was found at /usr/lib/firefox-esr/firefox-esr" >&2
+        return 1
+    fi
+    export RTCRELAY_CHROMIUM="$chromium" RTCRELAY_FIREFOX="$firefox"
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
@@ -38,6 +54,7 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     set -euo pipefail
     _rtcrelay_browser_deps
     echo "RTCRELAY_CHROMIUM=$RTCRELAY_CHROMIUM"
+    echo "RTCRELAY_FIREFOX=$RTCRELAY_FIREFOX"
 else
-    _rtcrelay_browser_deps || { echo "browser-deps: could not provide Chromium" >&2; return 1; }
+    _rtcrelay_browser_deps || { echo "browser-deps: could not provide Chromium and Firefox" >&2; return 1; }
 fi

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bench import udpload
 from bench.harness import processes
+from bench.harness.ports import free_port
 from bench.harness.relay_files import write_relay_config, write_route_keys
 
 HOST = "127.0.0.1"
@@ -28,8 +29,9 @@ class Forwarder(ABC):
                                   processes and return only once every worker's socket is bound
                                   and forwarding; raise on failure. Use a big receive buffer
                                   (>= 128 MiB: the drain test queues 100k x ~832 B).
-      pids()                      the processes that do the packet work, one per worker
-                                  (SIGSTOP/SIGCONT and CPU pinning apply to these only).
+      pids()                      the processes that do the packet work, processes_per_worker
+                                  per worker, worker i at i, i + workers, ... (SIGSTOP/SIGCONT
+                                  and CPU pinning apply to these only).
       stop()                      stop everything start() started, bounded; idempotent.
       preambles(n_flows)          optional: one datagram per flow, sent once from that flow's
                                   socket before its traffic (after start()); None = none.
@@ -41,6 +43,7 @@ class Forwarder(ABC):
 
     kind = "?"        # "ref" or "relay": ratios compare a relay row with the ref row
     label = "?"
+    processes_per_worker = 1  # pids() gives workers x this
 
     def __init__(self, workers: int = 1, *, flows: int = 64) -> None:
         self.workers, self.flows = workers, flows
@@ -117,6 +120,7 @@ class PythonRelayForwarder(Forwarder):
 
     kind = "relay"
     label = "rtcrelay relay"
+    token_cluster: int | None = None  # the cluster the flows' route tokens name
 
     def __init__(self, workers: int = 1, *, flows: int = 64, idle_timeout: float = RELAY_IDLE_TIMEOUT,
                  hit_path: str = "auto", **_: object) -> None:
@@ -139,12 +143,18 @@ class PythonRelayForwarder(Forwarder):
         self.target = target
         self._tmp = tempfile.TemporaryDirectory(prefix="rtcrelay-bench-", dir="/dev/shm")
         tmp = Path(self._tmp.name)
-        keys = write_route_keys(tmp / "keys.toml")
-        self.keyring = load_keyring(str(keys))
-        name = f"bench{os.getpid()}"
+        self.keys = write_route_keys(tmp / "keys.toml")
+        self.keyring = load_keyring(str(self.keys))
+        self._proc, self._stats, self._table, self._pids = self._start_relay(
+            tmp, f"bench{os.getpid()}", listen_port, {"tunnel_host": HOST})
+
+    def _start_relay(self, tmp: Path, name: str, listen_port: int, extra: dict[str, object],
+                     ) -> tuple[object, Path, Path, list[int]]:
+        """One `rtcrelay relay` on 127.0.0.1:listen_port with the forwarder's keys: (its
+        process, stats and table files, its workers' pids), once every worker serves."""
         settings = {
             "name": name, "listen": [f"{HOST}:{listen_port}"], "workers": self.workers,
-            "route_keys_file": str(keys), "admin_listen": "", "table_dir": str(tmp),
+            "route_keys_file": str(self.keys), "admin_listen": "", "table_dir": str(tmp),
             "socket_buffer": 256 << 20,  # the drain test queues ~83 MB
             "heartbeat_timeout": 3600.0,  # the sink is no transceiver: it never heartbeats
             "standby_workers": False,  # only the serving processes, for SIGSTOP and pinning
@@ -153,30 +163,24 @@ class PythonRelayForwarder(Forwarder):
             "flow_capacity": capacity_for(self.flows), "session_capacity": capacity_for(self.flows),
             "idle_timeout": self.idle_timeout,
             "hit_path": self.hit_path,
+            **extra,
         }
-        config = write_relay_config(tmp / "relay.toml", settings)
-        self._proc = processes.spawn([sys.executable, "-m", "cli.main", "relay", "--config", str(config), "--ephemeral"])
-        udpload.wait_udp_bound(listen_port, self.workers, timeout=20, proc=self._proc)
-        self._stats, self._table = tmp / f"rtcrelay-{name}.stats", tmp / f"rtcrelay-{name}.table"
+        config = write_relay_config(tmp / f"{name}.toml", settings)
+        proc = processes.spawn([sys.executable, "-m", "cli.main", "relay", "--config", str(config), "--ephemeral"])
+        udpload.wait_udp_bound(listen_port, self.workers, timeout=20, proc=proc)
+        stats, table = tmp / f"rtcrelay-{name}.stats", tmp / f"rtcrelay-{name}.table"
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            rows = self.counters() if self._stats.exists() else None
+            rows = _counter_rows(stats) if stats.exists() else None
             if rows and all(r["ready"] == 1 and r["pid"] for r in rows):
-                self._pids = [r["pid"] for r in rows]
-                return
+                return proc, stats, table, [r["pid"] for r in rows]
             time.sleep(0.05)
-        raise RuntimeError("the relay's workers did not become ready within 20 s")
+        raise RuntimeError(f"relay {name}'s workers did not become ready within 20 s")
 
     def counters(self) -> list[dict[str, int]] | None:
         """The workers' counter rows (published about once a second)."""
-        from shm.counters import CounterBlock
-
         assert self._stats is not None, "start() first"
-        block = CounterBlock.attach(str(self._stats))
-        try:
-            return [block.load_row(i) for i in range(block.rows)]
-        finally:
-            block.close()
+        return _counter_rows(self._stats)
 
     def table_path(self) -> Path | None:
         return self._table
@@ -189,7 +193,8 @@ class PythonRelayForwarder(Forwarder):
         assert self.target is not None and self.keyring is not None
         out = []
         for i in range(n_flows):
-            ufrag = issue_token(self.keyring, socket.inet_aton(self.target[0]), self.target[1], time.time())
+            ufrag = issue_token(self.keyring, socket.inet_aton(self.target[0]), self.target[1], time.time(),
+                                cluster=self.token_cluster)
             pwd = derive_password(self.keyring, ufrag)
             out.append(build_binding_request(os.urandom(12), f"{ufrag}:cli{i}", pwd.encode(), 1 << 24,
                                              controlling=True, tie_breaker=i))
@@ -207,12 +212,65 @@ class PythonRelayForwarder(Forwarder):
             self._tmp = None
 
 
+class TwoHopRelayForwarder(PythonRelayForwarder):
+    """Two rtcrelay relays in a row (#19): an edge relay on the listen port, whose route tokens
+    name another cluster, forwards every flow to a cluster relay's hop socket (HopData); the
+    cluster relay sends it on to the target as a transceiver gets it. ``pids()``: both relays'
+    workers (pinned together: their CPU is the hop's cost)."""
+
+    label = "rtcrelay edge + cluster relay"
+    token_cluster = 7
+    processes_per_worker = 2
+
+    def __init__(self, workers: int = 1, **kwargs: object) -> None:
+        super().__init__(workers, **kwargs)  # type: ignore[arg-type]
+        self._cluster_proc: object = None
+
+    def describe(self) -> str:
+        return f"two hops, hit_path {self.hit_path}"
+
+    def start(self, listen_port: int, target: tuple[str, int]) -> None:
+        from daemon.keys import load_keyring
+
+        self.target = target
+        self._tmp = tempfile.TemporaryDirectory(prefix="rtcrelay-bench-", dir="/dev/shm")
+        tmp = Path(self._tmp.name)
+        self.keys = write_route_keys(tmp / "keys.toml")
+        self.keyring = load_keyring(str(self.keys))
+        hop_port = free_port(HOST)
+        spare_port = free_port(HOST, avoid=(hop_port, listen_port))  # the cluster relay's unused public port
+        self._cluster_proc, _, _, cluster_pids = self._start_relay(
+            tmp, f"benchc{os.getpid()}", spare_port,
+            {"tunnel_host": HOST, "cluster_id": self.token_cluster, "hop_listen": [f"{HOST}:{hop_port}"]})
+        self._proc, self._stats, self._table, edge_pids = self._start_relay(
+            tmp, f"benche{os.getpid()}", listen_port,
+            {"tunnel_host": HOST, "cluster_id": 1, "cluster_routes": {str(self.token_cluster): [f"{HOST}:{hop_port}"]}})
+        self._pids = edge_pids + cluster_pids
+
+    def stop(self) -> None:
+        if self._cluster_proc is not None:
+            processes.stop(self._cluster_proc, grace=5.0)  # type: ignore[arg-type]
+            self._cluster_proc = None
+        super().stop()
+
+
+def _counter_rows(stats: Path) -> list[dict[str, int]]:
+    from shm.counters import CounterBlock
+
+    block = CounterBlock.attach(str(stats))
+    try:
+        return [block.load_row(i) for i in range(block.rows)]
+    finally:
+        block.close()
+
+
 def capacity_for(flows: int) -> int:
     """Relay table slots per worker for `flows`: the power of two >= 2 x flows, at least 65,536."""
     return max(65536, 1 << (2 * flows - 1).bit_length())
 
 
-FORWARDERS: dict[str, type[Forwarder]] = {"ref": CReferenceForwarder, "relay": PythonRelayForwarder}
+FORWARDERS: dict[str, type[Forwarder]] = {"ref": CReferenceForwarder, "relay": PythonRelayForwarder,
+                                          "hops": TwoHopRelayForwarder}
 
 
 def make_forwarder(kind: str, workers: int, flows: int, tools: dict[str, Path], hit_path: str = "auto") -> Forwarder:

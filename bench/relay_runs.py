@@ -389,10 +389,10 @@ def memory(fwd: Forwarder, flows: int) -> dict:
 def start_and_pin(fwd: Forwarder, ports: Ports, worker_cpus: list[set[int]] | None) -> None:
     fwd.start(ports.listen, (HOST, ports.sink))
     pids = fwd.pids()
-    if len(pids) != fwd.workers:
+    if len(pids) != fwd.workers * fwd.processes_per_worker:
         raise BenchError(f"{fwd.label}: pids() gave {len(pids)} processes for {fwd.workers} workers")
-    for pid, c in zip(pids, worker_cpus or []):
-        procinfo.pin(pid, c)
+    for i, pid in enumerate(pids if worker_cpus else []):
+        procinfo.pin(pid, worker_cpus[i % fwd.workers])  # (two hops: both relays' worker i on its CPU)
 
 
 def free_ports() -> Ports:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -31,6 +30,7 @@ from pathlib import Path
 from aiohttp import web
 
 from cli.signalling_front import SignallingFront
+from daemon.config_file import toml_text
 from daemon.keys import generate_keys_toml, load_keyring
 
 log = logging.getLogger("rtcrelay.up")
@@ -80,10 +80,6 @@ def check_ports(settings: DemoSettings) -> None:
                                 f"choose another with {flag}") from None
 
 
-def toml_lines(values: dict[str, object]) -> str:
-    return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
-
-
 def free_tcp_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -98,7 +94,7 @@ def write_configs(settings: DemoSettings, workdir: Path) -> tuple[Path, Path, li
         keys.chmod(0o600)
     load_keyring(str(keys))  # a bad --route-keys file stops here with its name
     relay_cfg = workdir / "relay.toml"
-    relay_cfg.write_text(toml_lines({
+    relay_cfg.write_text(toml_text({
         "name": settings.name,
         "listen": [f"{HOST}:{settings.relay_port}"],
         "workers": settings.workers,
@@ -111,7 +107,7 @@ def write_configs(settings: DemoSettings, workdir: Path) -> tuple[Path, Path, li
     for index in range(settings.transceivers):
         port = free_tcp_port()  # kept across restarts: the front knows it
         config = workdir / f"transceiver-{index}.toml"
-        config.write_text(toml_lines({
+        config.write_text(toml_text({
             "tunnel_host": HOST,
             "relay_public_addresses": [f"{HOST}:{settings.relay_port}"],
             "http_host": HOST,

@@ -10,6 +10,7 @@ list values from the environment are comma-separated. A renamed key's old name i
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import tomllib
@@ -110,3 +111,17 @@ def parse_host_port(text: str, key: str) -> tuple[str, int]:
         raise ValueError(f"`{key}`: {host!r} is not an IP address") from None
     return host, int(port)
 
+
+
+def toml_text(values: Mapping[str, object]) -> str:
+    """Top-level settings as TOML (what a config file written by a program looks like)."""
+    return "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items())
+
+
+def _toml_value(value: object) -> str:
+    # JSON's strings, numbers, booleans and arrays are TOML's too; a table is written inline.
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)

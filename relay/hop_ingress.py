@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from daemon.networks import AllowedNetworks
-from relay.batchio import BatchReceiver, BatchSender, decode_sockaddr, sockaddr_for
+from relay.batchio import BatchReceiver, BatchSender, decode_sockaddr
 from relay.batchio.sockaddr import KEY_LEN_V4, SOCKADDR_IN6_LEN
 from wire.tunnel_frame import (
     HOP_HEADER_LEN_V4,
@@ -48,6 +48,9 @@ from wire.tunnel_frame import (
 __all__ = ["HopIngress", "HopReturn", "virtual_key", "edge_of"]
 
 _FAM4 = struct.pack("=H", socket.AF_INET)  # a sockaddr key's first bytes (relay/batchio/sockaddr.py)
+_FAM6 = struct.pack("=H", socket.AF_INET6)
+_NO_FLOWINFO = bytes(4)
+_NO_SCOPE = struct.pack("=I", 0)
 # version, fixarray(6), tag, 0xCF, handle, 0xC4, ip length: then ip, 0xCD, port, hops, 0xC5, length
 _HOP_FIXED_V4 = struct.Struct("!4sQBB4sBHBBH")
 _HOP_FIXED_V6 = struct.Struct("!4sQBB16sBHBBH")
@@ -57,8 +60,11 @@ EDGE_IDLE_S = 60.0  # an edge with no datagram this long gets no more heartbeats
 
 
 def virtual_key(ip: bytes, port: int, edge_key: bytes) -> bytes:
-    """The flow key of a client behind an edge: its own sockaddr bytes, then the edge's."""
-    return sockaddr_for(ip, port) + edge_key
+    """The flow key of a client behind an edge: its own sockaddr bytes, then the edge's (the
+    bytes sockaddr_for makes; built here per datagram, without its checks)."""
+    if len(ip) == 4:
+        return _FAM4 + port.to_bytes(2, "big") + ip + edge_key
+    return _FAM6 + port.to_bytes(2, "big") + _NO_FLOWINFO + ip + _NO_SCOPE + edge_key
 
 
 def edge_of(vkey: bytes) -> bytes:
@@ -73,12 +79,14 @@ def parse_hop(buffer: memoryview | bytearray | bytes, off: int, length: int) -> 
     """A HopData at ``buffer[off : off + length]``: the fixed-width header as (handle, ip,
     port, hops, header length) with the payload left in place; a compact encoding decoded
     whole (HopData); None for anything else (FrameError for bytes that are no frame)."""
-    if length >= HOP_HEADER_LEN_V4 and bytes(buffer[off : off + 4]) == HOP_TAG:
-        fixed = _HOP_FIXED_V4 if buffer[off + _IP_LEN_AT] == 4 else _HOP_FIXED_V6
-        header_len = HOP_HEADER_LEN_V4 if fixed is _HOP_FIXED_V4 else HOP_HEADER_LEN_V6
+    if length >= HOP_HEADER_LEN_V4:
+        v6 = buffer[off + _IP_LEN_AT] == 16
+        header_len = HOP_HEADER_LEN_V6 if v6 else HOP_HEADER_LEN_V4
         if length >= header_len:
-            _tag, handle, bin8, _n, ip, cd, port, hops, c5, payload_len = fixed.unpack_from(buffer, off)
-            if bin8 == 0xC4 and cd == 0xCD and c5 == 0xC5 and hops <= 0x7F and payload_len == length - header_len:
+            tag, handle, bin8, _n, ip, cd, port, hops, c5, payload_len = (
+                _HOP_FIXED_V6 if v6 else _HOP_FIXED_V4).unpack_from(buffer, off)
+            if (tag == HOP_TAG and bin8 == 0xC4 and cd == 0xCD and c5 == 0xC5 and hops <= 0x7F
+                    and payload_len == length - header_len):
                 return handle, ip, port, hops, header_len
     frame = decode_frame(bytes(buffer[off : off + length]))
     return frame if isinstance(frame, HopData) else None
@@ -185,7 +193,8 @@ class HopIngress:
             length -= header_len
         vkey = virtual_key(ip, port, key)
         ret.remember(vkey, handle, ip, port)
-        if key not in self.edges or self.edges[key][1] < now - 1.0:
+        edge = self.edges.get(key)
+        if edge is None or edge[1] < now - 1.0:
             self.edges[key] = (j, now)
         self.deliver(self.base + 2 * j + (len(ip) == 16), vkey, buffer, off, length, hops)
 

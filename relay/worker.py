@@ -232,13 +232,14 @@ class Worker:
             return
         self.queue_datagram(which, rx.keys()[i], bytes(rx.payload(i)))
 
-    def deliver(self, which: int, key: bytes, buffer: memoryview | bytearray, off: int, length: int) -> None:
-        """A client datagram that came in another way (a hop socket: an edge relay's client):
-        a hit goes on now, the rest is queued as a miss."""
+    def deliver(self, which: int, key: bytes, buffer: memoryview | bytearray, off: int, length: int, hops: int) -> None:
+        """A client datagram that came in another way (a hop socket: an edge relay's client,
+        ``hops`` left): a hit goes on now, the rest is queued as a miss."""
         entry = self.flows.by_key.get(key)
         if entry is not None:
             self.forward_hit(which, entry, buffer, off, length)
         else:
+            self.hops.note_miss(key, hops)
             self.queue_datagram(which, key, bytes(buffer[off : off + length]))
 
     def queue_datagram(self, which: int, key: bytes, datagram: bytes) -> None:

@@ -50,8 +50,8 @@ class WorkerHops:
         self.config = config
         self.routes = edge_routes(config)
         self.sockets = [socket.socket(fileno=h.fd) for h in hop]
-        self.ingress = HopIngress(self.sockets, base, batch, bufsize, config.peer_networks, self._deliver, drop)
-        self.deliver = deliver  # the worker's: (index, key, buffer, off, length) -> a hit or a queued miss
+        # deliver: the worker's (index, key, buffer, off, length, hops) -> a hit, or a queued miss
+        self.ingress = HopIngress(self.sockets, base, batch, bufsize, config.peer_networks, deliver, drop)
         self.pending_hops: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self._resolver: asyncio.Task[None] | None = None
         self._ticks = 0
@@ -66,13 +66,12 @@ class WorkerHops:
 
     # -- packets ------------------------------------------------------------------------------
 
-    def _deliver(self, index: int, vkey: bytes, buffer: memoryview | bytearray, off: int, length: int,
-                 hops: int) -> None:
+    def note_miss(self, key: bytes, hops: int) -> None:
+        """A hop datagram queued as a miss: its hops left, for the decision (popped there)."""
         pending = self.pending_hops
-        pending[vkey] = hops  # for the decision, if it is a miss (popped there)
+        pending[key] = hops
         if len(pending) > HOPS_PENDING_MAX:
             pending.popitem(last=False)
-        self.deliver(index, vkey, buffer, off, length)
 
     def hops_left(self, key: bytes) -> int | None:
         """A queued miss's hops left (None: a client's own datagram)."""

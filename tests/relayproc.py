@@ -6,7 +6,6 @@ Everything is on 127.0.0.1; every wait is bounded.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import secrets
 import shutil
@@ -21,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from daemon.config_file import toml_text
 from shm import Flow, FlowTable
 from shm.counters import CounterBlock
 from wire.route_token import RouteKeyring, derive_password, issue_token
@@ -150,13 +150,6 @@ class RelayProcess:
         return self.proc.returncode
 
 
-def toml_value(value: object) -> str:
-    """A TOML value: JSON's scalars and arrays are TOML's too; a table is written inline."""
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + " }"
-    return json.dumps(value)
-
-
 def start_relay(tmp_path: Path, *, workers: int = 2, config: dict | None = None, keyring_secrets: dict[int, bytes] | None = None,
                 active: int = 1, env: dict[str, str] | None = None, prefix: list[str] | None = None,
                 pass_fds: tuple[int, ...] = (), wait: bool = True, port: int | None = None,
@@ -183,7 +176,7 @@ def start_relay(tmp_path: Path, *, workers: int = 2, config: dict | None = None,
     }
     settings.update(config or {})
     config_path = tmp_path / f"{name}.toml"
-    config_path.write_text("\n".join(f"{k} = {toml_value(v)}" for k, v in settings.items()) + "\n")
+    config_path.write_text(toml_text(settings))
     log_path = tmp_path / f"{name}.log"
     relay = RelayProcess(None, port, admin_port, name, table_dir, keys_path, RouteKeyring(secrets_by_id, active),  # type: ignore[arg-type]
                          log_path, workers, config_path, settings.get("hit_path", "auto"))

@@ -1,10 +1,10 @@
 """The files a bench gives the relay it starts: route keys and a config file."""
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from daemon.config_file import toml_text
 from daemon.keys import generate_keys_toml
 
 
@@ -16,5 +16,5 @@ def write_route_keys(path: Path) -> Path:
 
 def write_relay_config(path: Path, settings: Mapping[str, object]) -> Path:
     """A relay config file (TOML) with these top-level settings."""
-    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
+    path.write_text(toml_text(settings))
     return path

@@ -11,14 +11,13 @@ limit that fits the table, and configs that load with the real loaders.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tool_venv import tools_venv
+from tool_venv import tools_venv, yaml_documents
 
 from daemon.config_file import ConfigError, load_config
 from relay.config import RelayConfig
@@ -38,12 +37,8 @@ def manifest_files() -> list[Path]:
 @pytest.fixture(scope="module")
 def docs() -> dict[str, list[dict[str, Any]]]:
     """Every YAML document of every file, parsed by PyYAML (in the tools venv), by file name."""
-    python = tools_venv(TOOLS) / "bin" / "python"
-    code = "import json, sys, yaml\nprint(json.dumps({p: [d for d in yaml.safe_load_all(open(p)) if d is not None] for p in sys.argv[1:]}))"
-    files = [str(p) for p in [*manifest_files(), K8S / "kustomization.yaml"]]
-    result = subprocess.run([str(python), "-c", code, *files], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return {Path(k).name: v for k, v in json.loads(result.stdout).items()}
+    loaded = yaml_documents([*manifest_files(), K8S / "kustomization.yaml"], TOOLS)
+    return {Path(k).name: v for k, v in loaded.items()}
 
 
 def one(docs: dict[str, list[dict[str, Any]]], kind: str, name: str) -> dict[str, Any]:
@@ -116,13 +111,17 @@ def check_route_keys_mount(spec: dict[str, Any], where: str,
 
 
 def config_from(docs: dict[str, list[dict[str, Any]]], name: str, key: str, struct: type, prefix: str) -> Any:
-    text = one(docs, "ConfigMap", name)["data"][key]
-    path = Path("/dev/shm") / f"rtcrelay-deploy-{uuid.uuid4().hex[:8]}-{key}"
+    return config_text(one(docs, "ConfigMap", name)["data"][key], f"ConfigMap {name} {key}", struct, prefix)
+
+
+def config_text(text: str, where: str, struct: type, prefix: str) -> Any:
+    """A config file's text loaded by the real loader (no environment)."""
+    path = Path("/dev/shm") / f"rtcrelay-deploy-{uuid.uuid4().hex[:8]}.toml"
     path.write_text(text)
     try:
         return load_config(struct, str(path), env_prefix=prefix, environ={})
     except ConfigError as exc:
-        pytest.fail(f"ConfigMap {name} {key}: {exc}")
+        pytest.fail(f"{where}: {exc}")
     finally:
         path.unlink()
 

@@ -31,3 +31,19 @@ def tools_venv(requirements: tuple[str, ...]) -> Path:
         pytest.fail(f"could not install {requirements} from the package index:\n{result.stderr[-3000:]}")
     (root / ".complete").write_text("ok\n")
     return root
+
+
+YAML_TOOLS = ("PyYAML==6.0.3",)
+
+
+def yaml_documents(paths: list[Path], requirements: tuple[str, ...] = YAML_TOOLS) -> dict[str, list[dict]]:
+    """Every YAML document of every file (PyYAML in a tools venv: not a project dependency),
+    by file path."""
+    import json
+
+    python = tools_venv(requirements) / "bin" / "python"
+    code = ("import json, sys, yaml\n"
+            "print(json.dumps({p: [d for d in yaml.safe_load_all(open(p)) if d is not None] for p in sys.argv[1:]}))")
+    result = subprocess.run([str(python), "-c", code, *map(str, paths)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)

@@ -87,9 +87,11 @@ class FlowSender:
         entry.bytes_in += length
         return entry.tunnel_dest
 
-    def send(self, entry: FlowEntry, buffer: memoryview | bytearray, off: int, length: int) -> None:
+    def send(self, entry: FlowEntry, buffer: memoryview | bytearray, off: int, length: int,
+             queued: set[BatchSender] | None = None) -> None:
         """Frame the payload at ``buffer[off : off + length]`` (its header's length free in
-        front of it) and send it now."""
+        front of it) and send it now; or, given ``queued``, add it to its link's batch and the
+        link to ``queued`` (the caller flushes them: one sendmmsg per link and batch)."""
         prefix = entry.prefix
         start = off - len(prefix) - DATA_LENGTH_LEN
         if len(prefix) == self.prefix_len:
@@ -103,7 +105,11 @@ class FlowSender:
         link = self.links.senders.get(dest)  # the dict first: open() is a call more
         if link is None:
             link = self.links.open(dest)  # (None: no link allowed, the shared socket)
-        if link is not None:
+        if queued is not None:
+            sender = link if link is not None else self.shared
+            sender.add(None if link is not None else dest, buffer[start : off + length])
+            queued.add(sender)
+        elif link is not None:
             link.send_one(buffer[start : off + length], None)
         else:
             self.shared.send_one(buffer[start : off + length], dest)

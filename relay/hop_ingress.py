@@ -130,7 +130,7 @@ class HopIngress:
 
     def __init__(self, sockets: Iterable[object], base: int, batch: int, bufsize: int, peer_networks: list[str],
                  deliver: Callable[[int, bytes, memoryview | bytearray, int, int, int], None],
-                 drop: Callable[[str], None]) -> None:
+                 drop: Callable[[str], None], flush: Callable[[], None] = lambda: None) -> None:
         socks = list(sockets)
         self.base = base
         self.rx = [BatchReceiver(s, batch=batch, bufsize=bufsize + HOP_HEADER_LEN_V6, headroom=0) for s in socks]  # type: ignore[arg-type]
@@ -138,6 +138,7 @@ class HopIngress:
         self.allowed = AllowedNetworks.parse(peer_networks, "peer_networks")
         self.deliver = deliver
         self.drop = drop
+        self.flush = flush  # after each batch: what deliver queued goes out
         self.edges: dict[bytes, tuple[int, float]] = {}  # edge key -> (its hop socket, last heard)
 
     def indexes(self) -> list[tuple[int, int]]:
@@ -170,6 +171,7 @@ class HopIngress:
                     self.drop("oversized")
                     continue
                 self._one(j, ret, key, rx.buffer, rx.offsets[i], rx.lengths[i], now)
+            self.flush()  # what deliver queued: one sendmmsg per link and batch
             ret.flush()
             if n < rx.batch:
                 return

@@ -236,8 +236,10 @@ class Worker:
         """A client datagram that came in another way (a hop socket: an edge relay's client,
         ``hops`` left): a hit goes on now, the rest is queued as a miss."""
         entry = self.flows.by_key.get(key)
-        if entry is not None:
-            self.forward_hit(which, entry, buffer, off, length)
+        if entry is not None:  # (batched: the hop socket's reader flushes after each batch)
+            self.flow_senders[which].send(entry, buffer, off, length, self.hops.queued)
+            self.counts[_CLIENT_PACKETS] += 1
+            self.counts[_CLIENT_BYTES] += length
         else:
             self.hops.note_miss(key, hops)
             self.queue_datagram(which, key, bytes(buffer[off : off + length]))

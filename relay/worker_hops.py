@@ -17,6 +17,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from relay.batchio import BatchSender
 from relay.cluster_routes import ClusterRoutes, HopTarget
 from relay.config import RelayConfig
 from relay.hop_ingress import HopIngress, HopReturn
@@ -51,7 +52,10 @@ class WorkerHops:
         self.routes = edge_routes(config)
         self.sockets = [socket.socket(fileno=h.fd) for h in hop]
         # deliver: the worker's (index, key, buffer, off, length, hops) -> a hit, or a queued miss
-        self.ingress = HopIngress(self.sockets, base, batch, bufsize, config.peer_networks, deliver, drop)
+        self.ingress = HopIngress(self.sockets, base, batch, bufsize, config.peer_networks, deliver, drop,
+                                  self.flush)
+        #: the tunnel senders (links) holding hop datagrams of the batch being served
+        self.queued: set[BatchSender] = set()
         self.pending_hops: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self._resolver: asyncio.Task[None] | None = None
         self._ticks = 0
@@ -65,6 +69,11 @@ class WorkerHops:
         return self.ingress.senders()
 
     # -- packets ------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        for sender in self.queued:
+            sender.flush()
+        self.queued.clear()
 
     def note_miss(self, key: bytes, hops: int) -> None:
         """A hop datagram queued as a miss: its hops left, for the decision (popped there)."""

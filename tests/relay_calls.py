@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import uvloop
 from relayproc import RelayProcess
-from webrtc_peer import Client, wait_for
+from webrtc_peer import IN_PROCESS_ADMISSION, Client, wait_for
 
 from transceiver.service import Transceiver, TransceiverConfig
 
@@ -30,7 +30,8 @@ class Call:
 
     async def __aenter__(self) -> Call:
         host, port = self.relay.address
-        config = TransceiverConfig(relay_public_addresses=[f"{host}:{port}"], http_port=0, route_keys_file=str(self.relay.keys_path))
+        config = TransceiverConfig(relay_public_addresses=[f"{host}:{port}"], http_port=0,
+                                   route_keys_file=str(self.relay.keys_path), **IN_PROCESS_ADMISSION)
         self.tx = Transceiver(config)
         await self.tx.start()
         self.http = aiohttp.ClientSession()

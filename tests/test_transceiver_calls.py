@@ -27,7 +27,7 @@ import uvloop
 from av import AudioFrame
 from fake_relay import FakeRelay
 from prom import sample
-from webrtc_peer import Client, SineTrack, wait_for
+from webrtc_peer import IN_PROCESS_ADMISSION, Client, SineTrack, wait_for
 
 from transceiver.pipeline import EchoPipeline, Pipeline, PipelineFactory
 from transceiver.service import Transceiver, TransceiverConfig
@@ -57,9 +57,7 @@ class Harness:
     def __init__(self, relay_host: str = "127.0.0.1", pipeline: PipelineFactory = EchoPipeline, **config: Any) -> None:
         self.relay = FakeRelay(KEYRING, public_host=relay_host)
         self.pipeline = pipeline
-        # Admission by load off unless a test asks: the clients share this process's event
-        # loop and CPU, so their work would count as the transceiver's load.
-        self.config = {"admission_cpu_budget": 0, "admission_max_loop_lag": 0, **config}
+        self.config = {**IN_PROCESS_ADMISSION, **config}
         self.clients: list[Client] = []
 
     async def __aenter__(self) -> Harness:

@@ -17,6 +17,12 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from cli.call_client import SineTrack
 
+# A transceiver run in the test's own process shares its event loop and CPU with the test's
+# aiortc callers: their work would count as the transceiver's load (transceiver/admission.py).
+# Admission by load is off for such transceivers unless a test asks; tests/test_admission.py
+# measures it on a transceiver process of its own.
+IN_PROCESS_ADMISSION: dict[str, float] = {"admission_cpu_budget": 0, "admission_max_loop_lag": 0}
+
 
 async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout

@@ -44,13 +44,14 @@ from collections.abc import Iterator
 
 from daemon.keys import load_keyring
 from daemon.networks import AllowedNetworks
-from relay.batchio import BatchReceiver, BatchSender, address_tuple, decode_sockaddr
-from relay.decision import Answer, AuthPolicy, Drop, Forward, Learn, closed_until, decide, screen, sender_token
+from relay.batchio import BatchReceiver, BatchSender, decode_sockaddr
+from relay.decision import Answer, AuthPolicy, Drop, Forward, Learn, decide, screen
 from relay.flows import FlowEntry, LocalFlows
 from relay.hit_path import FlowSender, HitPath, open_hit_path
 from relay.hop_ingress import HopReturn
 from relay.metrics import COUNTER_INDEX, WORKER_COUNTERS
 from relay.miss_budget import MISS_QUEUE_MAX, MissBudget
+from relay.tunnel_control import TunnelControl
 from relay.tunnel_links import TunnelLinks
 from relay.worker_hops import WorkerHops, hop_locals
 from relay.worker_spec import WorkerSpec, decode_spec
@@ -59,14 +60,7 @@ from wire.tunnel_frame import (
     DATA_HEADER_LEN_V6,
     DATA_TAG,
     DATA_TAG_HANDLE,
-    Data,
-    Drain,
-    FrameError,
-    Heartbeat,
-    SessionClosed,
-    SessionRenamed,
     data_header_struct,
-    decode_frame,
 )
 
 log = logging.getLogger("rtcrelay.relay")
@@ -103,7 +97,7 @@ _DONE = object()
 _SLOT_0 = (0,)
 
 
-class Worker:
+class Worker(TunnelControl):
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         cfg = spec.config
@@ -388,61 +382,6 @@ class Worker:
                 self.link_refused(sock)
         except Exception:
             self.internal_error()
-
-    def on_tunnel_frame(self, key: bytes, raw: bytes, now: float) -> None:
-        """The slow path: any frame that is not our fixed-width Data for a known flow."""
-        try:
-            frame = decode_frame(raw)
-        except FrameError as exc:
-            self.drop(exc.reason)
-            return
-        if isinstance(frame, Data):
-            entry = self.flows.by_handle.get(frame.handle)
-            if entry is None:
-                self.drop("tunnel_unknown_flow")
-                return
-            if entry.tunnel_dest != key or entry.client != (frame.ip, frame.port):
-                self.drop("tunnel_foreign_flow")
-                return
-            self.public_tx[entry.public_index].add(entry.client_key, frame.payload)
-            entry.packets_out += 1
-            entry.bytes_out += len(frame.payload)
-            self.counts[_C["transceiver_packets"]] += 1
-            self.counts[_C["transceiver_bytes"]] += len(frame.payload)
-        elif isinstance(frame, Heartbeat):
-            self.flows.transceiver_heartbeat(key, now, frame.draining)
-            self.counts[_C["heartbeats"]] += 1
-        elif isinstance(frame, SessionClosed):
-            self.hops.session_ended(frame, self.flows)  # (edges forwarding it to us: told too)
-            self.counts[_C["flows_closed"]] += self.flows.close_session(frame.ufrag, key)
-            self.remember_closed(frame.ufrag, key)
-        elif isinstance(frame, SessionRenamed):
-            # an ICE restart: the new ufrag must be the sender's too
-            if sender_token(frame.new, decode_sockaddr(key), self.auth, time.time()) is not None:
-                self.hops.session_ended(frame, self.flows)
-                self.flows.rename_session(frame.old, frame.new, key, now)
-            self.remember_closed(frame.old, key)
-        elif isinstance(frame, Drain):
-            self.flows.transceiver_heartbeat(key, now, True)
-        else:  # HopData: only edge relays send it, to a cluster relay's hop address
-            self.drop("tunnel_unexpected_frame")
-
-    def link_refused(self, sock: socket.socket) -> None:
-        """The kernel says nothing listens at a link's transceiver any more (ICMP port
-        unreachable): a crashed transceiver, known now rather than after heartbeat_timeout.
-        Its flows go at the next housekeeping tick and its sessions' checks get an error."""
-        dest = self.links.dest_of(sock)
-        if dest is not None and self.flows.transceiver_refused(dest):
-            log.warning("worker %d: transceiver %s refuses the tunnel: treating it as gone",
-                        self.index, address_tuple(dest))
-
-    def remember_closed(self, ufrag: str, key: bytes) -> None:
-        """A session ended: no Binding Request may open a flow for it again, on any worker,
-        while its token is young enough to be learned (shm's closed set)."""
-        now = time.time()
-        until = closed_until(ufrag, decode_sockaddr(key), self.auth, now)
-        if until is not None and not self.flows.remember_closed(ufrag, until, now):
-            self.drop("closed_table_full")
 
     # -- bookkeeping --------------------------------------------------------------------------
 

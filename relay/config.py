@@ -47,6 +47,13 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Relays a session's datagrams may cross after the first (an edge sends hop_limit - 1);
     # a relay never forwards a frame with no hop left, so a misconfigured route cannot loop.
     hop_limit: int = 2
+    # The shared route directory (Redis/Valkey; optional): "redis://host:6379/0", "rediss://..."
+    # or "unix:///run/redis/redis.sock". Relays publish the flows they learn; a datagram from an
+    # unknown 5-tuple that is not a STUN check (a client that another relay served until a
+    # failover) is looked up, for at most directory_timeout seconds, and its flow adopted when
+    # the entry checks out. "" (default): no directory.
+    directory_url: str = ""
+    directory_timeout: float = 0.05
     # How old a route token may be when its session is new to the relay (seconds).
     token_max_age: float = 300.0
     table_dir: str = "/dev/shm"
@@ -98,6 +105,10 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("`hop_limit`: 1 to 16")
         if self.cluster_dns_interval <= 0:
             raise ValueError("`cluster_dns_interval`: must be > 0 seconds")
+        if self.directory_url and not self.directory_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("`directory_url`: redis://host:port/db, rediss://... or unix:///path")
+        if not 0 < self.directory_timeout <= 1:
+            raise ValueError("`directory_timeout`: > 0 and <= 1 second (a lookup holds a client's datagrams)")
         if not 1 <= self.batch <= 1024:
             raise ValueError("`batch`: 1 to 1024")
         if not 0 <= self.tunnel_links <= 4096:

@@ -193,6 +193,25 @@ def authenticate(datagram: bytes, flows: FlowView[object], auth: AuthPolicy, now
     return Learn(server_ufrag, token.target_ip, token.target_port, token.key_id)
 
 
+def learn_from_directory(ufrag: str, flows: FlowView[object], auth: AuthPolicy, now: float) -> Learn | Drop:
+    """A route directory's entry (relay/directory.py, its MAC already checked) names ``ufrag``
+    for a 5-tuple this relay has no flow for: what this relay's own check of that session would
+    have learned — the token must be ours (keys, cluster), its session not closed here, its
+    transceiver not gone; an edge routes another cluster's session as for a check."""
+    try:
+        token = decode_token(auth.keyring, ufrag, now, max_age=None, cluster=auth.cluster,
+                             any_cluster=auth.routes is not None)
+    except TokenError as exc:
+        return Drop(exc.reason)
+    if flows.session_closed(ufrag, now):
+        return Drop("session_closed")
+    if token.cluster is not None and token.cluster != auth.cluster:
+        return _next_hop(ufrag, token.cluster, token.key_id, flows, auth, auth.hop_limit - 1, token)
+    if flows.transceiver_gone(token.target_ip, token.target_port, token.issued_at):
+        return Drop("transceiver_gone")
+    return Learn(ufrag, token.target_ip, token.target_port, token.key_id)
+
+
 def _next_hop(ufrag: str, cluster: int, key_id: int, flows: FlowView[object], auth: AuthPolicy, hops_left: int,
               token: RouteToken) -> Learn | Drop:
     """A session of another cluster: the relay of that cluster to forward it to."""

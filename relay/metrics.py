@@ -46,7 +46,11 @@ TRAFFIC_COUNTERS = (
     "heartbeats",
     "internal_errors",  # batches lost to a bug (logged with a traceback): must stay 0
 )
-WORKER_COUNTERS: tuple[str, ...] = STATE_COUNTERS + TRAFFIC_COUNTERS + tuple(f"drop_{r}" for r in DROP_REASONS)
+# The route directory (relay/worker_directory.py), by event: directory_<event>.
+DIRECTORY_EVENTS = ("published", "publish_dropped", "lookups", "hits", "misses", "refused", "errors", "skipped")
+WORKER_COUNTERS: tuple[str, ...] = (STATE_COUNTERS + TRAFFIC_COUNTERS
+                                     + tuple(f"directory_{e}" for e in DIRECTORY_EVENTS)
+                                     + tuple(f"drop_{r}" for r in DROP_REASONS))
 COUNTER_INDEX = {name: i for i, name in enumerate(WORKER_COUNTERS)}
 
 
@@ -81,6 +85,11 @@ def render_prometheus(rows: Sequence[Mapping[str, int]], table_totals: Mapping[s
         family(f"{name}_total", "counter", help_text)
         for w, row in enumerate(rows):
             out.append(f'rtcrelay_{name}_total{{worker="{w}"}} {row.get(name, 0)}')
+    family("directory_total", "counter", "Route directory (Redis/Valkey) events, by worker and event: entries "
+           "published or dropped unwritten, lookups and their outcome, errors, lookups skipped (breaker open).")
+    for w, row in enumerate(rows):
+        out.extend(f'rtcrelay_directory_total{{worker="{w}",event="{e}"}} {row.get("directory_" + e, 0)}'
+                   for e in DIRECTORY_EVENTS)
     family("flows", "gauge", "Flows in each worker's local table.")
     for w, row in enumerate(rows):
         out.append(f'rtcrelay_flows{{worker="{w}"}} {row.get("flows", 0)}')

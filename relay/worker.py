@@ -45,7 +45,7 @@ from collections.abc import Iterator
 from daemon.keys import load_keyring
 from daemon.networks import AllowedNetworks
 from relay.batchio import BatchReceiver, BatchSender, decode_sockaddr
-from relay.decision import Answer, AuthPolicy, Drop, Forward, Learn, decide, screen
+from relay.decision import Answer, AuthPolicy, Drop, Forward, Learn, decide, learn_from_directory, screen
 from relay.flows import FlowEntry, LocalFlows
 from relay.hit_path import FlowSender, HitPath, open_hit_path
 from relay.hop_ingress import HopReturn
@@ -53,6 +53,7 @@ from relay.metrics import COUNTER_INDEX, WORKER_COUNTERS
 from relay.miss_budget import MISS_QUEUE_MAX, MissBudget
 from relay.tunnel_control import TunnelControl
 from relay.tunnel_links import TunnelLinks
+from relay.worker_directory import WorkerDirectory
 from relay.worker_hops import WorkerHops, hop_locals
 from relay.worker_spec import WorkerSpec, decode_spec
 from shm.counters import CounterBlock
@@ -104,6 +105,8 @@ class Worker(TunnelControl):
         self.index = spec.index
         # hop sockets (a cluster relay) and routes to other clusters (an edge): relay/worker_hops.py
         self.hops = WorkerHops(cfg, spec.hop, len(spec.public), cfg.batch, BUFSIZE, self.deliver, self.drop)
+        # the shared route directory (relay/worker_directory.py), if one is configured
+        self.directory = WorkerDirectory(cfg, lambda: self.auth.keyring, self.adopt_from_directory, self.drop)
         self.auth = AuthPolicy(load_keyring(cfg.route_keys_file or None), cfg.token_max_age, cfg.cluster_id,
                                self.hops.routes, cfg.hop_limit)
         # (an edge's cluster relays answer like transceivers: from peer_networks)
@@ -282,6 +285,21 @@ class Worker(TunnelControl):
                 self.loop.call_soon(self.serve_misses)
         self.counts[_C["miss_queue"]] = len(misses)
 
+    def adopt_from_directory(self, which: int, key: bytes, ufrag: str, held: list[bytes]) -> None:
+        """The route directory knew this 5-tuple's session: learn its flow as the session's own
+        check would have, and send what was held meanwhile (relay/worker_directory.py)."""
+        decision = learn_from_directory(ufrag, self.flows.views[which], self.auth, time.time())
+        entry, reason = (None, decision.reason) if isinstance(decision, Drop) else \
+            self.flows.learn(key, decode_sockaddr(key), which, decision, _monotonic())
+        if entry is None:
+            self.drop(reason, len(held))
+            return
+        self.counts[_C["flows_learned"]] += 1
+        self.directory.publish(entry)
+        gc.freeze()
+        for datagram in held:
+            self.forward_hit(which, entry, bytearray(HEADROOM) + datagram, HEADROOM, len(datagram))
+
     def on_public_miss(self, which: int, key: bytes, datagram: bytes) -> None:
         now = _monotonic()
         entry = self.flows.by_key.get(key)  # learned from an earlier miss in the queue
@@ -290,7 +308,9 @@ class Worker(TunnelControl):
             decision = decide(datagram, source, self.flows.views[which], self.auth, time.time(),
                               self.hops.hops_left(key))
             if isinstance(decision, Drop):
-                self.drop(decision.reason)
+                # media from a 5-tuple unknown here: a failover may have moved it from another relay
+                if decision.reason != "unknown_flow" or not self.directory.lookup(which, key, source, datagram):
+                    self.drop(decision.reason)
                 return
             if isinstance(decision, Answer):  # the relay answers the check itself
                 self.drop(decision.reason)
@@ -305,6 +325,7 @@ class Worker(TunnelControl):
                     return
                 self.counts[_C["flows_learned"]] += 1
                 self.flows_added += 1
+                self.directory.publish(entry)
             else:
                 assert isinstance(decision, Forward)
                 entry, refusal = self.flows.adopt(key, which, decision.flow, now)
@@ -400,8 +421,8 @@ class Worker(TunnelControl):
     def _unwatch_link(self, sock: socket.socket) -> None:
         asyncio.get_running_loop().remove_reader(sock.fileno())
 
-    def drop(self, reason: str) -> None:
-        self.counts[_C["drop_" + reason]] += 1
+    def drop(self, reason: str, count: int = 1) -> None:
+        self.counts[_C["drop_" + reason]] += count
 
     def housekeeping_steps(self) -> Iterator[None]:
         """One housekeeping tick, as short steps: the caller serves the sockets between them.
@@ -429,6 +450,7 @@ class Worker(TunnelControl):
         self.counts[_C["flows_closed"]] += closed
         self.links.retain(flows.transceivers)
         self.hops.tick(now, flows)
+        self.directory.tick(flows)
         self.publish_counters(ready=1)
 
     def publish_counters(self, ready: int) -> None:
@@ -440,6 +462,8 @@ class Worker(TunnelControl):
         counts[_C["transceivers"]] = len(self.flows.transceivers)
         counts[_C["tunnel_links"]] = len(self.links)
         counts[_C["hit_path_packets"]] = sum(h.forwarded for h in self.hit_paths)
+        for event, value in self.directory.counts.items():
+            counts[_C["directory_" + event]] = value
         self.counters.store_row(self.index, counts)
 
     def reload_keys(self) -> None:
@@ -458,6 +482,7 @@ class Worker(TunnelControl):
             loop.add_reader(sock.fileno(), self.on_public_readable, which)
         loop.add_reader(self.tunnel.fileno(), self.on_tunnel_readable, self.tunnel)
         self.hops.start(loop)
+        self.directory.start(loop)
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
@@ -492,6 +517,7 @@ class Worker(TunnelControl):
             loop.remove_reader(sock.fileno())
         loop.remove_reader(self.tunnel.fileno())
         self.hops.stop(loop)
+        await self.directory.stop()
         self.links.close_all()
         self.flows.flush_counters(time.monotonic())
         self.publish_counters(ready=0)

@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # The kernel NAT tools for the NAT-rebinding test (tests/test_nat_rebinding.py): nft (nftables)
-# to masquerade the client's namespace and conntrack to move its mapping mid-call.
+# to masquerade the client's namespace and conntrack to move its mapping mid-call; and Debian's
+# redis-server, which the relay failover test starts itself (tests/test_directory_failover.py).
 #
 # Sourced by scripts/test (after bootstrap.sh); can also be run on its own. Installs Debian's
-# nftables and conntrack with apt when one is missing (as root, else with sudo).
+# nftables, conntrack and redis-server with apt when one is missing (as root, else with sudo).
 
 source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 _rtcrelay_net_deps() {
-    if command -v nft >/dev/null 2>&1 && command -v conntrack >/dev/null 2>&1; then
+    if command -v nft >/dev/null 2>&1 && command -v conntrack >/dev/null 2>&1 \
+            && command -v redis-server >/dev/null 2>&1; then
         return 0
     fi
-    _rtcrelay_apt_install net-deps nftables conntrack
+    _rtcrelay_apt_install net-deps nftables conntrack redis-server
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     set -euo pipefail
     _rtcrelay_net_deps
 else
-    _rtcrelay_net_deps || { echo "net-deps: could not provide nft/conntrack" >&2; return 1; }
+    _rtcrelay_net_deps || { echo "net-deps: could not provide nft/conntrack/redis-server" >&2; return 1; }
 fi

@@ -70,7 +70,7 @@ def chain(roles: list[str], links: list[tuple[str, str, str, str]]) -> Iterator[
     forwards IP; nothing touches the host's own network namespace. Deleted at the end."""
     require_netns()
     tag = uuid.uuid4().hex[:6]
-    names = {role: f"rtcr-{tag}-{role[:3]}" for role in roles}
+    names = {role: f"rtcr-{tag}-{i}{role[:3]}" for i, role in enumerate(roles)}
     made: list[str] = []
     try:
         for ns in names.values():

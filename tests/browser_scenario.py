@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -201,6 +202,25 @@ def loopback_up() -> None:
             fcntl.ioctl(sock, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
 
 
+def port_below_ephemeral(kind: int, taken: set[int]) -> int:
+    """A free port below the kernel's ephemeral range, for `rtcrelay up` to bind. The browser
+    starts meanwhile, and every socket it (or a transceiver) binds to port 0 takes an
+    ephemeral port: one of those could otherwise take a port between its choice here and
+    `rtcrelay up` binding it. (In the scenario's own namespace nothing else binds ports.)"""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randrange(10000, max(low, 10001))
+        if port in taken:
+            continue
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError(f"no free port below the ephemeral range ({low})")
+
+
 class CallScenario:
     """``rtcrelay up``, a browser on its page, one call, hang-up, Ctrl-C. A browser's subclass
     starts the browser (:meth:`launch_browser`) and opens the page (:meth:`open_page`);
@@ -243,11 +263,12 @@ class CallScenario:
 
     async def start_up(self) -> str:
         """`rtcrelay up` (relay + transceivers + demo page) on free ports, ready; the page's URL."""
-        from relayproc import free_port, wait_for
+        from relayproc import wait_for
 
-        ports = {flag: free_port(kind) for flag, kind in (("--relay-port", socket.SOCK_DGRAM), ("--http-port", socket.SOCK_STREAM),
-                                                          ("--signalling-port", socket.SOCK_STREAM),
-                                                          ("--admin-port", socket.SOCK_STREAM))}
+        ports: dict[str, int] = {}
+        for flag, kind in (("--relay-port", socket.SOCK_DGRAM), ("--http-port", socket.SOCK_STREAM),
+                           ("--signalling-port", socket.SOCK_STREAM), ("--admin-port", socket.SOCK_STREAM)):
+            ports[flag] = port_below_ephemeral(kind, set(ports.values()))
         self.name = f"browser{os.getpid()}"
         args = [arg for flag, port in ports.items() for arg in (flag, str(port))]
         t = time.monotonic()

@@ -167,7 +167,7 @@ class HopIngress:
                 if not allowed:
                     self.drop("hop_source_not_allowed")
                     continue
-                if rx.truncated(i):
+                if rx.truncated_count and rx.truncated(i):  # (truncated() is costly: only when some were)
                     self.drop("oversized")
                     continue
                 self._one(j, ret, key, rx.buffer, rx.offsets[i], rx.lengths[i], now)

@@ -23,7 +23,8 @@ protocols; incoming datagrams go to the one of the client's address family.
 
 On the way in, :class:`TunnelIce` screens STUN before aioice sees it (transceiver/stun_screen.py)
 and follows a client whose address changed (transceiver/path_moves.py): a move replaces the
-nominated pair, which is what aioice sends media and consent checks to.
+nominated pair, which is what aioice sends media and consent checks to (a check with
+USE-CANDIDATE from the new address may have aioice nominate it itself: counted as a move too).
 """
 
 from __future__ import annotations
@@ -54,14 +55,12 @@ from transceiver.path_moves import PathTracker
 from transceiver.sdp import NotBundledError
 from transceiver.stun_screen import screen
 
-__all__ = ["IceTunnelError", "TunnelDatagramTransport", "TunnelIce", "attach",
-           "ice_transports"]
+__all__ = ["IceTunnelError", "TunnelDatagramTransport", "TunnelIce", "attach", "ice_transports"]
 
 Addr = tuple[str, int]
 SendFn = Callable[[bytes, Addr], None]
 
 log = logging.getLogger("rtcrelay.transceiver")
-
 
 
 class IceTunnelError(Exception):
@@ -86,8 +85,7 @@ class TunnelDatagramTransport(asyncio.DatagramTransport):
         if not self._closing:
             self._send(bytes(data), (addr[0], addr[1]))
 
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        # aioice reads "sockname" for the candidate address; there is no "socket" to tune.
+    def get_extra_info(self, name: str, default: Any = None) -> Any:  # aioice reads "sockname"; no "socket"
         return self._local_addr if name == "sockname" else default
 
     def is_closing(self) -> bool:
@@ -103,16 +101,15 @@ class TunnelDatagramTransport(asyncio.DatagramTransport):
     def abort(self) -> None:
         self.close()
 
-    def get_write_buffer_size(self) -> int:
+    def get_write_buffer_size(self) -> int:  # (nothing is buffered: the tunnel sends at once)
         return 0
 
 
 class TunnelIce:
     """The patched ICE connection of one session; feed it the session's tunnel datagrams."""
 
-    def __init__(
-        self, connection: Connection, protocols: dict[int, StunProtocol], counters: IceCounters | None = None
-    ) -> None:
+    def __init__(self, connection: Connection, protocols: dict[int, StunProtocol],
+                 counters: IceCounters | None = None) -> None:
         self.connection = connection
         self.protocols = protocols  # by IP version of the local (relay) candidate
         self.counters = counters if counters is not None else IceCounters()
@@ -135,13 +132,16 @@ class TunnelIce:
             if isinstance(verdict, str):
                 self.counters.drops[verdict] += 1
                 return True
+            before = self.selected_remote
             self._deliver(protocol, data, addr)
             if verdict.request:
-                decision = paths.on_request(addr, verdict.message.transaction_id, self.selected_remote, now)
+                decision = paths.on_request(addr, verdict.message.transaction_id, before, now)
                 if decision == "move":
                     self._move_to(protocol, addr)
                 elif decision == "replay":
                     self.counters.replayed_checks += 1
+                elif before is not None and self.selected_remote == addr != before:  # aioice nominated it
+                    self.counters.path_moves += 1
             return True
         self._deliver(protocol, data, addr)
         if paths.on_datagram(addr, self.selected_remote, now):

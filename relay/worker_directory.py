@@ -71,6 +71,7 @@ class WorkerDirectory:
         self._published: dict[bytes, tuple[int, float]] = {}  # client key -> (its activity, monotonic) when written
         self._cursor = 0
         self._client: Any = None
+        self._lookups: set[asyncio.Task[None]] = set()
         self._publisher: asyncio.Task[None] | None = None
 
     @property
@@ -169,7 +170,9 @@ class WorkerDirectory:
             return False
         self._held[key] = [datagram]
         self.counts["lookups"] += 1
-        asyncio.get_running_loop().create_task(self._lookup(which, key, source))
+        task = asyncio.get_running_loop().create_task(self._lookup(which, key, source))
+        self._lookups.add(task)  # (a reference until it is done: the loop keeps only a weak one)
+        task.add_done_callback(self._lookups.discard)
         return True
 
     async def _lookup(self, which: int, key: bytes, source: tuple[bytes, int]) -> None:

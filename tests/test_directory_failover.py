@@ -138,9 +138,11 @@ def test_a_call_moves_to_another_relay_of_the_service_address(tmp_path: Path, di
             move_route(ns, "relay_b")  # the service address is relay B's now
             call.say("moved")
             first = json.loads(call.line("no figures after the first move"))
-            # Then back to relay A, with the directory gone (a Redis failure mid-call).
+            # Then back to relay A, with the directory gone (a Redis failure mid-call), once A
+            # has forgotten the client (idle_timeout): it must learn it again.
             stop(redis)
-            move_route(ns, "relay_a")  # A forgot the client meanwhile (idle_timeout)
+            wait_for(lambda: not relay_a.table_flows(), 15, "relay A to forget the client")
+            move_route(ns, "relay_a")
             call.say("moved")
             second = json.loads(call.line("no figures after the second move"))
             rows_b, rows_a = relay_b.rows(), relay_a.rows()

@@ -76,6 +76,11 @@ def test_a_mass_expiry_goes_in_short_steps(big: LocalFlows) -> None:
         entry.packets_in += 1
     list(big.flush_counters_steps(125.0, chunk=32, budget=FLOWS))  # a tenth seen at 125 s, the rest at 101 s
     count, longest, expired = timed_steps(big.sweep_steps(now=140.0, slots=1 << 17, chunk=1024, removals=8))
+    # One pass may miss a flow that a delete shifted backwards across the table's end into
+    # slots the pass had visited (the probe wraps): the next pass takes it.
+    assert FLOWS - len(keep) - 2 <= expired <= FLOWS - len(keep)
+    more, _, late = timed_steps(big.sweep_steps(now=140.0, slots=1 << 17, chunk=1024, removals=8))
+    count, expired = count + more, expired + late
     assert expired == FLOWS - len(keep) and len(big.by_key) == len(keep)
     assert big.table.totals()["flows"] == len(keep)
     print(f"sweep: {count} steps, longest {longest * 1e6:.0f} µs CPU")

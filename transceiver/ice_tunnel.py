@@ -23,8 +23,8 @@ protocols; incoming datagrams go to the one of the client's address family.
 
 On the way in, :class:`TunnelIce` screens STUN before aioice sees it (transceiver/stun_screen.py)
 and follows a client whose address changed (transceiver/path_moves.py): a move replaces the
-nominated pair, which is what aioice sends media and consent checks to (a check with
-USE-CANDIDATE from the new address may have aioice nominate it itself: counted as a move too).
+nominated pair, which is what aioice sends media and consent checks to (aioice may nominate
+the new address itself, on a USE-CANDIDATE check or its triggered check's answer: a move too).
 """
 
 from __future__ import annotations
@@ -134,14 +134,13 @@ class TunnelIce:
                 return True
             before = self.selected_remote
             self._deliver(protocol, data, addr)
-            if verdict.request:
-                decision = paths.on_request(addr, verdict.message.transaction_id, before, now)
-                if decision == "move":
-                    self._move_to(protocol, addr)
-                elif decision == "replay":
-                    self.counters.replayed_checks += 1
-                elif before is not None and self.selected_remote == addr != before:  # aioice nominated it
-                    self.counters.path_moves += 1
+            decision = paths.on_request(addr, verdict.message.transaction_id, before, now) if verdict.request else ""
+            if decision == "move":
+                self._move_to(protocol, addr)
+            elif decision == "replay":
+                self.counters.replayed_checks += 1
+            elif before is not None and self.selected_remote not in (None, before):  # aioice nominated it
+                self.counters.path_moves += 1  # (on a USE-CANDIDATE check, or its triggered check's answer)
             return True
         self._deliver(protocol, data, addr)
         if paths.on_datagram(addr, self.selected_remote, now):

@@ -138,6 +138,12 @@ class PythonRelayForwarder(Forwarder):
         return f"hit_path {self.hit_path}"
 
     def start(self, listen_port: int, target: tuple[str, int]) -> None:
+        tmp = self._prepare(target)
+        self._proc, self._stats, self._table, self._pids = self._start_relay(
+            tmp, f"bench{os.getpid()}", listen_port, {"tunnel_host": HOST})
+
+    def _prepare(self, target: tuple[str, int]) -> Path:
+        """A temporary directory in /dev/shm with new route keys (the forwarder's): its path."""
         from daemon.keys import load_keyring
 
         self.target = target
@@ -145,8 +151,7 @@ class PythonRelayForwarder(Forwarder):
         tmp = Path(self._tmp.name)
         self.keys = write_route_keys(tmp / "keys.toml")
         self.keyring = load_keyring(str(self.keys))
-        self._proc, self._stats, self._table, self._pids = self._start_relay(
-            tmp, f"bench{os.getpid()}", listen_port, {"tunnel_host": HOST})
+        return tmp
 
     def _start_relay(self, tmp: Path, name: str, listen_port: int, extra: dict[str, object],
                      ) -> tuple[object, Path, Path, list[int]]:
@@ -230,13 +235,7 @@ class TwoHopRelayForwarder(PythonRelayForwarder):
         return f"two hops, hit_path {self.hit_path}"
 
     def start(self, listen_port: int, target: tuple[str, int]) -> None:
-        from daemon.keys import load_keyring
-
-        self.target = target
-        self._tmp = tempfile.TemporaryDirectory(prefix="rtcrelay-bench-", dir="/dev/shm")
-        tmp = Path(self._tmp.name)
-        self.keys = write_route_keys(tmp / "keys.toml")
-        self.keyring = load_keyring(str(self.keys))
+        tmp = self._prepare(target)
         hop_port = free_port(HOST)
         spare_port = free_port(HOST, avoid=(hop_port, listen_port))  # the cluster relay's unused public port
         self._cluster_proc, _, _, cluster_pids = self._start_relay(

@@ -230,9 +230,8 @@ def containers() -> Iterator[Containers]:
 
 
 def test_relay_and_transceiver_containers_carry_a_call_and_stop_cleanly(image: str, containers: Containers, tmp_path: Path) -> None:
-    import aiohttp
     import aioice.ice
-    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+    from webrtc_peer import bearer_echo_call
 
     started = time.monotonic()
     c = containers
@@ -277,40 +276,12 @@ def test_relay_and_transceiver_containers_carry_a_call_and_stop_cleanly(image: s
 
     base = f"http://127.0.0.1:{http_port}"
 
-    async def call() -> None:
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        channel = pc.createDataChannel("echo")
-        echoed: asyncio.Queue[str] = asyncio.Queue()
-        channel.on("message", echoed.put_nowait)
-        await pc.setLocalDescription(await pc.createOffer())
-        sdp = {"Content-Type": "application/sdp"}
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
-            # The image's transceiver.toml turns WHIP authentication on.
-            async with aiohttp.ClientSession() as anonymous, \
-                    anonymous.post(f"{base}/v1/sessions", data=pc.localDescription.sdp, headers=sdp) as response:
-                assert response.status == 401, await response.text()
-            async with http.post(f"{base}/v1/sessions", data=pc.localDescription.sdp, headers=sdp) as response:
-                answer = await response.text()
-                assert response.status == 201, answer
-                location = response.headers["Location"]
-            # The relay's public address is the answer's only candidate: the call goes through it.
-            candidates = [line for line in answer.splitlines() if line.startswith("a=candidate")]
-            assert candidates and all(public.replace(":", " ") in line for line in candidates), candidates
-            await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
-            deadline = time.monotonic() + 20
-            while channel.readyState != "open":
-                assert time.monotonic() < deadline, f"no connection: {pc.connectionState}\n{c.logs(tx)}"
-                await asyncio.sleep(0.05)
-            channel.send("hello through the containers")
-            assert await asyncio.wait_for(echoed.get(), 10) == "hello through the containers"
-            async with http.delete(location if location.startswith("http") else base + location) as response:
-                assert response.status in (200, 204), await response.text()
-        await pc.close()
-
     original = aioice.ice.get_host_addresses
     aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]  # the client gathers on loopback
     try:
-        asyncio.run(asyncio.wait_for(call(), 60))
+        # (the image's transceiver.toml turns WHIP authentication on)
+        asyncio.run(asyncio.wait_for(bearer_echo_call(base, token, "hello through the containers",
+                                                      lambda: c.logs(tx), public), 60))
     finally:
         aioice.ice.get_host_addresses = original
 

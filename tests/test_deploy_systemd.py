@@ -970,9 +970,8 @@ def test_memory_deny_write_execute_is_off_only_where_needed(deployment: Deployme
 
 def test_a_call_through_both_units(deployment: Deployment, tmp_path: Path) -> None:
     """Relay and transceiver each in its unit's sandbox; a stock aiortc client calls through them."""
-    import aiohttp
     import aioice.ice
-    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+    from webrtc_peer import bearer_echo_call
 
     d = deployment
     ports: dict[str, int] = {}
@@ -990,37 +989,11 @@ def test_a_call_through_both_units(deployment: Deployment, tmp_path: Path) -> No
         notify.wait("READY", start=mark, proc=tx, log=tx_log, timeout=60)
         base = f"http://127.0.0.1:{http_port}"
 
-        async def call() -> None:
-            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-            channel = pc.createDataChannel("echo")
-            echoed: asyncio.Queue[str] = asyncio.Queue()
-            channel.on("message", echoed.put_nowait)
-            await pc.setLocalDescription(await pc.createOffer())
-            # The example config turns WHIP authentication on: a token from the deployment's keys.
-            token = subprocess.run([str(RTCRELAY), "whip-token", "issue", "--subject", "deploy-test", "--keys",
-                                    str(d.etc / "whip-token-keys.toml")], capture_output=True, text=True, check=True,
-                                   timeout=60).stdout.strip()
-            sdp = {"Content-Type": "application/sdp"}
-            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
-                async with aiohttp.ClientSession() as anonymous, \
-                        anonymous.post(f"{base}/v1/sessions", data=pc.localDescription.sdp, headers=sdp) as response:
-                    assert response.status == 401, await response.text()
-                async with http.post(f"{base}/v1/sessions", data=pc.localDescription.sdp, headers=sdp) as response:
-                    answer = await response.text()
-                    assert response.status == 201, answer
-                    location = response.headers["Location"]
-                await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
-                deadline = time.monotonic() + 20
-                while channel.readyState != "open":
-                    assert time.monotonic() < deadline, f"no connection: {pc.connectionState}\n{tx_log.read_text()}"
-                    await asyncio.sleep(0.05)
-                channel.send("hello through the relay")
-                assert await asyncio.wait_for(echoed.get(), 10) == "hello through the relay"
-                async with http.delete(location if location.startswith("http") else base + location) as response:
-                    assert response.status in (200, 204), await response.text()
-            await pc.close()
-
-        asyncio.run(asyncio.wait_for(call(), 60))
+        # The example config turns WHIP authentication on: a token from the deployment's keys.
+        token = subprocess.run([str(RTCRELAY), "whip-token", "issue", "--subject", "deploy-test", "--keys",
+                                str(d.etc / "whip-token-keys.toml")], capture_output=True, text=True, check=True,
+                               timeout=60).stdout.strip()
+        asyncio.run(asyncio.wait_for(bearer_echo_call(base, token, "hello through the relay", tx_log.read_text), 60))
         mark = notify.mark()
         assert d.stop(tx, timeout=45) == 0, tx_log.read_text()
         notify.wait("STOPPING", start=mark, timeout=1)

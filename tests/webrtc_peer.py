@@ -98,3 +98,40 @@ class Client:
         if self._reader is not None:
             self._reader.cancel()
         await self.pc.close()
+
+
+async def bearer_echo_call(base: str, token: str, text: str, diagnostics: Callable[[], str],
+                           public: str | None = None) -> None:
+    """A data-channel call to a WHIP endpoint (``base``) that requires bearer tokens, as a
+    deployment's client makes it: refused 401 without the token, answered 201 with it (the
+    answer's only candidate ``public``, "ip:port", when given), ``text`` echoed, then DELETE.
+    ``diagnostics``: what to show when it does not connect (the services' logs)."""
+    import aiohttp
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    channel = pc.createDataChannel("echo")
+    echoed: asyncio.Queue[str] = asyncio.Queue()
+    channel.on("message", echoed.put_nowait)
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = {"Content-Type": "application/sdp"}
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+        async with aiohttp.ClientSession() as anonymous, \
+                anonymous.post(f"{base}/v1/sessions", data=pc.localDescription.sdp, headers=sdp) as response:
+            assert response.status == 401, await response.text()
+        async with http.post(f"{base}/v1/sessions", data=pc.localDescription.sdp, headers=sdp) as response:
+            answer = await response.text()
+            assert response.status == 201, answer
+            location = response.headers["Location"]
+        if public is not None:  # the relay's public address is the only candidate: the call goes through it
+            candidates = [line for line in answer.splitlines() if line.startswith("a=candidate")]
+            assert candidates and all(public.replace(":", " ") in line for line in candidates), candidates
+        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        deadline = time.monotonic() + 20
+        while channel.readyState != "open":
+            assert time.monotonic() < deadline, f"no connection: {pc.connectionState}\n{diagnostics()}"
+            await asyncio.sleep(0.05)
+        channel.send(text)
+        assert await asyncio.wait_for(echoed.get(), 10) == text
+        async with http.delete(location if location.startswith("http") else base + location) as response:
+            assert response.status in (200, 204), await response.text()
+    await pc.close()

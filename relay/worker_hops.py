@@ -100,8 +100,9 @@ class WorkerHops:
         """Each housekeeping tick: heartbeats to the edges once a second."""
         self._ticks += 1
         if self.sockets and self._ticks % HEARTBEAT_TICKS == 0:
-            base = self.ingress.base
-            self.ingress.heartbeat(now, sum(1 for e in flows.entries if e.public_index >= base))
+            # (an edge reads a heartbeat as "alive"; its count is the worker's flows, known at
+            # once: counting the hop flows walked every flow in one housekeeping step)
+            self.ingress.heartbeat(now, len(flows.entries))
 
     # -- the event loop -----------------------------------------------------------------------
 

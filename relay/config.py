@@ -11,7 +11,7 @@ from daemon.networks import parse_networks
 from relay.cluster_routes import HopTarget, parse_cluster_routes
 
 ENV_PREFIX = "RTCRELAY_RELAY_"
-HIT_PATHS = ("auto", "c", "python")
+HIT_PATHS = ("auto", "ebpf", "c", "python")
 #: renamed keys: the old name is still read, with a warning at start (daemon.config_file)
 RENAMED = {"hot_path": "hit_path"}
 
@@ -69,9 +69,16 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tunnel_links: int = 64
     # A warm spare process per worker takes over a crashed worker's partition in milliseconds.
     standby_workers: bool = True
-    # The client -> transceiver hit path: "auto" (C, relay._hitpath, when it was built; else Python),
-    # "c" (refuse to start without it), "python".
+    # How established flows are forwarded: "auto" (the in-kernel eBPF fast path where it loads,
+    # relay/kernel_path.py; the workers' C hit path, relay._hitpath, when it was built; else
+    # Python), "ebpf" (refuse to start without the kernel path), "c" (refuse to start without
+    # the C extension; no kernel path), "python".
     hit_path: str = "auto"
+    # The kernel path, between two loopback addresses (a client or transceiver on this host):
+    # "in_place" delivers a forwarded datagram where it arrived (fastest; a capture on lo sees
+    # the datagram that came in, not the relayed one), "egress" sends it out through lo again
+    # (captures see it, as they see what the workers send; more CPU: see README).
+    kernel_loopback: str = "in_place"
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -113,6 +120,8 @@ class RelayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("`batch`: 1 to 1024")
         if not 0 <= self.tunnel_links <= 4096:
             raise ValueError("`tunnel_links`: 0 (none) to 4096")
+        if self.kernel_loopback not in ("in_place", "egress"):
+            raise ValueError(f"`kernel_loopback`: {self.kernel_loopback!r} is not one of in_place, egress")
         if self.hit_path not in HIT_PATHS:
             raise ValueError(f"`hit_path`: {self.hit_path!r} is not one of {', '.join(HIT_PATHS)}")
 

@@ -18,7 +18,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.batchio import address_tuple, sockaddr_for
 from relay.config import RelayConfig
@@ -26,6 +26,9 @@ from relay.decision import Learn
 from shm import Flow, FlowTable, InsertStatus, PartitionWriter, TakeoverReport
 from shm.layout import ip16
 from wire.tunnel_frame import data_prefix, hop_prefix
+
+if TYPE_CHECKING:
+    from relay.kernel_flows import KernelFlows
 
 log = logging.getLogger("rtcrelay.relay")
 
@@ -69,7 +72,7 @@ class FlowEntry:
     __slots__ = (
         "client_key", "client", "public_index", "handle", "prefix", "match", "hops", "tunnel_dest",
         "target", "ufrag", "packets_in", "bytes_in", "packets_out", "bytes_out", "aliases",
-        "flushed_activity", "client_address", "index",
+        "flushed_activity", "client_address", "index", "kernel",
     )
 
     def __init__(self, client_key: bytes, client: tuple[bytes, int], public_index: int, handle: int,
@@ -87,6 +90,7 @@ class FlowEntry:
         self.flushed_activity = 0  # packets_in + packets_out at the last flush
         self.aliases: tuple[int, ...] = ()  # (a tuple: no list per flow for the collector to walk)
         self.index = -1  # position in LocalFlows.entries
+        self.kernel: Any = None  # relay.kernel_flows.KernelFlow while the kernel forwards it
 
     def _set_handle(self, handle: int) -> None:
         self.handle = handle
@@ -159,6 +163,9 @@ class LocalFlows:
         #: is this (packed IP, port) a cluster relay's hop address (a flow to it is a hop)
         self.is_hop = is_hop
         self.hop_limit = config.hop_limit
+        #: the kernel fast path's maps (relay/kernel_flows.py), when it serves: every flow added
+        #: or removed here is added to or removed from the kernel too
+        self.kernel: KernelFlows | None = None
 
     def _own(self) -> PartitionWriter:
         assert self.writer is not None, "take_over() first"
@@ -174,6 +181,8 @@ class LocalFlows:
         self.by_transceiver.setdefault(entry.tunnel_dest, set()).add(entry.client_key)
         entry.index = len(self.entries)
         self.entries.append(entry)
+        if self.kernel is not None:
+            self.kernel.add(entry)
         # A transceiver is given one heartbeat timeout from its first flow to say it is alive.
         self.transceivers.setdefault(entry.tunnel_dest, [now, False])
         return entry
@@ -182,6 +191,8 @@ class LocalFlows:
         entry = self.by_key.pop(client_key, None)
         if entry is None:
             return
+        if entry.kernel is not None and self.kernel is not None:
+            self.kernel.remove(entry)
         self.by_address.pop(entry.client_address, None)
         self.by_handle.pop(entry.handle, None)
         for alias in entry.aliases:
@@ -386,12 +397,14 @@ class LocalFlows:
         holds its counters and last-seen time, and it ages towards expiry."""
         flush = self._own().flush_counters
         entries = self.entries
+        kernel = self.kernel
         stamp = ms(now)
         written = looked = 0
         total = len(entries)
         while looked < total and written < budget:
             step_written = min(written + chunk, budget)
-            step_looked = looked + 16 * chunk
+            # (a flow in the kernel costs a map read here: ~2 µs, as much as a write)
+            step_looked = looked + (chunk if kernel is not None else 16 * chunk)
             while looked < total and written < step_written and looked < step_looked:
                 if self._flush_cursor >= len(entries):
                     self._flush_cursor = 0
@@ -400,6 +413,8 @@ class LocalFlows:
                 entry = entries[self._flush_cursor]
                 self._flush_cursor += 1
                 looked += 1
+                if kernel is not None and entry.kernel is not None:
+                    kernel.fold(entry)
                 activity = entry.packets_in + entry.packets_out
                 if activity != entry.flushed_activity:
                     entry.flushed_activity = activity
@@ -433,6 +448,8 @@ class LocalFlows:
         if entry is not None:
             entry.rehandle(new_handle)
             self.by_handle[new_handle] = entry
+            if self.kernel is not None:
+                self.kernel.rehandle(entry)
 
     def take_over(self, now: float) -> TakeoverReport:
         """Own the partition (flock + repair what a dead predecessor left), reload the dicts."""
@@ -450,6 +467,10 @@ class LocalFlows:
             entry = self._entry_from(flow, flow.handle, client_key, public_index)
             if entry is not None:
                 self._add(entry, now)
+        if self.kernel is not None:
+            stale = self.kernel.forget_others(self.entries)
+            if stale:
+                log.info("worker %d: %d flows a predecessor left in the kernel removed", self.index, stale)
         return report
 
     def close(self) -> None:

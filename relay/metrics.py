@@ -37,6 +37,9 @@ TRAFFIC_COUNTERS = (
     "client_packets",  # client → transceiver, forwarded
     "client_bytes",
     "hit_path_packets",  # of client_packets: those the hit path sent itself (relay/hit_path.py)
+    "kernel_to_transceiver",  # of client_packets: those the kernel fast path forwarded (relay/kernel_flows.py)
+    "kernel_to_client",  # of transceiver_packets: the same, the other way
+    "kernel_flows",  # (state) flows the kernel forwards
     "transceiver_packets",  # transceiver → client, forwarded
     "transceiver_bytes",
     "flows_learned",
@@ -54,7 +57,8 @@ WORKER_COUNTERS: tuple[str, ...] = (STATE_COUNTERS + TRAFFIC_COUNTERS
 COUNTER_INDEX = {name: i for i, name in enumerate(WORKER_COUNTERS)}
 
 
-def render_prometheus(rows: Sequence[Mapping[str, int]], table_totals: Mapping[str, int] | None = None) -> str:
+def render_prometheus(rows: Sequence[Mapping[str, int]], table_totals: Mapping[str, int] | None = None,
+                      kernel_stats: Mapping[str, int] | None = None) -> str:
     out: list[str] = []
 
     def family(name: str, kind: str, help_text: str) -> None:
@@ -69,6 +73,13 @@ def render_prometheus(rows: Sequence[Mapping[str, int]], table_totals: Mapping[s
     for w, row in enumerate(rows):
         out.append(f'rtcrelay_bytes_total{{worker="{w}",direction="to_transceiver"}} {row.get("client_bytes", 0)}')
         out.append(f'rtcrelay_bytes_total{{worker="{w}",direction="to_client"}} {row.get("transceiver_bytes", 0)}')
+    family("kernel_packets_total", "counter",
+           "Datagrams the in-kernel fast path forwarded (of packets_total), by worker and direction.")
+    for w, row in enumerate(rows):
+        out.append(f'rtcrelay_kernel_packets_total{{worker="{w}",direction="to_transceiver"}} '
+                   f'{row.get("kernel_to_transceiver", 0)}')
+        out.append(f'rtcrelay_kernel_packets_total{{worker="{w}",direction="to_client"}} '
+                   f'{row.get("kernel_to_client", 0)}')
     family("drops_total", "counter", "Datagrams dropped, by worker and reason.")
     for w, row in enumerate(rows):
         out.extend(f'rtcrelay_drops_total{{worker="{w}",reason="{reason}"}} {row.get("drop_" + reason, 0)}'
@@ -93,6 +104,15 @@ def render_prometheus(rows: Sequence[Mapping[str, int]], table_totals: Mapping[s
     family("flows", "gauge", "Flows in each worker's local table.")
     for w, row in enumerate(rows):
         out.append(f'rtcrelay_flows{{worker="{w}"}} {row.get("flows", 0)}')
+    family("kernel_flows", "gauge", "Flows of each worker that the in-kernel fast path forwards.")
+    for w, row in enumerate(rows):
+        out.append(f'rtcrelay_kernel_flows{{worker="{w}"}} {row.get("kernel_flows", 0)}')
+    if kernel_stats is not None:
+        family("kernel_events_total", "counter",
+               "The in-kernel fast path's outcomes: forwarded each way, and datagrams of known flows it left to "
+               "the workers (no route or neighbour, a frame that did not match its flow, a packet it could not "
+               "resize).")
+        out.extend(f'rtcrelay_kernel_events_total{{event="{k}"}} {v}' for k, v in sorted(kernel_stats.items()))
     family("miss_queue", "gauge", "Datagrams of unknown sources waiting to be authenticated (served after the hits).")
     for w, row in enumerate(rows):
         out.append(f'rtcrelay_miss_queue{{worker="{w}"}} {row.get("miss_queue", 0)}')

@@ -33,6 +33,7 @@ from daemon.config_file import parse_host_port
 from daemon.keys import load_keyring
 from relay.config import RelayConfig
 from relay.hit_path import describe as describe_hit_path
+from relay.kernel_path import KernelPath, open_kernel_path
 from relay.metrics import WORKER_COUNTERS, render_prometheus
 from relay.sockets import adopt_fd, bound_address, open_udp, set_buffers
 from relay.worker_spec import PublicSocket, WorkerSpec, encode_spec
@@ -108,6 +109,7 @@ class Supervisor:
         self.stopping = False
         self._stop = asyncio.Event()
         self._admin: web.AppRunner | None = None
+        self.kernel: KernelPath | None = None
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -185,6 +187,14 @@ class Supervisor:
         self.table = table
         self.counters = CounterBlock.create(cfg.stats_path, WORKER_COUNTERS, rows=cfg.worker_count)
 
+    def open_kernel_path(self) -> None:
+        """The in-kernel fast path (relay/kernel_path.py) for hit_path "ebpf" or "auto"."""
+        cfg = self.config
+        publics = sorted({bound_address(sock) for slot in self.workers for sock in slot.public})
+        tunnels = [bound_address(slot.tunnel) for slot in self.workers]
+        self.kernel = open_kernel_path(cfg.hit_path, publics, tunnels, cfg.worker_count, cfg.flow_capacity,
+                                       loopback_egress=cfg.kernel_loopback == "egress")
+
     # -- workers ------------------------------------------------------------------------------
 
     def _popen_worker(self, slot: WorkerSlot, go_fd: int | None = None) -> subprocess.Popen[bytes]:
@@ -196,8 +206,11 @@ class Supervisor:
             supervisor_pid=os.getpid(),
             go_fd=go_fd,
             hop=[PublicSocket(sock.fileno(), *bound_address(sock)) for sock in slot.hop],
+            kernel=self.kernel.maps[slot.index] if self.kernel is not None else None,
         )
         fds = [sock.fileno() for sock in (*slot.public, slot.tunnel, *slot.hop)]
+        if spec.kernel is not None:
+            fds += spec.kernel.fds()
         if go_fd is not None:
             fds.append(go_fd)
         env = dict(os.environ, RTCRELAY_WORKER_SPEC=encode_spec(spec))
@@ -315,6 +328,7 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
         self.open_sockets()
         self.open_table()
+        self.open_kernel_path()
         for slot in self.workers:
             self.spawn(slot)
         await self._start_admin()
@@ -396,6 +410,8 @@ class Supervisor:
                 slot.process.wait()
         if self._admin is not None:
             await self._admin.cleanup()
+        if self.kernel is not None:  # (after the workers: established flows kept moving until now)
+            self.kernel.close()
         for slot in self.workers:
             for sock in (*slot.public, *slot.hop):
                 sock.close()
@@ -427,7 +443,8 @@ class Supervisor:
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         assert self.table is not None
-        body = render_prometheus(self.worker_rows(), self.table.totals())
+        body = render_prometheus(self.worker_rows(), self.table.totals(),
+                                 self.kernel.stats() if self.kernel is not None else None)
         return web.Response(text=body, content_type="text/plain", charset="utf-8")
 
     async def _healthz(self, _request: web.Request) -> web.Response:

@@ -49,6 +49,7 @@ from relay.decision import Answer, AuthPolicy, Drop, Forward, Learn, decide, lea
 from relay.flows import FlowEntry, LocalFlows
 from relay.hit_path import FlowSender, HitPath, open_hit_path
 from relay.hop_ingress import HopReturn
+from relay.kernel_flows import KernelFlows
 from relay.metrics import COUNTER_INDEX, WORKER_COUNTERS
 from relay.miss_budget import MISS_QUEUE_MAX, MissBudget
 from relay.tunnel_control import TunnelControl
@@ -120,6 +121,10 @@ class Worker(TunnelControl):
         routes = self.hops.routes
         self.flows = LocalFlows(cfg, spec.index, self.tunnel.family, self.public_addr + hop_locals(spec.hop),
                                 is_hop=routes.is_hop if routes is not None else lambda ip, port: False)
+        if spec.kernel is not None:
+            tunnel_host, tunnel_port = self.tunnel.getsockname()[:2]
+            self.flows.kernel = KernelFlows(spec.kernel, (ipaddress.ip_address(tunnel_host).packed, tunnel_port),
+                                            self.public_addr)
         batch = cfg.batch
         self.public_rx = [BatchReceiver(s, batch=batch, bufsize=BUFSIZE, headroom=HEADROOM) for s in self.public]
         # per socket index (public sockets, then hop indexes): how clients' datagrams go back,
@@ -463,6 +468,16 @@ class Worker(TunnelControl):
         counts[_C["transceivers"]] = len(self.flows.transceivers)
         counts[_C["tunnel_links"]] = len(self.links)
         counts[_C["hit_path_packets"]] = sum(h.forwarded for h in self.hit_paths)
+        kernel = self.flows.kernel
+        if kernel is not None:
+            packets_in, bytes_in, packets_out, bytes_out = kernel.take_totals()
+            counts[_CLIENT_PACKETS] += packets_in
+            counts[_CLIENT_BYTES] += bytes_in
+            counts[_C["transceiver_packets"]] += packets_out
+            counts[_C["transceiver_bytes"]] += bytes_out
+            counts[_C["kernel_to_transceiver"]] += packets_in
+            counts[_C["kernel_to_client"]] += packets_out
+            counts[_C["kernel_flows"]] = kernel.flow_count
         for event, value in self.directory.counts.items():
             counts[_C["directory_" + event]] = value
         self.counters.store_row(self.index, counts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from relay.config import RelayConfig
+from relay.kernel_path import KernelMapFds
 
 
 class PublicSocket(msgspec.Struct, array_like=True):
@@ -21,6 +22,7 @@ class WorkerSpec(msgspec.Struct):
     supervisor_pid: int
     go_fd: int | None = None  # a standby's socketpair end: say ready, wait for "go" before taking over
     hop: list[PublicSocket] = msgspec.field(default_factory=list)  # hop_listen sockets (a cluster relay)
+    kernel: KernelMapFds | None = None  # the kernel fast path's maps, when it serves
 
 
 def encode_spec(spec: WorkerSpec) -> str:

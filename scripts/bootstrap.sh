@@ -36,9 +36,17 @@ if ! command -v gcc >/dev/null 2>&1 || [ ! -f "$headers" ]; then
         || echo "bootstrap: no gcc/python$ver-dev: relay._hitpath is not built, the relay runs its Python hit path" >&2
 fi
 
+# clang and libbpf's headers: relay/ebpf/fastpath.bpf.o (the in-kernel fast path) is built at
+# install; without them the relay forwards every datagram in its workers (libbpf1, the runtime
+# library, comes with them).
+if ! command -v clang >/dev/null 2>&1 || [ ! -f /usr/include/bpf/bpf_helpers.h ]; then
+    apt_install clang libbpf-dev \
+        || echo "bootstrap: no clang/libbpf-dev: the in-kernel fast path is not built" >&2
+fi
+
 stamp="$VENV/.rtcrelay-installed"
 extras="${RTCRELAY_EXTRAS:-test}"
-want="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT"/relay/_hitpath*.[ch] | sha256sum | cut -c1-16)-$extras"
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT"/relay/_hitpath*.[ch] "$ROOT"/relay/ebpf/*.c | sha256sum | cut -c1-16)-$extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e "$ROOT[$extras]"

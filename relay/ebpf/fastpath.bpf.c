@@ -1,0 +1,361 @@
+/* rtcrelay's in-kernel fast path: a TC (clsact ingress) program that forwards the datagrams of
+ * established flows both ways, so the relay's workers see only what needs a decision.
+ *
+ *   client -> public address, source a flow in `flows`:
+ *       grow by the 24-byte tunnel Data header (wire/tunnel_frame.py's fixed-width layout: the
+ *       flow's 22-byte prefix from the map, then the payload length), send from the worker's
+ *       tunnel address to the flow's transceiver.
+ *   transceiver -> tunnel address, a Data frame whose handle is in `returns`, from that flow's
+ *   transceiver, whose prefix and length match:
+ *       strip the header, send the payload to the client from the public address.
+ *
+ * Everything else (no listener, no flow, a fragment, IP options, a malformed or oversized
+ * datagram, a control frame, no route or neighbour yet) goes on untouched (TC_ACT_UNSPEC: the
+ * next filter, then the stack and the workers' sockets), so the relay's guarantees hold: the
+ * kernel sends only to an address a worker put in a map (no reflection), and a worker deletes a
+ * flow's keys the moment the flow ends. Workers write the maps (relay/kernel_flows.py); the
+ * supervisor loads and attaches this program (relay/kernel_path.py). IPv4 only: IPv6 flows stay
+ * on the workers' hit path.
+ *
+ * The checksum of the UDP datagram it writes is 0 (legal for IPv4: not computed); the IP
+ * header's is recomputed. Counters are per CPU (no atomics on the packet path): per flow in
+ * `counters` (slot chosen by the worker), per outcome in `stats`.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#define HEADER_LEN 24      /* DATA_HEADER_LEN_V4 */
+#define PREFIX_LEN 22      /* the header up to the payload length */
+#define MAX_PAYLOAD 2048   /* relay/worker.py BUFSIZE: larger ones go to the workers (counted there) */
+#define LOOPBACK_IFINDEX 1
+#define KIND_PUBLIC 1
+#define KIND_TUNNEL 2
+#define PASS TC_ACT_UNSPEC
+
+/* relay/kernel_maps.py packs the same layouts: keep the two in step (tests/test_kernel_maps.py). */
+struct listener_key {
+    __be32 ip;
+    __be16 port;
+    __u16 pad;
+};
+
+struct listener {
+    __u32 kind;
+};
+
+struct flow_key {            /* a client datagram: (source, destination) */
+    __be32 client_ip;
+    __be32 public_ip;
+    __be16 client_port;
+    __be16 public_port;
+};
+
+struct flow {
+    __be32 tunnel_ip;         /* the worker's tunnel address: the source towards the transceiver */
+    __be32 target_ip;         /* the transceiver */
+    __be16 tunnel_port;
+    __be16 target_port;
+    __u32 slot;               /* index in `counters` */
+    __u32 local;              /* the transceiver's address is this host's: deliver locally */
+    __u8 prefix[24];          /* PREFIX_LEN used */
+};
+
+struct return_key {          /* a tunnel frame: (handle as on the wire, destination) */
+    __u64 handle;
+    __be32 tunnel_ip;
+    __be16 tunnel_port;
+    __u16 pad;
+};
+
+struct return_flow {
+    __be32 target_ip;         /* the frame must come from the flow's transceiver */
+    __be32 client_ip;
+    __be32 public_ip;
+    __be16 target_port;
+    __be16 client_port;
+    __be16 public_port;
+    __u16 pad;
+    __u32 slot;
+    __u32 local;              /* the client's address is this host's */
+    __u8 prefix[24];          /* what the frame must start with */
+};
+
+struct flow_counters {
+    __u64 packets_in;         /* client -> transceiver */
+    __u64 bytes_in;
+    __u64 packets_out;        /* transceiver -> client */
+    __u64 bytes_out;
+};
+
+enum stat {
+    STAT_TO_TRANSCEIVER,      /* forwarded */
+    STAT_TO_CLIENT,
+    STAT_NO_ROUTE,            /* a flow's datagram left to the workers: no route or neighbour */
+    STAT_MISMATCH,            /* a frame with a live handle but not its flow's source/prefix/length */
+    STAT_ADJUST_FAILED,       /* the kernel could not grow or shrink the packet */
+    STAT_COUNT,
+};
+
+struct settings {
+    __u32 loopback_egress;    /* 1: between loopback addresses too, go out through lo (captures see it) */
+};
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct settings);
+} settings SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 64);
+    __type(key, struct listener_key);
+    __type(value, struct listener);
+} listeners SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 65536);   /* set at load: workers x flow_capacity */
+    __type(key, struct flow_key);
+    __type(value, struct flow);
+} flows SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 65536);
+    __type(key, struct return_key);
+    __type(value, struct return_flow);
+} returns SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 65536);
+    __type(key, __u32);
+    __type(value, struct flow_counters);
+} counters SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, STAT_COUNT);
+    __type(key, __u32);
+    __type(value, __u64);
+} stats SEC(".maps");
+
+static __always_inline void count(__u32 which)
+{
+    __u64 *value = bpf_map_lookup_elem(&stats, &which);
+    if (value)
+        *value += 1;
+}
+
+static __always_inline __u16 ip_checksum(struct iphdr *ip)
+{
+    __u16 *words = (__u16 *)ip;
+    __u32 sum = 0;
+    ip->check = 0;
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(*ip) / 2); i++)
+        sum += words[i];
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    return (__u16)~sum;
+}
+
+/* Where the rewritten packet goes. Checked before the packet is changed: a packet that cannot
+ * go (no route, no neighbour yet) is left to the workers intact. Returns the ifindex to redirect
+ * to (0: deliver here, the packet came in on loopback), or -1. */
+static __always_inline int route(struct __sk_buff *skb, __u32 local, __be32 src, __be32 dst,
+                                 __u8 smac[ETH_ALEN], __u8 dmac[ETH_ALEN])
+{
+    if (local) {
+        /* this host's address: on loopback it is delivered where it is (unless the settings say
+         * otherwise); from another interface it goes out through loopback (whose address is
+         * all zeroes, so the MACs are zero) and is delivered from there */
+        __builtin_memset(smac, 0, ETH_ALEN);
+        __builtin_memset(dmac, 0, ETH_ALEN);
+        __u32 zero = 0;
+        struct settings *set = bpf_map_lookup_elem(&settings, &zero);
+        if (skb->ingress_ifindex == LOOPBACK_IFINDEX && !(set && set->loopback_egress))
+            return 0;
+        return LOOPBACK_IFINDEX;
+    }
+    struct bpf_fib_lookup fib = {};
+    fib.family = 2; /* AF_INET */
+    fib.l4_protocol = IPPROTO_UDP;
+    fib.ipv4_src = src;
+    fib.ipv4_dst = dst;
+    fib.ifindex = skb->ingress_ifindex;
+    /* an output lookup: the relay is the packet's source (no forwarding sysctl involved) */
+    if (bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT) != BPF_FIB_LKUP_RET_SUCCESS)
+        return -1;
+    __builtin_memcpy(smac, fib.smac, ETH_ALEN);
+    __builtin_memcpy(dmac, fib.dmac, ETH_ALEN);
+    return fib.ifindex;
+}
+
+static __always_inline int send(__u32 ifindex)
+{
+    return ifindex ? bpf_redirect(ifindex, 0) : TC_ACT_OK;
+}
+
+/* The packet's headers after a size change, re-checked for the verifier. */
+#define HEADERS(skb, eth, ip, udp, extra)                                              \
+    void *eth##_end = (void *)(long)(skb)->data_end;                                  \
+    struct ethhdr *eth = (void *)(long)(skb)->data;                                  \
+    struct iphdr *ip = (void *)(eth + 1);                                            \
+    struct udphdr *udp = (void *)(ip + 1);                                           \
+    if ((void *)(udp + 1) + (extra) > eth##_end)                                     \
+        return PASS;
+
+static __always_inline void rewrite(struct ethhdr *eth, struct iphdr *ip, struct udphdr *udp,
+                                    __u8 smac[ETH_ALEN], __u8 dmac[ETH_ALEN], __be32 src, __be16 sport,
+                                    __be32 dst, __be16 dport, __u16 payload)
+{
+    __builtin_memcpy(eth->h_source, smac, ETH_ALEN);
+    __builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
+    ip->saddr = src;
+    ip->daddr = dst;
+    ip->ttl = 64;
+    ip->tot_len = bpf_htons(sizeof(*ip) + sizeof(*udp) + payload);
+    ip->check = ip_checksum(ip);
+    udp->source = sport;
+    udp->dest = dport;
+    udp->len = bpf_htons(sizeof(*udp) + payload);
+    udp->check = 0;
+}
+
+static __always_inline int from_client(struct __sk_buff *skb, struct flow_key *key, __u16 payload)
+{
+    struct flow *flow = bpf_map_lookup_elem(&flows, key);
+    if (!flow)
+        return PASS;
+    __u8 smac[ETH_ALEN], dmac[ETH_ALEN];
+    int ifindex = route(skb, flow->local, flow->tunnel_ip, flow->target_ip, smac, dmac);
+    if (ifindex < 0) {
+        count(STAT_NO_ROUTE);
+        return PASS;
+    }
+    /* the room goes between the IP and the UDP header: the new UDP header, then the tunnel
+     * header, whose last 8 bytes land on the old UDP header */
+    if (bpf_skb_adjust_room(skb, HEADER_LEN, BPF_ADJ_ROOM_NET, 0)) {
+        count(STAT_ADJUST_FAILED);
+        return PASS;
+    }
+    HEADERS(skb, eth, ip, udp, HEADER_LEN)
+    __u8 *header = (__u8 *)(udp + 1);
+    __builtin_memcpy(header, flow->prefix, PREFIX_LEN);
+    header[PREFIX_LEN] = payload >> 8;
+    header[PREFIX_LEN + 1] = payload & 0xff;
+    rewrite(eth, ip, udp, smac, dmac, flow->tunnel_ip, flow->tunnel_port, flow->target_ip, flow->target_port,
+            payload + HEADER_LEN);
+    struct flow_counters *c = bpf_map_lookup_elem(&counters, &flow->slot);
+    if (c) {
+        c->packets_in += 1;
+        c->bytes_in += payload;
+    }
+    count(STAT_TO_TRANSCEIVER);
+    return send(ifindex);
+}
+
+static __always_inline int prefix_matches(const __u8 *frame, const __u8 *prefix)
+{
+    __u64 a0, a1, b0, b1;
+    __u32 a2, b2;
+    __u16 a3, b3;
+    __builtin_memcpy(&a0, frame, 8);
+    __builtin_memcpy(&b0, prefix, 8);
+    __builtin_memcpy(&a1, frame + 8, 8);
+    __builtin_memcpy(&b1, prefix + 8, 8);
+    __builtin_memcpy(&a2, frame + 16, 4);
+    __builtin_memcpy(&b2, prefix + 16, 4);
+    __builtin_memcpy(&a3, frame + 20, 2);
+    __builtin_memcpy(&b3, prefix + 20, 2);
+    return a0 == b0 && a1 == b1 && a2 == b2 && a3 == b3;
+}
+
+static __always_inline int from_transceiver(struct __sk_buff *skb, __be32 tunnel_ip, __be16 tunnel_port,
+                                            __be32 source_ip, __be16 source_port, __u16 length)
+{
+    if (length < HEADER_LEN)
+        return PASS;
+    /* the header must be in the linear part (it is, but for odd drivers) */
+    if (bpf_skb_pull_data(skb, sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct udphdr) + HEADER_LEN))
+        return PASS;
+    HEADERS(skb, eth0, ip0, udp0, HEADER_LEN)
+    const __u8 *frame = (const __u8 *)(udp0 + 1);
+    /* version 1, fixarray(5), tag 1 (Data), uint64 marker */
+    if (frame[0] != 0x01 || frame[1] != 0x95 || frame[2] != 0x01 || frame[3] != 0xcf)
+        return PASS;
+    struct return_key key = {.tunnel_ip = tunnel_ip, .tunnel_port = tunnel_port};
+    __builtin_memcpy(&key.handle, frame + 4, 8);
+    struct return_flow *flow = bpf_map_lookup_elem(&returns, &key);
+    if (!flow)
+        return PASS;
+    __u16 payload = length - HEADER_LEN;
+    if (flow->target_ip != source_ip || flow->target_port != source_port || !prefix_matches(frame, flow->prefix)
+        || frame[PREFIX_LEN] != (payload >> 8) || frame[PREFIX_LEN + 1] != (payload & 0xff)) {
+        count(STAT_MISMATCH);
+        return PASS; /* the workers validate it again and count why */
+    }
+    __u8 smac[ETH_ALEN], dmac[ETH_ALEN];
+    int ifindex = route(skb, flow->local, flow->public_ip, flow->client_ip, smac, dmac);
+    if (ifindex < 0) {
+        count(STAT_NO_ROUTE);
+        return PASS;
+    }
+    /* the 24 bytes after the IP header go (the old UDP header and 16 header bytes); the new UDP
+     * header lands on the header's last 8 bytes */
+    if (bpf_skb_adjust_room(skb, -HEADER_LEN, BPF_ADJ_ROOM_NET, 0)) {
+        count(STAT_ADJUST_FAILED);
+        return PASS;
+    }
+    HEADERS(skb, eth, ip, udp, 0)
+    rewrite(eth, ip, udp, smac, dmac, flow->public_ip, flow->public_port, flow->client_ip, flow->client_port, payload);
+    struct flow_counters *c = bpf_map_lookup_elem(&counters, &flow->slot);
+    if (c) {
+        c->packets_out += 1;
+        c->bytes_out += payload;
+    }
+    count(STAT_TO_CLIENT);
+    return send(ifindex);
+}
+
+SEC("tc")
+int rtcrelay_ingress(struct __sk_buff *skb)
+{
+    if (skb->protocol != bpf_htons(ETH_P_IP))
+        return PASS;
+    HEADERS(skb, eth, ip, udp, 0)
+    if (eth->h_proto != bpf_htons(ETH_P_IP) || ip->ihl != 5 || ip->version != 4 || ip->protocol != IPPROTO_UDP)
+        return PASS;
+    if (ip->frag_off & bpf_htons(0x3fff)) /* MF or an offset: a fragment */
+        return PASS;
+    struct listener_key where = {.ip = ip->daddr, .port = udp->dest};
+    struct listener *listener = bpf_map_lookup_elem(&listeners, &where);
+    if (!listener)
+        return PASS;
+    __u16 udp_len = bpf_ntohs(udp->len);
+    if (udp_len <= sizeof(*udp) || udp_len != bpf_ntohs(ip->tot_len) - sizeof(*ip))
+        return PASS;
+    __u16 length = udp_len - sizeof(*udp);
+    if (length > MAX_PAYLOAD)
+        return PASS;
+    if (listener->kind == KIND_PUBLIC) {
+        struct flow_key key = {
+            .client_ip = ip->saddr, .public_ip = ip->daddr, .client_port = udp->source, .public_port = udp->dest,
+        };
+        return from_client(skb, &key, length);
+    }
+    if (listener->kind == KIND_TUNNEL)
+        return from_transceiver(skb, ip->daddr, udp->dest, ip->saddr, udp->source, length);
+    return PASS;
+}
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";

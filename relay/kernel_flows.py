@@ -37,6 +37,7 @@ class KernelFlows:
         self.flows = MapIO(fds.flows, kernel_maps.FLOW_KEY_SIZE, kernel_maps.FLOW_SIZE)
         self.returns = MapIO(fds.returns, kernel_maps.RETURN_KEY_SIZE, kernel_maps.RETURN_SIZE)
         self.counters = MapIO(fds.counters, kernel_maps.SLOT_SIZE, kernel_maps.counters_size(fds.cpus))
+        self.paths = MapIO(fds.paths, kernel_maps.SLOT_SIZE, kernel_maps.PATH_SIZE)
         self.cpus = fds.cpus
         self.slot_range = range(fds.slot_base, fds.slot_base + fds.slots)
         self._free = list(reversed(self.slot_range))
@@ -51,9 +52,14 @@ class KernelFlows:
     # -- which flows, and where they go --------------------------------------------------------
 
     def eligible(self, entry) -> bool:  # entry: relay.flows.FlowEntry
-        return (self.tunnel is not None and entry.hops is None and entry.public_index < len(self.publics)
+        """IPv4 both sides, not a hop; and not a client on this host whose transceiver is
+        elsewhere: a local sender's datagram leaves its UDP checksum to be completed at
+        transmission, at an offset the kernel path's grow makes wrong (fastpath.bpf.c)."""
+        if not (self.tunnel is not None and entry.hops is None and entry.public_index < len(self.publics)
                 and len(entry.client[0]) == 4 and len(entry.target[0]) == 4
-                and len(self.publics[entry.public_index].ip) == 4)
+                and len(self.publics[entry.public_index].ip) == 4):
+            return False
+        return self.is_local(entry.target[0]) or not self.is_local(entry.client[0])
 
     def is_local(self, ip: bytes) -> bool:
         """Is ``ip`` this host's (network namespace's) address: the kernel delivers to it here
@@ -80,6 +86,7 @@ class KernelFlows:
         assert self.tunnel is not None
         slot = self._free.pop()
         self.counters.update(kernel_maps.slot_key(slot), self._zero)
+        self.paths.update(kernel_maps.slot_key(slot), kernel_maps.NO_PATH)
         client, target = Address(*entry.client), Address(*entry.target)
         public = self.publics[entry.public_index]
         state = KernelFlow(slot, kernel_maps.flow_key(client, public),

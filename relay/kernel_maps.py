@@ -19,14 +19,21 @@ _RETURN_KEY = struct.Struct("=8s4s2s2x")  # struct return_key
 _RETURN = struct.Struct("=4s4s4s2s2s2s2xII24s")  # struct return_flow
 _COUNTERS = struct.Struct("=QQQQ")  # struct flow_counters
 _SETTINGS = struct.Struct("=I")  # struct settings
+_PATH = struct.Struct("=II")  # struct path
 #: the program's `stats` slots, in the order of its enum stat
-STATS = ("to_transceiver", "to_client", "no_route", "mismatch", "adjust_failed")
+STATS = ("to_transceiver", "to_client", "no_route", "mismatch", "adjust_failed", "checksummed")
 
+#: each struct of the program by name (tests/test_kernel_path.py checks them against its BTF)
+LAYOUTS = {"listener_key": _LISTENER_KEY, "listener": _LISTENER, "flow_key": _FLOW_KEY, "flow": _FLOW,
+           "return_key": _RETURN_KEY, "return_flow": _RETURN, "flow_counters": _COUNTERS, "settings": _SETTINGS,
+           "path": _PATH}
 LISTENER_KEY_SIZE, LISTENER_SIZE = _LISTENER_KEY.size, _LISTENER.size
 FLOW_KEY_SIZE, FLOW_SIZE = _FLOW_KEY.size, _FLOW.size
 RETURN_KEY_SIZE, RETURN_SIZE = _RETURN_KEY.size, _RETURN.size
 COUNTERS_SIZE = _COUNTERS.size
 SETTINGS_SIZE = _SETTINGS.size
+PATH_SIZE = _PATH.size
+NO_PATH = bytes(PATH_SIZE)  # neither side seen yet
 SLOT_SIZE = 4
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import msgspec
 import psutil
 
+from daemon.config_file import ConfigError
 from relay import kernel_maps
 from relay.bpf_sys import BpfError, BpfObject, MapIO, possible_cpus, tc_attach, tc_detach
 
@@ -36,18 +37,23 @@ class KernelPathUnavailable(Exception):
     """Why the kernel fast path cannot serve here, worded for an operator."""
 
 
+class KernelPathError(ConfigError):
+    """``hit_path = "ebpf"`` where the kernel path cannot serve: the relay does not start."""
+
+
 class KernelMapFds(msgspec.Struct, array_like=True):
     """What a worker needs to put its flows in the kernel: the map fds (inherited) and its
     range of counter slots."""
     flows: int
     returns: int
     counters: int
+    paths: int
     cpus: int
     slot_base: int
     slots: int
 
     def fds(self) -> list[int]:
-        return [self.flows, self.returns, self.counters]
+        return [self.flows, self.returns, self.counters, self.paths]
 
 
 def interface_of(ip: str) -> tuple[str, int]:
@@ -131,7 +137,8 @@ def load_kernel_path(publics: list[tuple[str, int]], tunnels: list[tuple[str, in
         interfaces[ifindex] = name
     entries = workers * flow_capacity
     try:
-        obj = BpfObject(str(OBJECT_PATH), {"flows": entries, "returns": entries, "counters": entries})
+        obj = BpfObject(str(OBJECT_PATH), {"flows": entries, "returns": entries, "counters": entries,
+                                               "paths": entries})
     except BpfError as exc:
         hint = " (needs CAP_BPF and CAP_NET_ADMIN, or root)" if exc.errno in (1, 13) else ""
         raise KernelPathUnavailable(f"the kernel refused the program: {exc}{hint}") from None
@@ -146,7 +153,7 @@ def load_kernel_path(publics: list[tuple[str, int]], tunnels: list[tuple[str, in
         settings = MapIO(obj.map_fd("settings"), kernel_maps.SLOT_SIZE, kernel_maps.SETTINGS_SIZE)
         settings.update(kernel_maps.slot_key(0), kernel_maps.settings(loopback_egress))
         path.stats_map = MapIO(obj.map_fd("stats"), kernel_maps.SLOT_SIZE, 8 * cpus)
-        fds = (obj.map_fd("flows"), obj.map_fd("returns"), obj.map_fd("counters"))
+        fds = (obj.map_fd("flows"), obj.map_fd("returns"), obj.map_fd("counters"), obj.map_fd("paths"))
         path.maps = [KernelMapFds(*fds, cpus=cpus, slot_base=w * flow_capacity, slots=flow_capacity)
                      for w in range(workers)]
         prog = obj.program_fd(PROGRAM)
@@ -170,7 +177,8 @@ def open_kernel_path(choice: str, publics: list[tuple[str, int]], tunnels: list[
         path = load_kernel_path(publics, tunnels, workers, flow_capacity, loopback_egress)
     except KernelPathUnavailable as exc:
         if choice == "ebpf":
-            raise
+            raise KernelPathError(f'`hit_path` = "ebpf", but the kernel path cannot serve here: {exc} '
+                                  '(hit_path = "auto" serves with the workers instead)') from None
         log.info("kernel path: not used (%s): the workers forward every datagram", exc)
         return None
     log.info("kernel path: %s", path.describe())

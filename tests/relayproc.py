@@ -23,6 +23,7 @@ from pathlib import Path
 from daemon.config_file import toml_text
 from shm import Flow, FlowTable
 from shm.counters import CounterBlock
+from transceiver.tunnel import without_udp_checksum
 from wire.route_token import RouteKeyring, derive_password, issue_token
 from wire.stun import build_binding_request
 from wire.tunnel_frame import Data, Frame, FrameError, Heartbeat, SessionClosed, data_header, decode_frame, encode_frame
@@ -130,6 +131,10 @@ class RelayProcess:
 
         wait_for(check, timeout, "relay readiness")
 
+    def kernel_path_serves(self) -> bool:
+        """The start-up log says the in-kernel fast path serves (relay/kernel_path.py)."""
+        return "kernel path: eBPF" in self.log()
+
     def worker_pids(self) -> list[int]:
         return [row["pid"] for row in self.rows()]
 
@@ -212,6 +217,7 @@ class FakeTransceiver:
     def __post_init__(self) -> None:
         self.sock.bind((LOCALHOST, self.port))
         self.sock.settimeout(2.0)
+        without_udp_checksum(self.sock)  # as the real one (transceiver/tunnel.py)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -300,3 +306,27 @@ def rtp_like(seq: int, size: int = 140) -> bytes:
 
 def dtls_like(size: int = 100) -> bytes:
     return bytes([22, 0xFE, 0xFD]) + os.urandom(size - 3)
+
+
+def connect(relay: RelayProcess, transceiver: FakeTransceiver, ufrag: str | None = None,
+            client: Client | None = None) -> tuple[Client, Data, tuple[str, int], str]:
+    """A client's first (valid) STUN check reaches the transceiver; the flow's first frame."""
+    client = client or Client(relay.address)
+    ufrag = ufrag or transceiver.token(relay.keyring)
+    request = client.binding_request(ufrag, keyring=relay.keyring)
+    client.send(request)
+    frame, tunnel = transceiver.recv_data()
+    assert frame.payload == request and frame.port == client.address[1]
+    return client, frame, tunnel, ufrag
+
+
+def assert_both_ways(client: Client, first: Data, tunnel: tuple[str, int], transceiver: FakeTransceiver, relay: RelayProcess,
+                     tag: int) -> None:
+    payload = rtp_like(tag)
+    client.send(payload)
+    frame, source = transceiver.recv_data()
+    assert frame.payload == payload and frame.handle == first.handle and source == tunnel
+    answer = rtp_like(10_000 + tag)
+    transceiver.reply(tunnel, frame, answer)
+    got, sender = client.recv()
+    assert got == answer and sender == relay.address

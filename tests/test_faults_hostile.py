@@ -39,8 +39,9 @@ from relay_workers import drop_totals, rss_mib, tunnel_addresses, udp_socket_dro
 from relayproc import (
     Client,
     FakeTransceiver,
-    RelayProcess,
+    assert_both_ways,
     cleanup_relay,
+    connect,
     dtls_like,
     rtp_like,
     start_relay,
@@ -56,6 +57,12 @@ TUNNEL_REASONS = frozenset({"frame_empty", "frame_bad_version", "frame_malformed
                             "tunnel_unexpected_frame", "tunnel_unknown_flow", "tunnel_foreign_flow"})
 
 POISON_FRAME = bytes.fromhex("019203a1b0")
+
+# Every relay here runs the default hit path ("auto": the in-kernel eBPF path where it loads, so
+# established flows are forwarded by the kernel under the junk), and the kernel path sends what
+# it forwards between loopback addresses out through lo again, where the capture sees it: the
+# no-reflection checks cover what the kernel sends as well as what the workers send.
+HOSTILE = {"heartbeat_timeout": 30.0, "kernel_loopback": "egress"}
 
 
 def figures(test: str, values: dict) -> None:
@@ -97,30 +104,6 @@ class TransceiverAt(FakeTransceiver):
                            cluster=cluster)
 
 
-def connect(relay: RelayProcess, transceiver: FakeTransceiver, ufrag: str | None = None,
-            client: Client | None = None) -> tuple[Client, Data, tuple[str, int], str]:
-    """A client's first (valid) STUN check reaches the transceiver; the flow's first frame."""
-    client = client or Client(relay.address)
-    ufrag = ufrag or transceiver.token(relay.keyring)
-    request = client.binding_request(ufrag, keyring=relay.keyring)
-    client.send(request)
-    frame, tunnel = transceiver.recv_data()
-    assert frame.payload == request and frame.port == client.address[1]
-    return client, frame, tunnel, ufrag
-
-
-def assert_both_ways(client: Client, first: Data, tunnel: tuple[str, int], transceiver: FakeTransceiver, relay: RelayProcess,
-                     tag: int) -> None:
-    payload = rtp_like(tag)
-    client.send(payload)
-    frame, source = transceiver.recv_data()
-    assert frame.payload == payload and frame.handle == first.handle and source == tunnel
-    answer = rtp_like(10_000 + tag)
-    transceiver.reply(tunnel, frame, answer)
-    got, sender = client.recv()
-    assert got == answer and sender == relay.address
-
-
 @pytest.fixture
 def transceiver() -> Iterator[FakeTransceiver]:
     fake = FakeTransceiver()
@@ -132,7 +115,7 @@ def transceiver() -> Iterator[FakeTransceiver]:
 
 
 def flood(tmp_path: Path, transceiver: FakeTransceiver, *, count: int, pps: float, seed: int, rss_budget_mib: float) -> dict:
-    relay = start_relay(tmp_path, workers=2, config={"heartbeat_timeout": 30.0})
+    relay = start_relay(tmp_path, workers=2, config={**HOSTILE})
     try:
         pids = relay.worker_pids()
         identity = worker_identity(pids)
@@ -240,8 +223,9 @@ def test_garbage_flood_one_million(tmp_path: Path, transceiver: FakeTransceiver)
 
 
 def test_a_non_utf8_frame_is_counted_and_costs_nothing_else(tmp_path: Path, transceiver: FakeTransceiver) -> None:
-    """One undecodable frame from an allowed address, then ten good ones in the same batch."""
-    relay = start_relay(tmp_path, workers=1, config={"heartbeat_timeout": 30.0})
+    """One undecodable frame from an allowed address, then ten good ones in the same batch (of
+    the workers' path: the kernel path would forward the good ones itself)."""
+    relay = start_relay(tmp_path, workers=1, config={**HOSTILE, "hit_path": "c"})
     try:
         client, first, tunnel, _ = connect(relay, transceiver)
         worker = relay.worker_pids()[0]
@@ -293,8 +277,9 @@ def test_transceiver_counts_a_non_utf8_frame() -> None:
 
 def test_junk_in_the_same_batch_as_live_traffic_costs_nothing(tmp_path: Path, transceiver: FakeTransceiver) -> None:
     """A hit, a miss (junk from an unknown source), a hit, in one recvmmsg batch: both hits go
-    through. (Before bdd0da4 the whole batch was lost to a struct.error in send_rx.)"""
-    relay = start_relay(tmp_path, workers=1, config={"heartbeat_timeout": 30.0})
+    through. (Before bdd0da4 the whole batch was lost to a struct.error in send_rx.) The workers'
+    path: the kernel path would forward the hits itself."""
+    relay = start_relay(tmp_path, workers=1, config={**HOSTILE, "hit_path": "c"})
     junk = Client(relay.address)
     try:
         client, *_ = connect(relay, transceiver)
@@ -321,7 +306,7 @@ def live_calls_under_junk(tmp_path: Path, transceiver: FakeTransceiver, *, junk_
     """Calls (client <-> fake transceiver ping-pong) while junk floods the public and tunnel ports."""
     import threading
 
-    relay = start_relay(tmp_path, workers=2, config={"heartbeat_timeout": 30.0})
+    relay = start_relay(tmp_path, workers=2, config={**HOSTILE})
     try:
         conns = [connect(relay, transceiver) for _ in range(calls)]
         tunnels = tunnel_addresses(relay.worker_pids(), relay.port)
@@ -393,7 +378,7 @@ def _refingerprint(message: bytearray) -> bytes:
 
 
 def test_forged_and_tampered_requests_create_nothing(tmp_path: Path, transceiver: FakeTransceiver) -> None:
-    relay = start_relay(tmp_path, workers=2, config={"heartbeat_timeout": 30.0, "cluster_id": 7})
+    relay = start_relay(tmp_path, workers=2, config={**HOSTILE, "cluster_id": 7})
     sources: list[Client] = []
     try:
         keyring = relay.keyring
@@ -471,7 +456,7 @@ def test_replays_beyond_the_session_flow_limit_create_nothing(tmp_path: Path, tr
     session (that is NAT rebinding) until the limit, which holds for the relay (all workers);
     after it, nothing."""
     limit = 3
-    relay = start_relay(tmp_path, workers=workers, config={"heartbeat_timeout": 30.0, "max_flows_per_session": limit})
+    relay = start_relay(tmp_path, workers=workers, config={**HOSTILE, "max_flows_per_session": limit})
     replayers = [Client(relay.address) for _ in range(16)]
     try:
         legit, first, tunnel, ufrag = connect(relay, transceiver)
@@ -520,7 +505,7 @@ def test_replays_beyond_the_session_flow_limit_create_nothing(tmp_path: Path, tr
 @pytest.mark.parametrize("full", ["flows", "sessions"])
 def test_full_table_refuses_newcomers_and_keeps_every_flow(tmp_path: Path, transceiver: FakeTransceiver, full: str) -> None:
     """flow_capacity 16 (or session_capacity 16): a load cap of 12 per partition, 1 worker."""
-    config = {"heartbeat_timeout": 30.0, "flow_capacity": 16 if full == "flows" else 64,
+    config = {**HOSTILE, "flow_capacity": 16 if full == "flows" else 64,
               "session_capacity": 16 if full == "sessions" else 64}
     relay = start_relay(tmp_path, workers=1, config=config)
     newcomers: list[Client] = []
@@ -563,7 +548,7 @@ def test_full_table_refuses_newcomers_and_keeps_every_flow(tmp_path: Path, trans
 def test_relay_drops_frames_from_outside_transceiver_networks(tmp_path: Path) -> None:
     transceiver = TransceiverAt(host="127.0.0.2")
     intruders = [TransceiverAt(host=h) for h in ("127.0.0.1", "127.0.0.3")]
-    relay = start_relay(tmp_path, workers=1, config={"heartbeat_timeout": 30.0, "transceiver_networks": ["127.0.0.2/32"]})
+    relay = start_relay(tmp_path, workers=1, config={**HOSTILE, "transceiver_networks": ["127.0.0.2/32"]})
     try:
         client, first, tunnel, ufrag = connect(relay, transceiver)
         assert_both_ways(client, first, tunnel, transceiver, relay, 1)  # the allowed transceiver works
@@ -592,7 +577,7 @@ def test_transceiver_drops_frames_from_outside_relay_networks(tmp_path: Path) ->
     """The real relay (tunnel on 127.0.0.1) forwards an authenticated check to a transceiver
     tunnel that accepts only 127.0.0.2/32: dropped as not_allowed; one that accepts 127.0.0.1/32
     takes it."""
-    relay = start_relay(tmp_path, workers=1, config={"heartbeat_timeout": 30.0})
+    relay = start_relay(tmp_path, workers=1, config={**HOSTILE})
 
     async def main() -> dict:
         closed = await open_tunnel("127.0.0.1", 0, allowed_networks=["127.0.0.2/32"])

@@ -77,7 +77,9 @@ def test_a_call_works_only_through_the_relay_across_namespaces(topology: Topolog
 
         relay = start_relay(tmp_path, workers=2, prefix=topo.exec(topo.relay), wait=False, port=RELAY_PORT, config={
             "listen": [f"{RELAY_PUBLIC_IP}:{RELAY_PORT}"], "tunnel_host": RELAY_TUNNEL_IP,
-            "transceiver_networks": ["10.250.2.0/24"], "admin_listen": "127.0.0.1:9478", "heartbeat_timeout": 5.0})
+            "transceiver_networks": ["10.250.2.0/24"], "admin_listen": "127.0.0.1:9478", "heartbeat_timeout": 5.0,
+            # the kernel path, routed: each way out through the other veth (bpf_fib_lookup + redirect)
+            "hit_path": "ebpf"})
 
         wait_relay(relay, "its namespace")
         transceiver, tx_log = start_transceiver(topo, relay, tmp_path)
@@ -99,11 +101,19 @@ def test_a_call_works_only_through_the_relay_across_namespaces(topology: Topolog
         relay.wait_flushed(lambda rows: sum(r["client_packets"] for r in rows) > 50
                            and sum(r["transceiver_packets"] for r in rows) > 50, what="media counted both ways")
         rows = relay.rows()
+        # ... by the kernel, both ways (the call's media after its first checks)
+        kernel = {k: sum(r[k] for r in rows) for k in ("client_packets", "transceiver_packets", "kernel_to_transceiver",
+                                                       "kernel_to_client")}
+        # ... all but the first few by the kernel, both ways (the workers send until both sides were seen)
+        assert kernel["kernel_to_transceiver"] >= kernel["client_packets"] - 5, kernel
+        assert kernel["kernel_to_client"] >= kernel["transceiver_packets"] - 5, kernel
         assert call.finish() == 0
         # Hanging up ends the session: the transceiver tells the relay, which forgets the flow.
         wait_for(lambda: relay.table_flows() == [], 10, "the flow removed after the hang-up")
         print("\nFIGURES netns: " + json.dumps({
             "client_packets": sum(r["client_packets"] for r in rows),
+            "kernel_to_transceiver": sum(r["kernel_to_transceiver"] for r in rows),
+            "kernel_to_client": sum(r["kernel_to_client"] for r in rows),
             "transceiver_packets": sum(r["transceiver_packets"] for r in rows),
             "level": round(result["level"]), "remote": result["remote"]}))
     finally:

@@ -86,6 +86,11 @@ struct return_flow {
     __u8 prefix[24];          /* what the frame must start with */
 };
 
+struct path {                /* where each side was last seen: its packets' ingress interface */
+    __u32 client_ifindex;
+    __u32 transceiver_ifindex;
+};
+
 struct flow_counters {
     __u64 packets_in;         /* client -> transceiver */
     __u64 bytes_in;
@@ -99,6 +104,7 @@ enum stat {
     STAT_NO_ROUTE,            /* a flow's datagram left to the workers: no route or neighbour */
     STAT_MISMATCH,            /* a frame with a live handle but not its flow's source/prefix/length */
     STAT_ADJUST_FAILED,       /* the kernel could not grow or shrink the packet */
+    STAT_CHECKSUMMED,         /* a frame with a UDP checksum for a client elsewhere (see from_transceiver) */
     STAT_COUNT,
 };
 
@@ -142,6 +148,13 @@ struct {
 } counters SEC(".maps");
 
 struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 65536);
+    __type(key, __u32);
+    __type(value, struct path);
+} paths SEC(".maps");
+
+struct {
     __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
     __uint(max_entries, STAT_COUNT);
     __type(key, __u32);
@@ -168,41 +181,39 @@ static __always_inline __u16 ip_checksum(struct iphdr *ip)
     return (__u16)~sum;
 }
 
-/* Where the rewritten packet goes. Checked before the packet is changed: a packet that cannot
- * go (no route, no neighbour yet) is left to the workers intact. Returns the ifindex to redirect
- * to (0: deliver here, the packet came in on loopback), or -1. */
-static __always_inline int route(struct __sk_buff *skb, __u32 local, __be32 src, __be32 dst,
-                                 __u8 smac[ETH_ALEN], __u8 dmac[ETH_ALEN])
+/* Where the rewritten packet goes, decided before the packet is changed (a packet that cannot
+ * go is left to the workers intact): *ifindex 0 = deliver here (it came in on loopback), else
+ * redirect there (through the neighbour subsystem unless it is loopback). Returns 0, or -1.
+ *
+ * A host address goes through loopback. Anything else goes out of the interface the other
+ * side's datagrams last came in on (`paths`, recorded by this program): the reply leaves where
+ * the request arrived, and no FIB lookup needs IP forwarding on (bpf_fib_lookup refuses when
+ * it is off, as on most hosts that are not routers). */
+static __always_inline int route(struct __sk_buff *skb, __u32 local, __u32 seen_ifindex, __u32 *ifindex)
 {
     if (local) {
-        /* this host's address: on loopback it is delivered where it is (unless the settings say
-         * otherwise); from another interface it goes out through loopback (whose address is
-         * all zeroes, so the MACs are zero) and is delivered from there */
-        __builtin_memset(smac, 0, ETH_ALEN);
-        __builtin_memset(dmac, 0, ETH_ALEN);
         __u32 zero = 0;
         struct settings *set = bpf_map_lookup_elem(&settings, &zero);
-        if (skb->ingress_ifindex == LOOPBACK_IFINDEX && !(set && set->loopback_egress))
-            return 0;
-        return LOOPBACK_IFINDEX;
+        *ifindex = skb->ingress_ifindex == LOOPBACK_IFINDEX && !(set && set->loopback_egress) ? 0 : LOOPBACK_IFINDEX;
+        return 0;
     }
-    struct bpf_fib_lookup fib = {};
-    fib.family = 2; /* AF_INET */
-    fib.l4_protocol = IPPROTO_UDP;
-    fib.ipv4_src = src;
-    fib.ipv4_dst = dst;
-    fib.ifindex = skb->ingress_ifindex;
-    /* an output lookup: the relay is the packet's source (no forwarding sysctl involved) */
-    if (bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT) != BPF_FIB_LKUP_RET_SUCCESS)
+    if (!seen_ifindex)
         return -1;
-    __builtin_memcpy(smac, fib.smac, ETH_ALEN);
-    __builtin_memcpy(dmac, fib.dmac, ETH_ALEN);
-    return fib.ifindex;
+    *ifindex = seen_ifindex;
+    return 0;
 }
 
-static __always_inline int send(__u32 ifindex)
+static __always_inline int send(__u32 ifindex, struct ethhdr *eth)
 {
-    return ifindex ? bpf_redirect(ifindex, 0) : TC_ACT_OK;
+    if (!ifindex)
+        return TC_ACT_OK;
+    if (ifindex == LOOPBACK_IFINDEX) {
+        /* loopback's address is all zeroes: a frame for it has zero MACs */
+        __builtin_memset(eth->h_source, 0, ETH_ALEN);
+        __builtin_memset(eth->h_dest, 0, ETH_ALEN);
+        return bpf_redirect(ifindex, 0);
+    }
+    return bpf_redirect_neigh(ifindex, NULL, 0, 0);
 }
 
 /* The packet's headers after a size change, re-checked for the verifier. */
@@ -214,12 +225,9 @@ static __always_inline int send(__u32 ifindex)
     if ((void *)(udp + 1) + (extra) > eth##_end)                                     \
         return PASS;
 
-static __always_inline void rewrite(struct ethhdr *eth, struct iphdr *ip, struct udphdr *udp,
-                                    __u8 smac[ETH_ALEN], __u8 dmac[ETH_ALEN], __be32 src, __be16 sport,
-                                    __be32 dst, __be16 dport, __u16 payload)
+static __always_inline void rewrite(struct iphdr *ip, struct udphdr *udp, __be32 src, __be16 sport, __be32 dst,
+                                    __be16 dport, __u16 payload)
 {
-    __builtin_memcpy(eth->h_source, smac, ETH_ALEN);
-    __builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
     ip->saddr = src;
     ip->daddr = dst;
     ip->ttl = 64;
@@ -236,10 +244,14 @@ static __always_inline int from_client(struct __sk_buff *skb, struct flow_key *k
     struct flow *flow = bpf_map_lookup_elem(&flows, key);
     if (!flow)
         return PASS;
-    __u8 smac[ETH_ALEN], dmac[ETH_ALEN];
-    int ifindex = route(skb, flow->local, flow->tunnel_ip, flow->target_ip, smac, dmac);
-    if (ifindex < 0) {
-        count(STAT_NO_ROUTE);
+    struct path *path = bpf_map_lookup_elem(&paths, &flow->slot);
+    if (!path)
+        return PASS;
+    if (path->client_ifindex != skb->ingress_ifindex)
+        path->client_ifindex = skb->ingress_ifindex;
+    __u32 ifindex;
+    if (route(skb, flow->local, path->transceiver_ifindex, &ifindex)) {
+        count(STAT_NO_ROUTE); /* no frame from the transceiver seen yet: the workers send this one */
         return PASS;
     }
     /* the room goes between the IP and the UDP header: the new UDP header, then the tunnel
@@ -253,15 +265,14 @@ static __always_inline int from_client(struct __sk_buff *skb, struct flow_key *k
     __builtin_memcpy(header, flow->prefix, PREFIX_LEN);
     header[PREFIX_LEN] = payload >> 8;
     header[PREFIX_LEN + 1] = payload & 0xff;
-    rewrite(eth, ip, udp, smac, dmac, flow->tunnel_ip, flow->tunnel_port, flow->target_ip, flow->target_port,
-            payload + HEADER_LEN);
+    rewrite(ip, udp, flow->tunnel_ip, flow->tunnel_port, flow->target_ip, flow->target_port, payload + HEADER_LEN);
     struct flow_counters *c = bpf_map_lookup_elem(&counters, &flow->slot);
     if (c) {
         c->packets_in += 1;
         c->bytes_in += payload;
     }
     count(STAT_TO_TRANSCEIVER);
-    return send(ifindex);
+    return send(ifindex, eth);
 }
 
 static __always_inline int prefix_matches(const __u8 *frame, const __u8 *prefix)
@@ -281,7 +292,7 @@ static __always_inline int prefix_matches(const __u8 *frame, const __u8 *prefix)
 }
 
 static __always_inline int from_transceiver(struct __sk_buff *skb, __be32 tunnel_ip, __be16 tunnel_port,
-                                            __be32 source_ip, __be16 source_port, __u16 length)
+                                            __be32 source_ip, __be16 source_port, __u16 length, __u16 checksum)
 {
     if (length < HEADER_LEN)
         return PASS;
@@ -304,9 +315,21 @@ static __always_inline int from_transceiver(struct __sk_buff *skb, __be32 tunnel
         count(STAT_MISMATCH);
         return PASS; /* the workers validate it again and count why */
     }
-    __u8 smac[ETH_ALEN], dmac[ETH_ALEN];
-    int ifindex = route(skb, flow->local, flow->public_ip, flow->client_ip, smac, dmac);
-    if (ifindex < 0) {
+    /* A frame a local process sent with a UDP checksum leaves its checksum to be completed at
+     * transmission (CHECKSUM_PARTIAL), at an offset that the shrink below leaves 24 bytes off:
+     * fine if the datagram is delivered on this host, wrong if a NIC completes it. Such frames
+     * go out through the workers; rtcrelay's transceiver sends none (SO_NO_CHECK). */
+    if (!flow->local && checksum) {
+        count(STAT_CHECKSUMMED);
+        return PASS;
+    }
+    struct path *path = bpf_map_lookup_elem(&paths, &flow->slot);
+    if (!path)
+        return PASS;
+    if (path->transceiver_ifindex != skb->ingress_ifindex)
+        path->transceiver_ifindex = skb->ingress_ifindex;
+    __u32 ifindex;
+    if (route(skb, flow->local, path->client_ifindex, &ifindex)) {
         count(STAT_NO_ROUTE);
         return PASS;
     }
@@ -317,14 +340,14 @@ static __always_inline int from_transceiver(struct __sk_buff *skb, __be32 tunnel
         return PASS;
     }
     HEADERS(skb, eth, ip, udp, 0)
-    rewrite(eth, ip, udp, smac, dmac, flow->public_ip, flow->public_port, flow->client_ip, flow->client_port, payload);
+    rewrite(ip, udp, flow->public_ip, flow->public_port, flow->client_ip, flow->client_port, payload);
     struct flow_counters *c = bpf_map_lookup_elem(&counters, &flow->slot);
     if (c) {
         c->packets_out += 1;
         c->bytes_out += payload;
     }
     count(STAT_TO_CLIENT);
-    return send(ifindex);
+    return send(ifindex, eth);
 }
 
 SEC("tc")
@@ -354,7 +377,7 @@ int rtcrelay_ingress(struct __sk_buff *skb)
         return from_client(skb, &key, length);
     }
     if (listener->kind == KIND_TUNNEL)
-        return from_transceiver(skb, ip->daddr, udp->dest, ip->saddr, udp->source, length);
+        return from_transceiver(skb, ip->daddr, udp->dest, ip->saddr, udp->source, length, udp->check);
     return PASS;
 }
 

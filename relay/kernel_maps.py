@@ -19,7 +19,7 @@ _RETURN_KEY = struct.Struct("=8s4s2s2x")  # struct return_key
 _RETURN = struct.Struct("=4s4s4s2s2s2s2xII24s")  # struct return_flow
 _COUNTERS = struct.Struct("=QQQQ")  # struct flow_counters
 _SETTINGS = struct.Struct("=I")  # struct settings
-_PATH = struct.Struct("=II")  # struct path
+_PATH = struct.Struct("=II4s")  # struct path
 #: the program's `stats` slots, in the order of its enum stat
 STATS = ("to_transceiver", "to_client", "no_route", "mismatch", "adjust_failed", "checksummed")
 

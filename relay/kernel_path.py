@@ -78,9 +78,29 @@ def _check_addresses(publics: list[tuple[str, int]], tunnels: list[tuple[str, in
             raise KernelPathUnavailable(f"{host} is not an IP address") from None
         if address.version != 4:
             raise KernelPathUnavailable(f"{host}:{port}: the kernel path is IPv4 only")
-        if address.is_unspecified:
-            raise KernelPathUnavailable(f"{host}:{port}: the kernel path needs a listen address that names "
-                                        "one address, not a wildcard")
+        if address.is_unspecified and (host, port) in tunnels:
+            raise KernelPathUnavailable(f"tunnel address {host}:{port}: the kernel path needs a tunnel_host "
+                                        "that names one address, not a wildcard")
+
+
+def _interfaces(addresses: list[tuple[str, int]]) -> dict[int, str]:
+    """ifindex -> name of the interfaces holding these addresses (each Ethernet or loopback);
+    for a wildcard (0.0.0.0), every Ethernet and loopback interface that is up now."""
+    interfaces: dict[int, str] = {}
+    if any(ipaddress.ip_address(host).is_unspecified for host, _port in addresses):
+        for name, stats in psutil.net_if_stats().items():
+            if stats.isup and Path(f"/sys/class/net/{name}/type").read_text().strip() in _LINK_TYPES:
+                interfaces[socket.if_nametoindex(name)] = name
+    for host, _port in addresses:
+        if ipaddress.ip_address(host).is_unspecified:
+            continue
+        name, ifindex = interface_of(host)
+        kind = Path(f"/sys/class/net/{name}/type").read_text().strip()
+        if kind not in _LINK_TYPES:
+            raise KernelPathUnavailable(f"{host} is on {name}, link type {kind}: the kernel path runs on "
+                                        "Ethernet and loopback interfaces")
+        interfaces[ifindex] = name
+    return interfaces
 
 
 def filter_handle(publics: list[tuple[str, int]]) -> int:
@@ -127,14 +147,6 @@ def load_kernel_path(publics: list[tuple[str, int]], tunnels: list[tuple[str, in
         raise KernelPathUnavailable(f"{OBJECT_PATH.name} was not built at install (clang and libbpf-dev "
                                     "were missing: scripts/ebpf-deps.sh)")
     _check_addresses(publics, tunnels)
-    interfaces: dict[int, str] = {}
-    for host, _port in publics + tunnels:
-        name, ifindex = interface_of(host)
-        kind = Path(f"/sys/class/net/{name}/type").read_text().strip()
-        if kind not in _LINK_TYPES:
-            raise KernelPathUnavailable(f"{host} is on {name}, link type {kind}: the kernel path runs on "
-                                        "Ethernet and loopback interfaces")
-        interfaces[ifindex] = name
     entries = workers * flow_capacity
     try:
         obj = BpfObject(str(OBJECT_PATH), {"flows": entries, "returns": entries, "counters": entries,
@@ -143,6 +155,11 @@ def load_kernel_path(publics: list[tuple[str, int]], tunnels: list[tuple[str, in
         hint = " (needs CAP_BPF and CAP_NET_ADMIN, or root)" if exc.errno in (1, 13) else ""
         raise KernelPathUnavailable(f"the kernel refused the program: {exc}{hint}") from None
     path = KernelPath(obj, filter_handle(publics), {})
+    try:
+        interfaces = _interfaces(publics + tunnels)
+    except (KernelPathUnavailable, OSError) as exc:
+        obj.close()
+        raise KernelPathUnavailable(f"{exc}") from None
     try:
         cpus = possible_cpus()
         path.cpus = cpus

@@ -257,13 +257,27 @@ def test_ebpf_refuses_to_start_where_bpf_is_refused_and_says_why(tmp_path: Path)
         cleanup_relay(relay)
 
 
-def test_a_wildcard_listen_address_is_served_by_the_workers(tmp_path: Path, transceiver: FakeTransceiver) -> None:
-    """0.0.0.0 names no one interface's address: "auto" says so and serves with the workers."""
+def test_a_wildcard_listen_address_is_served_in_the_kernel(tmp_path: Path, transceiver: FakeTransceiver) -> None:
+    """0.0.0.0 (the default listen address): the program matches any local address on that
+    port, and answers from the address the client sent to."""
     require_kernel_path()
-    relay = start_relay(tmp_path, workers=1, config={"listen": [f"0.0.0.0:{_free_port()}"]})
+    port = _free_port()
+    relay = start_relay(tmp_path, workers=1, port=port, config={"listen": [f"0.0.0.0:{port}"], "hit_path": "ebpf"})
     try:
-        line = next(line for line in relay.log().splitlines() if "kernel path:" in line)
-        assert "not used" in line and "wildcard" in line, line
+        assert relay.kernel_path_serves()
+        for address in ("127.0.0.1", "127.0.0.9"):  # two local addresses, one socket
+            client = Client((address, port))
+            client_first = connect(relay, transceiver, client=client)
+            _client, first, tunnel, _ufrag = client_first
+            transceiver.heartbeat(tunnel)
+            for i in range(20):
+                client.send(rtp_like(i))
+                frame, _source = transceiver.recv_data()
+                transceiver.reply(tunnel, frame, b"back %d" % i)
+                got, sender = client.recv()
+                assert got == b"back %d" % i and sender == (address, port)
+            client.close()
+        wait_for(lambda: kernel_packets(metrics(relay), "to_client") >= 38, 5, "kernel counters")
     finally:
         cleanup_relay(relay)
 

@@ -89,6 +89,7 @@ struct return_flow {
 struct path {                /* where each side was last seen: its packets' ingress interface */
     __u32 client_ifindex;
     __u32 transceiver_ifindex;
+    __be32 public_ip;         /* the address the client sent to (a wildcard listener's flows) */
 };
 
 struct flow_counters {
@@ -239,7 +240,7 @@ static __always_inline void rewrite(struct iphdr *ip, struct udphdr *udp, __be32
     udp->check = 0;
 }
 
-static __always_inline int from_client(struct __sk_buff *skb, struct flow_key *key, __u16 payload)
+static __always_inline int from_client(struct __sk_buff *skb, struct flow_key *key, __u16 payload, __be32 sent_to)
 {
     struct flow *flow = bpf_map_lookup_elem(&flows, key);
     if (!flow)
@@ -249,6 +250,8 @@ static __always_inline int from_client(struct __sk_buff *skb, struct flow_key *k
         return PASS;
     if (path->client_ifindex != skb->ingress_ifindex)
         path->client_ifindex = skb->ingress_ifindex;
+    if (path->public_ip != sent_to)
+        path->public_ip = sent_to;
     __u32 ifindex;
     if (route(skb, flow->local, path->transceiver_ifindex, &ifindex)) {
         count(STAT_NO_ROUTE); /* no frame from the transceiver seen yet: the workers send this one */
@@ -329,7 +332,9 @@ static __always_inline int from_transceiver(struct __sk_buff *skb, __be32 tunnel
     if (path->transceiver_ifindex != skb->ingress_ifindex)
         path->transceiver_ifindex = skb->ingress_ifindex;
     __u32 ifindex;
-    if (route(skb, flow->local, path->client_ifindex, &ifindex)) {
+    /* the reply's source: the public address, or (a wildcard listener) the one the client used */
+    __be32 public_ip = flow->public_ip ? flow->public_ip : path->public_ip;
+    if (!public_ip || route(skb, flow->local, path->client_ifindex, &ifindex)) {
         count(STAT_NO_ROUTE);
         return PASS;
     }
@@ -340,7 +345,7 @@ static __always_inline int from_transceiver(struct __sk_buff *skb, __be32 tunnel
         return PASS;
     }
     HEADERS(skb, eth, ip, udp, 0)
-    rewrite(ip, udp, flow->public_ip, flow->public_port, flow->client_ip, flow->client_port, payload);
+    rewrite(ip, udp, public_ip, flow->public_port, flow->client_ip, flow->client_port, payload);
     struct flow_counters *c = bpf_map_lookup_elem(&counters, &flow->slot);
     if (c) {
         c->packets_out += 1;
@@ -362,8 +367,12 @@ int rtcrelay_ingress(struct __sk_buff *skb)
         return PASS;
     struct listener_key where = {.ip = ip->daddr, .port = udp->dest};
     struct listener *listener = bpf_map_lookup_elem(&listeners, &where);
-    if (!listener)
-        return PASS;
+    if (!listener) {
+        where.ip = 0; /* a public socket bound to 0.0.0.0 */
+        listener = bpf_map_lookup_elem(&listeners, &where);
+        if (!listener || listener->kind != KIND_PUBLIC)
+            return PASS;
+    }
     __u16 udp_len = bpf_ntohs(udp->len);
     if (udp_len <= sizeof(*udp) || udp_len != bpf_ntohs(ip->tot_len) - sizeof(*ip))
         return PASS;
@@ -372,9 +381,9 @@ int rtcrelay_ingress(struct __sk_buff *skb)
         return PASS;
     if (listener->kind == KIND_PUBLIC) {
         struct flow_key key = {
-            .client_ip = ip->saddr, .public_ip = ip->daddr, .client_port = udp->source, .public_port = udp->dest,
+            .client_ip = ip->saddr, .public_ip = where.ip, .client_port = udp->source, .public_port = udp->dest,
         };
-        return from_client(skb, &key, length);
+        return from_client(skb, &key, length, ip->daddr);
     }
     if (listener->kind == KIND_TUNNEL)
         return from_transceiver(skb, ip->daddr, udp->dest, ip->saddr, udp->source, length, udp->check);

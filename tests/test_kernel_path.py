@@ -268,7 +268,7 @@ def test_a_wildcard_listen_address_is_served_in_the_kernel(tmp_path: Path, trans
         for address in ("127.0.0.1", "127.0.0.9"):  # two local addresses, one socket
             client = Client((address, port))
             client_first = connect(relay, transceiver, client=client)
-            _client, first, tunnel, _ufrag = client_first
+            _client, _first, tunnel, _ufrag = client_first
             transceiver.heartbeat(tunnel)
             for i in range(20):
                 client.send(rtp_like(i))

@@ -91,8 +91,8 @@ class KernelFlows:
         public = self.publics[entry.public_index]
         state = KernelFlow(slot, kernel_maps.flow_key(client, public),
                            kernel_maps.return_key(entry.handle, self.tunnel))
-        self.flows.update(state.flow_key,
-                          kernel_maps.flow(self.tunnel, target, slot, self.is_local(target.ip), entry.prefix))
+        self.flows.update(state.flow_key, kernel_maps.flow(self.tunnel, target, slot, self.is_local(target.ip),
+                                                           self.is_local(client.ip), entry.prefix))
         self.returns.update(state.return_key, kernel_maps.return_flow(
             target, client, public, slot, self.is_local(client.ip), entry.match))
         entry.kernel = state
@@ -120,8 +120,8 @@ class KernelFlows:
         state.return_key = kernel_maps.return_key(entry.handle, self.tunnel)
         client, target = Address(*entry.client), Address(*entry.target)
         public = self.publics[entry.public_index]
-        self.flows.update(state.flow_key,
-                          kernel_maps.flow(self.tunnel, target, state.slot, self.is_local(target.ip), entry.prefix))
+        self.flows.update(state.flow_key, kernel_maps.flow(self.tunnel, target, state.slot, self.is_local(target.ip),
+                                                           self.is_local(client.ip), entry.prefix))
         self.returns.update(state.return_key, kernel_maps.return_flow(
             target, client, public, state.slot, self.is_local(client.ip), entry.match))
 

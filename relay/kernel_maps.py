@@ -14,14 +14,15 @@ PREFIX_LEN = 22  # the Data header up to the payload length (DATA_HEADER_LEN_V4 
 _LISTENER_KEY = struct.Struct("=4s2s2x")  # struct listener_key
 _LISTENER = struct.Struct("=I")
 _FLOW_KEY = struct.Struct("=4s4s2s2s")  # struct flow_key
-_FLOW = struct.Struct("=4s4s2s2sII24s")  # struct flow
+_FLOW = struct.Struct("=4s4s2s2sIII24s")  # struct flow
 _RETURN_KEY = struct.Struct("=8s4s2s2x")  # struct return_key
 _RETURN = struct.Struct("=4s4s4s2s2s2s2xII24s")  # struct return_flow
 _COUNTERS = struct.Struct("=QQQQ")  # struct flow_counters
 _SETTINGS = struct.Struct("=I")  # struct settings
 _PATH = struct.Struct("=II4s")  # struct path
 #: the program's `stats` slots, in the order of its enum stat
-STATS = ("to_transceiver", "to_client", "no_route", "mismatch", "adjust_failed", "checksummed")
+STATS = ("to_transceiver", "to_client", "no_route", "mismatch", "adjust_failed", "checksummed",
+         "no_local_socket")
 
 #: each struct of the program by name (tests/test_kernel_path.py checks them against its BTF)
 LAYOUTS = {"listener_key": _LISTENER_KEY, "listener": _LISTENER, "flow_key": _FLOW_KEY, "flow": _FLOW,
@@ -62,8 +63,8 @@ def flow_key(client: Address, public: Address) -> bytes:
     return _FLOW_KEY.pack(client.ip, public.ip, _port(client.port), _port(public.port))
 
 
-def flow(tunnel: Address, target: Address, slot: int, local: bool, prefix: bytes) -> bytes:
-    return _FLOW.pack(tunnel.ip, target.ip, _port(tunnel.port), _port(target.port), slot, local, prefix)
+def flow(tunnel: Address, target: Address, slot: int, local: bool, client_local: bool, prefix: bytes) -> bytes:
+    return _FLOW.pack(tunnel.ip, target.ip, _port(tunnel.port), _port(target.port), slot, local, client_local, prefix)
 
 
 def return_key(handle: int, tunnel: Address) -> bytes:

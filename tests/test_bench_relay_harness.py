@@ -1,8 +1,10 @@
 """The relay benchmark harness (bench/relay*.py, bench/udpload.py, bench/harness/, bench/c/*.c) works.
 
 The C tools build with gcc; the C reference forwarder writes exactly the relay's 24-byte tunnel
-header; generator -> forwarder -> sink delivers every packet of a paced low-rate run with
-latency figures; the drain test (SIGSTOP, queue, SIGCONT) measures a rate; the source plan
+header, and forwards a Data frame back to its flow's source by handle; generator -> forwarder ->
+sink delivers every packet of a paced low-rate run with latency figures; the cpu phase's runs
+deliver both ways (tgen learns the flows' prefixes through the forwarder) and its report has
+the kernel path's targets; the drain test (SIGSTOP, queue, SIGCONT) measures a rate; the source plan
 gives every run the same 5-tuples (the relay learns its flows once and keeps exactly those),
 a generator beyond its open files limit raises it or is split over processes, churn sends
 from new tuples the relay learns, a tool's failure carries its stderr; and the command line's
@@ -28,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 
 # bench/ is a namespace package: its modules cannot shadow the `relay` package.
-from bench import ctools, relay_churn, relay_forwarders, relay_report, relay_runs, udpload  # noqa: E402
+from bench import ctools, relay_churn, relay_cpu, relay_forwarders, relay_report, relay_runs, udpload  # noqa: E402
 from bench.harness import processes, procinfo  # noqa: E402
 from bench.harness.errors import BenchError  # noqa: E402
 from bench.harness.ports import free_port  # noqa: E402
@@ -97,6 +99,65 @@ def test_reference_forwarder_writes_the_relay_tunnel_header(tools):
         fwd.stop()
         target.close()
     assert fwd.pids() and procinfo.proc_state(fwd.pids()[0]) in ("?", "Z")
+
+
+@pytest.mark.timeout(30)
+def test_reference_forwarder_returns_data_frames_by_handle(tools):
+    """-R: a frame from the target whose handle names a flow, with that flow's address and the
+    payload's length, goes to that flow's source without its header, from the listen address;
+    anything else is dropped."""
+    target = _receiver()
+    fwd = relay_forwarders.CReferenceForwarder(1, tools=tools, rcvbuf=4 << 20)
+    listen = free_port()
+    fwd.start(listen, target.getsockname())
+    clients = [_receiver(), _receiver()]
+    try:
+        frames = []
+        for c in clients:
+            c.sendto(b"hello", ("127.0.0.1", listen))
+            frames.append(target.recvfrom(4096))
+        (first, relay_side), (second, _) = frames
+        answer = b"\x80 answer rtp"
+        back = first[:22] + len(answer).to_bytes(2, "big") + answer
+        target.sendto(second[:12] + back[12:], relay_side)  # another flow's handle: dropped
+        target.sendto(back[:22] + (len(answer) + 1).to_bytes(2, "big") + answer, relay_side)  # wrong length
+        target.sendto(back, relay_side)
+        got, sender = clients[0].recvfrom(4096)
+        assert (got, sender) == (answer, ("127.0.0.1", listen))
+        clients[1].settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            clients[1].recvfrom(4096)
+        clients[0].settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            clients[0].recvfrom(4096)  # only the good one came
+    finally:
+        fwd.stop()
+        for sock in (target, *clients):
+            sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_cpu_runs_deliver_both_ways_through_the_reference(tools):
+    """The cpu phase's runs: client -> transceiver, and tgen's Data frames (each flow's prefix,
+    learned through the forwarder) back to the clients; the baseline without a forwarder; the
+    CPU of the window, less the baseline's, per datagram."""
+    fwd, load, ports = _variant(tools, flows=20)
+    load.source = udpload.SourcePlan("127.40.0.1", 2000)
+    try:
+        runs = {way: relay_cpu.cpu_run(load, ports.listen, ports.sink, 4000, 0.2, 0.05, way) for way in relay_cpu.WAYS}
+    finally:
+        fwd.stop()
+    base_port = free_port()
+    base = {way: relay_cpu.cpu_run(load, base_port, base_port, 4000, 0.2, 0.05, way) for way in relay_cpu.WAYS}
+    for way in relay_cpu.WAYS:
+        r, b = runs[way], base[way]
+        assert r["delivered"] == r["sent"] >= 1000 and b["delivered"] == b["sent"] >= 1000, (r, b)
+        assert r["busy_ns"] > 0 and 0.15 < r["wall_s"] < 0.5 and r["sent_w"] > 0, r
+        per = relay_cpu.per_datagram(r, {"busy_ns": b["busy_ns"] / b["sent_w"]})
+        assert per is not None and per == pytest.approx((r["busy_ns"] - b["busy_ns"] / b["sent_w"] * r["sent_w"])
+                                                        / r["delivered_w"])
+    assert relay_cpu.summarise([dict(runs[w], ns=100.0, stat_ns=None) for w in relay_cpu.WAYS], [4000])["4000"][
+        "t2c_ns"] == 100.0
 
 
 def _variant(tools, workers=1, flows=8):
@@ -369,6 +430,15 @@ def test_quick_command_line_run(tools, tmp_path):
         assert res["latency"]["p99_us"] > 0 and res["smoke"]["hdr_len"] == [24, 24]
         assert res["flow_check"]["ok"]
     assert data["results"][3]["flow_check"]["held"] == 1000 and data["results"][3]["memory"]["table_bytes"] > 0
+    # the cpu phase (--quick: at the first flow count only): both ways, for both forwarders
+    assert [b["flows"] for b in data["cpu_baselines"]] == [64]
+    for res in data["results"]:
+        assert bool(res["cpu"]) == (res["flows"] == 64)
+        for row in res["cpu"].values():
+            assert row["c2t_ns"] is not None and row["t2c_ns"] is not None, row
+            assert row["c2t_delivered"] == row["t2c_delivered"] == 1.0, row
+    assert data["results"][1]["cpu_counters"]["kernel_to_transceiver"] == 0  # the relay's workers forwarded
+    assert "cpu: CPU per forwarded datagram" in table
     ref, churn = data["churn"]  # the C reference's control run, then the relay's
     assert ref["kind"] == "ref" and ref["status"] == "ok", ref["message"]
     assert churn["kind"] == "relay" and churn["status"] == "ok" and churn["flows"] == 1000, churn["message"]
@@ -409,6 +479,64 @@ def test_report_ratios_and_target_verdicts():
     relay2 = next(line for line in table.splitlines() if line.startswith("64        rtcrelay relay  2"))
     assert "0.80x" in relay2 and "1.59x" in relay2  # vs ref x2 per core; scale vs relay x1
     assert "9,000 != 10,000" in table and "WARNING: 'flows held'" in table
+
+
+def test_relay_forwarders_name_their_hit_path():
+    """The `relay` forwarder measures the workers (hit_path c, never auto: that loads the kernel
+    path as root); the eBPF ones set theirs; the eBPF forwarders skip the drain."""
+    made = {k: relay_forwarders.make_forwarder(k, 1, 64, {}) for k in ("relay", "ebpf", "ebpf-egress")}
+    assert [f.hit_path for f in made.values()] == ["c", "ebpf", "ebpf"]
+    assert made["ebpf-egress"].settings == {"kernel_loopback": "egress"} and not made["ebpf"].settings
+    assert not made["relay"].in_kernel and made["ebpf"].in_kernel
+    assert relay_forwarders.make_forwarder("relay", 1, 64, {}, "python").hit_path == "python"
+
+
+def _cpu_result(kind, flows, c2t, t2c, saturated=""):
+    r = _result(kind, 1, 0, 100_000, 30.0, flows=flows)
+    if kind != "ref":
+        r.label, r.drain = f"rtcrelay relay, {kind}", {"skipped": "kernel"}
+    rows = {}
+    for rate, (a, b) in {"100000": (c2t[0], t2c[0]), "200000": (c2t[1], t2c[1])}.items():
+        rows[rate] = {"rate": int(rate)}
+        for way, ns in (("c2t", a), ("t2c", b)):
+            rows[rate].update({f"{way}_ns": ns, f"{way}_stat_ns": None, f"{way}_saturated": "",
+                               f"{way}_noisy": False, f"{way}_delivered": 1.0, f"{way}_p50_us": 20.0})
+    rows["200000"]["c2t_saturated"] = saturated
+    r.cpu = rows
+    return r
+
+
+def test_kernel_path_targets_and_cpu_table():
+    results = [_cpu_result("ref", 64, (4000, 3000), (5000, 4000)),
+               _cpu_result("ebpf", 64, (800, 2000), (1000, 1200), saturated="load CPU full"),
+               _cpu_result("ref", 10_000, (4000, 3000), (5000, 4000)),
+               _cpu_result("ebpf", 10_000, (1000, 1200), (2000, 1000))]
+    results[1].paced["load_bound"] = True
+    table, targets = relay_report.report(results)
+    verdicts = {t["target"]: (round(t["value"], 3) if t["value"] else None, t["verdict"]) for t in targets
+                if "ebpf" in t["target"]}
+    assert verdicts == {
+        # 64 flows: 200k c->t was saturated: the clean rate counts
+        "64 flows/worker: rtcrelay relay, ebpf CPU per datagram, client -> transceiver, vs reference (worst rate)":
+            (0.2, "PASS"),
+        "64 flows/worker: rtcrelay relay, ebpf CPU per datagram, transceiver -> client, vs reference (worst rate)":
+            (0.3, "PASS"),
+        "64 flows/worker: rtcrelay relay, ebpf p99 latency at 20k pps vs reference (1 worker)": (1.0, "PASS"),
+        "64 flows/worker: rtcrelay relay, ebpf paced max pps vs reference (1 worker)": (1.0, "PASS"),
+        "10,000 flows/worker: rtcrelay relay, ebpf CPU per datagram, client -> transceiver, vs reference (worst rate)":
+            (0.4, "MISS"),
+        "10,000 flows/worker: rtcrelay relay, ebpf CPU per datagram, transceiver -> client, vs reference (worst rate)":
+            (0.4, "MISS"),
+        "10,000 flows/worker: rtcrelay relay, ebpf p99 latency at 20k pps vs reference (1 worker)": (1.0, "PASS"),
+        "10,000 flows/worker: rtcrelay relay, ebpf paced max pps vs reference (1 worker)": (1.0, "PASS"),
+    }
+    note = next(t["note"] for t in targets if t["target"].startswith("64 flows/worker: rtcrelay relay, ebpf CPU"))
+    assert "200k pps 0.67x (saturated: rtcrelay relay, ebpf; not counted)" in note
+    row = next(line for line in table.splitlines() if line.startswith("64        rtcrelay relay, ebpf  1   200,000"))
+    assert "2,000!" in row and "0.67x" in row
+    assert "skipped" in table and "drain skipped for rtcrelay relay, ebpf: kernel" in table
+    assert not any(t["target"].startswith(("64 flows/worker: relay", "10,000 flows/worker: relay")) and
+                   t["verdict"] != "NOT MEASURED" for t in targets)  # no `relay` rows here
 
 
 def test_churn_report_and_targets():

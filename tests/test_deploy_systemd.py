@@ -177,7 +177,8 @@ def fake_root(tmp_path_factory: pytest.TempPathFactory, analyze: str) -> Path:
     shutil.copytree(host_unit_dir(), root / "usr/lib/systemd/system", symlinks=True)
     (root / "etc/systemd/system").mkdir(parents=True)
     for path in UNITS.glob("rtcrelay-*"):
-        shutil.copy2(path, root / "etc/systemd/system" / path.name)
+        if path.is_file():  # (the kernel path's drop-in directory is opt-in: its own test)
+            shutil.copy2(path, root / "etc/systemd/system" / path.name)
     (root / "usr/bin").mkdir(parents=True, exist_ok=True)
     shutil.copy2(shutil.which("kill") or "/bin/kill", root / "usr/bin/kill")
     for install in INSTALL_PATHS:
@@ -211,6 +212,37 @@ def test_security_exposure_is_at_most_2(analyze: str, fake_root: Path, name: str
     left = [line for line in result.stdout.splitlines() if line.startswith("✗")]
     print(f"{name}: exposure {exposure}\n" + "\n".join(left))
     assert exposure <= MAX_EXPOSURE, f"{name}: exposure {exposure} > {MAX_EXPOSURE}\n{result.stdout}"
+
+
+KERNEL_PATH_DROP_IN = UNITS / f"{RELAY_UNIT}.d" / "kernel-path.conf"
+
+
+def test_the_kernel_path_drop_in_verifies_and_adds_only_what_bpf_needs(analyze: str, fake_root: Path,
+                                                                       tmp_path: Path) -> None:
+    """systemd/rtcrelay-relay.service.d/kernel-path.conf installed over the unit: clean verify,
+    the two capabilities and nothing else of the sandbox opened (its exposure is printed)."""
+    root = tmp_path / "root"
+    shutil.copytree(fake_root, root, symlinks=True)
+    drop_in = root / "etc/systemd/system" / f"{RELAY_UNIT}.d"
+    drop_in.mkdir()
+    shutil.copy2(KERNEL_PATH_DROP_IN, drop_in / KERNEL_PATH_DROP_IN.name)
+    result = subprocess.run([analyze, "verify", f"--root={root}", RELAY_UNIT], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and (result.stdout + result.stderr).strip() == "", result.stdout + result.stderr
+    security = subprocess.run([analyze, "security", "--offline=yes", f"--root={root}", "--no-pager", RELAY_UNIT],
+                              capture_output=True, text=True, timeout=120)
+    match = re.search(r"Overall exposure level for (\S+): (\d+\.\d+)", security.stdout)
+    assert match, security.stdout + security.stderr
+    opened = [line for line in security.stdout.splitlines() if line.startswith("✗")]
+    print(f"{RELAY_UNIT} + kernel-path.conf: exposure {match.group(2)}\n" + "\n".join(opened))
+    settings = dict(line.split("=", 1) for line in KERNEL_PATH_DROP_IN.read_text().splitlines()
+                    if "=" in line and not line.startswith("#"))
+    assert settings == {
+        "CapabilityBoundingSet": "CAP_BPF CAP_NET_ADMIN", "AmbientCapabilities": "CAP_BPF CAP_NET_ADMIN",
+        "PrivateUsers": "no", "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX AF_NETLINK",
+        "SystemCallFilter": "bpf",
+    }, settings
+    assert float(match.group(2)) <= MAX_EXPOSURE, security.stdout
 
 
 # -- what the units must say --------------------------------------------------------------------

@@ -63,6 +63,7 @@ struct flow {
     __be16 target_port;
     __u32 slot;               /* index in `counters` */
     __u32 local;              /* the transceiver's address is this host's: deliver locally */
+    __u32 client_local;       /* the client's address is this host's (see socket_here) */
     __u8 prefix[24];          /* PREFIX_LEN used */
 };
 
@@ -106,6 +107,7 @@ enum stat {
     STAT_MISMATCH,            /* a frame with a live handle but not its flow's source/prefix/length */
     STAT_ADJUST_FAILED,       /* the kernel could not grow or shrink the packet */
     STAT_CHECKSUMMED,         /* a frame with a UDP checksum for a client elsewhere (see from_transceiver) */
+    STAT_NO_LOCAL_SOCKET,     /* a reply for a client address of this host that no socket has (NAT here) */
     STAT_COUNT,
 };
 
@@ -240,11 +242,36 @@ static __always_inline void rewrite(struct iphdr *ip, struct udphdr *udp, __be32
     udp->check = 0;
 }
 
+/* A client on this host: is there a socket that takes a datagram from (src, sport) to (dst,
+ * dport)? None when the client is behind NAT on this host (its real port is another), whose
+ * datagrams need conntrack's translation, which the workers' sends get and a datagram rewritten
+ * here does not: those go through the workers, both ways. */
+static __always_inline int socket_here(struct __sk_buff *skb, __be32 src, __be16 sport, __be32 dst, __be16 dport)
+{
+    struct bpf_sock_tuple tuple = {};
+    tuple.ipv4.saddr = src;
+    tuple.ipv4.daddr = dst;
+    tuple.ipv4.sport = sport;
+    tuple.ipv4.dport = dport;
+    struct bpf_sock *sk = bpf_sk_lookup_udp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (!sk)
+        return 0;
+    bpf_sk_release(sk);
+    return 1;
+}
+
 static __always_inline int from_client(struct __sk_buff *skb, struct flow_key *key, __u16 payload, __be32 sent_to)
 {
     struct flow *flow = bpf_map_lookup_elem(&flows, key);
     if (!flow)
         return PASS;
+    /* A client on this host behind NAT here: its datagram carries its conntrack entry, whose
+     * NAT the input hook would apply again to the rewritten datagram (its source would become
+     * the client's NAT address). Such a client has no socket at its address: the workers send. */
+    if (flow->client_local && !socket_here(skb, sent_to, key->public_port, key->client_ip, key->client_port)) {
+        count(STAT_NO_LOCAL_SOCKET);
+        return PASS;
+    }
     struct path *path = bpf_map_lookup_elem(&paths, &flow->slot);
     if (!path)
         return PASS;
@@ -329,6 +356,11 @@ static __always_inline int from_transceiver(struct __sk_buff *skb, __be32 tunnel
     struct path *path = bpf_map_lookup_elem(&paths, &flow->slot);
     if (!path)
         return PASS;
+    if (flow->local && !socket_here(skb, flow->public_ip ? flow->public_ip : path->public_ip, flow->public_port,
+                                    flow->client_ip, flow->client_port)) {
+        count(STAT_NO_LOCAL_SOCKET);
+        return PASS;
+    }
     if (path->transceiver_ifindex != skb->ingress_ifindex)
         path->transceiver_ifindex = skb->ingress_ifindex;
     __u32 ifindex;

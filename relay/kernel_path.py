@@ -23,7 +23,7 @@ import psutil
 
 from daemon.config_file import ConfigError
 from relay import kernel_maps
-from relay.bpf_sys import BpfError, BpfObject, MapIO, possible_cpus, tc_attach, tc_detach
+from relay.bpf_sys import BpfError, BpfObject, MapIO, libbpf, possible_cpus, tc_attach, tc_detach
 
 log = logging.getLogger("rtcrelay.relay")
 
@@ -145,8 +145,12 @@ def load_kernel_path(publics: list[tuple[str, int]], tunnels: list[tuple[str, in
     """Load, fill the listeners, attach. KernelPathUnavailable says why not."""
     if not OBJECT_PATH.exists():
         raise KernelPathUnavailable(f"{OBJECT_PATH.name} was not built at install (clang and libbpf-dev "
-                                    "were missing: scripts/ebpf-deps.sh)")
+                                    "were missing; scripts/bootstrap.sh installs them)")
     _check_addresses(publics, tunnels)
+    try:
+        libbpf()
+    except BpfError as exc:
+        raise KernelPathUnavailable(str(exc)) from None
     entries = workers * flow_capacity
     try:
         obj = BpfObject(str(OBJECT_PATH), {"flows": entries, "returns": entries, "counters": entries,

@@ -161,6 +161,9 @@ def totals(view: TableView, workers: Iterable[dict[str, Any]]) -> dict[str, Any]
         "packets_to_clients": sum(w.get("transceiver_packets", 0) for w in workers),
         "bytes_to_transceivers": sum(w.get("client_bytes", 0) for w in workers),
         "bytes_to_clients": sum(w.get("transceiver_bytes", 0) for w in workers),
+        # of those, what the in-kernel fast path forwarded (relay/kernel_flows.py)
+        "kernel_packets_to_transceivers": sum(w.get("kernel_to_transceiver", 0) for w in workers),
+        "kernel_packets_to_clients": sum(w.get("kernel_to_client", 0) for w in workers),
         "drops": dict(sorted(drops.items())),
         "workers": workers,
     }

@@ -175,13 +175,17 @@ def stats(name: NameOpt = "default", table_dir: TableDirOpt = "/dev/shm", as_jso
                   f"{t['refused_session_flow_limit']} session limit")
     console.print(f"[bold]forwarded[/bold] {result['packets_to_transceivers']} pkts / "
                   f"{human_bytes(result['bytes_to_transceivers'])} to transceivers, "
-                  f"{result['packets_to_clients']} pkts / {human_bytes(result['bytes_to_clients'])} to clients")
+                  f"{result['packets_to_clients']} pkts / {human_bytes(result['bytes_to_clients'])} to clients"
+                  f"   [bold]in the kernel[/bold] {result['kernel_packets_to_transceivers']} / "
+                  f"{result['kernel_packets_to_clients']} pkts")
     table = Table(title="workers", header_style="bold")
-    for col in ("worker", "pid", "alive", "ready", "flows", "cpu %", "rss", "learned", "expired", "closed"):
+    for col in ("worker", "pid", "alive", "ready", "flows", "in kernel", "cpu %", "rss", "learned", "expired",
+                "closed"):
         table.add_column(col, justify="right")
     for w in result["workers"]:
         table.add_row(str(w["worker"]), str(w.get("pid", 0)), "yes" if w["alive"] else "no", str(w.get("ready", 0)),
-                      str(w.get("flows", 0)), f"{w.get('cpu_percent', 0.0):.1f}", human_bytes(w.get("rss_bytes", 0)),
+                      str(w.get("flows", 0)), str(w.get("kernel_flows", 0)), f"{w.get('cpu_percent', 0.0):.1f}",
+                      human_bytes(w.get("rss_bytes", 0)),
                       str(w.get("flows_learned", 0)), str(w.get("flows_expired", 0)), str(w.get("flows_closed", 0)))
     console.print(table)
     if result["drops"]:

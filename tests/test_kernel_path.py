@@ -304,7 +304,8 @@ def _handle(relay: RelayProcess) -> int:
 
 
 def test_kernel_counters_reach_the_cli(relay: RelayProcess, transceiver: FakeTransceiver) -> None:
-    """`rtcrelay flows` reads shm: the kernel's packets are in the flow's counters there."""
+    """`rtcrelay flows` and `rtcrelay stats` read shm: the kernel's packets are in the flow's
+    counters and the workers' rows there."""
     client, first, tunnel, _ufrag = connect(relay, transceiver)
     transceiver.heartbeat(tunnel)
     pump(client, transceiver, tunnel, first, relay, n=50)
@@ -314,6 +315,14 @@ def test_kernel_counters_reach_the_cli(relay: RelayProcess, transceiver: FakeTra
     assert out.returncode == 0, out.stderr
     flows = json.loads(out.stdout)
     assert len(flows) == 1 and flows[0]["packets_in"] == 51 and flows[0]["packets_out"] == 50, flows
+    stats = subprocess.run([*_rtcrelay(), "stats", "--name", relay.name, "--table-dir", str(relay.table_dir), "--json"],
+                           capture_output=True, text=True, timeout=30, check=True)
+    totals = json.loads(stats.stdout)
+    assert (totals["kernel_packets_to_transceivers"], totals["kernel_packets_to_clients"]) == (50, 50), totals
+    assert sum(w["kernel_flows"] for w in totals["workers"]) == 1
+    human = subprocess.run([*_rtcrelay(), "stats", "--name", relay.name, "--table-dir", str(relay.table_dir)],
+                           capture_output=True, text=True, timeout=30, check=True, env={**os.environ, "COLUMNS": "200"})
+    assert "in the kernel 50 / 50 pkts" in human.stdout, human.stdout
 
 
 def _rtcrelay() -> list[str]:

@@ -9,9 +9,15 @@
  *   transceiver, whose prefix and length match:
  *       strip the header, send the payload to the client from the public address.
  *
+ * Where it goes: an address of this host through loopback (delivered in place when it came in
+ * on loopback); anything else out of the interface the other side's datagrams last came in on
+ * (`paths`, written here), with bpf_redirect_neigh filling the MACs: no FIB lookup, which the
+ * kernel refuses where IP forwarding is off. Redirected datagrams pass no netfilter hook.
+ *
  * Everything else (no listener, no flow, a fragment, IP options, a malformed or oversized
- * datagram, a control frame, no route or neighbour yet) goes on untouched (TC_ACT_UNSPEC: the
- * next filter, then the stack and the workers' sockets), so the relay's guarantees hold: the
+ * datagram, a control frame, the other side not seen yet, a client behind NAT on this host, a
+ * checksummed frame for a client elsewhere) goes on untouched (TC_ACT_UNSPEC: the next filter,
+ * then the stack and the workers' sockets), so the relay's guarantees hold: the
  * kernel sends only to an address a worker put in a map (no reflection), and a worker deletes a
  * flow's keys the moment the flow ends. Workers write the maps (relay/kernel_flows.py); the
  * supervisor loads and attaches this program (relay/kernel_path.py). IPv4 only: IPv6 flows stay

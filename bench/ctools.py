@@ -12,7 +12,7 @@ from bench.harness.errors import BenchError
 BENCH = Path(__file__).resolve().parent
 C_SRC = BENCH / "c"
 BUILD = BENCH / ".build"
-CFLAGS = ["-O2", "-Wall", "-Wextra", "-std=gnu11"]
+CFLAGS = ["-O2", "-Wall", "-Wextra", "-std=gnu11", "-pthread"]  # (threads: gen -E, fwd_ref -R)
 TOOLS = ("fwd_ref", "loadgen")
 
 

@@ -1,16 +1,30 @@
 #!/usr/bin/env python3
 """Relay forwarding benchmark: the rtcrelay relay against a C reference forwarder.
 
-    .venv/bin/python bench/relay.py            # full run (2 rounds of ~1 min per forwarder, flow and worker count; churn)
+    .venv/bin/python bench/relay.py            # full run (2 rounds of ~2.5 min per forwarder, flow and worker count; churn)
     .venv/bin/python bench/relay.py --quick    # short run (a few seconds each), used by the tests
     .venv/bin/python bench/relay.py --forwarders ref --workers 1 --json /tmp/r.json
     .venv/bin/python bench/relay.py --workers 1 --rounds 1 --flows 64,10000,50000 --churn 500,2000,10000
+    .venv/bin/python bench/relay.py --forwarders ref,relay,ebpf,ebpf-egress --workers 1 --rounds 1 \
+        --flows 64,10000 --churn '' --source 127.60.0.1:2000    # the kernel path (as root)
 
 One invocation builds the C tools (bench/c/*.c -> bench/.build/, gcc -O2), then runs every
-forwarder variant (C reference and the relay, 1 worker then 2) at every flow count (--flows,
-per worker: 64, 1,000, 10,000 and 50,000; the load has flows x workers), 140-byte payloads, in
-rounds: ref then relay, then relay then ref (--rounds; the machine drifts over minutes, this
-way alike for both), each forwarder's rounds pooled.
+forwarder variant (--forwarders, default ref,relay; 1 worker then 2) at every flow count
+(--flows, per worker: 64, 1,000, 10,000 and 50,000; the load has flows x workers), 140-byte
+payloads, in rounds: ref then relay, then relay then ref (--rounds; the machine drifts over
+minutes, this way alike for both), each forwarder's rounds pooled. The forwarders:
+
+  ref          bench/c/fwd_ref.c: recvmmsg/sendmmsg, a flat flow table; with -R (always here) a
+               thread per worker forwards the target's Data frames back by handle
+  relay        `rtcrelay relay` with `hit_path = "c"` given explicitly: its workers' C hit path
+               (--hit-path python for the Python one). Not "auto", which loads the kernel path
+               where it can (as root): that is the next one
+  ebpf         the relay with `hit_path = "ebpf"`: the TC program (relay/ebpf/fastpath.bpf.c)
+               forwards the established flows both ways in the kernel, in softirq context of the
+               CPU that sent the datagram (here the load's CPU: loopback delivers on the sender's)
+  ebpf-egress  the same with `kernel_loopback = "egress"`: a forwarded loopback datagram goes
+               out through lo again (and through the program once more) instead of in place
+  hops         an edge relay and a cluster relay in a row (#19)
 
 Each forwarder is started once per flow count, worker count and round, and first learns its
 flows: the load sends from fixed source addresses (loadgen -S, a "source plan": every run uses
@@ -23,38 +37,80 @@ relay's flow count must still be exactly the flows sent. Then:
            datagrams in the workers' (large) receive buffers, the workers get SIGCONT and drain
            into the stopped sink's buffer; its kernel receive timestamps (SO_TIMESTAMPNS) give the
            first -> last delivery time: pps = packets / drain time, per core = / workers. Neither
-           the generator nor the sink takes CPU meanwhile. Median of 3 runs a round.
+           the generator nor the sink takes CPU meanwhile. Median of 3 runs a round. Skipped
+           for the eBPF forwarders (saying why): stopping the workers does not stop the
+           kernel, which forwards as the generator sends: nothing queues.
   paced    live search over the offered rate (bounded steps) for the highest rate with
            < 0.1% of packets lost or late (> 10 ms one-way: a packet that late is useless to a
            jitter buffer, and a big receive buffer would otherwise hide overload as delay).
            On a 2-CPU machine the generator + sink core saturates first: a result marked
            "load-bound" (the generator fell short of the rate, or generator + sink used
-           >= 90% of their CPU in a failed step) is a lower bound for the forwarder.
+           >= 90% of their CPU in a failed step) is a lower bound for the forwarder. (The
+           kernel path's work lands on the load's CPU too: there it competes with the load.)
   latency  one-way latency p50/p99/p99.9 at 20k pps (generator batch 1, timestamps in the
            payload, CLOCK_MONOTONIC); the run with the best p99 of 3 a round.
+  cpu      (--cpu-rates, default 100,000 and 200,000 pps; bench/relay_cpu.py) the CPU per
+           forwarded datagram, each way, at fixed offered rates: what tells the forwarders
+           apart where a drain cannot run and the load saturates before the kernel path.
+             client -> transceiver: generator -> forwarder -> sink, as the phases above.
+             transceiver -> client: `loadgen tgen` (the transceivers' side, where the sink was)
+               learns every flow from one datagram the clients' generator sends through the
+               forwarder (the address it came from: the relay worker's tunnel address; its
+               header's first 22 bytes: the flow's Data prefix with its real handle), then sends
+               each flow's Data frames there, paced; the forwarder strips the header and sends
+               the payload to the client, whose flow socket the generator reads (`gen -E`).
+               Measured directly (not as a round trip less the other way: that doubles the
+               load, which alone then fills CPU 0 at 100k pps).
+             baselines: the same load without a forwarder (generator -> sink; tgen -> the
+               clients, headerless), right before or after each run (the order alternates),
+               counting the load's processes only: a drift of a noisy machine cancels.
+           In a window of --cpu-window s (2) after 0.3 s of sending, the CPU time of every
+           thread of this harness's descendants (forwarder and load) and of the kernel threads
+           (kdamond left out), from /proc/<pid>/task/<tid>/schedstat (ns): softirq work is
+           charged to the task it interrupted (no IRQ time accounting on this kernel), so the
+           kernel path's work is counted on whichever CPU sent; other processes are not.
+           forwarder ns per datagram = (that CPU - its baseline's CPU per datagram sent x the
+           datagrams sent in the window) / datagrams delivered in it; the median of
+           --cpu-reps (3) pairs, ratios to the reference's of the same round(s). /proc/stat's
+           busy time of both CPUs is kept as a cross-check only: it is sampled per 4 ms tick
+           (on this VM ±50 ms over a 2 s window, and with NO_HZ idle it misses short bursts)
+           and counts other processes. A run (or its baseline) is marked '!' saturated when
+           less than 99% arrived, the sender fell short, the load's processes used >= 90% of
+           their CPU or the median datagram took > 1 ms (queueing): its CPU went to bigger
+           batches or to drops, not to the rate, and the kernel targets do not count it while
+           another rate is clean. Also: the forwarder's processes' CPU with no traffic (idle
+           ms/s: in the figures as that / rate per datagram), the relay's counters over the
+           phase (the eBPF relay's kernel_to_* must carry it all, the C relay's none), and for
+           a BPF program one more run each way with kernel.bpf_stats_enabled = 1 (restored
+           after): the program's runs and run time per datagram (not in the CPU figures).
 
-With one worker the forwarder is pinned to CPU 1 and generator + sink to CPU 0 (like
-`taskset -a`); with two on a 2-CPU machine each worker gets a CPU and the load floats.
+With one worker the forwarder is pinned to CPU 1 and generator + sink (tgen + clients) to CPU 0
+(like `taskset -a`); with two on a 2-CPU machine each worker gets a CPU and the load floats.
 Other processes' CPU use is measured during every measurement; a disturbed one is repeated
 (--retries) after waiting for quiet, and marked '~' if it stays disturbed. Results are printed
-as a table with ratios to the reference measured in the same run, and PASS/MISS lines for the
-targets (relay >= 0.85x the reference per core; 2 workers >= 1.5x one; relay p99 at 20k pps
-<= 1.5x the reference's), per flow count; the memory of the relay's workers and the size of its
-shm table per flow at the largest flow count.
+as a table with ratios to the reference measured in the same run, the cpu table, and PASS/MISS
+lines for the targets, per flow count: relay >= 0.85x the reference per core; 2 workers >= 1.5x
+one; relay p99 at 20k pps <= 1.5x the reference's; for each eBPF forwarder (1 worker): CPU per
+datagram <= 0.35x the reference's each way (the worst clean rate), p99 at 20k pps <= the
+reference's, paced max >= the reference's. Then the memory of the relay's workers and the size
+of its shm table per flow at the largest flow count.
 
-  churn    (--churn, rates per second per worker) a relay with the default idle timeout carries
-           10,000 established flows per worker (or the largest count measured below that) at
-           20k pps while `loadgen churn` sends authenticated Binding Requests from new 5-tuples
-           (new sessions) at each rate: the established traffic's latency and loss against a
-           no-churn run right before, the flows learned, the drop counters that grew, and the
-           workers' CPU per learned flow.
+  churn    (--churn, rates per second per worker; the relay and the reference) a relay with the
+           default idle timeout carries 10,000 established flows per worker (or the largest
+           count measured below that) at 20k pps while `loadgen churn` sends authenticated
+           Binding Requests from new 5-tuples (new sessions) at each rate: the established
+           traffic's latency and loss against a no-churn run right before, the flows learned,
+           the drop counters that grew, and the workers' CPU per learned flow.
 
 Only 127/8 is used (sources 127.1.0.1:2000 on, churn 127.2.0.1:2000 on, --source); every
-subprocess has a timeout and every process group the harness starts is killed on exit.
+subprocess has a timeout and every process group the harness starts is killed on exit. The
+eBPF forwarders need root (or CAP_BPF + CAP_NET_ADMIN) and the built program; their program
+stats need bpftool.
 
 A forwarder is a `Forwarder` (start / pids / stop, optional preambles and counters). The C
-reference is `CReferenceForwarder`; `PythonRelayForwarder` runs the relay (both in
-bench/relay_forwarders.py). The measurements are in bench/relay_runs.py, the churn phase in
+reference is `CReferenceForwarder`; `PythonRelayForwarder` runs the relay, `EbpfRelayForwarder`
+with its kernel path (all in bench/relay_forwarders.py). The measurements are in
+bench/relay_runs.py, the cpu phase in bench/relay_cpu.py, the churn phase in
 bench/relay_churn.py, the tables and targets in bench/relay_report.py, the load in
 bench/udpload.py.
 """
@@ -103,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--churn", help="comma list of new sessions per second per worker for the churn phase "
                                     "(default 500,2000,10000; --quick 500; '' skips it)")
     ap.add_argument("--churn-duration", type=float, help="seconds per churn rate (default 10, --quick 2)")
+    ap.add_argument("--cpu-rates", help="comma list of offered rates (pps, all workers together) for the cpu phase: "
+                                        "CPU per forwarded datagram, both ways (default 100000,200000; --quick "
+                                        "20000, at the first flow count only; '' skips it)")
+    ap.add_argument("--cpu-window", type=float, help="seconds of CPU accounting per cpu run (default 2, --quick 0.25)")
+    ap.add_argument("--cpu-reps", type=int, help="cpu runs per rate and direction (median; default 3, --quick 1)")
     ap.add_argument("--source", type=SourcePlan.parse, metavar="IP:PORT",
                     help="first source address of the established flows (default 127.1.0.1:2000; the new "
                          "sessions of the churn phase use the next /16); another one lets two runs share a host")
@@ -114,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                          "CPUs idle (default 30, --quick 0)")
     ap.add_argument("--rounds", type=int, help="rounds per flow and worker count, the forwarders' order reversed "
                                                 "every other round, results pooled (default 2, --quick 1)")
-    ap.add_argument("--hit-path", choices=("auto", "c", "python"),
-                    help="the relay's hit path (relay/hit_path.py; default auto: C when it was built)")
+    ap.add_argument("--hit-path", choices=("c", "python"),
+                    help="the `relay` forwarder's hit path (relay/hit_path.py; default c: the relay refuses to "
+                         "start without its C extension). Never auto, which loads the kernel path where it "
+                         "can: that is the `ebpf` forwarder")
     ap.add_argument("--json", metavar="PATH", help="also write all results as JSON")
     ap.add_argument("--check", action="store_true", help="exit 1 unless every target PASSes")
     ap.add_argument("--retries", type=int, help="repeat a measurement disturbed by other processes up to N "
@@ -127,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg.flows = _ints(args.flows)
     if args.churn is not None:
         cfg.churn_rates = _ints(args.churn)
+    if args.cpu_rates is not None:
+        cfg.cpu_rates = _ints(args.cpu_rates)
+    if args.cpu_window:
+        cfg.cpu_window = args.cpu_window
+    if args.cpu_reps:
+        cfg.cpu_reps = args.cpu_reps
     if args.hit_path:
         cfg.hit_path = args.hit_path
     if args.churn_duration:
@@ -162,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     log(f"rtcrelay relay benchmark: {platform.node()} {platform.release()}, CPUs {cpus}, "
         f"{'root' if os.geteuid() == 0 else 'not root (receive buffers capped by net.core.rmem_max)'}; "
         f"{', '.join(f'{n:,}' for n in cfg.flows)} flows PER WORKER (x workers in all) from {cfg.source} on, "
-        f"{cfg.size} B payload, drain {cfg.drain_count:,} x{cfg.drain_reps}, {'quick' if args.quick else 'full'} run; "
+        f"{cfg.size} B payload, drain {cfg.drain_count:,} x{cfg.drain_reps}, "
+        + (f"cpu at {', '.join(f'{r:,}' for r in cfg.cpu_rates)} pps x{cfg.cpu_reps} of {cfg.cpu_window:g} s each way, "
+           if cfg.cpu_rates else "")
+        + f"{'quick' if args.quick else 'full'} run; "
         f"one generator process holds up to {udpload.flows_per_process():,} flows")
     if os.geteuid() != 0:
         # without CAP_NET_ADMIN receive buffers stop at net.core.rmem_max (doubled by the kernel);
@@ -179,21 +251,23 @@ def main(argv: list[str] | None = None) -> int:
     # round (ref, relay, relay, ref): the machine drifts by ~10% over minutes, and this way a
     # drift hits both alike. The rounds are pooled per forwarder.
     for n in cfg.flows:
+        cpu_here = not cfg.cpu_flow_counts or n in cfg.flows[:cfg.cpu_flow_counts]
         for w in workers:
             by_kind: dict[str, list[VariantResult]] = {k: [] for k in kinds}
             for r in range(rounds):
                 log(f"{n:,} flows per worker, {w} worker(s)" + (f", round {r + 1}/{rounds}" if rounds > 1 else ""))
                 for k in (kinds if r % 2 == 0 else kinds[::-1]):
                     fwd = make_forwarder(k, w, n, tools, cfg.hit_path)
-                    by_kind[k].append(run_variant(fwd, cfg, tools, not args.no_pin, log, wait_quiet))
+                    by_kind[k].append(run_variant(fwd, cfg, tools, not args.no_pin, log, wait_quiet, cpu_here))
             results.extend(merge_rounds(by_kind[k]) for k in kinds)
     churn: list[ChurnResult] = []
+    churn_kinds = [k for k in kinds if k in ("ref", "relay")]  # the relay's workers, the reference as control
     if "relay" in kinds and cfg.churn_rates:
         established = max((n for n in cfg.flows if n <= CHURN_FLOWS), default=CHURN_FLOWS)
         log(f"churn phase: {established:,} established flows per worker, "
             f"{', '.join(f'{r:,}' for r in cfg.churn_rates)} new sessions/s per worker, {cfg.churn_duration:g} s each")
         churn = [churn_phase(k, w, established, cfg, tools, not args.no_pin, log)
-                 for w in workers for k in kinds]
+                 for w in workers for k in churn_kinds]
     table, targets = report(results, churn)
     log("")
     log(table)

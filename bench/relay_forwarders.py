@@ -1,14 +1,18 @@
 """The forwarders bench/relay.py measures: the `Forwarder` contract, the C reference
-(bench/c/fwd_ref.c) and the rtcrelay relay itself."""
+(bench/c/fwd_ref.c) and the rtcrelay relay itself: with its workers' C hit path (`relay`), its
+in-kernel eBPF fast path (`ebpf`, `ebpf-egress`) and as two hops (`hops`)."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import ClassVar
 
 from bench import udpload
 from bench.harness import processes
@@ -22,7 +26,9 @@ RELAY_IDLE_TIMEOUT = 30.0     # the default: flush and sweep at their production
 
 class Forwarder(ABC):
     """A UDP forwarder under test: datagrams to 127.0.0.1:listen_port come out at `target`
-    with the relay's 24-byte tunnel header in front of the unchanged payload.
+    with the relay's 24-byte tunnel header in front of the unchanged payload, and (the cpu
+    phase's round trip) Data frames the target sends back to where they came from come out at
+    the flow's source without the header, from 127.0.0.1:listen_port.
 
     Contract (what the harness relies on):
       start(listen_port, target)  bind 127.0.0.1:listen_port with `self.workers` worker
@@ -37,13 +43,18 @@ class Forwarder(ABC):
                                   socket before its traffic (after start()); None = none.
       counters()                  optional: one dict of counters per worker ("flows", "drop_*",
                                   "flows_learned", ...); None = none.
+      in_kernel                   "" or why its work is not the workers' (the drain phase, which
+                                  stops the workers, is skipped then, saying that).
+      kernel_program()            optional: the id of the BPF program doing the work (the cpu
+                                  phase reads its run count and time); None = none.
     `flows` is what each worker must hold (the load has flows x workers).
     Processes should be started with bench.harness.processes.spawn() (own process group, killed at exit).
     """
 
-    kind = "?"        # "ref" or "relay": ratios compare a relay row with the ref row
+    kind = "?"        # "ref", "relay", "ebpf", ...: ratios compare a row with the ref row
     label = "?"
     processes_per_worker = 1  # pids() gives workers x this
+    in_kernel = ""    # why the workers' processes are not where the forwarding happens ("": they are)
 
     def __init__(self, workers: int = 1, *, flows: int = 64) -> None:
         self.workers, self.flows = workers, flows
@@ -73,13 +84,19 @@ class Forwarder(ABC):
         """A file holding the flow table (for its size), if any."""
         return None
 
+    def kernel_program(self) -> int | None:
+        """The id of the BPF program that forwards, if any."""
+        return None
+
     def describe(self) -> str:
         return ""
 
 
 class CReferenceForwarder(Forwarder):
     """bench/c/fwd_ref.c: recvmmsg/sendmmsg batch 64, connected destination, a flow table sized
-    for its flows (-F)."""
+    for its flows (-F); with -R (always here) a thread per worker forwards the target's Data
+    frames back by handle (idle but for the cpu phase's round trips: the forward loop is the
+    same code either way)."""
 
     kind = "ref"
     label = "C reference"
@@ -95,7 +112,7 @@ class CReferenceForwarder(Forwarder):
     def start(self, listen_port: int, target: tuple[str, int]) -> None:
         self.target = target
         argv = [str(self.tools["fwd_ref"]), "-l", f"{HOST}:{listen_port}", "-t", f"{target[0]}:{target[1]}",
-                "-n", str(self.workers), "-r", str(self.rcvbuf), "-F", str(self.flows)]
+                "-n", str(self.workers), "-r", str(self.rcvbuf), "-F", str(self.flows), "-R"]
         self._proc = processes.spawn(argv)
         fields = processes.read_fields(self._proc, "READY", timeout=10)
         self._pids = [int(p) for p in fields["pids"].split(",")]
@@ -116,17 +133,20 @@ class CReferenceForwarder(Forwarder):
 
 class PythonRelayForwarder(Forwarder):
     """The rtcrelay relay (`rtcrelay relay ...`): a supervisor and its SO_REUSEPORT workers,
-    with its full logic: flows learned from authenticated STUN, shm table, counters."""
+    with its full logic: flows learned from authenticated STUN, shm table, counters. Its
+    `hit_path` is given explicitly ("c" unless told otherwise): "auto" would load the kernel
+    path where it can (as root), and this forwarder measures the workers."""
 
     kind = "relay"
     label = "rtcrelay relay"
     token_cluster: int | None = None  # the cluster the flows' route tokens name
+    settings: ClassVar[dict[str, object]] = {}  # more of the relay's configuration
 
     def __init__(self, workers: int = 1, *, flows: int = 64, idle_timeout: float = RELAY_IDLE_TIMEOUT,
-                 hit_path: str = "auto", **_: object) -> None:
+                 hit_path: str = "c", **_: object) -> None:
         super().__init__(workers, flows=flows)
         self.idle_timeout = idle_timeout
-        self.hit_path = hit_path  # the relay's `hit_path`: auto, c or python
+        self.hit_path = hit_path  # the relay's `hit_path`: c or python (ebpf: EbpfRelayForwarder)
         self._proc = None
         self._pids: list[int] = []
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -168,6 +188,7 @@ class PythonRelayForwarder(Forwarder):
             "flow_capacity": capacity_for(self.flows), "session_capacity": capacity_for(self.flows),
             "idle_timeout": self.idle_timeout,
             "hit_path": self.hit_path,
+            **self.settings,
             **extra,
         }
         config = write_relay_config(tmp / f"{name}.toml", settings)
@@ -253,6 +274,56 @@ class TwoHopRelayForwarder(PythonRelayForwarder):
         super().stop()
 
 
+class EbpfRelayForwarder(PythonRelayForwarder):
+    """The relay with its in-kernel fast path (`hit_path = "ebpf"`: the relay does not start
+    without it; needs root or CAP_BPF + CAP_NET_ADMIN and relay/ebpf/fastpath.bpf.o): a TC
+    clsact-ingress program on lo forwards every established flow's datagrams both ways, in
+    softirq context on the CPU that sent them (here the load's CPU: a loopback send is received
+    on the sender's CPU); the workers see only what needs a decision (the preambles)."""
+
+    kind = "ebpf"
+    label = "rtcrelay relay, eBPF"
+    in_kernel = ("the kernel path forwards in softirq context of the sending CPU: stopping the workers "
+                 "does not stop it, so nothing queues for a drain to time (see the cpu phase)")
+
+    def __init__(self, workers: int = 1, **kwargs: object) -> None:
+        kwargs.pop("hit_path", None)
+        super().__init__(workers, hit_path="ebpf", **kwargs)  # type: ignore[arg-type]
+        self._listen: int | None = None
+
+    def describe(self) -> str:
+        return "hit_path ebpf" + "".join(f", {k} {v}" for k, v in self.settings.items())
+
+    def kernel_program(self) -> int | None:
+        """Our program's id, from its TC filter on lo (the relay's filter handle is derived from
+        its first listen address, relay/kernel_path.py: other relays on lo keep theirs)."""
+        from relay.kernel_path import filter_handle
+
+        if self._listen is None or shutil.which("tc") is None:
+            return None
+        handle = f"handle {filter_handle([(HOST, self._listen)]):#x} "
+        out = subprocess.run(["tc", "filter", "show", "dev", "lo", "ingress"], capture_output=True, text=True,
+                             timeout=10).stdout
+        for line in out.splitlines():
+            if handle in line and " id " in line:
+                return int(line.split(" id ", 1)[1].split()[0])
+        return None
+
+    def start(self, listen_port: int, target: tuple[str, int]) -> None:
+        self._listen = listen_port
+        super().start(listen_port, target)
+
+
+class EbpfEgressRelayForwarder(EbpfRelayForwarder):
+    """The eBPF relay with `kernel_loopback = "egress"`: a datagram the program forwards from one
+    loopback address to another goes out through lo again (and through its ingress hook once
+    more) instead of being delivered in place."""
+
+    kind = "ebpf-egress"
+    label = "rtcrelay relay, eBPF egress"
+    settings: ClassVar[dict[str, object]] = {"kernel_loopback": "egress"}
+
+
 def _counter_rows(stats: Path) -> list[dict[str, int]]:
     from shm.counters import CounterBlock
 
@@ -269,10 +340,13 @@ def capacity_for(flows: int) -> int:
 
 
 FORWARDERS: dict[str, type[Forwarder]] = {"ref": CReferenceForwarder, "relay": PythonRelayForwarder,
-                                          "hops": TwoHopRelayForwarder}
+                                          "hops": TwoHopRelayForwarder, "ebpf": EbpfRelayForwarder,
+                                          "ebpf-egress": EbpfEgressRelayForwarder}
 
 
-def make_forwarder(kind: str, workers: int, flows: int, tools: dict[str, Path], hit_path: str = "auto") -> Forwarder:
+def make_forwarder(kind: str, workers: int, flows: int, tools: dict[str, Path], hit_path: str = "c") -> Forwarder:
+    """`hit_path`: the workers' hit path of the `relay` and `hops` forwarders (the eBPF ones
+    set theirs)."""
     cls = FORWARDERS[kind]
     return cls(workers, tools=tools, flows=flows) if cls is CReferenceForwarder else cls(workers, flows=flows, hit_path=hit_path)
 

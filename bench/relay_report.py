@@ -1,6 +1,8 @@
 """The report of bench/relay.py: the results table with ratios to the reference measured in the
-same run, the churn table, and the PASS/MISS lines of the targets."""
+same run, the CPU-per-datagram table, the churn table, and the PASS/MISS lines of the targets."""
 from __future__ import annotations
+
+import statistics
 
 from bench.relay_churn import CHURN_IDLE_TIMEOUT, ChurnResult
 from bench.relay_runs import FOREIGN_MAX, FOREIGN_MAX_LATENCY, LATE_NS, MAX_BAD_FRACTION, VariantResult, ratio
@@ -10,6 +12,10 @@ TARGET_SCALING = 1.5
 TARGET_P99 = 1.5
 TARGET_CHURN_P99 = 2.0        # established p99 under churn vs without ...
 CHURN_P99_UP_TO = 2000        # ... up to this many new sessions per second per worker
+TARGET_KERNEL_CPU = 0.35      # the kernel path's CPU per datagram vs the reference's, each way
+TARGET_KERNEL_P99 = 1.0       # the kernel path's p99 at 20k pps vs the reference's
+TARGET_KERNEL_PACED = 1.0     # the kernel path's paced max vs the reference's
+KERNEL_KINDS = ("ebpf", "ebpf-egress")
 
 
 def _find(results: list[VariantResult], kind: str, workers: int, flows: int) -> VariantResult | None:
@@ -69,14 +75,15 @@ def report(results: list[VariantResult], churn: list[ChurnResult] = ()) -> tuple
             continue
         ref = _find(results, "ref", r.workers, r.flows)
         one = _find(results, r.kind, 1, r.flows)
-        dp, dpc = r.drain["pps"], r.drain["pps_per_core"]
+        dp, dpc = r.drain.get("pps"), r.drain.get("pps_per_core")
         pp, ppc = r.paced["max_pps"], r.paced["max_pps_per_core"]
         held = r.flow_check.get("held")
         rows.append((
             f"{r.flows:,}", r.label, str(r.workers),
-            _fmt(dp) + ("" if r.drain["all_valid"] else "!") + noisy(r.drain), _fmt(dpc),
-            _fmt(ratio(dpc, ref.drain["pps_per_core"] if ref else None), ".2f", "x"),
-            _fmt(ratio(dp, one.drain["pps"] if one else None), ".2f", "x"),
+            ("skipped" if "skipped" in r.drain else
+             _fmt(dp) + ("" if r.drain["all_valid"] else "!") + noisy(r.drain)), _fmt(dpc),
+            _fmt(ratio(dpc, ref.drain.get("pps_per_core") if ref else None), ".2f", "x"),
+            _fmt(ratio(dp, one.drain.get("pps") if one else None), ".2f", "x"),
             _fmt(pp) + ("*" if r.paced["load_bound"] else "") + noisy(r.paced), _fmt(ppc),
             _fmt(ratio(ppc, ref.paced["max_pps_per_core"] if ref else None), ".2f", "x"),
             _fmt(r.latency["p50_us"], ".1f"), _fmt(r.latency["p99_us"], ".1f") + noisy(r.latency),
@@ -99,6 +106,9 @@ def report(results: list[VariantResult], churn: list[ChurnResult] = ()) -> tuple
                  f"dropped while queued). paced: highest offered rate with < {MAX_BAD_FRACTION:.1%} lost or "
                  f"later than {LATE_NS // 1_000_000} ms ('*' = load-bound: the generator fell short or generator + "
                  f"sink saturated their CPU, a lower bound). flows held: the relay's flow count after the measurements.")
+    skipped = {r.label: r.drain["skipped"] for r in results if r.status == "ok" and "skipped" in r.drain}
+    for label, why in skipped.items():
+        lines.append(f"drain skipped for {label}: {why}.")
     top = max((r.flows for r in results if r.status == "ok" and r.memory), default=None)
     for r in results:
         if r.flows == top and r.status == "ok" and r.memory:
@@ -135,10 +145,102 @@ def report(results: list[VariantResult], churn: list[ChurnResult] = ()) -> tuple
         targets.add(f"{at} p99 latency at 20k pps vs reference (1 worker)",
                     ratio(get(rel1, "latency", "p99_us"), get(ref1, "latency", "p99_us")),
                     "<=", TARGET_P99, parts("latency", rel1, ref1))
+    if any(r.status == "ok" and r.cpu for r in results):
+        lines += cpu_table(results)
+    for kind in dict.fromkeys(r.kind for r in results if r.kind in KERNEL_KINDS):
+        kernel_targets(results, kind, targets)
     if churn:
         lines += churn_table(churn, targets)
     lines += targets.lines()
     return "\n".join(lines), list(targets)
+
+
+def _cpu_row(r: VariantResult | None, rate: str) -> dict | None:
+    return r.cpu.get(rate) if r and r.cpu else None
+
+
+def _cpu_ratio(r: VariantResult, ref: VariantResult | None, rate: str, key: str) -> float | None:
+    mine, theirs = _cpu_row(r, rate), _cpu_row(ref, rate)
+    return ratio(mine and mine[key], theirs and theirs[key]) if mine and theirs else None
+
+
+def cpu_table(results: list[VariantResult]) -> list[str]:
+    """CPU per forwarded datagram, each way, with the ratio to the reference's of the same round(s)."""
+    head = ("flows/wk", "forwarder", "wk", "rate", "c->t ns", "vs ref", "t->c ns", "vs ref", "delivered c->t / t->c",
+            "p50 us c->t / t->c", "/proc/stat ns c->t / t->c", "BPF prog ns c->t / t->c", "idle ms/s")
+    rows = []
+
+    def mark(row: dict, way: str) -> str:
+        return ("!" if row[f"{way}_saturated"] else "") + ("~" if row[f"{way}_noisy"] else "")
+
+    def both(row: dict, key: str, spec: str = ",.0f", scale: float = 1.0, suffix: str = "") -> str:
+        return " / ".join(_fmt(None if row[f"{w}_{key}"] is None else row[f"{w}_{key}"] * scale, spec, suffix)
+                          for w in ("c2t", "t2c"))
+
+    for r in results:
+        if r.status != "ok" or not r.cpu:
+            continue
+        ref = _find(results, "ref", r.workers, r.flows)
+        for rate, row in r.cpu.items():
+            bpf = {b["way"]: b["ns_per_datagram"] for b in r.bpf if str(b["rate"]) == rate}
+            rows.append((
+                f"{r.flows:,}", r.label, str(r.workers), f"{int(rate):,}",
+                _fmt(row["c2t_ns"]) + mark(row, "c2t"), _fmt(_cpu_ratio(r, ref, rate, "c2t_ns"), ".2f", "x"),
+                _fmt(row["t2c_ns"]) + mark(row, "t2c"), _fmt(_cpu_ratio(r, ref, rate, "t2c_ns"), ".2f", "x"),
+                both(row, "delivered", ".1f", 100, "%"), both(row, "p50_us"), both(row, "stat_ns"),
+                " / ".join(_fmt(bpf.get(w)) for w in ("c2t", "t2c")) if bpf else "-",
+                _fmt(statistics.median([x["idle_ns_per_s"] / 1e6 for x in r.cpu_idle]) if r.cpu_idle else None, ".1f"),
+            ))
+    if not rows:
+        return []
+    lines = ["", "cpu: CPU per forwarded datagram, ns (all CPUs: every thread of the forwarder, the load and the "
+                 "kernel threads, from schedstat, less the same load's without a forwarder in a run right before or "
+                 "after; median of the pairs)"]
+    lines += _table(head, rows)
+    lines.append("c->t: client -> transceiver (generator -> forwarder -> sink). t->c: transceiver -> client (tgen sends "
+                 "each flow's Data frames to the forwarder, which sends the payload to the flow's client socket). "
+                 "'!' = saturated in a run or its baseline (less than 99% delivered, the sender fell short, the load's "
+                 "CPU >= 90% busy or a p50 past 1 ms: the CPU then went to bigger batches or to drops, not to the "
+                 "rate: not a figure to compare); '~' = other processes took CPU during every run. /proc/stat: the same from both CPUs' busy "
+                 "ticks (sampled per 4 ms tick, other processes included: a cross-check only). BPF prog: the "
+                 "program's own run time (kernel.bpf_stats_enabled) per datagram delivered, a run of its own. idle: "
+                 "the forwarder's processes with no traffic, ms of CPU per s (in the figures: that / rate per "
+                 "datagram).")
+    return lines
+
+
+def kernel_targets(results: list[VariantResult], kind: str, targets: Targets) -> None:
+    """The kernel path's targets (1 worker, against the reference in the same run): CPU per
+    datagram <= 0.35x each way at every flow count and rate (the worst rate counts), p99 at
+    20k pps <= the reference's, paced max >= the reference's."""
+    for n in dict.fromkeys(r.flows for r in results):
+        ref, mine = _find(results, "ref", 1, n), _find(results, kind, 1, n)
+        at = f"{n:,} flows/worker: {mine.label if mine else kind}"
+        for name, way in (("c2t", "client -> transceiver"), ("t2c", "transceiver -> client")):
+            rates = list(mine.cpu) if mine and mine.cpu else []
+            by_rate = {rate: _cpu_ratio(mine, ref, rate, f"{name}_ns") for rate in rates} if mine else {}
+            saturated = {k: sorted(x.label for x in (mine, ref) if x and (_cpu_row(x, k) or {}).get(f"{name}_saturated"))
+                         for k in by_rate}
+            # the worst rate where neither was saturated (a saturated figure is not the rate's), else the worst
+            counted = [v for k, v in by_rate.items() if v is not None and not saturated[k]]
+            worst = max(counted or [v for v in by_rate.values() if v is not None], default=None)
+            inputs = [{"noisy": row[f"{name}_noisy"]} for x in (mine, ref) for row in (x.cpu.values() if x else [])]
+            notes = [", ".join(f"{int(k) / 1e3:.0f}k pps {_fmt(v, '.2f', 'x')}"
+                               + (f" (saturated: {' and '.join(saturated[k])}"
+                                  + ("; not counted)" if counted else ")") if saturated[k] else "")
+                               for k, v in by_rate.items())]
+            if by_rate and not counted:
+                notes.append("every rate saturated: the worst of them")
+            targets.add(f"{at} CPU per datagram, {way}, vs reference (worst unsaturated rate)", worst, "<=", TARGET_KERNEL_CPU,
+                        inputs, [x for x in notes if x])
+        targets.add(f"{at} p99 latency at 20k pps vs reference (1 worker)",
+                    ratio(mine.latency["p99_us"] if mine else None, ref.latency["p99_us"] if ref else None),
+                    "<=", TARGET_KERNEL_P99, [x.latency for x in (mine, ref) if x])
+        bound_by_load = [x.label for x in (ref, mine) if x and x.paced["load_bound"]]
+        targets.add(f"{at} paced max pps vs reference (1 worker)",
+                    ratio(mine.paced["max_pps"] if mine else None, ref.paced["max_pps"] if ref else None),
+                    ">=", TARGET_KERNEL_PACED, [x.paced for x in (mine, ref) if x],
+                    ["load-bound: the generator limited " + " and ".join(bound_by_load)] if bound_by_load else [])
 
 
 def churn_table(churn: list[ChurnResult], targets: Targets) -> list[str]:

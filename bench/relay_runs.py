@@ -1,6 +1,7 @@
 """The measurements of bench/relay.py on one forwarder: learning the flows, a smoke run, drain,
-paced search and latency runs, each repeated when other processes disturbed it, and the
-result of a forwarder variant (flow and worker count), its rounds pooled."""
+paced search, latency and CPU per datagram (bench/relay_cpu.py) runs, each repeated when other
+processes disturbed it, and the result of a forwarder variant (flow and worker count), its
+rounds pooled."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import udpload
+from bench import relay_cpu, udpload
 from bench.harness import cpu, processes, procinfo
 from bench.harness.errors import BenchError
 from bench.harness.ports import free_port
@@ -43,13 +44,19 @@ class Config:
     churn_rates: tuple[int, ...] = (500, 2000, 10_000)    # new sessions per second per worker
     churn_duration: float = 10.0
     source: SourcePlan = field(default_factory=SourcePlan)  # established flows' addresses
-    hit_path: str = "auto"        # the relay's hit path (auto: C when it was built)
+    hit_path: str = "c"           # the `relay` forwarder's hit path: c or python (the kernel path: `ebpf`)
+    cpu_rates: tuple[int, ...] = (100_000, 200_000)  # the cpu phase's offered rates (pps, all workers)
+    cpu_window: float = 2.0       # s of CPU accounting per run, after cpu_warmup s of sending
+    cpu_warmup: float = 0.3
+    cpu_reps: int = 3             # runs per rate and direction (median)
+    cpu_flow_counts: int = 0      # the cpu phase at the first N flow counts only (0: at every one)
 
     @classmethod
     def quick(cls) -> Config:
         return cls(drain_count=20_000, drain_reps=1, search_steps=3, search_duration=0.3,
                    latency_duration=0.5, latency_reps=1, noise_retries=0, flows=(64, 1000),
-                   churn_rates=(500,), churn_duration=2.0)
+                   churn_rates=(500,), churn_duration=2.0, cpu_rates=(20_000,), cpu_window=0.15,
+                   cpu_warmup=0.05, cpu_reps=1, cpu_flow_counts=1)
 
     @property
     def churn_source(self) -> SourcePlan:
@@ -329,10 +336,18 @@ class VariantResult:
     flow_check: dict = field(default_factory=dict)   # flows held after the measurements ("ok")
     memory: dict = field(default_factory=dict)
     rounds: int = 1
+    cpu: dict = field(default_factory=dict)          # per rate (str): relay_cpu.summarise
+    cpu_runs: list = field(default_factory=list)
+    cpu_counters: dict = field(default_factory=dict)  # the relay's traffic counters grown in the cpu phase
+    cpu_idle: list = field(default_factory=list)     # the forwarder's CPU with no traffic (relay_cpu.idle_run)
+    bpf: list = field(default_factory=list)          # the BPF program's run time (relay_cpu.program_time)
 
 
 def summarise_drain(res: VariantResult) -> None:
-    """res.drain: the median of the valid, quiet drain runs (of every round)."""
+    """res.drain: the median of the valid, quiet drain runs (of every round); {"skipped": why}
+    when the forwarder cannot be drained."""
+    if not res.drain_runs:
+        return
     valid = ([d for d in res.drain_runs if d["valid"] and not d["noisy"]]
              or [d for d in res.drain_runs if d["valid"]] or res.drain_runs)
     res.drain = dict(sorted(valid, key=lambda d: d["pps"])[len(valid) // 2])
@@ -357,6 +372,11 @@ def merge_rounds(rounds: list[VariantResult]) -> VariantResult:
     merged = rounds[0]
     merged.drain_runs = [d for r in rounds for d in r.drain_runs]
     merged.latency_runs = [x for r in rounds for x in r.latency_runs]
+    merged.cpu_runs = [x for r in rounds for x in r.cpu_runs]  # (each against its own round's baseline)
+    merged.bpf = [x for r in rounds for x in r.bpf]
+    merged.cpu_idle = [x for r in rounds for x in r.cpu_idle]
+    if merged.cpu_runs:
+        merged.cpu = relay_cpu.summarise(merged.cpu_runs, sorted({r["rate"] for r in merged.cpu_runs}))
     merged.paced = max((r.paced for r in rounds), key=lambda p: p["max_pps"])
     merged.background_cpu = max(r.background_cpu for r in rounds)
     merged.flow_check = next((r.flow_check for r in rounds if not r.flow_check.get("ok", True)), merged.flow_check)
@@ -400,11 +420,73 @@ def free_ports() -> Ports:
     return Ports(listen, free_port(HOST, avoid=(listen,)))
 
 
+def variant_load(cfg: Config, tools: dict[str, Path], workers: int, flows: int, pin: bool) -> Load:
+    """The load of a variant (flows per worker x workers, from the source plan), where it runs."""
+    load_cpus, _ = placement(workers, pin)
+    return Load(tools, flows=flows * workers, size=cfg.size, cpus=load_cpus, host=HOST, source=cfg.source)
+
+
+def _measure(cfg: Config, log, wait_quiet: float):
+    def measure(fn, what, max_foreign=FOREIGN_MAX):
+        return quiet(fn, what, log, cfg.noise_retries, min(wait_quiet, 10.0), max_foreign)
+    return measure
+
+
+_CPU_COUNTERS = ("client_packets", "hit_path_packets", "kernel_to_transceiver", "transceiver_packets",
+                 "kernel_to_client")
+
+
+def cpu_phase(res: VariantResult, fwd: Forwarder, load: Load, ports: Ports, cfg: Config, measure, log) -> None:
+    """CPU per datagram at each of cfg.cpu_rates, each way, each run paired with a baseline
+    (bench/relay_cpu.py); the forwarder's CPU with no traffic; the BPF program's own time for a
+    kernel forwarder."""
+    rows0 = fresh_counters(fwd)
+    idle = measure(lambda: relay_cpu.idle_run(cfg.cpu_window), "cpu idle")
+    res.cpu_idle.append(idle)
+    log(f"    cpu idle (no traffic): the forwarder's processes took {idle['idle_ns_per_s'] / 1e6:.1f} ms/s")
+    for rate in cfg.cpu_rates:
+        for way in relay_cpu.WAYS:
+            for i in range(cfg.cpu_reps):
+                r = relay_cpu.paired(load, ports.listen, ports.sink, rate, cfg.cpu_window, cfg.cpu_warmup, way,
+                                     measure, base_first=i % 2 == 0)
+                res.cpu_runs.append(r)
+                log(f"    cpu {rate:,} pps {_WAY_NAMES[way]}: "
+                    + ("-" if r["ns"] is None else f"{r['ns']:,.0f}") + " ns per datagram "
+                    f"(/proc/stat {'-' if r['stat_ns'] is None else format(r['stat_ns'], ',.0f')}); delivered "
+                    f"{r['delivered_fraction']:.1%}, p50 {r['p50_us']:,.0f} us; load CPU "
+                    + ("-" if r["load_cpu"] is None else f"{r['load_cpu']:.0%}")
+                    + (f"; SATURATED ({r['saturated']})" if r["saturated"] else "")
+                    + f"; baseline {r['base']['ns_per_sent']:,.0f} ns per datagram sent, load CPU "
+                    + ("-" if r["base"]["load_cpu"] is None else f"{r['base']['load_cpu']:.0%}")
+                    + (f", SATURATED ({r['base']['saturated']})" if r["base_saturated"] else "")
+                    + f"; others used {r['foreign_cpu']:.0%}")
+    res.cpu = relay_cpu.summarise(res.cpu_runs, cfg.cpu_rates)
+    rows1 = fresh_counters(fwd)
+    if rows0 and rows1:
+        res.cpu_counters = {k: sum(r[k] for r in rows1) - sum(r[k] for r in rows0) for k in _CPU_COUNTERS}
+        log(f"    the relay's counters over the cpu phase: {res.cpu_counters}")
+    for rate in cfg.cpu_rates if fwd.kernel_program() is not None else ():
+        for way in relay_cpu.WAYS:
+            t = relay_cpu.program_time(fwd, load, ports.listen, ports.sink, rate, cfg.cpu_window,
+                                       cfg.cpu_warmup, way)
+            if t is None:
+                log("    (BPF program stats: not available)")
+                return
+            res.bpf.append(t)
+            log(f"    BPF program (id {t['prog_id']}) at {rate:,} pps {_WAY_NAMES[way]}: "
+                f"{t['runs_per_datagram']:.2f} runs per datagram delivered, {t['ns_per_run']:,.0f} ns per run, "
+                f"{t['ns_per_datagram']:,.0f} ns per datagram")
+
+
+_WAY_NAMES = {"c2t": "client -> transceiver", "t2c": "transceiver -> client"}
+
+
 def run_variant(fwd: Forwarder, cfg: Config, tools: dict[str, Path], pin: bool, log,
-                wait_quiet: float = 0.0) -> VariantResult:
+                wait_quiet: float = 0.0, cpu_phase_too: bool = True) -> VariantResult:
+    """Every phase on one forwarder (the cpu phase when cpu_phase_too and cfg.cpu_rates)."""
     res = VariantResult(fwd.kind, fwd.label, fwd.workers, fwd.flows)
     load_cpus, worker_cpus = placement(fwd.workers, pin)
-    load = Load(tools, flows=fwd.flows * fwd.workers, size=cfg.size, cpus=load_cpus, host=HOST, source=cfg.source)
+    load = variant_load(cfg, tools, fwd.workers, fwd.flows, pin)
     ports = free_ports()
     name = f"{fwd.label} x{fwd.workers}, {fwd.flows:,} flows/worker"
     res.background_cpu = cpu.wait_quiet(wait_quiet, BUSY_WARN) if wait_quiet > 0 else cpu.cpu_busy(0.3)
@@ -430,18 +512,19 @@ def run_variant(fwd: Forwarder, cfg: Config, tools: dict[str, Path], pin: bool, 
         log(f"  {name} ({res.pinning}): {load.flows:,} flows learned in {res.learn['learn_s']} s "
             f"({res.learn['rounds']} round(s)); smoke...")
         res.smoke = smoke(fwd, load, ports)
+        measure = _measure(cfg, log, wait_quiet)
 
-        def measure(fn, what, max_foreign=FOREIGN_MAX):
-            return quiet(fn, what, log, cfg.noise_retries, min(wait_quiet, 10.0), max_foreign)
-
-        for i in range(cfg.drain_reps):
+        if fwd.in_kernel:
+            res.drain = {"skipped": fwd.in_kernel}
+            log(f"    drain: skipped: {fwd.in_kernel}")
+        for i in range(cfg.drain_reps if not fwd.in_kernel else 0):
             d = measure(lambda: drain(fwd, load, ports, cfg.drain_count), "drain")
             res.drain_runs.append(d)
             log(f"    drain {i + 1}/{cfg.drain_reps}: {d['pps']:,.0f} pps ({d['received']}/{d['sent']} in "
                 f"{d['drain_s'] * 1e3:.1f} ms; dropped: {d['dropped_while_stopped']} while queued, "
                 f"{d['dropped_at_sink']} at the sink; others used {d['foreign_cpu']:.0%} CPU)")
         summarise_drain(res)
-        guess = 0.8 * res.drain["pps"] if res.drain["valid"] else 100_000 * fwd.workers
+        guess = 0.8 * res.drain["pps"] if res.drain.get("valid") else 100_000 * fwd.workers
         guess = max(round(guess, -3), 10_000)
         res.paced = paced_search(fwd, load, ports, guess, cfg.search_steps, cfg.search_duration,
                                  measure)
@@ -460,6 +543,8 @@ def run_variant(fwd: Forwarder, cfg: Config, tools: dict[str, Path], pin: bool, 
             f"{res.latency['runs_p99_us']}; others used {res.latency['foreign_cpu']:.1%} CPU"
             + (f"; generator + sink used {res.latency['load_cpu']:.0%} of their CPU)" if res.latency["load_cpu"]
                else ")"))
+        if cpu_phase_too and cfg.cpu_rates:
+            cpu_phase(res, fwd, load, ports, cfg, measure, log)
         res.flow_check = flow_check(fwd, load.flows)
         res.memory = memory(fwd, load.flows)
         if not res.flow_check["ok"]:

@@ -211,8 +211,11 @@ class Gen:
         if len(parts) == 1:
             return parts[0]
         out = dict(parts[0], shards=len(parts))
-        for k in ("flows", "planned", "sent", "send_errors", "preambles", "target_pps", "cpu_s"):
-            out[k] = sum(x[k] for x in parts)
+        for k in ("flows", "planned", "sent", "send_errors", "preambles", "target_pps", "cpu_s", "back"):
+            if k in parts[0]:
+                out[k] = sum(x[k] for x in parts)
+        for k in [k for k in parts[0] if k.startswith("back_")]:  # (the worst shard's: an upper bound)
+            out[k] = max(x[k] for x in parts)
         out["start_ns"], out["end_ns"] = min(x["start_ns"] for x in parts), max(x["end_ns"] for x in parts)
         out["elapsed_ns"] = out["end_ns"] - out["start_ns"]
         out["pps"] = out["sent"] * 1e9 / out["elapsed_ns"] if out["elapsed_ns"] else 0.0
@@ -251,9 +254,12 @@ class Load:
 
     def gen(self, target_port: int, *, count: int = 0, rate: float = 0, duration: float = 0, batch: int = 0,
             preamble_file: str | None = None, preamble_rate: float = 0, preamble_wait_ms: int = 100,
-            armed: bool = False, max_s: float = 30) -> Gen:
+            armed: bool = False, max_s: float = 30, receive: int | None = None, receive_idle_ms: int = 300) -> Gen:
         """count > 0: as fast as possible; rate: paced for duration s; count 0 with a preamble
-        file: the preambles only. armed: call wait_armed() and go() (else it sends right away)."""
+        file: the preambles only. armed: call wait_armed() and go() (else it sends right away).
+        receive: also take what comes to the flow sockets (the clients of `tgen`'s frames),
+        until that many came (the summary's "back" and one-way latencies of those) or none for
+        receive_idle_ms after the first."""
         n = -(-self.flows // self.max_flows_per_process)
         if not rate and count:
             n = min(n, count)  # every shard needs a datagram to send
@@ -274,6 +280,8 @@ class Load:
                     argv += ["-P", preamble_file]
                     if preamble_rate:
                         argv += ["-R", str(preamble_rate / n)]
+                if receive is not None:
+                    argv += ["-E", "-e", str(_share(receive, k, n)), "-i", str(receive_idle_ms)]
                 if armed or n > 1:
                     argv.append("-G")
                 procs.append(spawn(argv, stdin=armed or n > 1, cpus=self.cpus))
@@ -285,6 +293,16 @@ class Load:
         except BaseException:
             reap(*procs)
             raise
+
+    def tgen(self, port: int, rate: float, duration: float, max_s: float = 60) -> subprocess.Popen:
+        """The transceivers' side (`loadgen tgen`), bound at host:port where the forwarder sends:
+        it learns each flow from one datagram, prints ARMED, then on a line on stdin sends paced
+        Data frames with the flows' prefixes back to where they came from (see loadgen.c)."""
+        argv = [str(self.tools["loadgen"]), "tgen", "-B", self.host, "-p", str(port), "-f", str(self.flows),
+                "-s", str(self.size), "-r", str(rate), "-d", str(duration), "-T", str(max_s)]
+        p = spawn(argv, stdin=True, cpus=self.cpus)
+        read_line(p, "READY", timeout=5)
+        return p
 
     def churn(self, target_port: int, preamble_file: str, source: SourcePlan, rate: float, duration: float,
               max_s: float = 60) -> subprocess.Popen:

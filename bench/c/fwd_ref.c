@@ -13,12 +13,23 @@
  * followed by the payload (24 + len bytes on the wire). The handle is fixed per source
  * address (a 64-bit mix of ip:port).
  *
- * Usage: fwd_ref -l 127.0.0.1:PORT -t 127.0.0.1:PORT [-n workers] [-r rcvbuf] [-b batch] [-F flows]
+ * With -R, the return direction too, as the relay's worker does it for a transceiver's Data
+ * frames (a thread per worker, blocked on the destination socket; the forward loop is the same
+ * code with or without it):
+ *   recvmmsg (batch) from the connected destination socket (frames from the target)
+ *   -> the frame's handle looked up in a second table (handle -> source address, filled when
+ *      the forward direction learns a flow); the header must be a Data header naming that
+ *      source address, with the payload's length (as the relay checks a frame's prefix)
+ *   -> strip the 24 bytes, sendmmsg the payload to the source address from the public socket.
+ *
+ * Usage: fwd_ref -l 127.0.0.1:PORT -t 127.0.0.1:PORT [-n workers] [-r rcvbuf] [-b batch] [-F flows] [-R]
  *   -n N  N SO_REUSEPORT worker processes (default 1: the process itself is the worker)
  *   -F F  flows a worker must hold: its table gets the power of two >= 2F slots (at least
  *         2^16, at most 2^22; at most 3/4 of them are filled), as a dict grows with its flows
  *   -r B  receive buffer of the public socket(s), bytes (SO_RCVBUFFORCE when allowed,
- *         else SO_RCVBUF, capped by net.core.rmem_max); default 256 MiB
+ *         else SO_RCVBUF, capped by net.core.rmem_max); default 256 MiB (with -R the
+ *         destination socket's too)
+ *   -R    forward the target's Data frames back to the flows' sources (above)
  * Prints one line when every worker's socket is bound:
  *   READY pids=<pid>[,<pid>...] rcvbuf=<effective bytes>
  * and, on SIGTERM/SIGINT, one summary line per worker on stderr. Nothing per packet.
@@ -28,6 +39,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -96,6 +108,43 @@ static struct slot *g_table;
 static uint32_t g_table_used;
 static int g_table_bits = MIN_TABLE_BITS;
 
+/* -R: handle -> source address, the same size; written by the forward loop only (a slot's key
+ * before its handle, which is published last: the return thread reads a slot only once it sees
+ * the handle), read by the return thread; never deleted. */
+struct rslot {
+    uint64_t handle; /* 0 = empty */
+    uint64_t key;
+};
+static struct rslot *g_rtable;
+static int g_returns = 0;
+
+static inline uint32_t rslot_of(uint64_t handle) {
+    return (uint32_t)((handle * 0x9e3779b97f4a7c15ULL) >> (64 - g_table_bits));
+}
+
+static inline void rtable_insert(uint64_t handle, uint64_t key) {
+    uint32_t mask = (1u << g_table_bits) - 1;
+    if (!handle) return; /* (never: splitmix64 of a nonzero key) */
+    for (uint32_t probe = 0, i = rslot_of(handle); probe <= mask; probe++, i = (i + 1) & mask) {
+        struct rslot *r = &g_rtable[i];
+        if (__atomic_load_n(&r->handle, __ATOMIC_RELAXED) == 0) {
+            r->key = key;
+            __atomic_store_n(&r->handle, handle, __ATOMIC_RELEASE);
+            return;
+        }
+    }
+}
+
+static inline uint64_t rtable_lookup(uint64_t handle) { /* the key, 0 = none */
+    uint32_t mask = (1u << g_table_bits) - 1;
+    for (uint32_t probe = 0, i = rslot_of(handle); probe <= mask; probe++, i = (i + 1) & mask) {
+        uint64_t h = __atomic_load_n(&g_rtable[i].handle, __ATOMIC_ACQUIRE);
+        if (h == handle) return g_rtable[i].key;
+        if (h == 0) return 0;
+    }
+    return 0;
+}
+
 static inline uint64_t mix64(uint64_t x) { /* splitmix64 finaliser */
     x ^= x >> 30;
     x *= 0xbf58476d1ce4e5b9ULL;
@@ -119,6 +168,7 @@ static inline uint64_t lookup(uint32_t ip_be, uint16_t port_be, uint64_t *misses
                 s->key = key;
                 s->handle = h;
                 g_table_used++;
+                if (g_rtable) rtable_insert(h, key);
             }
             return h;
         }
@@ -139,7 +189,104 @@ static inline void put_be64(uint8_t *p, uint64_t v) {
     }
 }
 
-static int worker(int in_fd, const struct sockaddr_in *target, int batch) {
+static inline uint64_t get_be64(const uint8_t *p) {
+    uint64_t v = 0;
+    for (int k = 0; k < 8; k++) v = (v << 8) | p[k];
+    return v;
+}
+
+/* A batch of datagram buffers (HDR + MAX_PAYLOAD bytes each) with their receive and send
+ * headers: a datagram is received `at` bytes into its buffer, from addr[i] when `named`. */
+struct batch {
+    uint8_t *bufs;
+    struct mmsghdr *rx, *tx;
+    struct iovec *rx_iov, *tx_iov;
+    struct sockaddr_in *addr;
+};
+
+static void batch_init(struct batch *b, int n, size_t at, int named) {
+    b->bufs = aligned_alloc(64, (size_t)n * (HDR + MAX_PAYLOAD));
+    b->rx = calloc((size_t)n, sizeof *b->rx);
+    b->tx = calloc((size_t)n, sizeof *b->tx);
+    b->rx_iov = calloc((size_t)n, sizeof *b->rx_iov);
+    b->tx_iov = calloc((size_t)n, sizeof *b->tx_iov);
+    b->addr = calloc((size_t)n, sizeof *b->addr);
+    if (!b->bufs || !b->rx || !b->tx || !b->rx_iov || !b->tx_iov || !b->addr) die("calloc");
+    for (int i = 0; i < n; i++) {
+        uint8_t *buf = b->bufs + (size_t)i * (HDR + MAX_PAYLOAD);
+        b->rx_iov[i].iov_base = buf + at;
+        b->rx_iov[i].iov_len = HDR + MAX_PAYLOAD - at;
+        b->rx[i].msg_hdr.msg_iov = &b->rx_iov[i];
+        b->rx[i].msg_hdr.msg_iovlen = 1;
+        if (named) b->rx[i].msg_hdr.msg_name = &b->addr[i];
+        b->tx_iov[i].iov_base = buf;
+        b->tx[i].msg_hdr.msg_iov = &b->tx_iov[i];
+        b->tx[i].msg_hdr.msg_iovlen = 1;
+    }
+}
+
+/* -R: the target's Data frames back to the flows' sources, from the public socket */
+struct returns {
+    int in_fd, out_fd, batch;
+    uint64_t rx, tx, dropped, send_errors;
+};
+
+static void *return_loop(void *arg) {
+    struct returns *ret = arg;
+    int batch = ret->batch;
+    struct batch b;
+    batch_init(&b, batch, 0, 0); /* a whole frame in each buffer */
+    struct mmsghdr *rx = b.rx, *tx = b.tx;
+    struct iovec *rx_iov = b.rx_iov, *tx_iov = b.tx_iov;
+    struct sockaddr_in *dst = b.addr;
+    while (!g_stop) {
+        int n = recvmmsg(ret->out_fd, rx, (unsigned)batch, MSG_WAITFORONE, NULL);
+        if (n < 0) {
+            if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK || errno == ECONNREFUSED) continue;
+            die("recvmmsg(returns)");
+        }
+        ret->rx += (uint64_t)n;
+        int m = 0;
+        for (int i = 0; i < n; i++) {
+            const uint8_t *h = rx_iov[i].iov_base;
+            unsigned len = rx[i].msg_len;
+            uint64_t key;
+            /* a Data header (version 1, fixarray(5), kind 1, uint64 handle) of a known flow,
+             * naming that flow's address, with the payload's length */
+            if ((rx[i].msg_hdr.msg_flags & MSG_TRUNC) || len < HDR || h[0] != 0x01 || h[1] != 0x95 ||
+                h[2] != 0x01 || h[3] != 0xcf || !(key = rtable_lookup(get_be64(h + 4))) || h[12] != 0xc4 ||
+                h[13] != 0x04 || memcmp(h + 14, &(uint32_t){(uint32_t)(key >> 16)}, 4) != 0 || h[18] != 0xcd ||
+                memcmp(h + 19, &(uint16_t){(uint16_t)key}, 2) != 0 || h[21] != 0xc5 ||
+                (((unsigned)h[22] << 8) | h[23]) != len - HDR) {
+                ret->dropped++;
+                continue;
+            }
+            dst[m].sin_family = AF_INET;
+            dst[m].sin_addr.s_addr = (uint32_t)(key >> 16);
+            dst[m].sin_port = (uint16_t)key;
+            tx_iov[m].iov_base = (uint8_t *)h + HDR;
+            tx_iov[m].iov_len = len - HDR;
+            tx[m].msg_hdr.msg_name = &dst[m];
+            tx[m].msg_hdr.msg_namelen = sizeof dst[m];
+            m++;
+        }
+        int done = 0, retries = 0;
+        while (done < m) {
+            int r = sendmmsg(ret->in_fd, tx + done, (unsigned)(m - done), 0);
+            if (r < 0) {
+                if ((errno == EINTR || errno == EAGAIN || errno == ENOBUFS) && ++retries < 8) continue;
+                ret->send_errors++; /* that one: on to the next */
+                done++;
+                continue;
+            }
+            done += r;
+            ret->tx += (uint64_t)r;
+        }
+    }
+    return NULL;
+}
+
+static int worker(int in_fd, const struct sockaddr_in *target, int batch, int rcvbuf) {
     int out_fd = socket(AF_INET, SOCK_DGRAM, 0);
     if (out_fd < 0) die("socket(out)");
     if (connect(out_fd, (const struct sockaddr *)target, sizeof *target) != 0) die("connect(target)");
@@ -148,24 +295,25 @@ static int worker(int in_fd, const struct sockaddr_in *target, int batch) {
     setsockopt(in_fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
 
     g_table = calloc((size_t)1 << g_table_bits, sizeof(struct slot));
-    uint8_t *bufs = aligned_alloc(64, (size_t)batch * (HDR + MAX_PAYLOAD));
-    struct mmsghdr *rx = calloc((size_t)batch, sizeof *rx);
-    struct mmsghdr *tx = calloc((size_t)batch, sizeof *tx);
-    struct iovec *rx_iov = calloc((size_t)batch, sizeof *rx_iov);
-    struct iovec *tx_iov = calloc((size_t)batch, sizeof *tx_iov);
-    struct sockaddr_in *src = calloc((size_t)batch, sizeof *src);
-    if (!g_table || !bufs || !rx || !tx || !rx_iov || !tx_iov || !src) die("calloc");
-    for (int i = 0; i < batch; i++) {
-        uint8_t *b = bufs + (size_t)i * (HDR + MAX_PAYLOAD);
-        rx_iov[i].iov_base = b + HDR; /* payload lands after room for the header */
-        rx_iov[i].iov_len = MAX_PAYLOAD;
-        rx[i].msg_hdr.msg_iov = &rx_iov[i];
-        rx[i].msg_hdr.msg_iovlen = 1;
-        rx[i].msg_hdr.msg_name = &src[i];
-        tx_iov[i].iov_base = b;
-        tx[i].msg_hdr.msg_iov = &tx_iov[i];
-        tx[i].msg_hdr.msg_iovlen = 1;
+    struct returns ret = {.in_fd = in_fd, .out_fd = out_fd, .batch = batch};
+    pthread_t return_thread;
+    if (g_returns) {
+        g_rtable = calloc((size_t)1 << g_table_bits, sizeof(struct rslot));
+        if (!g_rtable) die("calloc");
+        set_rcvbuf(out_fd, rcvbuf);
+        setsockopt(out_fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        int err = pthread_create(&return_thread, NULL, return_loop, &ret);
+        if (err) {
+            errno = err;
+            die("pthread_create");
+        }
     }
+    if (!g_table) die("calloc");
+    struct batch b;
+    batch_init(&b, batch, HDR, 1); /* payload lands after room for the header */
+    struct mmsghdr *rx = b.rx, *tx = b.tx;
+    struct iovec *rx_iov = b.rx_iov, *tx_iov = b.tx_iov;
+    struct sockaddr_in *src = b.addr;
 
     uint64_t n_rx = 0, n_tx = 0, n_drop = 0, n_miss = 0, n_send_err = 0;
     while (!g_stop) {
@@ -216,15 +364,19 @@ static int worker(int in_fd, const struct sockaddr_in *target, int batch) {
         }
         n_tx += (uint64_t)done;
     }
+    if (g_returns) pthread_join(return_thread, NULL);
     fprintf(stderr,
-            "fwd_ref worker %d: rx=%llu tx=%llu dropped=%llu table_misses=%llu send_errors=%llu flows=%u slots=%u\n",
+            "fwd_ref worker %d: rx=%llu tx=%llu dropped=%llu table_misses=%llu send_errors=%llu flows=%u slots=%u"
+            " returns: rx=%llu tx=%llu dropped=%llu send_errors=%llu\n",
             (int)getpid(), (unsigned long long)n_rx, (unsigned long long)n_tx, (unsigned long long)n_drop,
-            (unsigned long long)n_miss, (unsigned long long)n_send_err, g_table_used, 1u << g_table_bits);
+            (unsigned long long)n_miss, (unsigned long long)n_send_err, g_table_used, 1u << g_table_bits,
+            (unsigned long long)ret.rx, (unsigned long long)ret.tx, (unsigned long long)ret.dropped,
+            (unsigned long long)ret.send_errors);
     return 0;
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: fwd_ref -l IP:PORT -t IP:PORT [-n workers] [-r rcvbuf_bytes] [-b batch] [-F flows]\n");
+    fprintf(stderr, "usage: fwd_ref -l IP:PORT -t IP:PORT [-n workers] [-r rcvbuf_bytes] [-b batch] [-F flows] [-R]\n");
     exit(2);
 }
 
@@ -233,7 +385,7 @@ int main(int argc, char **argv) {
     int have_l = 0, have_t = 0, workers = 1, batch = 64;
     long rcvbuf = 256L << 20, flows = 0;
     int opt;
-    while ((opt = getopt(argc, argv, "l:t:n:r:b:F:")) != -1) {
+    while ((opt = getopt(argc, argv, "l:t:n:r:b:F:R")) != -1) {
         switch (opt) {
         case 'l': if (parse_addr(optarg, &listen_addr)) usage(); have_l = 1; break;
         case 't': if (parse_addr(optarg, &target)) usage(); have_t = 1; break;
@@ -241,6 +393,7 @@ int main(int argc, char **argv) {
         case 'r': rcvbuf = atol(optarg); break;
         case 'b': batch = atoi(optarg); break;
         case 'F': flows = atol(optarg); break;
+        case 'R': g_returns = 1; break;
         default: usage();
         }
     }
@@ -271,7 +424,7 @@ int main(int argc, char **argv) {
     if (workers == 1) {
         printf("READY pids=%d rcvbuf=%d\n", (int)getpid(), eff);
         fflush(stdout);
-        return worker(fds[0], &target, batch);
+        return worker(fds[0], &target, batch, (int)rcvbuf);
     }
 
     pid_t parent = getpid();
@@ -283,7 +436,7 @@ int main(int argc, char **argv) {
             if (getppid() != parent) _exit(0);
             for (int k = 0; k < workers; k++)
                 if (k != w) close(fds[k]);
-            _exit(worker(fds[w], &target, batch));
+            _exit(worker(fds[w], &target, batch, (int)rcvbuf));
         }
         g_children[g_nchildren++] = pid;
     }

@@ -21,8 +21,14 @@
  *   any traffic (e.g. a STUN Binding Request the relay learns the flow from), then waits -w ms.
  *   -R paces them (default: back to back). With -P, -n 0 sends the preambles only.
  *   -G: after the preambles print "ARMED" and wait for a line (or EOF) on stdin before sending.
+ *   -E: also receive what comes to the flow sockets (the clients' side of the transceiver ->
+ *   client direction, `tgen` below, through a forwarder): a thread, epoll over the sockets,
+ *   recvmmsg. After the last send it waits for -e datagrams with the magic (default: as many as
+ *   it sent), or until none came for -i ms (default 300; with -e, counted from the first one).
  *   Prints one JSON line at the end: sent, send_errors, start_ns, end_ns, pps, cpu_s (this
- *   process's CPU time while sending: a load CPU near saturation makes a lower bound), ...
+ *   process's CPU time while sending, both threads: a load CPU near saturation makes a lower
+ *   bound), ...; with -E also back (datagrams received with the magic) and
+ *   back_p50/p99/p999/max_ns (receive time - the payload's send timestamp: one way from `tgen`).
  *
  * Source plan (-S BASE_IP:BASE_PORT, IPv4): flow (or record) i binds to
  *   BASE_IP + i / PER_IP (as a 32-bit integer) : BASE_PORT + i % PER_IP, PER_IP = 32768 - BASE_PORT,
@@ -35,6 +41,19 @@
  *   above 20k/s), record i goes out from a new socket bound to plan address i, which is then
  *   closed. Stops after the last record, `seconds`, or max_seconds. Prints one JSON line:
  *   planned, sent, errors, elapsed_ns, rate (achieved), cpu_s.
+ *
+ * loadgen tgen [-B bind_ip] [-p port] [-f flows] [-s size] -r pps -d seconds [-b batch] [-T max_seconds]
+ *   The transceivers' side of the transceiver -> client direction. Bound where a forwarder sends
+ *   its flows (the sink's address), it first learns each flow from one datagram of it (payload
+ *   flow ids 0 .. flows-1, e.g. `gen -n FLOWS -b 1` through the forwarder): the address it came
+ *   from (the relay worker's tunnel address) and, when it carries the 24-byte tunnel header,
+ *   the header's first 22 bytes (the flow's Data prefix: its handle, client address and port).
+ *   Once every flow is known it prints "ARMED" and waits for a line (or EOF) on stdin, then
+ *   sends paced Data frames (that prefix, the payload length, a payload as gen's) to each flow's
+ *   address from its own socket, b per flow in turn: the forwarder strips the header and sends
+ *   the payload to the client (the flow's gen socket, read by `gen -E`). A datagram learned
+ *   without a header (no forwarder: the baseline) is answered without one. Prints one JSON
+ *   line: flows, learned, sent, send_errors, pps, cpu_s, ...
  *
  * loadgen sink [-B bind_ip] [-p port] [-s size] [-e expected] [-i idle_ms] [-T max_seconds]
  *              [-D late_ns] [-L max_latency_samples] [-r rcvbuf] [-H] [-K]
@@ -53,11 +72,13 @@
 #include <inttypes.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/time.h>
@@ -159,6 +180,69 @@ static void install_signals(void) {
     signal(SIGPIPE, SIG_IGN);
 }
 
+/* n receive headers over bufs (one datagram each), from names[i] when names is given */
+static void rx_init(struct mmsghdr *msgs, struct iovec *iov, uint8_t (*bufs)[MAX_DGRAM], int n,
+                    struct sockaddr_storage *names) {
+    memset(msgs, 0, (size_t)n * sizeof *msgs);
+    for (int i = 0; i < n; i++) {
+        iov[i].iov_base = bufs[i];
+        iov[i].iov_len = MAX_DGRAM;
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+        if (names) msgs[i].msg_hdr.msg_name = &names[i];
+    }
+}
+
+/* A UDP socket bound to ip:port (0: any), receive timeout 50 ms; its port in *bound, its
+ * effective receive buffer in *eff. */
+static int bind_local(const char *ip, int port, int rcvbuf, int *bound, int *eff, const char *who) {
+    struct sockaddr_storage addr;
+    socklen_t alen;
+    char spec[128];
+    snprintf(spec, sizeof spec, strchr(ip, ':') ? "[%s]:%d" : "%s:%d", ip, port);
+    if (parse_addr(spec, &addr, &alen)) fail("bad -B/-p");
+    int fd = socket(addr.ss_family, SOCK_DGRAM, 0);
+    if (fd < 0) die("socket");
+    *eff = set_rcvbuf(fd, rcvbuf);
+    if (bind(fd, (struct sockaddr *)&addr, alen) != 0) die(who);
+    struct timeval tv = {.tv_sec = 0, .tv_usec = 50000};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    struct sockaddr_storage b;
+    socklen_t blen = sizeof b;
+    getsockname(fd, (struct sockaddr *)&b, &blen);
+    *bound = ntohs(b.ss_family == AF_INET ? ((struct sockaddr_in *)&b)->sin_port
+                                          : ((struct sockaddr_in6 *)&b)->sin6_port);
+    return fd;
+}
+
+/* Print "ARMED", then wait (at most max_s) for a line or EOF on stdin. */
+static void armed_wait(double max_s, const char *who) {
+    printf("ARMED\n");
+    fflush(stdout);
+    struct pollfd pfd = {.fd = 0, .events = POLLIN};
+    if (poll(&pfd, 1, (int)(max_s * 1000)) <= 0) {
+        fprintf(stderr, "loadgen: %s: no go signal on stdin\n", who);
+        exit(2);
+    }
+    char line[64];
+    if (read(0, line, sizeof line) < 0) die("read stdin");
+}
+
+/* sendmmsg all n, retrying what the kernel refuses for a moment (bounded); how many went */
+static int send_all(int fd, struct mmsghdr *msgs, int n) {
+    int done = 0, retries = 0;
+    while (done < n) {
+        int r = sendmmsg(fd, msgs + done, (unsigned)(n - done), 0);
+        if (r < 0) {
+            if ((errno == EINTR || errno == ECONNREFUSED || errno == EAGAIN || errno == ENOBUFS) && ++retries < 8)
+                continue;
+            break;
+        }
+        done += r;
+    }
+    return done;
+}
+
 /* ------------------------------------------------------------------ source plan */
 
 struct plan {
@@ -224,6 +308,19 @@ static void raise_nofile(rlim_t need) {
 
 /* ------------------------------------------------------------------ gen */
 
+static int cmp_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static int64_t pct(const int64_t *v, size_t n, double q) {
+    if (!n) return -1;
+    size_t i = (size_t)(q * (double)n);
+    if (i >= n) i = n - 1;
+    return v[i];
+}
+
+
 struct preambles {
     uint8_t *data;
     size_t *off;
@@ -270,6 +367,62 @@ static void read_preambles(const char *path, struct preambles *p) {
     p->n = n;
 }
 
+/* gen -E: what comes to the flow sockets, received by a thread of its own */
+struct back_rx {
+    int *fds, flows, size;
+    size_t max_samples, nlat;
+    int64_t *lat;
+    uint64_t received, last_ns; /* atomics: read by the sending thread */
+    volatile int stop;
+};
+
+static void *back_receiver(void *arg) {
+    struct back_rx *e = arg;
+    int ep = epoll_create1(0);
+    if (ep < 0) die("epoll_create1");
+    for (int i = 0; i < e->flows; i++) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
+        if (epoll_ctl(ep, EPOLL_CTL_ADD, e->fds[i], &ev) != 0) die("epoll_ctl");
+    }
+    enum { B = 64, EV = 256 };
+    static uint8_t bufs[B][MAX_DGRAM];
+    struct mmsghdr msgs[B];
+    struct iovec iov[B];
+    struct epoll_event evs[EV];
+    rx_init(msgs, iov, bufs, B, NULL);
+    while (!e->stop && !g_stop) {
+        int k = epoll_wait(ep, evs, EV, 50);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            die("epoll_wait");
+        }
+        for (int j = 0; j < k; j++) {
+            int fd = e->fds[evs[j].data.u32];
+            for (;;) {
+                int n = recvmmsg(fd, msgs, B, MSG_DONTWAIT, NULL);
+                if (n <= 0) break; /* EAGAIN (drained), or ECONNREFUSED from an earlier send */
+                uint64_t rx = now_ns(), got = 0;
+                for (int i = 0; i < n; i++) {
+                    int len = (int)msgs[i].msg_len;
+                    uint32_t magic;
+                    if (len < e->size || (memcpy(&magic, bufs[i] + len - e->size, 4), magic != MAGIC)) continue;
+                    uint64_t ts;
+                    memcpy(&ts, bufs[i] + len - e->size + 16, 8);
+                    if (e->nlat < e->max_samples) e->lat[e->nlat++] = (int64_t)(rx - ts);
+                    got++;
+                }
+                if (got) {
+                    __atomic_add_fetch(&e->received, got, __ATOMIC_RELAXED);
+                    __atomic_store_n(&e->last_ns, rx, __ATOMIC_RELAXED);
+                }
+                if (n < B) break;
+            }
+        }
+    }
+    close(ep);
+    return NULL;
+}
+
 static int cmd_gen(int argc, char **argv) {
     struct sockaddr_storage target;
     socklen_t tlen = 0;
@@ -279,9 +432,11 @@ static int cmd_gen(int argc, char **argv) {
     long preamble_wait_ms = 100;
     const char *preamble_path = NULL;
     struct plan plan = {0};
-    long first = 0;
+    long first = 0, idle_ms = 300;
+    long long expect_back = -1;
+    int receive = 0;
     int opt;
-    while ((opt = getopt(argc, argv, "t:f:s:n:r:d:b:P:R:w:GT:S:o:")) != -1) {
+    while ((opt = getopt(argc, argv, "t:f:s:n:r:d:b:P:R:w:GT:S:o:Ei:e:")) != -1) {
         switch (opt) {
         case 't': if (parse_addr(optarg, &target, &tlen)) fail("bad -t"); have_t = 1; break;
         case 'f': flows = atoi(optarg); break;
@@ -297,6 +452,9 @@ static int cmd_gen(int argc, char **argv) {
         case 'S': parse_plan(optarg, &plan); break;
         case 'o': first = atol(optarg); break;
         case 'R': preamble_rate = atof(optarg); break;
+        case 'E': receive = 1; break;
+        case 'i': idle_ms = atol(optarg); break;
+        case 'e': expect_back = atoll(optarg); break;
         default: fail("usage: loadgen gen -t IP:PORT [-f flows] [-s size] (-n count | -r pps -d s) ...");
         }
     }
@@ -349,15 +507,7 @@ static int cmd_gen(int argc, char **argv) {
         }
         if (preamble_wait_ms > 0) sleep_until(now_ns() + (uint64_t)preamble_wait_ms * 1000000ull);
     }
-    if (wait_go) {
-        printf("ARMED\n");
-        fflush(stdout);
-        struct pollfd pfd = {.fd = 0, .events = POLLIN};
-        int pr = poll(&pfd, 1, (int)(max_s * 1000));
-        if (pr <= 0) fail("gen: no go signal on stdin");
-        char line[64];
-        if (read(0, line, sizeof line) < 0) die("read stdin");
-    }
+    if (wait_go) armed_wait(max_s, "gen");
 
     uint8_t *bufs = calloc((size_t)batch, (size_t)size);
     struct mmsghdr *msgs = calloc((size_t)batch, sizeof *msgs);
@@ -370,6 +520,18 @@ static int cmd_gen(int argc, char **argv) {
         iov[i].iov_len = (size_t)size;
         msgs[i].msg_hdr.msg_iov = &iov[i];
         msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+
+    struct back_rx back = {.fds = fds, .flows = flows, .size = size, .max_samples = 4u << 20};
+    pthread_t back_thread;
+    if (receive) {
+        back.lat = malloc(back.max_samples * sizeof *back.lat);
+        if (!back.lat) die("malloc");
+        int err = pthread_create(&back_thread, NULL, back_receiver, &back);
+        if (err) {
+            errno = err;
+            die("pthread_create");
+        }
     }
 
     uint64_t t_start = now_ns();
@@ -394,29 +556,42 @@ static int cmd_gen(int argc, char **argv) {
             memcpy(b + 8, &s, 8);
             memcpy(b + 16, &ts, 8);
         }
-        int done = 0, retries = 0;
-        while (done < n) {
-            int r = sendmmsg(fds[flow], msgs + done, (unsigned)(n - done), 0);
-            if (r < 0) {
-                if ((errno == EINTR || errno == ECONNREFUSED || errno == EAGAIN || errno == ENOBUFS) && ++retries < 8)
-                    continue;
-                break;
-            }
-            done += r;
-        }
+        int done = send_all(fds[flow], msgs, n);
         send_errors += (uint64_t)(n - done);
         sent += done;
         attempted += n;
         flow = (flow + 1) % (uint32_t)flows;
     }
     uint64_t t_end = now_ns();
+    if (receive) { /* what is still to come: all of it, or until none came for idle_ms */
+        uint64_t want = expect_back >= 0 ? (uint64_t)expect_back : (uint64_t)sent;
+        for (;;) {
+            /* (the receiver's time first: it is never after t, whose difference is unsigned) */
+            uint64_t last = __atomic_load_n(&back.last_ns, __ATOMIC_RELAXED), t = now_ns();
+            if (__atomic_load_n(&back.received, __ATOMIC_RELAXED) >= want || g_stop || t > t_limit) break;
+            if (expect_back >= 0 && !last) last = t; /* -e: the idle time starts with the first */
+            uint64_t since = last > t_end ? last : t_end;
+            if (t > since && t - since > (uint64_t)idle_ms * 1000000ull) break;
+            sleep_until(t + 2000000ull);
+        }
+        back.stop = 1;
+        pthread_join(back_thread, NULL);
+    }
     double el = (double)(t_end - t_start);
     printf("{\"mode\":\"gen\",\"first_flow\":%ld,\"flows\":%d,\"size\":%d,\"batch\":%d,\"target_pps\":%.0f,"
            "\"planned\":%lld,"
            "\"sent\":%lld,\"send_errors\":%" PRIu64 ",\"preambles\":%" PRIu64 ",\"start_ns\":%" PRIu64
-           ",\"end_ns\":%" PRIu64 ",\"elapsed_ns\":%" PRIu64 ",\"pps\":%.1f,\"cpu_s\":%.3f}\n",
+           ",\"end_ns\":%" PRIu64 ",\"elapsed_ns\":%" PRIu64 ",\"pps\":%.1f,\"cpu_s\":%.3f",
            first, flows, size, batch, paced ? rate : 0.0, count, sent, send_errors, preambles_sent, t_start, t_end,
            t_end - t_start, el > 0 ? (double)sent * 1e9 / el : 0.0, cpu_s() - cpu0);
+    if (receive) {
+        qsort(back.lat, back.nlat, sizeof *back.lat, cmp_i64);
+        printf(",\"back\":%" PRIu64 ",\"back_p50_ns\":%" PRId64 ",\"back_p99_ns\":%" PRId64
+               ",\"back_p999_ns\":%" PRId64 ",\"back_max_ns\":%" PRId64,
+               back.received, pct(back.lat, back.nlat, 0.50), pct(back.lat, back.nlat, 0.99),
+               pct(back.lat, back.nlat, 0.999), back.nlat ? back.lat[back.nlat - 1] : -1);
+    }
+    printf("}\n");
     fflush(stdout);
     return 0;
 }
@@ -485,24 +660,149 @@ static int cmd_churn(int argc, char **argv) {
     return 0;
 }
 
-/* ------------------------------------------------------------------ sink */
-
-static int cmp_i64(const void *a, const void *b) {
-    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-    return (x > y) - (x < y);
-}
-
-static int64_t pct(const int64_t *v, size_t n, double q) {
-    if (!n) return -1;
-    size_t i = (size_t)(q * (double)n);
-    if (i >= n) i = n - 1;
-    return v[i];
-}
+/* ------------------------------------------------------------------ tgen */
 
 static int header_ok(const uint8_t *h, int size) {
     return h[0] == 0x01 && h[1] == 0x95 && h[2] == 0x01 && h[3] == 0xcf && h[12] == 0xc4 && h[13] == 0x04 &&
            h[18] == 0xcd && h[21] == 0xc5 && (((int)h[22] << 8) | h[23]) == size;
 }
+
+
+static int cmd_tgen(int argc, char **argv) {
+    const char *bind_ip = "127.0.0.1";
+    int port = 0, size = 140, batch = 0, flows = 64;
+    double rate = 0, duration = 0, max_s = 60;
+    int opt;
+    while ((opt = getopt(argc, argv, "B:p:f:s:r:d:b:T:")) != -1) {
+        switch (opt) {
+        case 'B': bind_ip = optarg; break;
+        case 'p': port = atoi(optarg); break;
+        case 'f': flows = atoi(optarg); break;
+        case 's': size = atoi(optarg); break;
+        case 'r': rate = atof(optarg); break;
+        case 'd': duration = atof(optarg); break;
+        case 'b': batch = atoi(optarg); break;
+        case 'T': max_s = atof(optarg); break;
+        default: fail("usage: loadgen tgen [-B ip] [-p port] [-f flows] [-s size] -r pps -d s [-b batch] [-T max_s]");
+        }
+    }
+    if (flows < 1 || flows > MAX_FLOWS) fail("tgen: -f 1..2^20");
+    if (size < MIN_SIZE || size + HDR > MAX_DGRAM) fail("tgen: -s must be 24..4072");
+    if (rate <= 0 || duration <= 0) fail("tgen: -r pps and -d seconds must be > 0");
+    if (max_s <= 0) max_s = 60;
+    if (batch <= 0) batch = (int)(rate * 50e-6); /* one batch per ~50 us, as gen */
+    if (batch < 1) batch = 1;
+    if (batch > 64) batch = 64;
+
+    int bport, eff;
+    int fd = bind_local(bind_ip, port, 64 << 20, &bport, &eff, "bind tgen");
+    printf("READY %d rcvbuf=%d\n", bport, eff);
+    fflush(stdout);
+
+    /* learn: each flow's address and Data prefix, from one datagram of it */
+    uint8_t(*prefix)[HDR] = calloc((size_t)flows, sizeof *prefix); /* [HDR - 1] = 1: has a header */
+    struct sockaddr_storage *dst = calloc((size_t)flows, sizeof *dst);
+    socklen_t *dst_len = calloc((size_t)flows, sizeof *dst_len);
+    uint64_t *seq = calloc((size_t)flows, sizeof *seq);
+    if (!prefix || !dst || !dst_len || !seq) die("calloc");
+    enum { B = 64 };
+    static uint8_t bufs[B][MAX_DGRAM];
+    struct mmsghdr msgs[B];
+    struct iovec iov[B];
+    struct sockaddr_storage src[B];
+    rx_init(msgs, iov, bufs, B, src);
+    int learned = 0;
+    uint64_t other = 0, t_limit = now_ns() + (uint64_t)(max_s * 1e9);
+    while (learned < flows && !g_stop && now_ns() < t_limit) {
+        for (int i = 0; i < B; i++) msgs[i].msg_hdr.msg_namelen = sizeof src[i];
+        int n = recvmmsg(fd, msgs, B, MSG_WAITFORONE, NULL);
+        if (n < 0) {
+            if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) continue;
+            die("recvmmsg");
+        }
+        for (int i = 0; i < n; i++) {
+            int len = (int)msgs[i].msg_len, hl = len - size;
+            const uint8_t *b = bufs[i];
+            uint32_t magic, flow;
+            if (hl < 0 || (memcpy(&magic, b + hl, 4), magic != MAGIC) || (memcpy(&flow, b + hl + 4, 4), flow >= (uint32_t)flows) ||
+                (hl != 0 && (hl != HDR || !header_ok(b, size)))) {
+                other++;
+                continue;
+            }
+            if (dst_len[flow]) continue;
+            memcpy(&dst[flow], &src[i], msgs[i].msg_hdr.msg_namelen);
+            dst_len[flow] = msgs[i].msg_hdr.msg_namelen;
+            if (hl) {
+                memcpy(prefix[flow], b, HDR - 2);
+                prefix[flow][HDR - 1] = 1;
+            }
+            learned++;
+        }
+    }
+    if (learned < flows) {
+        fprintf(stderr, "loadgen: tgen: learned %d of %d flows (%" PRIu64 " other datagrams)\n", learned, flows, other);
+        exit(2);
+    }
+    armed_wait(max_s, "tgen");
+
+    /* send: paced, b frames per flow in turn */
+    struct mmsghdr tx[64];
+    struct iovec tx_iov[64];
+    static uint8_t frames[64][MAX_DGRAM];
+    memset(tx, 0, sizeof tx);
+    for (int i = 0; i < batch; i++) {
+        for (int k = HDR + MIN_SIZE; k < HDR + size; k++) frames[i][k] = (uint8_t)(0x80 | (k & 0x3f));
+        tx[i].msg_hdr.msg_iov = &tx_iov[i];
+        tx[i].msg_hdr.msg_iovlen = 1;
+    }
+    long long count = (long long)(rate * duration + 0.5), sent = 0, attempted = 0;
+    uint64_t send_errors = 0, t_start = now_ns();
+    double cpu0 = cpu_s(), ns_per_pkt = 1e9 / rate;
+    t_limit = t_start + (uint64_t)(max_s * 1e9);
+    uint32_t flow = 0;
+    while (attempted < count && !g_stop) {
+        int n = batch;
+        if (count - attempted < n) n = (int)(count - attempted);
+        sleep_until(t_start + (uint64_t)((double)attempted * ns_per_pkt));
+        uint64_t ts = now_ns();
+        if (ts > t_limit) break;
+        int hl = prefix[flow][HDR - 1] ? HDR : 0;
+        for (int i = 0; i < n; i++) {
+            uint8_t *f = frames[i], *b = f + HDR; /* the payload stays at HDR: the header goes in front */
+            uint32_t magic = MAGIC;
+            uint64_t sq = seq[flow]++;
+            memcpy(b, &magic, 4);
+            memcpy(b + 4, &flow, 4);
+            memcpy(b + 8, &sq, 8);
+            memcpy(b + 16, &ts, 8);
+            if (hl) {
+                memcpy(f, prefix[flow], HDR - 2);
+                f[HDR - 2] = (uint8_t)(size >> 8);
+                f[HDR - 1] = (uint8_t)size;
+            }
+            tx_iov[i].iov_base = f + HDR - hl;
+            tx_iov[i].iov_len = (size_t)(hl + size);
+            tx[i].msg_hdr.msg_name = &dst[flow];
+            tx[i].msg_hdr.msg_namelen = dst_len[flow];
+        }
+        int done = send_all(fd, tx, n);
+        send_errors += (uint64_t)(n - done);
+        sent += done;
+        attempted += n;
+        flow = (flow + 1) % (uint32_t)flows;
+    }
+    uint64_t t_end = now_ns();
+    double el = (double)(t_end - t_start);
+    printf("{\"mode\":\"tgen\",\"flows\":%d,\"learned\":%d,\"other\":%" PRIu64 ",\"size\":%d,\"batch\":%d,"
+           "\"target_pps\":%.0f,\"planned\":%lld,\"sent\":%lld,\"send_errors\":%" PRIu64 ",\"start_ns\":%" PRIu64
+           ",\"end_ns\":%" PRIu64 ",\"elapsed_ns\":%" PRIu64 ",\"pps\":%.1f,\"cpu_s\":%.3f}\n",
+           flows, learned, other, size, batch, rate, count, sent, send_errors, t_start, t_end, t_end - t_start,
+           el > 0 ? (double)sent * 1e9 / el : 0.0, cpu_s() - cpu0);
+    fflush(stdout);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ sink */
 
 static int cmd_sink(int argc, char **argv) {
     const char *bind_ip = "127.0.0.1";
@@ -531,24 +831,10 @@ static int cmd_sink(int argc, char **argv) {
     }
     if (size < MIN_SIZE || size > MAX_DGRAM) fail("sink: -s must be 24..4096");
 
-    struct sockaddr_storage addr;
-    socklen_t alen;
-    char spec[128];
-    snprintf(spec, sizeof spec, strchr(bind_ip, ':') ? "[%s]:%d" : "%s:%d", bind_ip, port);
-    if (parse_addr(spec, &addr, &alen)) fail("sink: bad -B/-p");
-    int fd = socket(addr.ss_family, SOCK_DGRAM, 0);
-    if (fd < 0) die("socket");
-    int eff = set_rcvbuf(fd, rcvbuf);
-    if (bind(fd, (struct sockaddr *)&addr, alen) != 0) die("bind sink");
-    struct timeval tv = {.tv_sec = 0, .tv_usec = 50000};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    int bport, eff;
+    int fd = bind_local(bind_ip, port, rcvbuf, &bport, &eff, "bind sink");
     int one = 1;
     if (kstamp && setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof one) != 0) die("SO_TIMESTAMPNS");
-    struct sockaddr_storage bound;
-    socklen_t blen = sizeof bound;
-    getsockname(fd, (struct sockaddr *)&bound, &blen);
-    int bport = ntohs(bound.ss_family == AF_INET ? ((struct sockaddr_in *)&bound)->sin_port
-                                                 : ((struct sockaddr_in6 *)&bound)->sin6_port);
 
     enum { B = 64 };
     static uint8_t bufs[B][MAX_DGRAM];
@@ -558,13 +844,7 @@ static int cmd_sink(int argc, char **argv) {
         char buf[CMSG_SPACE(sizeof(struct timespec))];
         struct cmsghdr align;
     } ctl[B];
-    memset(msgs, 0, sizeof msgs);
-    for (int i = 0; i < B; i++) {
-        iov[i].iov_base = bufs[i];
-        iov[i].iov_len = MAX_DGRAM;
-        msgs[i].msg_hdr.msg_iov = &iov[i];
-        msgs[i].msg_hdr.msg_iovlen = 1;
-    }
+    rx_init(msgs, iov, bufs, B, NULL);
     int64_t *lat = malloc(max_samples * sizeof *lat);
     uint64_t *fcount = calloc(MAX_FLOWS, sizeof *fcount);
     uint64_t *fmax = calloc(MAX_FLOWS, sizeof *fmax); /* highest seq seen + 1 */
@@ -676,11 +956,12 @@ static int cmd_sink(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 2) fail("usage: loadgen gen|churn|sink [options] (see the comment at the top of loadgen.c)");
+    if (argc < 2) fail("usage: loadgen gen|churn|tgen|sink [options] (see the comment at the top of loadgen.c)");
     install_signals();
     if (!strcmp(argv[1], "gen")) return cmd_gen(argc - 1, argv + 1);
     if (!strcmp(argv[1], "churn")) return cmd_churn(argc - 1, argv + 1);
     if (!strcmp(argv[1], "sink")) return cmd_sink(argc - 1, argv + 1);
-    fail("first argument must be gen, churn or sink");
+    if (!strcmp(argv[1], "tgen")) return cmd_tgen(argc - 1, argv + 1);
+    fail("first argument must be gen, churn, tgen or sink");
     return 2;
 }

@@ -29,7 +29,7 @@ class KernelFlow:
         self.slot = slot
         self.flow_key = flow_key
         self.return_key = return_key
-        self.folded = [0, 0, 0, 0]
+        self.folded: tuple[int, ...] = (0, 0, 0, 0)
 
 
 class KernelFlows:
@@ -39,6 +39,7 @@ class KernelFlows:
         self.counters = MapIO(fds.counters, kernel_maps.SLOT_SIZE, kernel_maps.counters_size(fds.cpus))
         self.paths = MapIO(fds.paths, kernel_maps.SLOT_SIZE, kernel_maps.PATH_SIZE)
         self.cpus = fds.cpus
+        self._read_counters = kernel_maps.counters_reader(fds.cpus)
         self.slot_range = range(fds.slot_base, fds.slot_base + fds.slots)
         self._free = list(reversed(self.slot_range))
         self._zero = bytes(kernel_maps.counters_size(fds.cpus))
@@ -133,16 +134,17 @@ class KernelFlows:
         value = self.counters.lookup(kernel_maps.slot_key(state.slot))
         if value is None:
             return False
-        now = kernel_maps.sum_per_cpu(value, self.cpus)
-        folded, totals = state.folded, self.totals
-        d = [now[i] - folded[i] for i in range(4)]
-        if not any(d):
+        now = self._read_counters(value)
+        folded = state.folded
+        if now == folded:
             return False
-        state.folded = list(now)
+        d = [now[i] - folded[i] for i in range(4)]
+        state.folded = now
         entry.packets_in += d[_IN_PACKETS]
         entry.bytes_in += d[_IN_BYTES]
         entry.packets_out += d[_OUT_PACKETS]
         entry.bytes_out += d[_OUT_BYTES]
+        totals = self.totals
         for i in range(4):
             totals[i] += d[i]
         return True

@@ -5,6 +5,7 @@ other integers in the host's (little-endian: x86 and arm64 alike)."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 KIND_PUBLIC = 1
@@ -89,22 +90,23 @@ def slot_key(slot: int) -> bytes:
     return slot.to_bytes(SLOT_SIZE, "little")
 
 
-def sum_per_cpu(value: bytes, cpus: int, layout: struct.Struct = _COUNTERS) -> tuple[int, ...]:
-    """A per-CPU value (``cpus`` copies, each padded to 8 bytes) summed field by field."""
-    stride = (layout.size + 7) & ~7
-    total = [0] * len(layout.unpack(bytes(layout.size)))
-    for cpu in range(cpus):
-        for i, v in enumerate(layout.unpack_from(value, cpu * stride)):
-            total[i] += v
-    return tuple(total)
+def counters_reader(cpus: int) -> Callable[[bytes], tuple[int, int, int, int]]:
+    """A flow's per-CPU counters value -> (packets in, bytes in, packets out, bytes out) summed
+    over CPUs: one unpack for all of them (the worker folds a flow a second at the least: a
+    loop over CPUs and fields cost more than the map read)."""
+    every = struct.Struct(f"={4 * cpus}Q")  # (flow_counters is 32 bytes: no padding between CPUs)
+
+    def read(value: bytes) -> tuple[int, int, int, int]:
+        v = every.unpack(value)
+        return sum(v[0::4]), sum(v[1::4]), sum(v[2::4]), sum(v[3::4])
+
+    return read
 
 
 def counters_size(cpus: int) -> int:
     return ((COUNTERS_SIZE + 7) & ~7) * cpus
 
 
-_STAT = struct.Struct("=Q")
-
-
 def sum_stat(value: bytes, cpus: int) -> int:
-    return sum_per_cpu(value, cpus, _STAT)[0]
+    """A per-CPU u64 (the program's `stats` slots) summed over CPUs."""
+    return sum(struct.unpack(f"={cpus}Q", value))

@@ -130,4 +130,5 @@ def test_a_predecessors_leftovers_in_its_slot_range_go_and_others_stay(kernel: K
 
 def test_per_cpu_values_are_summed() -> None:
     value = (1).to_bytes(8, "little") * 4 + (2).to_bytes(8, "little") * 4
-    assert kernel_maps.sum_per_cpu(value, 2) == (3, 3, 3, 3)
+    assert kernel_maps.counters_reader(2)(value) == (3, 3, 3, 3)
+    assert kernel_maps.sum_stat((5).to_bytes(8, "little") + (6).to_bytes(8, "little"), 2) == 11

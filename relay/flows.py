@@ -191,7 +191,7 @@ class LocalFlows:
         entry = self.by_key.pop(client_key, None)
         if entry is None:
             return
-        if entry.kernel is not None and self.kernel is not None:
+        if self.kernel is not None:
             self.kernel.remove(entry)
         self.by_address.pop(entry.client_address, None)
         self.by_handle.pop(entry.handle, None)

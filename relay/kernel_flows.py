@@ -38,7 +38,6 @@ class KernelFlows:
         self.returns = MapIO(fds.returns, kernel_maps.RETURN_KEY_SIZE, kernel_maps.RETURN_SIZE)
         self.counters = MapIO(fds.counters, kernel_maps.SLOT_SIZE, kernel_maps.counters_size(fds.cpus))
         self.paths = MapIO(fds.paths, kernel_maps.SLOT_SIZE, kernel_maps.PATH_SIZE)
-        self.cpus = fds.cpus
         self._read_counters = kernel_maps.counters_reader(fds.cpus)
         self.slot_range = range(fds.slot_base, fds.slot_base + fds.slots)
         self._free = list(reversed(self.slot_range))
@@ -88,17 +87,23 @@ class KernelFlows:
         slot = self._free.pop()
         self.counters.update(kernel_maps.slot_key(slot), self._zero)
         self.paths.update(kernel_maps.slot_key(slot), kernel_maps.NO_PATH)
-        client, target = Address(*entry.client), Address(*entry.target)
-        public = self.publics[entry.public_index]
-        state = KernelFlow(slot, kernel_maps.flow_key(client, public),
+        client = Address(*entry.client)
+        state = KernelFlow(slot, kernel_maps.flow_key(client, self.publics[entry.public_index]),
                            kernel_maps.return_key(entry.handle, self.tunnel))
-        self.flows.update(state.flow_key, kernel_maps.flow(self.tunnel, target, slot, self.is_local(target.ip),
-                                                           self.is_local(client.ip), entry.prefix))
-        self.returns.update(state.return_key, kernel_maps.return_flow(
-            target, client, public, slot, self.is_local(client.ip), entry.match))
+        self._write(entry, state)
         entry.kernel = state
         self.flow_count += 1
         return True
+
+    def _write(self, entry, state: KernelFlow) -> None:
+        """The flow's two values (each way) under its keys."""
+        assert self.tunnel is not None
+        client, target = Address(*entry.client), Address(*entry.target)
+        client_local = self.is_local(client.ip)
+        self.flows.update(state.flow_key, kernel_maps.flow(self.tunnel, target, state.slot, self.is_local(target.ip),
+                                                           client_local, entry.prefix))
+        self.returns.update(state.return_key, kernel_maps.return_flow(
+            target, client, self.publics[entry.public_index], state.slot, client_local, entry.match))
 
     def remove(self, entry) -> None:
         """Take a flow out of the kernel at once, its last counters folded."""
@@ -119,12 +124,7 @@ class KernelFlows:
             return
         self.returns.delete(state.return_key)
         state.return_key = kernel_maps.return_key(entry.handle, self.tunnel)
-        client, target = Address(*entry.client), Address(*entry.target)
-        public = self.publics[entry.public_index]
-        self.flows.update(state.flow_key, kernel_maps.flow(self.tunnel, target, state.slot, self.is_local(target.ip),
-                                                           self.is_local(client.ip), entry.prefix))
-        self.returns.update(state.return_key, kernel_maps.return_flow(
-            target, client, public, state.slot, self.is_local(client.ip), entry.match))
+        self._write(entry, state)
 
     def fold(self, entry) -> bool:
         """The kernel's counters of this flow into the entry's (True: they moved)."""

@@ -32,6 +32,7 @@ STATE_COUNTERS = (
     "pid", "ready", "heartbeat_ms", "flows", "transceivers", "tunnel_links",
     "miss_queue",  # misses waiting behind the hits
     "housekeeping_step_max_us",  # the longest housekeeping step since the worker started
+    "kernel_flows",  # flows the kernel fast path forwards (relay/kernel_flows.py)
 )
 TRAFFIC_COUNTERS = (
     "client_packets",  # client → transceiver, forwarded
@@ -39,7 +40,6 @@ TRAFFIC_COUNTERS = (
     "hit_path_packets",  # of client_packets: those the hit path sent itself (relay/hit_path.py)
     "kernel_to_transceiver",  # of client_packets: those the kernel fast path forwarded (relay/kernel_flows.py)
     "kernel_to_client",  # of transceiver_packets: the same, the other way
-    "kernel_flows",  # (state) flows the kernel forwards
     "transceiver_packets",  # transceiver → client, forwarded
     "transceiver_bytes",
     "flows_learned",

@@ -362,16 +362,15 @@ static __always_inline int from_transceiver(struct __sk_buff *skb, __be32 tunnel
     struct path *path = bpf_map_lookup_elem(&paths, &flow->slot);
     if (!path)
         return PASS;
-    if (flow->local && !socket_here(skb, flow->public_ip ? flow->public_ip : path->public_ip, flow->public_port,
-                                    flow->client_ip, flow->client_port)) {
+    /* the reply's source: the public address, or (a wildcard listener) the one the client used */
+    __be32 public_ip = flow->public_ip ? flow->public_ip : path->public_ip;
+    if (flow->local && !socket_here(skb, public_ip, flow->public_port, flow->client_ip, flow->client_port)) {
         count(STAT_NO_LOCAL_SOCKET);
         return PASS;
     }
     if (path->transceiver_ifindex != skb->ingress_ifindex)
         path->transceiver_ifindex = skb->ingress_ifindex;
     __u32 ifindex;
-    /* the reply's source: the public address, or (a wildcard listener) the one the client used */
-    __be32 public_ip = flow->public_ip ? flow->public_ip : path->public_ip;
     if (!public_ip || route(skb, flow->local, path->client_ifindex, &ifindex)) {
         count(STAT_NO_ROUTE);
         return PASS;

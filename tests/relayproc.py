@@ -321,8 +321,10 @@ def connect(relay: RelayProcess, transceiver: FakeTransceiver, ufrag: str | None
 
 
 def assert_both_ways(client: Client, first: Data, tunnel: tuple[str, int], transceiver: FakeTransceiver, relay: RelayProcess,
-                     tag: int) -> None:
-    payload = rtp_like(tag)
+                     tag: int, payload: bytes | None = None) -> None:
+    """One datagram each way through the relay (``payload``, else an RTP-like one), checked byte
+    for byte, by the flow's handle, and by source: the tunnel address, the public address."""
+    payload = rtp_like(tag) if payload is None else payload
     client.send(payload)
     frame, source = transceiver.recv_data()
     assert frame.payload == payload and frame.handle == first.handle and source == tunnel

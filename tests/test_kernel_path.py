@@ -27,6 +27,7 @@ from relayproc import (
     Client,
     FakeTransceiver,
     RelayProcess,
+    assert_both_ways,
     cleanup_relay,
     connect,
     metric_sum,
@@ -85,14 +86,7 @@ def pump(client: Client, transceiver: FakeTransceiver, tunnel: tuple[str, int], 
          n: int = N) -> None:
     """n datagrams client → transceiver and n back, each checked byte for byte and by source."""
     for i in range(n):
-        payload = rtp_like(i)
-        client.send(payload)
-        frame, source = transceiver.recv_data()
-        assert frame.payload == payload and frame.handle == first.handle and source == tunnel
-        answer = rtp_like(50_000 + i, size=120)
-        transceiver.reply(tunnel, frame, answer)
-        got, sender = client.recv()
-        assert got == answer and sender == relay.address
+        assert_both_ways(client, first, tunnel, transceiver, relay, i)
 
 
 # -- the map layouts are the program's --------------------------------------------------------

@@ -16,6 +16,7 @@ from relayproc import (
     Client,
     FakeTransceiver,
     RelayProcess,
+    assert_both_ways,
     cleanup_relay,
     dtls_like,
     rtp_like,
@@ -62,14 +63,7 @@ def test_traffic_flows_both_ways_through_two_workers(relay: RelayProcess, transc
     tunnels = {tunnel for _c, _f, tunnel in clients}
     for client, first, tunnel in clients:
         for seq in range(5):
-            payload = dtls_like() if seq == 0 else rtp_like(seq)
-            client.send(payload)
-            frame, source = transceiver.recv_data()
-            assert frame.payload == payload and frame.handle == first.handle and source == tunnel
-            answer = rtp_like(1000 + seq)
-            transceiver.reply(tunnel, frame, answer)
-            got, sender = client.recv()
-            assert got == answer and sender == relay.address  # from the public address
+            assert_both_ways(client, first, tunnel, transceiver, relay, seq, dtls_like() if seq == 0 else None)
     transceiver.heartbeat(tunnels.pop()) if len(tunnels) == 1 else [transceiver.heartbeat(t) for t in tunnels]
     relay.wait_flushed(lambda rows: sum(r["client_packets"] for r in rows) >= 72 and sum(r["transceiver_packets"] for r in rows) >= 60)
     flows = relay.table_flows()

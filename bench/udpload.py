@@ -14,6 +14,7 @@ import struct
 import subprocess
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -225,6 +226,31 @@ class Gen:
         reap(*self.procs)
 
 
+#: port -> the socket hold_port bound for it, while its holder keeps it
+_held: weakref.WeakValueDictionary[int, socket.socket] = weakref.WeakValueDictionary()
+
+
+def hold_port(host: str) -> socket.socket:
+    """A UDP socket bound to a free port of host: every `sink` and `tgen` on that port receives
+    on it (inherited) while the caller keeps it, so the port stays bound between runs. A closed
+    port answers with ICMP port unreachable, and a relay takes that from its transceiver's
+    address as the transceiver's end: it drops every flow of it (relay/tunnel_control.py), and
+    the next run measures misses."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    _held[sock.getsockname()[1]] = sock
+    return sock
+
+
+def _receiver(argv: list[str], port: int, cpus: set[int] | None, stdin: bool = False) -> subprocess.Popen:
+    """`loadgen sink` or `tgen` on port (on its held socket, if any), once it says READY."""
+    held = _held.get(port)
+    env = None if held is None else {**os.environ, "LOADGEN_FD": str(held.fileno())}
+    p = spawn(argv, stdin=stdin, cpus=cpus, env=env, pass_fds=() if held is None else (held.fileno(),))
+    read_line(p, "READY", timeout=5)
+    return p
+
+
 @dataclass
 class Load:
     """Where the load tools run and what they send."""
@@ -248,9 +274,7 @@ class Load:
             argv.append("-H")
         if kernel_stamps:
             argv.append("-K")
-        p = spawn(argv, cpus=self.cpus)
-        read_line(p, "READY", timeout=5)
-        return p
+        return _receiver(argv, port, self.cpus)
 
     def gen(self, target_port: int, *, count: int = 0, rate: float = 0, duration: float = 0, batch: int = 0,
             preamble_file: str | None = None, preamble_rate: float = 0, preamble_wait_ms: int = 100,
@@ -300,9 +324,7 @@ class Load:
         Data frames with the flows' prefixes back to where they came from (see loadgen.c)."""
         argv = [str(self.tools["loadgen"]), "tgen", "-B", self.host, "-p", str(port), "-f", str(self.flows),
                 "-s", str(self.size), "-r", str(rate), "-d", str(duration), "-T", str(max_s)]
-        p = spawn(argv, stdin=True, cpus=self.cpus)
-        read_line(p, "READY", timeout=5)
-        return p
+        return _receiver(argv, port, self.cpus, stdin=True)
 
     def churn(self, target_port: int, preamble_file: str, source: SourcePlan, rate: float, duration: float,
               max_s: float = 60) -> subprocess.Popen:

@@ -585,7 +585,7 @@ def test_rounds_are_pooled_per_forwarder():
     def round_(pps: list[float], p99s: list[float], paced: float) -> relay_runs.VariantResult:
         r = relay_runs.VariantResult("relay", "relay", 1)
         r.drain_runs = [{"pps": p, "valid": True, "noisy": False} for p in pps]
-        r.latency_runs = [{"p99_us": x, "p50_us": 20.0, "noisy": False} for x in p99s]
+        r.latency_runs = [{"p99_us": x, "p50_us": 20.0, "noisy": False, "ok": True} for x in p99s]
         r.paced = {"max_pps": paced}
         relay_runs.summarise_drain(r)
         relay_runs.summarise_latency(r)
@@ -601,3 +601,19 @@ def test_rounds_are_pooled_per_forwarder():
     assert merged.paced["max_pps"] == 1000
     broken = relay_runs.VariantResult("relay", "relay", 1, status="error", message="start failed")
     assert relay_runs.merge_rounds([round_([1], [1], 1), broken]) is broken
+
+
+def test_a_latency_run_that_lost_everything_passes_no_target():
+    """A run that timed nothing (the sink says -1) has no p99: no ratio, "not measured",
+    never a negative p99 that is "below" the reference's; a run that lost datagrams yields to
+    one that did not, whatever its p99."""
+    r = relay_runs.VariantResult("relay", "relay", 1)
+    lost = {"p99_us": None, "p50_us": None, "p999_us": None, "noisy": False, "ok": False}
+    r.latency_runs = [dict(lost), dict(lost)]
+    relay_runs.summarise_latency(r)
+    assert r.latency["p99_us"] is None and r.latency["runs_p99_us"] == [None, None]
+    assert relay_runs.ratio(r.latency["p99_us"], 40.0) is None
+    assert relay_runs.ratio(-0.001, 40.0) is None
+    r.latency_runs = [dict(lost), {**lost, "p99_us": 30.0, "ok": False}, {**lost, "p99_us": 90.0, "ok": True}]
+    relay_runs.summarise_latency(r)
+    assert r.latency["p99_us"] == 90.0 and r.latency["runs_p99_us"] == [None, 30.0, 90.0]

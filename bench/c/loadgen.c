@@ -65,6 +65,9 @@
  *   -K also records kernel receive timestamps (SO_TIMESTAMPNS, CLOCK_REALTIME, taken when the
  *   sender's packet reaches this socket): k_first/k_last/k_span/k_pps stay exact even if the sink
  *   itself was stopped (SIGSTOP) while packets queued — the drain test uses that.
+ *
+ * sink and tgen with LOADGEN_FD=n in the environment: receive on that inherited socket, bound
+ * to -p by the caller, instead of binding one (see bind_local).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -194,17 +197,31 @@ static void rx_init(struct mmsghdr *msgs, struct iovec *iov, uint8_t (*bufs)[MAX
 }
 
 /* A UDP socket bound to ip:port (0: any), receive timeout 50 ms; its port in *bound, its
- * effective receive buffer in *eff. */
+ * effective receive buffer in *eff. With LOADGEN_FD in the environment: that inherited socket,
+ * which the caller keeps bound between runs (udpload.hold_port: a closed port answers a relay
+ * with ICMP port unreachable, and the relay drops every flow of that "transceiver"), emptied of
+ * what an earlier run left in it. */
 static int bind_local(const char *ip, int port, int rcvbuf, int *bound, int *eff, const char *who) {
     struct sockaddr_storage addr;
     socklen_t alen;
     char spec[128];
     snprintf(spec, sizeof spec, strchr(ip, ':') ? "[%s]:%d" : "%s:%d", ip, port);
     if (parse_addr(spec, &addr, &alen)) fail("bad -B/-p");
-    int fd = socket(addr.ss_family, SOCK_DGRAM, 0);
-    if (fd < 0) die("socket");
-    *eff = set_rcvbuf(fd, rcvbuf);
-    if (bind(fd, (struct sockaddr *)&addr, alen) != 0) die(who);
+    const char *held = getenv("LOADGEN_FD");
+    int fd;
+    if (held && *held) {
+        fd = atoi(held);
+        char junk[2048];
+        while (recv(fd, junk, sizeof junk, MSG_DONTWAIT) >= 0) {
+        }
+        if (errno != EAGAIN && errno != EWOULDBLOCK) die("LOADGEN_FD");
+        *eff = set_rcvbuf(fd, rcvbuf);
+    } else {
+        fd = socket(addr.ss_family, SOCK_DGRAM, 0);
+        if (fd < 0) die("socket");
+        *eff = set_rcvbuf(fd, rcvbuf);
+        if (bind(fd, (struct sockaddr *)&addr, alen) != 0) die(who);
+    }
     struct timeval tv = {.tv_sec = 0, .tv_usec = 50000};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     struct sockaddr_storage b;
@@ -212,6 +229,7 @@ static int bind_local(const char *ip, int port, int rcvbuf, int *bound, int *eff
     getsockname(fd, (struct sockaddr *)&b, &blen);
     *bound = ntohs(b.ss_family == AF_INET ? ((struct sockaddr_in *)&b)->sin_port
                                           : ((struct sockaddr_in6 *)&b)->sin6_port);
+    if (held && *held && port && *bound != port) fail("LOADGEN_FD is not bound to -p");
     return fd;
 }
 

@@ -42,7 +42,8 @@ _stderr: weakref.WeakKeyDictionary[subprocess.Popen, _Stderr] = weakref.WeakKeyD
 
 
 def spawn(argv: list[str], *, cpus: set[int] | None = None, stdin: bool = False, stdout: bool = True,
-          log: Path | None = None, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
+          log: Path | None = None, env: dict[str, str] | None = None, cwd: Path | None = None,
+          pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     """Start argv in its own session, pinned to cpus (every thread: see procinfo.pin); stdin a
     pipe when asked (else /dev/null), stdout an unbuffered pipe (discarded with stdout=False),
     stderr to log (else a temporary file)."""
@@ -51,7 +52,7 @@ def spawn(argv: list[str], *, cpus: set[int] | None = None, stdin: bool = False,
     try:
         p = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                              stdout=subprocess.PIPE if stdout else subprocess.DEVNULL, stderr=sink, bufsize=0,
-                             start_new_session=True, env=env, cwd=cwd)
+                             start_new_session=True, env=env, cwd=cwd, pass_fds=pass_fds)
     except BaseException:
         sink.close()
         raise

@@ -1,8 +1,9 @@
-"""What pyproject.toml cannot say: two optional compiled parts, each skipped (with a warning) when
-its compiler is missing, the install succeeding without it.
+"""What pyproject.toml cannot say: optional compiled parts, each skipped (with a warning) when its
+compiler is missing, the install succeeding without it.
 
-- relay._hitpath, a C extension: without gcc and Python's headers the relay runs its Python hit
-  path (relay/hit_path.py; the supervisor logs which one serves).
+- relay._hitpath and relay._counter_flush, C extensions: without gcc and Python's headers the
+  relay runs its Python hit path (relay/hit_path.py; the supervisor logs which one serves) and
+  flushes counters in Python (shm/writer.py).
 - relay/ebpf/fastpath.bpf.o, the in-kernel fast path (relay/kernel_path.py), compiled with
   clang for the BPF target: without clang and libbpf-dev the relay forwards every datagram in
   its workers. The object is portable (it reads only packet data and the stable __sk_buff), so
@@ -18,6 +19,7 @@ import sysconfig
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
+C_FLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
 BPF_SOURCE = "relay/ebpf/fastpath.bpf.c"
 BPF_OBJECT = "relay/ebpf/fastpath.bpf.o"
 
@@ -48,9 +50,16 @@ setup(
         Extension(
             "relay._hitpath",
             sources=["relay/_hitpath.c"],
-            depends=["relay/_hitpath_entry.h", "relay/_hitpath_rules.h"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
+            depends=["relay/_hitpath_entry.h", "relay/_hitpath_rules.h", "relay/_slots.h"],
+            extra_compile_args=C_FLAGS,
             optional=True,
-        )
+        ),
+        Extension(
+            "relay._counter_flush",
+            sources=["relay/_counter_flush.c"],
+            depends=["relay/_slots.h"],
+            extra_compile_args=C_FLAGS,
+            optional=True,
+        ),
     ],
 )

@@ -12,6 +12,8 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include "_slots.h"
+
 /* The entry type's __slots__ as offsets (type NULL: not learned yet, or not slots). */
 typedef struct {
     PyTypeObject *type;
@@ -49,17 +51,6 @@ add_to_attr(PyObject *entry, PyObject *name, long long delta)
     return r;
 }
 
-/* The offset of a __slots__ member `name` of `type` that holds an object; -1 if it is none. */
-static Py_ssize_t
-slot_offset(PyTypeObject *type, PyObject *name)
-{
-    PyObject *descr = _PyType_Lookup(type, name); /* borrowed */
-    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type))
-        return -1;
-    PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
-    return member->type == T_OBJECT_EX && !(member->flags & READONLY) ? member->offset : -1;
-}
-
 /* Learn `type`'s slot offsets into `layout` (left unset if it lacks one of the slots). */
 static void
 learn_entry_type(EntryLayout *layout, PyTypeObject *type)
@@ -75,8 +66,6 @@ learn_entry_type(EntryLayout *layout, PyTypeObject *type)
     layout->off_packets_in = i;
     layout->off_bytes_in = b;
 }
-
-#define SLOT(entry, off) (*(PyObject **)((char *)(entry) + (off)))
 
 /* SLOT(entry, off) += delta, for an int slot; -1 (exception set) if it is unset or no int. */
 static int

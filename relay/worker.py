@@ -82,7 +82,7 @@ BACK_TO_BACK_S = 20e-6
 HOUSEKEEPING_S = 0.1
 GC_TICKS = 10  # the young generations once a second
 FULL_GC_TICKS = 600  # everything once every ten minutes (flows are frozen: it is small)
-FLUSH_FLOWS_PER_STEP = 32  # counter writes (~3 µs each)
+FLUSH_FLOWS_PER_STEP = 32  # counter writes in Python (~3.5 µs each; C: flows.flush_step_scale times more)
 # Counters of moved flows to shm: every flow a second up to FLUSH_MIN_PER_S flows, beyond that
 # a pass per idle_timeout / FLUSH_PASSES_PER_IDLE (10 s by default): ~3 µs a flow is CPU the
 # packet path needs more at 50k flows than shm needs fresh counters.
@@ -441,7 +441,8 @@ class Worker(TunnelControl):
         flows = self.flows
         now = time.monotonic()
         per_s = max(FLUSH_MIN_PER_S, len(flows.entries) * FLUSH_PASSES_PER_IDLE / cfg.idle_timeout)
-        for _ in flows.flush_counters_steps(now, FLUSH_FLOWS_PER_STEP, int(per_s * HOUSEKEEPING_S) + 1):
+        chunk = FLUSH_FLOWS_PER_STEP * flows.flush_step_scale  # (more when the flush is in C)
+        for _ in flows.flush_counters_steps(now, chunk, int(per_s * HOUSEKEEPING_S) + 1):
             yield
         slots = max(SWEEP_SLOTS_PER_STEP,
                     int(cfg.flow_capacity * SWEEP_PASSES_PER_IDLE / cfg.idle_timeout * HOUSEKEEPING_S))
@@ -493,7 +494,8 @@ class Worker(TunnelControl):
     async def run(self) -> None:
         self.loop = loop = asyncio.get_running_loop()
         report = self.flows.take_over(time.monotonic())
-        log.info("worker %d (pid %d) owns partition %d: %s", self.index, os.getpid(), self.index, report)
+        log.info("worker %d (pid %d) owns partition %d: %s; counter flush in %s", self.index, os.getpid(),
+                 self.index, report, "Python" if self.flows.counter_flush is None else "C")
         for which, sock in enumerate(self.public):
             loop.add_reader(sock.fileno(), self.on_public_readable, which)
         loop.add_reader(self.tunnel.fileno(), self.on_tunnel_readable, self.tunnel)

@@ -43,7 +43,7 @@ from shm.layout import (
     W_TIP_HI,
     W_TIP_LO,
 )
-from shm.records import Flow, InsertResult, InsertStatus, Session
+from shm.records import Flow, InsertResult, InsertStatus, Session, WriterClosed
 from shm.repair import PartitionRepair
 
 SESSION_TOUCH_MS = 1000  # a flush moves its session's last_seen only when it gains this much
@@ -350,6 +350,21 @@ class PartitionWriter(PartitionRepair):
                 break
             j = (j + 1) & mask
         return True
+
+    def flush_layout(self) -> dict[str, int]:
+        """Where flush_counters writes, for its C twin (relay._counter_flush.CounterFlush):
+        word indexes into the table (the journal image's: a byte offset) and the handle's bits."""
+        return {"partition": self.partition, "fw": self._fw, "sw": self._sw, "fcap": self._fcap,
+                "smask": self._smask, "sshift": self._sshift, "jw": self._jw, "jimg": self._jimg,
+                "slot_bits": HANDLE_SLOT_BITS, "part_mask": HANDLE_PART_MASK, "gen_shift": HANDLE_GEN_SHIFT,
+                "touch_ms": SESSION_TOUCH_MS}
+
+    @property
+    def table_buffer(self) -> object:
+        """The table's writable memory, for writes in C (WriterClosed once the writer is closed)."""
+        if self.closed:
+            raise WriterClosed("this partition writer was closed (it no longer owns the partition)")
+        return self._mm
 
     def sweep(self, now: int, idle_timeout: int, max_slots: int, max_removals: int | None = None) -> list[Flow]:
         """Remove the flows idle for more than `idle_timeout` ms among the next `max_slots`

@@ -140,7 +140,7 @@ def test_containerfile_structure() -> None:
     assert "python3-dev" in builder_run and "python3-venv" in builder_run
     # The compiled module is checked in isolation: /src (the working directory) on sys.path
     # would shadow the installed package, which alone has relay/_hitpath*.so.
-    assert '/opt/rtcrelay/bin/python -I -c "import relay._hitpath"' in builder_run
+    assert '/opt/rtcrelay/bin/python -I -c "import relay._hitpath, relay._counter_flush"' in builder_run
     # Build-time pip settings come as build secrets: no ARG, COPY or final-stage ENV carries them.
     assert "--mount=type=secret,id=pip-conf" in builder_run
     builder_env = " ".join(args for word, args in builder if word == "ENV")
@@ -236,8 +236,9 @@ def test_wheel_installs_in_a_fresh_venv_and_runs(image_venv: Path, tmp_path: Pat
     where = subprocess.run([str(image_venv / "bin" / "python"), "-c", "import relay, cli; print(relay.__file__); print(cli.__file__)"],
                            capture_output=True, text=True, env=env, cwd="/", timeout=60)
     assert where.returncode == 0 and str(REPO) not in where.stdout and str(image_venv) in where.stdout, where
-    # The wheel compiled the C hit path (the builder stage fails without it).
-    hitpath = subprocess.run([str(image_venv / "bin" / "python"), "-c", "import relay._hitpath as h; print(h.__file__)"],
+    # The wheel compiled the C hit path and counter flush (the builder stage fails without them).
+    hitpath = subprocess.run([str(image_venv / "bin" / "python"), "-c",
+                              "import relay._hitpath as h, relay._counter_flush as f; print(h.__file__, f.__file__)"],
                              capture_output=True, text=True, env=env, cwd="/", timeout=60)
     assert hitpath.returncode == 0 and str(image_venv) in hitpath.stdout, hitpath
     # The demo page's static files are in the wheel.

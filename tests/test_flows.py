@@ -1,4 +1,5 @@
-"""relay/flows.py's counter flush on a real shm table: in steps, and only flows that moved."""
+"""relay/flows.py's counter flush on a real shm table, in C and in Python: in steps, and only flows
+that moved."""
 
 from __future__ import annotations
 
@@ -19,12 +20,16 @@ PUBLIC = (socket.inet_aton("127.0.0.1"), 3478)
 TRANSCEIVER = (socket.inet_aton("127.0.0.2"), 40000)
 
 
-@pytest.fixture
-def flows(tmp_path: Path) -> Iterator[LocalFlows]:
-    config = RelayConfig(name="flowtest", workers=1, table_dir=str(tmp_path), flow_capacity=64, session_capacity=64)
+@pytest.fixture(params=["c", "python"], ids=["c-flush", "python-flush"])
+def flows(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalFlows]:
+    """hit_path "c": the counter flush in C (relay/_counter_flush.c), "python": in Python."""
+    config = RelayConfig(name="flowtest", workers=1, table_dir=str(tmp_path), flow_capacity=64, session_capacity=64,
+                         hit_path=request.param)
     table = FlowTable.create(config.table_path, partitions=1, flow_capacity=64, session_capacity=64)  # as the supervisor
     local = LocalFlows(config, 0, socket.AF_INET, [PUBLIC])
     local.take_over(now=100.0)
+    if request.param == "c" and local.counter_flush is None:
+        pytest.skip("relay._counter_flush is not built")
     yield local
     local.close()
     table.close()

@@ -46,6 +46,7 @@ _REFUSALS = {
 # Flows a C flush step writes for a Python one's: a C write is ~0.27 µs at 50k flows, a Python
 # one ~3.5 µs (bench/counter_flush.py), so a C step of 4 x 32 flows takes ~35 µs.
 C_FLUSH_SPEEDUP = 4
+LOOKS_PER_WRITE = 16  # flows a flush looks at for each one it may write
 
 
 def counter_flush_for(writer: PartitionWriter) -> Any:
@@ -405,9 +406,10 @@ class LocalFlows:
 
     def flush_counters_steps(self, now: float, chunk: int, budget: int) -> Iterator[int]:
         """Counters to shm, round robin over the flows from where the last call stopped:
-        at most ``chunk`` flows written or ``16 * chunk`` looked at per step (the caller
-        yields to the packet path between steps: a write is ~2 µs), at most ``budget`` written
-        and one pass per call. Yields the flows written so far.
+        at most ``chunk`` flows written or LOOKS_PER_WRITE x ``chunk`` looked at per step (the
+        caller yields to the packet path between steps), at most ``budget`` written,
+        LOOKS_PER_WRITE x ``budget`` looked at and one pass per call. Yields the flows written so far. (Without the look
+        limit, a worker whose 10,000 flows were idle read them all every tick: 5 ms a second.)
 
         The packet path does not stamp every packet: a flow whose counters moved since its
         last flush was seen now (± one pass). The caller sizes ``budget`` so that a pass stays
@@ -421,11 +423,11 @@ class LocalFlows:
         flush = self._own().flush_counters
         entries = self.entries
         written = looked = 0
-        total = len(entries)
+        total = min(len(entries), LOOKS_PER_WRITE * budget)
         while looked < total and written < budget:
             step_written = min(written + chunk, budget)
             # (a flow in the kernel costs a map read here: ~2 µs, as much as a write)
-            step_looked = looked + (chunk if kernel is not None else 16 * chunk)
+            step_looked = looked + (chunk if kernel is not None else LOOKS_PER_WRITE * chunk)
             while looked < total and written < step_written and looked < step_looked:
                 if self._flush_cursor >= len(entries):
                     self._flush_cursor = 0
@@ -453,11 +455,11 @@ class LocalFlows:
         flush = self.counter_flush.flush
         writer = self._own()
         written = looked = 0
-        total = len(self.entries)
+        total = min(len(self.entries), LOOKS_PER_WRITE * budget)
         while looked < total and written < budget:
             self._flush_cursor, step_written, step_looked = flush(
-                self.entries, self._flush_cursor, min(chunk, budget - written), min(16 * chunk, total - looked),
-                writer.table_buffer, stamp)
+                self.entries, self._flush_cursor, min(chunk, budget - written),
+                min(LOOKS_PER_WRITE * chunk, total - looked), writer.table_buffer, stamp)
             if not step_looked:
                 return  # (no entries left)
             written += step_written

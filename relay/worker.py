@@ -95,6 +95,8 @@ REMOVALS_PER_STEP = 8  # shm deletes (~12 µs each with the dicts and backward s
 _C = COUNTER_INDEX
 _monotonic = time.monotonic
 _CLIENT_PACKETS, _CLIENT_BYTES = _C["client_packets"], _C["client_bytes"]
+_TRANSCEIVER_PACKETS, _TRANSCEIVER_BYTES = _C["transceiver_packets"], _C["transceiver_bytes"]
+_tag_handle = DATA_TAG_HANDLE.unpack_from
 _DONE = object()
 _SLOT_0 = (0,)
 
@@ -153,6 +155,12 @@ class Worker(TunnelControl):
         self.flows_added = 0
         self.loop: asyncio.AbstractEventLoop  # set by run()
         self.public_done = [0.0] * len(self.public)  # when each public callback last returned
+        self.tunnel_done = 0.0  # when a tunnel callback last returned
+        #: a link's one-frame receive (return_one), and the link sockets' transceivers
+        self.return_frame = bytearray(BUFSIZE + DATA_HEADER_LEN_V6)
+        self.return_view = memoryview(self.return_frame)
+        self.link_dest: dict[socket.socket, bytes] = {}
+        self.housekeeping_running = False  # a tick's steps are under way (the loop runs them in turn)
         self._stop = asyncio.Event()
         self.ticks = 0
 
@@ -166,10 +174,12 @@ class Worker(TunnelControl):
             # At call rates (~20k pps per worker and below) a wakeup brings one datagram, and the
             # worker is busy about half the time: every µs here shows in the latency tail
             # (bench/relay.py). Such a wakeup takes one receive and a straight line with no
-            # batch bookkeeping, then drains whatever came meanwhile in recvmmsg batches (an
-            # empty socket costs one syscall): with one datagram per loop round, a burst that
-            # arrived while the worker ran waited a round per datagram (p99 1.1-1.3 ms at 30,000
-            # sending flows; 0.2 ms draining). The loop calling back at once: batches only.
+            # batch bookkeeping. If more came meanwhile, the loop calls back at once (then:
+            # batches only), unless it has other work queued (a housekeeping step, misses):
+            # then whatever came is drained now in recvmmsg batches, or a burst that arrived
+            # during a step would wait a step per datagram (p99 1.1-1.3 ms at 30,000 sending
+            # flows; 0.2 ms draining). Draining after every straight line cost a syscall per
+            # datagram (an empty socket's recvmmsg).
             if _monotonic() - self.public_done[which] > BACK_TO_BACK_S:
                 length = hit_path.forward_one()
                 if length is None:
@@ -182,6 +192,9 @@ class Worker(TunnelControl):
                     rx = self.public_rx[which]
                     rx.take_one(hit_path.last_length, hit_path.last_key, hit_path.last_truncated)
                     self.forward_left(which, rx, _SLOT_0)
+                if not (self.housekeeping_running or self.misses):
+                    self.public_done[which] = _monotonic()
+                    return
             self.forward_batches(which, hit_path)
             self.public_done[which] = _monotonic()
         except Exception:
@@ -348,67 +361,136 @@ class Worker(TunnelControl):
 
     def on_tunnel_readable(self, sock: socket.socket) -> None:
         """Frames from transceivers, on the shared tunnel socket or on one of the links (the
-        sockets' reader callback: a bug inside costs a counted batch, never the loop)."""
+        sockets' reader callback: a bug inside costs a counted batch, never the loop). A
+        wakeup on a link takes one frame on a straight line first, as on_public_readable does
+        (the batches' recvmmsg and sendmmsg through ctypes cost ~25 µs for one frame)."""
         try:
-            rx = self.tunnel_rx
-            rx.use_socket(sock)
-            by_handle = self.flows.by_handle
-            headers = self.public_header
-            tag_handle = DATA_TAG_HANDLE.unpack_from
-            buffer = rx.buffer
-            offsets = rx.offsets
-            senders = self.public_tx
-            source_ok = self.allowed_networks.verdicts
-            now = time.monotonic()
-            packets = 0
-            nbytes = 0
-            refused = rx.errors.get(errno.ECONNREFUSED, 0)
-            for _ in range(MAX_BATCHES_PER_WAKEUP):
-                n = rx.recv()
-                if not n:
-                    break
-                keys = rx.keys()
-                lengths = rx.lengths
-                for i in range(n):
-                    key = keys[i]
-                    allowed = source_ok.get(key)
-                    if allowed is None:
-                        allowed = self.allowed_networks.verdict(key, decode_sockaddr(key)[0])
-                    if not allowed:
-                        self.drop("tunnel_source_not_allowed")
-                        continue
-                    off = offsets[i]
-                    length = lengths[i]
-                    if rx.truncated_count and rx.truncated(i):
-                        self.drop("oversized")
-                        continue
-                    # (the slot always holds a whole header: a shorter frame leaves old bytes, and
-                    # its length does not match)
-                    tag, handle = tag_handle(buffer, off)
-                    if tag == DATA_TAG:
-                        entry = by_handle.get(handle)
-                        if entry is not None:
-                            header = headers[entry.public_index]
-                            prefix, payload_len = header.unpack_from(buffer, off)
-                            hl = header.size
-                            if entry.tunnel_dest == key and prefix == entry.match and payload_len == length - hl:
-                                senders[entry.public_index].add(entry.client_key, buffer[off + hl : off + length])
-                                entry.packets_out += 1
-                                entry.bytes_out += length - hl
-                                packets += 1
-                                nbytes += length - hl
-                                continue
-                    self.on_tunnel_frame(key, bytes(buffer[off : off + length]), now)
-                for tx in senders:
-                    tx.flush()
-                if n < rx.batch:
-                    break
-            self.counts[_C["transceiver_packets"]] += packets
-            self.counts[_C["transceiver_bytes"]] += nbytes
-            if rx.errors.get(errno.ECONNREFUSED, 0) != refused and sock is not self.tunnel:
-                self.link_refused(sock)
+            dest = self.link_dest.get(sock)
+            if dest is not None and _monotonic() - self.tunnel_done > BACK_TO_BACK_S:
+                if not self.return_one(sock, dest):
+                    return
+                if not (self.housekeeping_running or self.misses):
+                    self.tunnel_done = _monotonic()
+                    return
+            self.return_batches(sock)
+            self.tunnel_done = _monotonic()
         except Exception:
             self.internal_error()
+
+    def returning_flow(self, key: bytes, buffer: memoryview | bytearray, off: int, length: int,
+                       ) -> tuple[FlowEntry, int] | None:
+        """(flow, header length) when the frame at ``off`` is a Data frame from ``key`` for one
+        of its flows, whose prefix (handle, client) and length match: it goes to that client.
+        (The buffer always holds a whole header: a shorter frame leaves old bytes there, and
+        its length does not match.)"""
+        tag, handle = _tag_handle(buffer, off)
+        if tag != DATA_TAG:
+            return None
+        entry = self.flows.by_handle.get(handle)
+        if entry is None or entry.tunnel_dest != key:
+            return None
+        header = self.public_header[entry.public_index]
+        prefix, payload_len = header.unpack_from(buffer, off)
+        hl = header.size
+        if prefix != entry.match or payload_len != length - hl:
+            return None
+        return entry, hl
+
+    def tunnel_source_allowed(self, key: bytes) -> bool:
+        allowed = self.allowed_networks.verdicts.get(key)
+        if allowed is None:
+            allowed = self.allowed_networks.verdict(key, decode_sockaddr(key)[0])
+        if not allowed:
+            self.drop("tunnel_source_not_allowed")
+        return allowed
+
+    def return_one(self, sock: socket.socket, dest: bytes) -> bool:
+        """One frame from the link to ``dest`` (False: none was waiting, or the transceiver's
+        port refused): a Data frame of one of its flows goes to the client from its public
+        socket with one sendto; anything else as in a batch."""
+        view = self.return_view
+        try:
+            length = sock.recv_into(self.return_frame)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            errors = self.tunnel_rx.errors
+            errors[exc.errno] = errors.get(exc.errno, 0) + 1
+            if exc.errno == errno.ECONNREFUSED:
+                self.link_refused(sock)
+                return False
+            return True
+        if length >= len(view):  # (recv_into truncates silently: nothing valid is this long)
+            self.drop("oversized")
+            return True
+        if not self.tunnel_source_allowed(dest):
+            return True
+        found = self.returning_flow(dest, view, 0, length)
+        if found is None:
+            self.on_tunnel_frame(dest, bytes(view[:length]), time.monotonic())
+            return True
+        entry, hl = found
+        which = entry.public_index
+        if which < len(self.public):
+            try:
+                self.public[which].sendto(view[hl:length], entry.client_address)
+            except OSError:  # the batch sender's error rules and counters decide
+                self.public_tx[which].add(entry.client_key, view[hl:length])
+                self.public_tx[which].flush()
+        else:  # a cluster relay's hop socket (HopReturn)
+            self.public_tx[which].add(entry.client_key, view[hl:length])
+            self.public_tx[which].flush()
+        entry.packets_out += 1
+        entry.bytes_out += length - hl
+        counts = self.counts
+        counts[_TRANSCEIVER_PACKETS] += 1
+        counts[_TRANSCEIVER_BYTES] += length - hl
+        return True
+
+    def return_batches(self, sock: socket.socket) -> None:
+        """Waiting frames in recvmmsg batches, the clients' datagrams in sendmmsg batches."""
+        rx = self.tunnel_rx
+        rx.use_socket(sock)
+        buffer = rx.buffer
+        offsets = rx.offsets
+        senders = self.public_tx
+        now = time.monotonic()
+        packets = 0
+        nbytes = 0
+        refused = rx.errors.get(errno.ECONNREFUSED, 0)
+        for _ in range(MAX_BATCHES_PER_WAKEUP):
+            n = rx.recv()
+            if not n:
+                break
+            keys = rx.keys()
+            lengths = rx.lengths
+            for i in range(n):
+                key = keys[i]
+                if not self.tunnel_source_allowed(key):
+                    continue
+                off = offsets[i]
+                length = lengths[i]
+                if rx.truncated_count and rx.truncated(i):
+                    self.drop("oversized")
+                    continue
+                found = self.returning_flow(key, buffer, off, length)
+                if found is None:
+                    self.on_tunnel_frame(key, bytes(buffer[off : off + length]), now)
+                    continue
+                entry, hl = found
+                senders[entry.public_index].add(entry.client_key, buffer[off + hl : off + length])
+                entry.packets_out += 1
+                entry.bytes_out += length - hl
+                packets += 1
+                nbytes += length - hl
+            for tx in senders:
+                tx.flush()
+            if n < rx.batch:
+                break
+        self.counts[_TRANSCEIVER_PACKETS] += packets
+        self.counts[_TRANSCEIVER_BYTES] += nbytes
+        if rx.errors.get(errno.ECONNREFUSED, 0) != refused and sock is not self.tunnel:
+            self.link_refused(sock)
 
     # -- bookkeeping --------------------------------------------------------------------------
 
@@ -422,9 +504,13 @@ class Worker(TunnelControl):
                 tx.flush()
 
     def _watch_link(self, sock: socket.socket) -> None:
+        dest = self.links.dest_of(sock)
+        if dest is not None:
+            self.link_dest[sock] = dest
         asyncio.get_running_loop().add_reader(sock.fileno(), self.on_tunnel_readable, sock)
 
     def _unwatch_link(self, sock: socket.socket) -> None:
+        self.link_dest.pop(sock, None)
         asyncio.get_running_loop().remove_reader(sock.fileno())
 
     def drop(self, reason: str, count: int = 1) -> None:
@@ -523,6 +609,7 @@ class Worker(TunnelControl):
                 log.error("worker %d: supervisor gone, exiting", self.index)
                 break
             steps = self.housekeeping_steps()
+            self.housekeeping_running = True
             while True:
                 # CPU time, not wall time: what the step costs, not when the host preempted it
                 started = time.thread_time()
@@ -531,6 +618,7 @@ class Worker(TunnelControl):
                 longest = max(longest, time.thread_time() - started)
                 self.counts[_C["housekeeping_step_max_us"]] = int(longest * 1e6)
                 await asyncio.sleep(0)  # one loop iteration: ready sockets are served
+            self.housekeeping_running = False
         for sock in self.public:
             loop.remove_reader(sock.fileno())
         loop.remove_reader(self.tunnel.fileno())

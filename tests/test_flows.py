@@ -12,7 +12,7 @@ import pytest
 from relay.batchio import sockaddr_for
 from relay.config import RelayConfig
 from relay.decision import Learn
-from relay.flows import LocalFlows
+from relay.flows import LOOKS_PER_WRITE, LocalFlows
 from shm import FlowTable, Lookup
 from shm.layout import ip16
 
@@ -162,3 +162,15 @@ def test_by_address_follows_by_key_through_learn_and_close(flows: LocalFlows) ->
     assert ("10.0.0.2", 50002) not in flows.by_address
     assert sorted(flows.by_address) == [("10.0.0.1", 50001), ("10.0.0.3", 50003)]
     assert len(flows.by_address) == len(flows.by_key)
+
+
+def test_a_flush_of_idle_flows_looks_at_16_per_write_of_its_budget(flows: LocalFlows) -> None:
+    """Idle flows are not written, and not all read every tick either: a call looks at most
+    LOOKS_PER_WRITE x budget of them, and the next one goes on from there."""
+    for n in range(1, 41):
+        learn(flows, n, now=100.0)
+    assert list(flows.flush_counters_steps(now=101.0, chunk=1, budget=2))[-1] == 0
+    assert flows._flush_cursor == 2 * LOOKS_PER_WRITE  # 32 of the 40
+    flows.entries[2 * LOOKS_PER_WRITE + 3].packets_in += 1
+    assert list(flows.flush_counters_steps(now=102.0, chunk=1, budget=2))[-1] == 1
+    assert flows._flush_cursor == (4 * LOOKS_PER_WRITE) % 40  # 32 more: round the end, on from the start

@@ -9,7 +9,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.cluster_routes import ClusterRoutes, parse_cluster_routes
-from relay.decision import DECISION_DROP_REASONS, Answer, AuthPolicy, Drop, Forward, Learn, closed_until, decide
+from relay.decision import (
+    DECISION_DROP_REASONS,
+    Answer,
+    AuthPolicy,
+    Drop,
+    Forward,
+    Learn,
+    closed_until,
+    decide,
+    decide_steps,
+)
 from wire.route_token import RouteKeyring, derive_password, issue_token
 from wire.stun import (
     ATTR_USERNAME,
@@ -76,6 +86,57 @@ def test_valid_binding_request_learns_the_flow() -> None:
     u = ufrag()
     decision = decide(binding_request(u), CLIENT, TableView(), AUTH, NOW + 1)
     assert decision == Learn(u, TARGET[0], TARGET[1], 1)
+
+
+class CountingView(TableView):
+    """Which table reads happened, in order (to see where the steps' yields fall)."""
+
+    def __init__(self, log: list[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.log = log
+
+    def find(self, source):
+        self.log.append("find")
+        return super().find(source)
+
+    def session_known(self, ufrag: str) -> bool:
+        self.log.append("session_known")
+        return super().session_known(ufrag)
+
+    def session_closed(self, ufrag: str, now: float) -> bool:
+        self.log.append("session_closed")
+        return super().session_closed(ufrag, now)
+
+
+def run_logged(steps, log: list[str]):
+    """Drive decide_steps, logging each yield: (the decision, the log)."""
+    try:
+        while True:
+            next(steps)
+            log.append("yield")
+    except StopIteration as done:
+        return done.value, log
+
+
+@pytest.mark.parametrize("closed", [False, True], ids=["learn", "closed"])
+def test_decide_in_steps_yields_between_its_costly_parts_and_decides_as_decide(closed: bool) -> None:
+    """A worker serves established flows between the steps of a new session's checks: the
+    table reads and the crypto fall in different steps, and the decision is decide's."""
+    u = ufrag()
+    request = binding_request(u)
+    view = CountingView([], closed={u} if closed else None)
+    decision, log = run_logged(decide_steps(request, CLIENT, view, AUTH, NOW + 1), view.log)
+    assert decision == decide(request, CLIENT, TableView(closed={u} if closed else None), AUTH, NOW + 1)
+    assert log == ["find", "yield", "yield", "yield", "session_known", "yield", "yield", "session_closed"]
+    assert decision == (Drop("session_closed") if closed else Learn(u, TARGET[0], TARGET[1], 1))
+
+
+def test_junk_and_known_flows_are_decided_without_a_step() -> None:
+    """What costs ~1 µs takes no step: junk, and a 5-tuple another worker holds."""
+    view = CountingView([], flows={CLIENT: "flow-1"})
+    assert run_logged(decide_steps(b"", CLIENT, view, AUTH, NOW), [])[0] == Drop("empty")
+    decision, log = run_logged(decide_steps(binding_request(ufrag()), CLIENT, view, AUTH, NOW), view.log)
+    assert decision == Forward("flow-1") and "yield" not in log
 
 
 def test_without_fingerprint_is_refused() -> None:

@@ -2,8 +2,9 @@
 
 Misses (a new session's checks ~80-100 µs, learning ~40 µs, its first datagram ~20 µs, all in
 steps of at most ~40 µs: relay.worker.Worker.public_miss_steps) wait in a queue and are served
-between loop iterations, at most MISS_SLICE_S at a time (at least one step): an established
-flow's datagram never waits behind more than one slice. And while established flows have traffic, misses
+between loop iterations, at most MISS_SLICE_S at a time (at least one step), and a slice ends
+at the next step when a datagram waits on a socket: an established flow's datagram waits
+behind one step of a new session at most. And while established flows have traffic, misses
 get at most MISS_CPU_SHARE of the worker's time (a credit that accrues with wall time, bursts
 up to MISS_CREDIT_MAX_S): at 10,000 new sessions/s a worker with no such bound spent all of
 its time on them, and the established flows' datagrams waited in the socket behind theirs
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 __all__ = ["MissBudget", "MISS_QUEUE_MAX"]
 
-MISS_SLICE_S = 30e-6  # about one step: then the loop serves the sockets
+MISS_SLICE_S = 100e-6
 MISS_CPU_SHARE = 0.5
 MISS_CREDIT_MAX_S = 0.005
 MISS_QUEUE_MAX = 1024  # ~60-120 ms of work: beyond that a new session is better refused

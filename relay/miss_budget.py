@@ -20,7 +20,7 @@ __all__ = ["MissBudget", "MISS_QUEUE_MAX"]
 MISS_SLICE_S = 100e-6
 MISS_CPU_SHARE = 0.5
 MISS_CREDIT_MAX_S = 0.005
-MISS_QUEUE_MAX = 1024  # ~60-120 ms of work: beyond that a new session is better refused
+MISS_QUEUE_MAX = 1024  # ~0.2-0.3 s of work: beyond that a new session is better refused
 TIMER_RESOLUTION_S = 0.001  # the loop's timers: no spinning on shorter waits
 
 

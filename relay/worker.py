@@ -31,7 +31,6 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
-import errno
 import gc
 import ipaddress
 import logging
@@ -53,16 +52,16 @@ from relay.hop_ingress import HopReturn
 from relay.kernel_flows import KernelFlows
 from relay.metrics import COUNTER_INDEX, WORKER_COUNTERS
 from relay.miss_budget import MISS_QUEUE_MAX, MissBudget
+from relay.return_path import ReturnPath
 from relay.tunnel_control import TunnelControl
 from relay.tunnel_links import TunnelLinks
+from relay.wakeup import BACK_TO_BACK_S, MAX_BATCHES_PER_WAKEUP
 from relay.worker_directory import WorkerDirectory
 from relay.worker_hops import WorkerHops, hop_locals
 from relay.worker_spec import WorkerSpec, decode_spec
 from shm.counters import CounterBlock
 from wire.tunnel_frame import (
     DATA_HEADER_LEN_V6,
-    DATA_TAG,
-    DATA_TAG_HANDLE,
     data_header_struct,
 )
 
@@ -70,10 +69,6 @@ log = logging.getLogger("rtcrelay.relay")
 
 BUFSIZE = 2048  # larger than any WebRTC datagram (MTU-bound); bigger ones are counted "oversized"
 HEADROOM = 64  # ≥ DATA_HEADER_LEN_V6
-MAX_BATCHES_PER_WAKEUP = 16  # then yield to the other sockets
-# A public socket's callback this soon after the last one returned: the loop came straight
-# back, datagrams were waiting (one round of the loop takes ~3 µs): read them in batches.
-BACK_TO_BACK_S = 20e-6
 # Housekeeping ticks ten times a second and runs in steps of at most ~150 µs, datagrams served
 # between steps: nothing it does grows a step with the number of flows (done in one go once a
 # second it held the packet path for ~0.6 ms with 64 flows, and ~100 ms with 50k). Small ticks
@@ -96,13 +91,11 @@ REMOVALS_PER_STEP = 8  # shm deletes (~12 µs each with the dicts and backward s
 _C = COUNTER_INDEX
 _monotonic = time.monotonic
 _CLIENT_PACKETS, _CLIENT_BYTES = _C["client_packets"], _C["client_bytes"]
-_TRANSCEIVER_PACKETS, _TRANSCEIVER_BYTES = _C["transceiver_packets"], _C["transceiver_bytes"]
-_tag_handle = DATA_TAG_HANDLE.unpack_from
 _DONE = object()
 _SLOT_0 = (0,)
 
 
-class Worker(TunnelControl):
+class Worker(TunnelControl, ReturnPath):
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         cfg = spec.config
@@ -382,141 +375,6 @@ class Worker(TunnelControl):
         # (the send opens the flow's link to its transceiver: the C path sends its next datagrams)
         self.forward_hit(which, entry, bytearray(HEADROOM) + datagram, HEADROOM, len(datagram))
         self._miss_packets += 1
-
-    # -- transceiver → client -----------------------------------------------------------------
-
-    def on_tunnel_readable(self, sock: socket.socket) -> None:
-        """Frames from transceivers, on the shared tunnel socket or on one of the links (the
-        sockets' reader callback: a bug inside costs a counted batch, never the loop). A
-        wakeup on a link takes one frame on a straight line first, as on_public_readable does
-        (the batches' recvmmsg and sendmmsg through ctypes cost ~25 µs for one frame)."""
-        try:
-            dest = self.link_dest.get(sock)
-            if dest is not None and _monotonic() - self.tunnel_done > BACK_TO_BACK_S:
-                if not self.return_one(sock, dest):
-                    return
-                if not (self.housekeeping_running or self.misses or self.miss_in_progress):
-                    self.tunnel_done = _monotonic()
-                    return
-            self.return_batches(sock)
-            self.tunnel_done = _monotonic()
-        except Exception:
-            self.internal_error()
-
-    def returning_flow(self, key: bytes, buffer: memoryview | bytearray, off: int, length: int,
-                       ) -> tuple[FlowEntry, int] | None:
-        """(flow, header length) when the frame at ``off`` is a Data frame from ``key`` for one
-        of its flows, whose prefix (handle, client) and length match: it goes to that client.
-        (The buffer always holds a whole header: a shorter frame leaves old bytes there, and
-        its length does not match.)"""
-        tag, handle = _tag_handle(buffer, off)
-        if tag != DATA_TAG:
-            return None
-        entry = self.flows.by_handle.get(handle)
-        if entry is None or entry.tunnel_dest != key:
-            return None
-        header = self.public_header[entry.public_index]
-        prefix, payload_len = header.unpack_from(buffer, off)
-        hl = header.size
-        if prefix != entry.match or payload_len != length - hl:
-            return None
-        return entry, hl
-
-    def tunnel_source_allowed(self, key: bytes) -> bool:
-        allowed = self.allowed_networks.verdicts.get(key)
-        if allowed is None:
-            allowed = self.allowed_networks.verdict(key, decode_sockaddr(key)[0])
-        if not allowed:
-            self.drop("tunnel_source_not_allowed")
-        return allowed
-
-    def return_one(self, sock: socket.socket, dest: bytes) -> bool:
-        """One frame from the link to ``dest`` (False: none was waiting, or the transceiver's
-        port refused): a Data frame of one of its flows goes to the client from its public
-        socket with one sendto; anything else as in a batch."""
-        view = self.return_view
-        try:
-            length = sock.recv_into(self.return_frame)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            errors = self.tunnel_rx.errors
-            errors[exc.errno] = errors.get(exc.errno, 0) + 1
-            if exc.errno == errno.ECONNREFUSED:
-                self.link_refused(sock)
-                return False
-            return True
-        if length >= len(view):  # (recv_into truncates silently: nothing valid is this long)
-            self.drop("oversized")
-            return True
-        if not self.tunnel_source_allowed(dest):
-            return True
-        found = self.returning_flow(dest, view, 0, length)
-        if found is None:
-            self.on_tunnel_frame(dest, bytes(view[:length]), time.monotonic())
-            return True
-        entry, hl = found
-        which = entry.public_index
-        if which < len(self.public):
-            try:
-                self.public[which].sendto(view[hl:length], entry.client_address)
-            except OSError:  # the batch sender's error rules and counters decide
-                self.public_tx[which].add(entry.client_key, view[hl:length])
-                self.public_tx[which].flush()
-        else:  # a cluster relay's hop socket (HopReturn)
-            self.public_tx[which].add(entry.client_key, view[hl:length])
-            self.public_tx[which].flush()
-        entry.packets_out += 1
-        entry.bytes_out += length - hl
-        counts = self.counts
-        counts[_TRANSCEIVER_PACKETS] += 1
-        counts[_TRANSCEIVER_BYTES] += length - hl
-        return True
-
-    def return_batches(self, sock: socket.socket) -> None:
-        """Waiting frames in recvmmsg batches, the clients' datagrams in sendmmsg batches."""
-        rx = self.tunnel_rx
-        rx.use_socket(sock)
-        buffer = rx.buffer
-        offsets = rx.offsets
-        senders = self.public_tx
-        now = time.monotonic()
-        packets = 0
-        nbytes = 0
-        refused = rx.errors.get(errno.ECONNREFUSED, 0)
-        for _ in range(MAX_BATCHES_PER_WAKEUP):
-            n = rx.recv()
-            if not n:
-                break
-            keys = rx.keys()
-            lengths = rx.lengths
-            for i in range(n):
-                key = keys[i]
-                if not self.tunnel_source_allowed(key):
-                    continue
-                off = offsets[i]
-                length = lengths[i]
-                if rx.truncated_count and rx.truncated(i):
-                    self.drop("oversized")
-                    continue
-                found = self.returning_flow(key, buffer, off, length)
-                if found is None:
-                    self.on_tunnel_frame(key, bytes(buffer[off : off + length]), now)
-                    continue
-                entry, hl = found
-                senders[entry.public_index].add(entry.client_key, buffer[off + hl : off + length])
-                entry.packets_out += 1
-                entry.bytes_out += length - hl
-                packets += 1
-                nbytes += length - hl
-            for tx in senders:
-                tx.flush()
-            if n < rx.batch:
-                break
-        self.counts[_TRANSCEIVER_PACKETS] += packets
-        self.counts[_TRANSCEIVER_BYTES] += nbytes
-        if rx.errors.get(errno.ECONNREFUSED, 0) != refused and sock is not self.tunnel:
-            self.link_refused(sock)
 
     # -- bookkeeping --------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ TRAFFIC_COUNTERS = (
     "flows_expired",
     "flows_closed",  # session closed or transceiver gone
     "heartbeats",
+    "housekeeping_stalls",  # ticks that came late (the worker did not run): they expired nothing
     "internal_errors",  # batches lost to a bug (logged with a traceback): must stay 0
 )
 # The route directory (relay/worker_directory.py), by event: directory_<event>.

@@ -621,3 +621,33 @@ def test_transceiver_drops_frames_from_outside_relay_networks(tmp_path: Path) ->
     figures("tunnel exposure (transceiver)", {"not_allowed": out["closed"]["not_allowed"], "frames_in": out["closed_frames"]})
     assert out["closed_in"] == 7 and out["closed"]["not_allowed"] == 7 and out["closed_frames"] == 0
     assert out["open_frames"] == 1 and out["received"] == 1 and out["open_drops"] == {}
+
+
+def test_a_worker_that_did_not_run_expires_nothing_before_it_reads_its_sockets(tmp_path: Path,
+                                                                                transceiver: FakeTransceiver) -> None:
+    """A worker stopped past its flows' idle timeout (SIGSTOP here; a starved host in life) while
+    their datagrams queue in its socket: its first tick back expires nothing (counted as a
+    stall), the queued datagram goes through, and the flow is still there for the next one."""
+    relay = start_relay(tmp_path, workers=1, config={
+        **HOSTILE, "hit_path": "c", "idle_timeout": 2.0, "heartbeat_timeout": 3600.0, "standby_workers": False,
+        "flow_capacity": 1024, "session_capacity": 1024})  # (a tick's sweep covers the whole table)
+    try:
+        client, first, tunnel, _ = connect(relay, transceiver)
+        worker = relay.worker_pids()[0]
+        time.sleep(1.0)  # idle, inside idle_timeout
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            time.sleep(1.5)  # past idle_timeout since the flow's last datagram
+            client.send(rtp_like(1))  # waits in the stopped worker's socket
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        frame, _ = transceiver.recv_data()
+        assert frame.handle == first.handle
+        time.sleep(0.5)
+        assert_both_ways(client, first, tunnel, transceiver, relay, tag=2)  # a hit, not a new session
+        time.sleep(1.2)  # counters are published every tick
+        assert (relay.total("flows_expired"), relay.total("flows_learned")) == (0, 1)
+        assert relay.total("housekeeping_stalls") >= 1
+        client.close()
+    finally:
+        cleanup_relay(relay)

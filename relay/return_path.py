@@ -40,7 +40,7 @@ class ReturnPath:
             if dest is not None and _monotonic() - self.tunnel_done > BACK_TO_BACK_S:
                 if not self.return_one(sock, dest):
                     return
-                if not (self.housekeeping_running or self.misses or self.miss_in_progress):
+                if not self.loop_has_other_work:
                     self.tunnel_done = _monotonic()
                     return
             self.return_batches(sock)

@@ -195,7 +195,7 @@ class Worker(TunnelControl, ReturnPath):
                     rx = self.public_rx[which]
                     rx.take_one(hit_path.last_length, hit_path.last_key, hit_path.last_truncated)
                     self.forward_left(which, rx, _SLOT_0)
-                if not (self.housekeeping_running or self.misses or self.miss_in_progress):
+                if not self.loop_has_other_work:
                     self.public_done[which] = _monotonic()
                     return
             self.forward_batches(which, hit_path)
@@ -242,6 +242,12 @@ class Worker(TunnelControl, ReturnPath):
         counts[_CLIENT_BYTES] += length
 
     # -- misses: junk dropped at once, the rest queued behind the hits -------------------------
+
+    @property
+    def loop_has_other_work(self) -> bool:
+        """A housekeeping tick or misses wait for the loop: a socket callback then drains what
+        waits instead of leaving it for the loop's next round (see on_public_readable)."""
+        return self.housekeeping_running or bool(self.misses) or self.miss_in_progress is not None
 
     def queue_miss(self, which: int, rx: BatchReceiver, i: int) -> None:
         """Datagram i of ``rx`` has no flow in this worker: drop junk now, queue the rest for

@@ -405,6 +405,20 @@ def flow_check(fwd: Forwarder, flows: int) -> dict:
     return {"expected": flows, "held": held, "ok": held == flows, "drops": drops(rows)}
 
 
+def flow_trace(fwd: Forwarder, flows: int, after: str, log) -> None:
+    """Log where flows went when a phase ends with fewer (or more) than were learned: held,
+    expired, closed, adopted, late housekeeping ticks, drops (each worker publishes ~1/s)."""
+    rows = fresh_counters(fwd, timeout=2.0)
+    if rows is None:
+        return
+    total = {k: sum(r[k] for r in rows) for k in ("flows", "flows_expired", "flows_closed", "flows_learned",
+                                                  "flows_adopted", "housekeeping_stalls")}
+    if total["flows"] != flows:
+        log(f"    after {after}: holds {total['flows']:,} of {flows:,} flows; "
+            + ", ".join(f"{k} {v:,}" for k, v in total.items() if k != "flows")
+            + f"; drops {drops(rows)}")
+
+
 def memory(fwd: Forwarder, flows: int) -> dict:
     """RSS of each worker and the flow table file (apparent size and blocks allocated) per flow."""
     out: dict = {"rss_mib": [round(procinfo.rss_bytes(p) / 2**20, 1) for p in fwd.pids()]}
@@ -524,6 +538,7 @@ def run_variant(fwd: Forwarder, cfg: Config, tools: dict[str, Path], pin: bool, 
         log(f"  {name} ({res.pinning}): {load.flows:,} flows learned in {res.learn['learn_s']} s "
             f"({res.learn['rounds']} round(s)); smoke...")
         res.smoke = smoke(fwd, load, ports)
+        flow_trace(fwd, load.flows, "smoke", log)
         measure = _measure(cfg, log, wait_quiet)
 
         if fwd.in_kernel:
@@ -536,10 +551,12 @@ def run_variant(fwd: Forwarder, cfg: Config, tools: dict[str, Path], pin: bool, 
                 f"{d['drain_s'] * 1e3:.1f} ms; dropped: {d['dropped_while_stopped']} while queued, "
                 f"{d['dropped_at_sink']} at the sink; others used {d['foreign_cpu']:.0%} CPU)")
         summarise_drain(res)
+        flow_trace(fwd, load.flows, "drain", log)
         guess = 0.8 * res.drain["pps"] if res.drain.get("valid") else 100_000 * fwd.workers
         guess = max(round(guess, -3), 10_000)
         res.paced = paced_search(fwd, load, ports, guess, cfg.search_steps, cfg.search_duration,
                                  measure)
+        flow_trace(fwd, load.flows, "paced search", log)
         res.paced["foreign_cpu"] = max((r["foreign_cpu"] or 0) for r in res.paced["runs"])
         res.paced["noisy"] = any(r.get("noisy") for r in res.paced["runs"])
         log(f"    paced: max {res.paced['max_pps']:,.0f} pps"
@@ -553,6 +570,7 @@ def run_variant(fwd: Forwarder, cfg: Config, tools: dict[str, Path], pin: bool, 
         res.latency_runs = [measure(lambda: latency(fwd, load, ports, cfg.latency_rate, duration),
                                     "latency", FOREIGN_MAX_LATENCY) for _ in range(cfg.latency_reps)]
         summarise_latency(res)
+        flow_trace(fwd, load.flows, "latency", log)
         lat = {k: "-" if res.latency[k] is None else f"{res.latency[k]:.1f}" for k in ("p50_us", "p99_us", "p999_us")}
         log(f"    latency at {cfg.latency_rate:,} pps: p50 {lat['p50_us']} us, "
             f"p99 {lat['p99_us']} us, p99.9 {lat['p999_us']} us (best p99 of "

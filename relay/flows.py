@@ -47,6 +47,11 @@ _REFUSALS = {
 # one ~3.5 µs (bench/counter_flush.py), so a C step of 4 x 32 flows takes ~35 µs.
 C_FLUSH_SPEEDUP = 4
 LOOKS_PER_WRITE = 16  # flows a flush looks at for each one it may write
+# Counters of moved flows to shm: every flow a second up to FLUSH_MIN_PER_S flows, beyond that
+# a pass per idle_timeout / FLUSH_PASSES_PER_IDLE (10 s by default): a flow's write is CPU the
+# packet path needs more at 50k flows than shm needs fresh counters.
+FLUSH_MIN_PER_S = 1024
+FLUSH_PASSES_PER_IDLE = 3
 
 
 def counter_flush_for(writer: PartitionWriter) -> Any:
@@ -337,6 +342,8 @@ class LocalFlows:
         """The transceiver at this address went away after issuing a token at ``issued_at``.
         A token issued later comes from a process started since at the same address (a fixed
         tunnel port): its sessions are learned, and reaching it is what clears the mark."""
+        if not self.gone:
+            return False  # (every check asks: no sockaddr built when no transceiver went away)
         dest = self._tunnel_sockaddr(target_ip, target_port)
         gone_at = self.gone.get(dest) if dest is not None else None
         return gone_at is not None and issued_at <= gone_at
@@ -444,6 +451,15 @@ class LocalFlows:
                     flush(entry.handle, entry.packets_in, entry.bytes_in, entry.packets_out, entry.bytes_out, stamp)
                     written += 1
             yield written
+
+    def flush_budget(self, elapsed: float) -> int:
+        """The counter writes a housekeeping tick makes ``elapsed`` s after the last one: a pass
+        over the moved flows takes at most idle_timeout / FLUSH_PASSES_PER_IDLE of wall time
+        however far apart ticks come. (The budget was per tick: an overloaded worker's ticks
+        came further apart, a pass outlasted the idle timeout, and the sweep expired flows
+        that were sending: 4.5% of 2 x 50,000 in the bench's paced search.)"""
+        per_s = max(FLUSH_MIN_PER_S, len(self.entries) * FLUSH_PASSES_PER_IDLE / self.idle_timeout)
+        return int(per_s * elapsed) + 1
 
     @property
     def flush_step_scale(self) -> int:

@@ -80,11 +80,6 @@ STALLED_S = 0.5  # a tick this late: the worker did not run (see housekeeping_st
 GC_TICKS = 10  # the young generations once a second
 FULL_GC_TICKS = 600  # everything once every ten minutes (flows are frozen: it is small)
 FLUSH_FLOWS_PER_STEP = 32  # counter writes in Python (~3.5 µs each; C: flows.flush_step_scale times more)
-# Counters of moved flows to shm: every flow a second up to FLUSH_MIN_PER_S flows, beyond that
-# a pass per idle_timeout / FLUSH_PASSES_PER_IDLE (10 s by default): ~3 µs a flow is CPU the
-# packet path needs more at 50k flows than shm needs fresh counters.
-FLUSH_MIN_PER_S = 1024
-FLUSH_PASSES_PER_IDLE = 3
 SWEEP_SLOTS_PER_STEP = 1024  # ~25 µs with nothing to expire
 SWEEP_PASSES_PER_IDLE = 4  # an idle flow goes at most idle_timeout / 4 late
 REMOVALS_PER_STEP = 8  # shm deletes (~12 µs each with the dicts and backward shifts)
@@ -421,16 +416,16 @@ class Worker(TunnelControl, ReturnPath):
         drain left 2.4% of 100,000 flows idled out that way). The next tick sweeps."""
         self.ticks += 1
         now = time.monotonic()
-        stalled = now - self.last_tick >= HOUSEKEEPING_S + STALLED_S
+        since_last = now - self.last_tick
+        stalled = since_last >= HOUSEKEEPING_S + STALLED_S
         self.last_tick = now
         if self.ticks % GC_TICKS == 0:
             gc.collect(2 if self.ticks % FULL_GC_TICKS == 0 else 1)  # small: flows are frozen (see run())
             yield
         cfg = self.spec.config
         flows = self.flows
-        per_s = max(FLUSH_MIN_PER_S, len(flows.entries) * FLUSH_PASSES_PER_IDLE / cfg.idle_timeout)
         chunk = FLUSH_FLOWS_PER_STEP * flows.flush_step_scale  # (more when the flush is in C)
-        for _ in flows.flush_counters_steps(now, chunk, int(per_s * HOUSEKEEPING_S) + 1):
+        for _ in flows.flush_counters_steps(now, chunk, flows.flush_budget(max(since_last, HOUSEKEEPING_S))):
             yield
         if stalled:
             self.counts[_C["housekeeping_stalls"]] += 1

@@ -174,3 +174,25 @@ def test_a_flush_of_idle_flows_looks_at_16_per_write_of_its_budget(flows: LocalF
     flows.entries[2 * LOOKS_PER_WRITE + 3].packets_in += 1
     assert list(flows.flush_counters_steps(now=102.0, chunk=1, budget=2))[-1] == 1
     assert flows._flush_cursor == (4 * LOOKS_PER_WRITE) % 40  # 32 more: round the end, on from the start
+
+
+@pytest.mark.parametrize("tick_s", [0.1, 0.45], ids=["ticks-on-time", "ticks-late"])
+def test_sending_flows_outlive_the_sweep_however_far_apart_ticks_come(
+        flows: LocalFlows, tick_s: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's ticks as housekeeping_steps makes them: flush with the budget for the time
+    since the last tick, then sweep the whole table. Every flow sends between ticks, and none
+    may expire. An overloaded worker's ticks come further apart (below STALLED_S late: no
+    stall): with a budget per tick, its pass of 40 flows took 8 ticks, 3.6 s at 0.45 s,
+    longer than the 3 s idle timeout, and the sweep expired flows that were sending."""
+    monkeypatch.setattr("relay.flows.FLUSH_MIN_PER_S", 1)
+    flows.idle_timeout = 3.0  # a pass: 40 flows x 3 passes / 3 s = 40 writes a second
+    for n in range(1, 41):
+        learn(flows, n, now=100.0)
+    now = 100.0
+    while now < 100.0 + 4 * flows.idle_timeout:
+        now += tick_s
+        for entry in flows.entries:
+            entry.packets_in += 1
+        list(flows.flush_counters_steps(now, chunk=4, budget=flows.flush_budget(tick_s)))
+        assert list(flows.sweep_steps(now, slots=64, chunk=64, removals=64))[-1] == 0, f"at {now - 100:.2f} s"
+    assert len(flows.by_key) == 40 and flows.table.totals()["flows"] == 40

@@ -196,12 +196,13 @@ def authenticate_steps(datagram: bytes, flows: FlowView[object], auth: AuthPolic
     except TokenError as exc:
         return Drop(exc.reason)
     yield
-    # Only a signed token reaches the table (junk ufrags must not fill its caches); a
-    # session the relay already knows (NAT rebinding mid-call) is not age-checked.
-    if not flows.session_known(server_ufrag):
-        try:
-            check_age(token, now, auth.token_max_age)
-        except TokenError as exc:
+    # A session the relay already knows (NAT rebinding mid-call) is not age-checked: only a
+    # token too old for a new session costs the shm read (and only a signed token reaches the
+    # table: junk ufrags must not fill its caches).
+    try:
+        check_age(token, now, auth.token_max_age)
+    except TokenError as exc:
+        if not flows.session_known(server_ufrag):
             return Drop(exc.reason)
     yield
     password = auth.keyring.password(token.key_id, server_ufrag)

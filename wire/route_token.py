@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import ipaddress
 import os
 import struct
 from collections.abc import Mapping
 from typing import NamedTuple
+
+from wire.hmac_fast import HmacKey
 
 TOKEN_VERSION = 1
 _FLAG_IPV6 = 0x1
@@ -104,7 +105,9 @@ class RouteKeyring:
         self.active_key_id = active_key_id
         self._secrets = dict(secrets)
         # Domain-separated MAC keys so the token MAC and the password never share an HMAC input space.
-        self._mac = {k: hmac.new(s, b"rtcrelay route-token v1", hashlib.sha256).digest() for k, s in secrets.items()}
+        self._mac = {k: HmacKey(hmac.digest(s, b"rtcrelay route-token v1", "sha256"), "sha256")
+                     for k, s in secrets.items()}
+        self._password = {k: HmacKey(s, "sha256") for k, s in secrets.items()}
 
     @property
     def key_ids(self) -> frozenset[int]:
@@ -114,7 +117,7 @@ class RouteKeyring:
         key = self._mac.get(key_id)
         if key is None:
             return None
-        return hmac.digest(key, body, "sha256")[:MAC_LEN]
+        return key.digest(body)[:MAC_LEN]
 
     def purpose_key(self, key_id: int, label: bytes) -> bytes | None:
         """A key of its own for another use of the shared secret (domain-separated by ``label``)."""
@@ -122,12 +125,12 @@ class RouteKeyring:
         return None if secret is None else hmac.digest(secret, label, "sha256")
 
     def password(self, key_id: int, ufrag: str) -> str | None:
-        secret = self._secrets.get(key_id)
-        if secret is None:
+        key = self._password.get(key_id)
+        if key is None:
             return None
         if not ufrag.isascii():
             raise TokenError("token_bad_charset", "a ufrag is ASCII")
-        return _b64(hmac.digest(secret, b"pwd" + ufrag.encode("ascii"), "sha256"))
+        return _b64(key.digest(b"pwd" + ufrag.encode("ascii")))
 
 
 def _b64(raw: bytes) -> str:

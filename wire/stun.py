@@ -21,6 +21,8 @@ import struct
 import zlib
 from collections.abc import Iterable
 
+from wire.hmac_fast import hmac_digest
+
 __all__ = [
     "MAGIC_COOKIE",
     "BINDING_REQUEST",
@@ -266,7 +268,7 @@ class StunMessage:
         if loc is None:
             return False
         off = loc[0] - 4
-        mac = hmac.digest(key, self._signed_text(off, _MI_ATTR_LEN), "sha1")
+        mac = hmac_digest(key, self._signed_text(off, _MI_ATTR_LEN), "sha1")
         return hmac.compare_digest(mac, self._data[off + 4 : off + _MI_ATTR_LEN])
 
     def verify_integrity_sha256(self, key: bytes) -> bool:
@@ -275,7 +277,7 @@ class StunMessage:
         if loc is None:
             return False
         off, size = loc[0] - 4, loc[1]
-        mac = hmac.digest(key, self._signed_text(off, 4 + size), "sha256")
+        mac = hmac_digest(key, self._signed_text(off, 4 + size), "sha256")
         return hmac.compare_digest(mac[:size], self._data[off + 4 : off + 4 + size])
 
     @property
@@ -411,7 +413,7 @@ def build_message(
     if integrity_key is not None:
         # The HMAC sees a header whose length already counts MESSAGE-INTEGRITY itself.
         head = _HEADER.pack(msg_type, len(body) + _MI_ATTR_LEN, MAGIC_COOKIE, tid)
-        mac = hmac.digest(integrity_key, head + body, "sha1")
+        mac = hmac_digest(integrity_key, head + body, "sha1")
         body += _ATTR_HEAD.pack(ATTR_MESSAGE_INTEGRITY, _MI_LEN) + mac
     if fingerprint:
         head = _HEADER.pack(msg_type, len(body) + _FP_ATTR_LEN, MAGIC_COOKIE, tid)

@@ -20,7 +20,7 @@ from relay.batchio.sockaddr import AF_INET, AF_INET6, address_tuple, decode_sock
 
 Buffer = bytes | bytearray | memoryview
 
-MSG_TRUNC = getattr(socket, "MSG_TRUNC", 0x20)
+MSG_TRUNC = int(getattr(socket, "MSG_TRUNC", 0x20))  # (an int: an IntFlag's & costs ~1 µs)
 
 
 def _round_up(n: int, to: int) -> int:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from daemon.config_file import ConfigError
 
+HEADROOM = 64  # bytes in front of each received datagram for its tunnel header (≥ DATA_HEADER_LEN_V6)
 DATA_LENGTH_LEN = 2  # a tunnel header's last field: the payload length (wire/tunnel_frame.py)
 
 if TYPE_CHECKING:

@@ -1,23 +1,28 @@
 """How much of a worker's time misses (new sessions) may take. Sans-IO: times in, a verdict out.
 
-Misses (a new session's checks ~80-100 µs, learning ~40 µs, its first datagram ~20 µs, all in
-steps of at most ~40 µs: relay.worker.Worker.public_miss_steps) wait in a queue and are served
-between loop iterations, at most MISS_SLICE_S at a time (at least one step), and a slice ends
-at the next step when a datagram waits on a socket: an established flow's datagram waits
-behind one step of a new session at most. And while established flows have traffic, misses
-get at most MISS_CPU_SHARE of the worker's time (a credit that accrues with wall time, bursts
-up to MISS_CREDIT_MAX_S): at 10,000 new sessions/s a worker with no such bound spent all of
-its time on them, and the established flows' datagrams waited in the socket behind theirs
-(p50 250 ms). A worker with nothing else to do (a relay that lost its table and re-learns
-every client) gives misses all of its time. A full queue (MISS_QUEUE_MAX) refuses new misses
-(counted "miss_queue_full"): the client's ICE retransmits its check.
+Misses (a new session: ~250 µs of a worker's CPU at 20k pps, in seven steps of 17-35 µs, the
+last, with the learning, ~85 µs: relay.worker.Worker.public_miss_steps) wait in a queue and
+are served between loop iterations, at most MISS_SLICE_S of miss work at a time (at least one
+step); between two steps the datagrams that wait on the worker's sockets are served
+(Worker.serve_waiting, not counted as miss work), so an established flow's datagram waits
+behind one step of a new session at most, and a slice lasts at most MISS_SLICE_WALL_S. And
+while established flows have traffic, misses get at most MISS_CPU_SHARE of the worker's time
+(a credit that accrues with wall time, bursts up to MISS_CREDIT_MAX_S): at 10,000 new
+sessions/s a worker with no such bound spent all of its time on them, and the established
+flows' datagrams waited in the socket behind theirs (p50 250 ms). A worker with nothing else
+to do (a relay that lost its table and re-learns every client) gives misses all of its time.
+A full queue (MISS_QUEUE_MAX) refuses new misses (counted "miss_queue_full"): the client's
+ICE retransmits its check.
 """
 
 from __future__ import annotations
 
-__all__ = ["MissBudget", "MISS_QUEUE_MAX"]
+__all__ = ["MissBudget", "MISS_QUEUE_MAX", "MISS_SLICE_WALL_S"]
 
 MISS_SLICE_S = 100e-6
+# A slice serves the datagrams that arrive meanwhile between its steps (not counted as miss
+# time): the loop's other work (timers, housekeeping) waits no longer than this for it.
+MISS_SLICE_WALL_S = 400e-6
 MISS_CPU_SHARE = 0.5
 MISS_CREDIT_MAX_S = 0.005
 MISS_QUEUE_MAX = 1024  # ~0.2-0.3 s of work: beyond that a new session is better refused

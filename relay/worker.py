@@ -9,7 +9,7 @@ Client → transceiver:
          at once (:class:`relay.hit_path.FlowSender`); junk is dropped
          (:func:`relay.decision.screen`); the rest is a miss, queued behind the hits and
          served in short slices with at most half the worker's time, in steps between which
-         waiting datagrams go first (:meth:`Worker.serve_misses`, relay/miss_budget.py):
+         waiting datagrams are served (relay/miss_path.py, relay/miss_budget.py):
          :func:`relay.decision.decide_steps` (demux, STUN, route token, integrity), then learn
          the flow in this worker's shm partition, or adopt one found in another partition.
 
@@ -40,18 +40,20 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from daemon.keys import load_keyring
 from daemon.networks import AllowedNetworks
-from relay.batchio import BatchReceiver, BatchSender, decode_sockaddr
-from relay.decision import Answer, AuthPolicy, Drop, Forward, Learn, decide_steps, learn_from_directory, screen
+from relay.batchio import BatchReceiver, BatchSender
+from relay.decision import AuthPolicy
 from relay.flows import FlowEntry, LocalFlows
-from relay.hit_path import FlowSender, HitPath, open_hit_path
+from relay.hit_path import HEADROOM, FlowSender, HitPath, open_hit_path
 from relay.hop_ingress import HopReturn
 from relay.kernel_flows import KernelFlows
 from relay.metrics import COUNTER_INDEX, WORKER_COUNTERS
-from relay.miss_budget import MISS_QUEUE_MAX, MissBudget
+from relay.miss_budget import MissBudget
+from relay.miss_path import MissPath
 from relay.return_path import ReturnPath
 from relay.tunnel_control import TunnelControl
 from relay.tunnel_links import TunnelLinks
@@ -68,7 +70,6 @@ from wire.tunnel_frame import (
 log = logging.getLogger("rtcrelay.relay")
 
 BUFSIZE = 2048  # larger than any WebRTC datagram (MTU-bound); bigger ones are counted "oversized"
-HEADROOM = 64  # ≥ DATA_HEADER_LEN_V6
 # Housekeeping ticks ten times a second and runs in steps of at most ~150 µs, datagrams served
 # between steps: nothing it does grows a step with the number of flows (done in one go once a
 # second it held the packet path for ~0.6 ms with 64 flows, and ~100 ms with 50k). Small ticks
@@ -91,7 +92,7 @@ _DONE = object()
 _SLOT_0 = (0,)
 
 
-class Worker(TunnelControl, ReturnPath):
+class Worker(TunnelControl, ReturnPath, MissPath):
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         cfg = spec.config
@@ -141,10 +142,15 @@ class Worker(TunnelControl, ReturnPath):
         self.misses: collections.deque[tuple[int, bytes, bytes]] = collections.deque()
         #: the miss whose steps are under way (public_miss_steps), if any
         self.miss_in_progress: Iterator[None] | None = None
-        #: the sockets whose datagrams end a miss slice at its next step (one poll, ~1 µs)
+        #: the sockets a miss slice serves between its steps (one poll, ~1 µs), by fd: their
+        #: reader callbacks (serve_misses calls them itself: see serve_waiting)
         self.datagrams_waiting = select.poll()
-        for sock in (*self.public, self.tunnel, *self.hops.sockets):
-            self.datagrams_waiting.register(sock.fileno(), select.POLLIN)
+        self.readers: dict[int, tuple[Callable[..., None], tuple[Any, ...]]] = {}
+        for which, sock in enumerate(self.public):
+            self._wait_on(sock, self.on_public_readable, which)
+        self._wait_on(self.tunnel, self.on_tunnel_readable, self.tunnel)
+        for j, sock in enumerate(self.hops.sockets):
+            self._wait_on(sock, self.hops.ingress.on_readable, j)
         self._misses_scheduled = False
         self.miss_budget = MissBudget(_monotonic())  # relay/miss_budget.py: misses never starve hits
         self._miss_packets = 0  # client_packets that were misses' first datagrams
@@ -244,14 +250,6 @@ class Worker(TunnelControl, ReturnPath):
         waits instead of leaving it for the loop's next round (see on_public_readable)."""
         return self.housekeeping_running or bool(self.misses) or self.miss_in_progress is not None
 
-    def queue_miss(self, which: int, rx: BatchReceiver, i: int) -> None:
-        """Datagram i of ``rx`` has no flow in this worker: drop junk now, queue the rest for
-        :meth:`serve_misses` (a copy: the slot is reused by the next receive)."""
-        if rx.truncated(i):
-            self.drop("oversized")
-            return
-        self.queue_datagram(which, rx.keys()[i], bytes(rx.payload(i)))
-
     def deliver(self, which: int, key: bytes, buffer: memoryview | bytearray, off: int, length: int, hops: int) -> None:
         """A client datagram that came in another way (a hop socket: an edge relay's client,
         ``hops`` left): a hit goes on now, the rest is queued as a miss."""
@@ -263,121 +261,6 @@ class Worker(TunnelControl, ReturnPath):
         else:
             self.hops.note_miss(key, hops)
             self.queue_datagram(which, key, bytes(buffer[off : off + length]))
-
-    def queue_datagram(self, which: int, key: bytes, datagram: bytes) -> None:
-        junk = screen(datagram)
-        if junk is not None:
-            self.drop(junk.reason)
-            return
-        if len(self.misses) >= MISS_QUEUE_MAX:
-            self.drop("miss_queue_full")
-            return
-        self.misses.append((which, key, datagram))
-        if not self._misses_scheduled:
-            self._misses_scheduled = True
-            self.loop.call_soon(self.serve_misses)
-
-    def take_flow(self, which: int, key: bytes, source: tuple[bytes, int], decision: Learn | Forward,
-                  ) -> FlowEntry | None:
-        """Learn the flow a check allowed, or adopt one another worker holds (None: refused,
-        counted)."""
-        if isinstance(decision, Learn):
-            entry, refusal = self.flows.learn(key, source, which, decision, _monotonic())
-            if entry is not None:
-                self.counts[_C["flows_learned"]] += 1
-                self.directory.publish(entry)
-        else:
-            entry, refusal = self.flows.adopt(key, which, decision.flow, _monotonic())
-            if entry is not None:
-                self.counts[_C["flows_adopted"]] += 1
-        if entry is None:
-            self.drop(refusal)
-            return None
-        self.flows_added += 1
-        return entry
-
-    def serve_misses(self) -> None:
-        """Queued misses in order, for the slice the budget allows (relay/miss_budget.py); then
-        the loop polls the sockets (their hits go first) before the next slice, or, out of
-        credit, serves only hits until a slice's worth has accrued."""
-        self._misses_scheduled = False
-        misses = self.misses
-        started = _monotonic()
-        counts = self.counts
-        deadline = self.miss_budget.start(started, counts[_CLIENT_PACKETS] + counts[_C["transceiver_packets"]]
-                                          - self._miss_packets)
-        if deadline is not None:
-            try:
-                learned = self.flows_added
-                while misses or self.miss_in_progress is not None:
-                    if self.miss_in_progress is None:
-                        self.miss_in_progress = self.public_miss_steps(*misses.popleft())
-                    if next(self.miss_in_progress, _DONE) is _DONE:
-                        self.miss_in_progress = None
-                    if _monotonic() >= deadline or self.datagrams_waiting.poll(0):
-                        break
-                if self.flows_added != learned:
-                    gc.freeze()  # the new flows' objects: out of every collection (see run())
-            except Exception:
-                self.miss_in_progress = None
-                self.internal_error()
-            self.miss_budget.spent(_monotonic() - started)
-        if (misses or self.miss_in_progress is not None) and not self._misses_scheduled:
-            self._misses_scheduled = True
-            wait = self.miss_budget.wait_s()
-            if wait:
-                self.loop.call_later(wait, self.serve_misses)
-            else:
-                self.loop.call_soon(self.serve_misses)
-        self.counts[_C["miss_queue"]] = len(misses)
-
-    def adopt_from_directory(self, which: int, key: bytes, ufrag: str, held: list[bytes]) -> None:
-        """The route directory knew this 5-tuple's session: learn its flow as the session's own
-        check would have, and send what was held meanwhile (relay/worker_directory.py)."""
-        decision = learn_from_directory(ufrag, self.flows.views[which], self.auth, time.time())
-        entry, reason = (None, decision.reason) if isinstance(decision, Drop) else \
-            self.flows.learn(key, decode_sockaddr(key), which, decision, _monotonic())
-        if entry is None:
-            self.drop(reason, len(held))
-            return
-        self.counts[_C["flows_learned"]] += 1
-        self.directory.publish(entry)
-        gc.freeze()
-        for datagram in held:
-            self.forward_hit(which, entry, bytearray(HEADROOM) + datagram, HEADROOM, len(datagram))
-
-    def public_miss_steps(self, which: int, key: bytes, datagram: bytes) -> Iterator[None]:
-        """One miss in steps of ~10-40 µs (serve_misses serves the sockets between them): the
-        checks (relay.decision.decide_steps), learning or adopting the flow, then sending its
-        first datagram. A new session costs ~150 µs in all: served in one go, it held every
-        established flow's datagram that arrived meanwhile (at 500 new sessions/s the
-        established p99 was 4x its figure without them)."""
-        entry = self.flows.by_key.get(key)  # learned from an earlier miss in the queue
-        if entry is None:
-            source = decode_sockaddr(key)
-            decision = yield from decide_steps(datagram, source, self.flows.views[which], self.auth, time.time(),
-                                               self.hops.hops_left(key))
-            if isinstance(decision, Drop):
-                # media from a 5-tuple unknown here: a failover may have moved it from another relay
-                if decision.reason != "unknown_flow" or not self.directory.lookup(which, key, source, datagram):
-                    self.drop(decision.reason)
-                return
-            if isinstance(decision, Answer):  # the relay answers the check itself
-                self.drop(decision.reason)
-                tx = self.public_tx[which]
-                tx.add(key, decision.datagram)
-                tx.flush()
-                return
-            # (learned meanwhile, from the route directory: this datagram goes on to it)
-            entry = self.flows.by_key.get(key) or self.take_flow(which, key, source, decision)
-            if entry is None:
-                return
-            yield
-            if self.flows.by_key.get(key) is not entry:
-                return  # (gone meanwhile: its session closed)
-        # (the send opens the flow's link to its transceiver: the C path sends its next datagrams)
-        self.forward_hit(which, entry, bytearray(HEADROOM) + datagram, HEADROOM, len(datagram))
-        self._miss_packets += 1
 
     # -- bookkeeping --------------------------------------------------------------------------
 
@@ -394,11 +277,12 @@ class Worker(TunnelControl, ReturnPath):
         dest = self.links.dest_of(sock)
         if dest is not None:
             self.link_dest[sock] = dest
-        self.datagrams_waiting.register(sock.fileno(), select.POLLIN)
+        self._wait_on(sock, self.on_tunnel_readable, sock)
         asyncio.get_running_loop().add_reader(sock.fileno(), self.on_tunnel_readable, sock)
 
     def _unwatch_link(self, sock: socket.socket) -> None:
         self.link_dest.pop(sock, None)
+        self.readers.pop(sock.fileno(), None)
         with contextlib.suppress(KeyError):
             self.datagrams_waiting.unregister(sock.fileno())
         asyncio.get_running_loop().remove_reader(sock.fileno())

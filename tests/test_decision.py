@@ -128,7 +128,7 @@ def test_decide_in_steps_yields_between_its_costly_parts_and_decides_as_decide(c
     decision, log = run_logged(decide_steps(request, CLIENT, view, AUTH, NOW + 1), view.log)
     assert decision == decide(request, CLIENT, TableView(closed={u} if closed else None), AUTH, NOW + 1)
     # (a young token: no session_known read, that is only for a token too old for a new session)
-    assert log == ["find", "yield", "yield", "yield", "yield", "yield", "session_closed"]
+    assert log == ["find", "yield", "yield", "yield", "yield", "session_closed"]
     assert decision == (Drop("session_closed") if closed else Learn(u, TARGET[0], TARGET[1], 1))
 
 

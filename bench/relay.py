@@ -261,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                     by_kind[k].append(run_variant(fwd, cfg, tools, not args.no_pin, log, wait_quiet, cpu_here))
             results.extend(merge_rounds(by_kind[k]) for k in kinds)
     churn: list[ChurnResult] = []
-    churn_kinds = [k for k in kinds if k in ("ref", "relay")]  # the relay's workers, the reference as control
-    if "relay" in kinds and cfg.churn_rates:
+    # the relay's workers (and its kernel path), the reference as control
+    churn_kinds = [k for k in kinds if k in ("ref", "relay", "ebpf")]
+    if {"relay", "ebpf"} & set(kinds) and cfg.churn_rates:
         established = max((n for n in cfg.flows if n <= CHURN_FLOWS), default=CHURN_FLOWS)
         log(f"churn phase: {established:,} established flows per worker, "
             f"{', '.join(f'{r:,}' for r in cfg.churn_rates)} new sessions/s per worker, {cfg.churn_duration:g} s each")

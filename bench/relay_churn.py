@@ -11,7 +11,7 @@ from bench import udpload
 from bench.harness import processes
 from bench.harness.cpu import cpu_seconds
 from bench.harness.errors import BenchError
-from bench.relay_forwarders import HOST, CReferenceForwarder, Forwarder, PythonRelayForwarder
+from bench.relay_forwarders import HOST, CReferenceForwarder, EbpfRelayForwarder, Forwarder, PythonRelayForwarder
 from bench.relay_runs import (
     LATE_NS,
     Config,
@@ -33,7 +33,7 @@ CHURN_FLOWS = 10_000          # established flows per worker during churn (at mo
 
 @dataclass
 class ChurnResult:
-    kind: str                            # "relay", or "ref": the same load on the C reference (a control)
+    kind: str                            # "relay", "ebpf" (its kernel path), or "ref": the same load on the C reference (a control)
     workers: int
     flows: int                           # established flows per worker
     status: str = "ok"                   # ok | error
@@ -98,8 +98,13 @@ def churn_phase(kind: str, workers: int, flows: int, cfg: Config, tools: dict[st
     res = ChurnResult(kind, workers, flows)
     idle, dur = CHURN_IDLE_TIMEOUT, cfg.churn_duration
     new_sessions = int(sum(cfg.churn_rates) * dur)
-    fwd = (PythonRelayForwarder(workers, flows=flows + new_sessions, idle_timeout=idle, hit_path=cfg.hit_path) if kind == "relay"
-           else CReferenceForwarder(workers, tools=tools, flows=flows + new_sessions))
+    fwd: Forwarder
+    if kind == "relay":
+        fwd = PythonRelayForwarder(workers, flows=flows + new_sessions, idle_timeout=idle, hit_path=cfg.hit_path)
+    elif kind == "ebpf":  # established flows in the kernel: the workers see only the new sessions
+        fwd = EbpfRelayForwarder(workers, flows=flows + new_sessions, idle_timeout=idle)
+    else:
+        fwd = CReferenceForwarder(workers, tools=tools, flows=flows + new_sessions)
     load_cpus, worker_cpus = placement(workers, pin)
     load = Load(tools, flows=flows * workers, size=cfg.size, cpus=load_cpus, host=HOST, source=cfg.source)
     ports = free_ports()

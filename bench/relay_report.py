@@ -251,7 +251,7 @@ def churn_table(churn: list[ChurnResult], targets: Targets) -> list[str]:
     rows = []
     control = {(c.workers, r["rate"]): r["p99_ratio"] for c in churn if c.kind == "ref" for r in c.runs}
     for c in churn:
-        label = "C reference" if c.kind == "ref" else "rtcrelay relay"
+        label = {"ref": "C reference", "ebpf": "rtcrelay relay, eBPF"}.get(c.kind, "rtcrelay relay")
         if c.status != "ok" and not c.runs:
             rows.append((label, str(c.workers), "ERROR: " + (c.message.splitlines() or [""])[0][:110]))
         for r in c.runs:

@@ -1,0 +1,20 @@
+"""bench/relay_latency.py learns its flows, times its runs and prints the median p99."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_two_short_runs_on_the_relay_print_their_figures() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "relay_latency.py"), "--forwarder", "relay",
+                           "--flows", "64", "--runs", "2", "--duration", "0.3"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    runs = re.findall(r"^run \d: p50 ([\d.]+) us, p99 ([\d.]+) us", done.stdout, re.M)
+    assert len(runs) == 2 and all(0 < float(p50) <= float(p99) for p50, p99 in runs), done.stdout
+    assert re.search(r"64 flows: p99 median [\d.]+ us, best [\d.]+ us of 2 runs", done.stdout), done.stdout

@@ -76,9 +76,10 @@ class MissPath:
         return entry
 
     def serve_misses(self: Worker) -> None:
-        """Queued misses in order, for the slice the budget allows (relay/miss_budget.py); then
-        the loop polls the sockets (their hits go first) before the next slice, or, out of
-        credit, serves only hits until a slice's worth has accrued."""
+        """Queued misses in order, for the slice the budget allows (relay/miss_budget.py), the
+        datagrams that arrive meanwhile served between the steps (serve_waiting); then the
+        loop polls the sockets before the next slice, or, out of credit, serves only hits
+        until a slice's worth has accrued."""
         self._misses_scheduled = False
         misses = self.misses
         started = _monotonic()

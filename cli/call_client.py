@@ -43,6 +43,7 @@ HANDOFF_HEADER = "Rtcrelay-Handoff"  # as transceiver/handoff.py: the old sessio
 # frames come in a burst as its jitter buffer fills, and the old call plays meanwhile.
 SWITCH_AFTER_FRAMES = 10
 MOVE_DEADLINE_S = 10.0  # a migrate request without deadline_s: how long to keep trying
+START_DEADLINE_S = 10.0  # a first call refused with 503 (busy, overloaded) is tried again until then
 MOVE_MARGIN_S = 1.0  # stop trying this long before the deadline: the new call needs time to start
 
 
@@ -115,7 +116,9 @@ class ReconnectingCall:
         return self._http
 
     async def start(self) -> None:
-        await self._call()
+        """The first call; a 503 (every transceiver busy, or one overloaded for a moment: the
+        admission's event-loop lag) is tried again after its Retry-After, for START_DEADLINE_S."""
+        self.pc, self.location = await self._dial_before(time.monotonic() + START_DEADLINE_S, None)
         self._watch = asyncio.ensure_future(self._watchdog())
 
     async def _dial(self, handoff: str | None = None) -> tuple[RTCPeerConnection, str]:

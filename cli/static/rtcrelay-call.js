@@ -20,7 +20,7 @@
 //   call.addEventListener("call", (ev) => { /* ev.detail: {pc, reason, sessionUrl, etag,
 //                                             offer, answer, remoteStream} */ });
 //   call.addEventListener("lost", (ev) => { /* ev.detail: {reason} - calling again */ });
-//   await call.start();   // resolves once the answer is applied
+//   await call.start();   // resolves once the answer is applied (a 503 is tried again for 10 s)
 //   await call.hangup();
 // `setup(pc)` runs for every connection the call makes (the first, a reconnect, a move);
 // events of a connection that is not `call.pc` belong to a call that is going or gone.
@@ -34,6 +34,7 @@
   const MOVE_DEADLINE_S = 10;           // a migrate request without deadline_s
   const MOVE_MARGIN_MS = 1000;          // stop trying this long before the deadline
   const RETRY_MS = 1000;                // a reconnect that failed, or a 503 without Retry-After
+  const START_DEADLINE_MS = 10000;      // a first call refused with 503 is tried again until then
   const MAX_RECONNECT_ATTEMPTS = 30;
   const HTTP_TIMEOUT_MS = 10000;
   const GATHER_TIMEOUT_MS = 3000;
@@ -102,7 +103,8 @@
     }
 
     async start() {
-      this._become(await this._dial(null), "start");
+      // (a 503: every transceiver busy, or one overloaded for a moment: tried again)
+      this._become(await this._dialBefore(performance.now() + START_DEADLINE_MS, null), "start");
       this._timer = setInterval(() => this._check().catch(() => {}), CHECK_INTERVAL_MS);
     }
 
@@ -159,6 +161,21 @@
         pc.close();
         err.leg = leg;
         throw err;
+      }
+    }
+
+    // _dial, again after each 503's Retry-After until the deadline (ms, performance.now()).
+    async _dialBefore(deadline, handoff) {
+      for (;;) {
+        try {
+          return await this._dial(handoff);
+        } catch (err) {
+          const wait = err.retryAfterMs || RETRY_MS;
+          if (!(err instanceof SignallingError) || err.status !== 503 || this.closed
+              || performance.now() + wait > deadline) throw err;
+          this.log(`no room for the call yet (${err.message}): again in ${wait} ms`);
+          await sleep(wait);
+        }
       }
     }
 
@@ -230,17 +247,7 @@
       let leg = null;
       try {
         this.log(`asked to move (${reason}): calling again elsewhere`);
-        for (;;) {
-          try {
-            leg = await this._dial(handoff);
-            break;
-          } catch (err) {
-            const wait = err.retryAfterMs || RETRY_MS;
-            if (!(err instanceof SignallingError) || err.status !== 503 || performance.now() + wait > deadline) throw err;
-            this.log(`no room for the call yet (${err.message}): again in ${wait} ms`);
-            await sleep(wait);
-          }
-        }
+        leg = await this._dialBefore(deadline, handoff);
         while ((await inboundAudioPackets(leg.pc)) < SWITCH_AFTER_PACKETS) {
           if (performance.now() > deadline || this.closed) throw new Error("the new call had no audio in time");
           await sleep(20);

@@ -68,6 +68,7 @@ class Level:
     failed_calls: int
     passed: bool
     note: str = ""
+    relay_packets: int = 0  # datagrams the relay forwarded in the window, both ways (kernel path included)
 
     @property
     def calls_per_core(self) -> float:
@@ -292,6 +293,7 @@ class Runner:
         me = [os.getpid()]  # the callers
         before = [c.counters.minus(echo_calls.Counters()) for c in callers]
         server0, relay0 = cpu_seconds(stack.server_pids()), cpu_seconds(stack.relay_pids())
+        packets0 = stack.relay_packets()
         caller0, cores0 = cpu_seconds(me), per_cpu_times()
         split0 = thread_cpu_split(stack.server.pid)
         clock.lateness.clear()
@@ -304,6 +306,7 @@ class Runner:
             await asyncio.get_running_loop().run_in_executor(None, self._finish_profile, *profiler)
         after = [c.counters.minus(echo_calls.Counters()) for c in callers]
         server1, relay1 = cpu_seconds(stack.server_pids()), cpu_seconds(stack.relay_pids())
+        packets1 = stack.relay_packets()
         caller1, cores1 = cpu_seconds(me), per_cpu_times()
         split1 = thread_cpu_split(stack.server.pid)
         stats1 = await self._json(http, stack.control_url + "/bench/stats")
@@ -347,7 +350,7 @@ class Runner:
                      echo_dropped=server("echo_dropped"), server_rtp_in=server("rtp_in"),
                      server_rtp_in_lost=server("rtp_in_lost"), server_rtp_out=server("rtp_out"),
                      extra_delay_p50_ms=pct(delays, 50) * 1000, extra_delay_p99_ms=pct(delays, 99) * 1000, failed_calls=failed, passed=passed,
-                     note="; ".join(notes))
+                     note="; ".join(notes), relay_packets=packets1 - packets0)
 
     def _print_drops(self, stack: Stack, stats: dict, when: str) -> None:
         parts = []

@@ -51,8 +51,8 @@ class Stack:
     cleanup_dirs: list[Path] = field(default_factory=list)
     relay_admin: str = ""
 
-    def relay_drops(self) -> dict[str, float]:
-        """Non-zero drop counters from the relay's /metrics (empty without a relay)."""
+    def _relay_metrics(self, wanted: str) -> dict[str, float]:
+        """The relay's /metrics samples whose line holds ``wanted`` (empty without a relay)."""
         if not self.relay_admin:
             return {}
         try:
@@ -60,18 +60,26 @@ class Stack:
                 text = r.read().decode(errors="replace")
         except OSError:
             return {}
-        drops: dict[str, float] = {}
+        samples: dict[str, float] = {}
         for line in text.splitlines():
-            if line.startswith("#") or "drop" not in line:
+            if line.startswith("#") or wanted not in line:
                 continue
             name, _, value = line.rpartition(" ")
             try:
-                v = float(value)
+                samples[name] = samples.get(name, 0.0) + float(value)
             except ValueError:
                 continue
-            if v:
-                drops[name] = drops.get(name, 0.0) + v
-        return drops
+        return samples
+
+    def relay_drops(self) -> dict[str, float]:
+        """Non-zero drop counters from the relay's /metrics (empty without a relay)."""
+        return {name: v for name, v in self._relay_metrics("drop").items() if v}
+
+    def relay_packets(self) -> int:
+        """Datagrams the relay forwarded, both ways, its kernel path's included (0 without a
+        relay). With the kernel path its workers may take no measurable CPU at all: this is
+        what says the relay carried the calls."""
+        return int(sum(self._relay_metrics("rtcrelay_packets_total{").values()))
 
     def server_pids(self) -> list[int]:
         return [self.server.pid]

@@ -79,4 +79,8 @@ def test_quick_run_result_json(quick_run: tuple[str, dict]) -> None:
             assert variant["calls_per_core"] > 0
         assert variant["setup_1"]["n"] > 0 and variant["setup_1"]["client_p50_ms"] > 0
         assert variant["setup_n"]["n"] > 0 and variant["setup_n"]["client_p99_ms"] > 0
-    assert summary["variants"]["rtcrelay"]["levels"][0]["relay_cores"] > 0  # the real relay carried the calls
+    # The real relay carried the calls. (Not its CPU: with the kernel path, as root, its workers
+    # may take no clock tick in a 2 s window; a CI run once measured 0.0 cores.)
+    relayed = summary["variants"]["rtcrelay"]["levels"][0]
+    assert relayed["relay_packets"] > relayed["tx"] and relayed["relay_cores"] >= 0, relayed
+    assert summary["variants"]["stock"]["levels"][0]["relay_packets"] == 0

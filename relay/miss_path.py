@@ -127,7 +127,10 @@ class MissPath:
             reader = readers.get(fd)
             if reader is not None:
                 callback, args = reader
-                callback(*args)
+                try:
+                    callback(*args)
+                except Exception:  # (a hop socket's reader has no guard of its own: its bug
+                    self.internal_error()  # must not cost the miss in progress, as from the loop)
         return _monotonic() - since
 
     def adopt_from_directory(self: Worker, which: int, key: bytes, ufrag: str, held: list[bytes]) -> None:

@@ -32,7 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(args.root)
     from bench import ctools
     from bench.relay_forwarders import make_forwarder
-    from bench.relay_runs import Config, free_ports, latency, learn, placement, start_and_pin, variant_load
+    from bench.relay_runs import (
+        Config,
+        describe_housekeeping,
+        free_ports,
+        housekeeping,
+        latency,
+        learn,
+        placement,
+        start_and_pin,
+        variant_load,
+    )
 
     cfg = Config()
     tools = ctools.build()
@@ -54,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run {i + 1}: p50 {r['p50_us']:.1f} us, p99 {r['p99_us']:.1f} us, p99.9 {r['p999_us']:.1f} us",
                   flush=True)
             time.sleep(0.5)
+        steps = housekeeping(fwd)
+        if steps:
+            print(describe_housekeeping(steps))
     finally:
         fwd.stop()
     if not p99s:

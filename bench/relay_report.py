@@ -10,6 +10,7 @@ from bench.relay_runs import FOREIGN_MAX, FOREIGN_MAX_LATENCY, LATE_NS, MAX_BAD_
 TARGET_PER_CORE = 0.85
 TARGET_SCALING = 1.5
 TARGET_P99 = 1.5
+TARGET_STEP_US = 200          # the longest housekeeping step of a relay worker (CPU µs)
 TARGET_CHURN_P99 = 2.0        # established p99 under churn vs without ...
 CHURN_P99_UP_TO = 2000        # ... up to this many new sessions per second per worker
 TARGET_KERNEL_CPU = 0.35      # the kernel path's CPU per datagram vs the reference's, each way
@@ -145,6 +146,9 @@ def report(results: list[VariantResult], churn: list[ChurnResult] = ()) -> tuple
         targets.add(f"{at} p99 latency at 20k pps vs reference (1 worker)",
                     ratio(get(rel1, "latency", "p99_us"), get(ref1, "latency", "p99_us")),
                     "<=", TARGET_P99, parts("latency", rel1, ref1))
+        steps = [r.housekeeping["max_us"] for r in (rel1, rel2) if r and r.housekeeping]
+        targets.add(f"{at} longest housekeeping step (us of CPU)", max(steps) if steps else None,
+                    "<=", TARGET_STEP_US, unit=" us")
     if any(r.status == "ok" and r.cpu for r in results):
         lines += cpu_table(results)
     for kind in dict.fromkeys(r.kind for r in results if r.kind in KERNEL_KINDS):

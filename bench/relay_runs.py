@@ -342,6 +342,7 @@ class VariantResult:
     learn: dict = field(default_factory=dict)
     flow_check: dict = field(default_factory=dict)   # flows held after the measurements ("ok")
     memory: dict = field(default_factory=dict)
+    housekeeping: dict = field(default_factory=dict)  # the relay's housekeeping steps (housekeeping())
     rounds: int = 1
     cpu: dict = field(default_factory=dict)          # per rate (str): relay_cpu.summarise
     cpu_runs: list = field(default_factory=list)
@@ -389,6 +390,7 @@ def merge_rounds(rounds: list[VariantResult]) -> VariantResult:
         merged.cpu = relay_cpu.summarise(merged.cpu_runs, sorted({r["rate"] for r in merged.cpu_runs}))
     merged.paced = max((r.paced for r in rounds), key=lambda p: p["max_pps"])
     merged.background_cpu = max(r.background_cpu for r in rounds)
+    merged.housekeeping = max((r.housekeeping for r in rounds), key=lambda h: h.get("max_us", -1))
     merged.flow_check = next((r.flow_check for r in rounds if not r.flow_check.get("ok", True)), merged.flow_check)
     merged.rounds = len(rounds)
     summarise_drain(merged)
@@ -428,6 +430,27 @@ def memory(fwd: Forwarder, flows: int) -> dict:
         out.update(table_bytes=st.st_size, table_allocated=st.st_blocks * 512,
                    table_bytes_per_flow=round(st.st_size / flows), allocated_per_flow=round(st.st_blocks * 512 / flows))
     return out
+
+
+def housekeeping(fwd: Forwarder) -> dict:
+    """The relay's housekeeping steps since its workers started, from their counters: how many,
+    the longest, how many held the packet path over 200 µs, and their CPU time (the worst
+    worker's figures; {} for a forwarder without them)."""
+    from relay.housekeeping_steps import STEP_BUCKET_COUNTERS, STEP_BUCKETS_US
+
+    rows = fresh_counters(fwd, timeout=2.0)
+    if not rows or "housekeeping_step_us_total" not in rows[0]:
+        return {}
+    over = [name for bound, name in zip((*STEP_BUCKETS_US, None), STEP_BUCKET_COUNTERS) if bound is None or bound > 200]
+    return {"steps": max(sum(r[n] for n in STEP_BUCKET_COUNTERS) for r in rows),
+            "max_us": max(r["housekeeping_step_max_us"] for r in rows),
+            "over_200us": max(sum(r[n] for n in over) for r in rows),
+            "cpu_ms": max(r["housekeeping_step_us_total"] for r in rows) / 1e3}
+
+
+def describe_housekeeping(h: dict) -> str:
+    return (f"housekeeping: {h['steps']:,} steps, longest {h['max_us']} us, {h['over_200us']} over 200 us, "
+            f"{h['cpu_ms']:,.0f} ms of CPU")
 
 
 def start_and_pin(fwd: Forwarder, ports: Ports, worker_cpus: list[set[int]] | None) -> None:
@@ -581,6 +604,9 @@ def run_variant(fwd: Forwarder, cfg: Config, tools: dict[str, Path], pin: bool, 
             cpu_phase(res, fwd, load, ports, cfg, measure, log)
         res.flow_check = flow_check(fwd, load.flows)
         res.memory = memory(fwd, load.flows)
+        res.housekeeping = housekeeping(fwd)
+        if res.housekeeping:
+            log("    " + describe_housekeeping(res.housekeeping))
         if not res.flow_check["ok"]:
             log(f"    WARNING: the relay holds {res.flow_check['held']:,} flows after the measurements, "
                 f"not {load.flows:,} (drops: {res.flow_check['drops']})")

@@ -16,8 +16,13 @@
  * that order for readers on other CPUs (shm/reader.py checks the seq) and for a new owner
  * after a crash (shm/repair.py reads the journal).
  *
+ * A flow that did not move is not written; one that did not move for idle_ms since a flush saw
+ * it move is appended to the caller's list (the worker expires it: relay.flows.LocalFlows).
+ *
  * The entries are objects with __slots__ handle, packets_in, bytes_in, packets_out,
- * bytes_out and flushed_activity (relay.flows.FlowEntry), read by offset (relay/_slots.h).
+ * bytes_out, flushed_activity and flushed_ms (relay.flows.FlowEntry), read by offset
+ * (relay/_slots.h). A look at a flow that did not move reads only what tells it so: at 50k
+ * flows every int object is a cache miss.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -34,9 +39,9 @@
 #define SW_LAST_SEEN 6
 #define M32 0xffffffffULL
 
-enum { F_HANDLE, F_PACKETS_IN, F_BYTES_IN, F_PACKETS_OUT, F_BYTES_OUT, F_FLUSHED, N_FIELDS };
+enum { F_HANDLE, F_PACKETS_IN, F_BYTES_IN, F_PACKETS_OUT, F_BYTES_OUT, F_FLUSHED, F_FLUSHED_MS, N_FIELDS };
 static const char *const field_names[N_FIELDS] = {
-    "handle", "packets_in", "bytes_in", "packets_out", "bytes_out", "flushed_activity",
+    "handle", "packets_in", "bytes_in", "packets_out", "bytes_out", "flushed_activity", "flushed_ms",
 };
 static PyObject *field_strings[N_FIELDS];
 
@@ -156,55 +161,86 @@ write_counters(const CounterFlush *self, uint64_t *q, uint8_t *mm, uint64_t hand
     }
 }
 
-/* One entry: 1 if it moved since its last flush (then written), 0 if not, -1 on error. */
+/* The entry's int field f into *out; -1 (TypeError, OverflowError) if it is not one that fits. */
+static inline int
+read_field(const CounterFlush *self, PyObject *entry, int f, uint64_t *out)
+{
+    PyObject *o = SLOT(entry, self->offsets[f]);
+    if (o == NULL || !PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "a flow entry's %s must be an int", field_names[f]);
+        return -1;
+    }
+    *out = PyLong_AsUnsignedLongLong(o);
+    return *out == (uint64_t)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* One entry: 1 if it moved since its last flush (then written), 0 if not (appended to `idle`
+ * when it has not moved for idle_ms), -1 on error. `stamp_obj` is `stamp` as an int. */
 static int
-flush_entry(CounterFlush *self, PyObject *entry, uint64_t *q, uint8_t *mm, uint64_t stamp)
+flush_entry(CounterFlush *self, PyObject *entry, uint64_t *q, uint8_t *mm, uint64_t stamp, PyObject *stamp_obj,
+            int64_t idle_ms, PyObject *idle)
 {
     if (Py_TYPE(entry) != self->type && learn_type(self, Py_TYPE(entry)) < 0)
         return -1;
     uint64_t v[N_FIELDS];
-    for (int f = 0; f < N_FIELDS; f++) {
-        PyObject *o = SLOT(entry, self->offsets[f]);
-        if (o == NULL || !PyLong_Check(o)) {
-            PyErr_Format(PyExc_TypeError, "a flow entry's %s must be an int", field_names[f]);
-            return -1;
-        }
-        v[f] = PyLong_AsUnsignedLongLong(o);
-        if (v[f] == (uint64_t)-1 && PyErr_Occurred())
-            return -1;
-    }
+    if (read_field(self, entry, F_PACKETS_IN, &v[F_PACKETS_IN]) < 0
+        || read_field(self, entry, F_PACKETS_OUT, &v[F_PACKETS_OUT]) < 0
+        || read_field(self, entry, F_FLUSHED, &v[F_FLUSHED]) < 0)
+        return -1;
     uint64_t activity = v[F_PACKETS_IN] + v[F_PACKETS_OUT];
-    if (activity == v[F_FLUSHED])
+    if (activity == v[F_FLUSHED]) {
+        if (read_field(self, entry, F_FLUSHED_MS, &v[F_FLUSHED_MS]) < 0)
+            return -1;
+        if ((int64_t)(stamp - v[F_FLUSHED_MS]) > idle_ms && PyList_Append(idle, entry) < 0)
+            return -1;
         return 0;
+    }
+    if (read_field(self, entry, F_HANDLE, &v[F_HANDLE]) < 0 || read_field(self, entry, F_BYTES_IN, &v[F_BYTES_IN]) < 0
+        || read_field(self, entry, F_BYTES_OUT, &v[F_BYTES_OUT]) < 0)
+        return -1;
     PyObject *flushed = PyLong_FromUnsignedLongLong(activity);
     if (flushed == NULL)
         return -1;
     Py_SETREF(SLOT(entry, self->offsets[F_FLUSHED]), flushed);
+    Py_INCREF(stamp_obj);
+    Py_SETREF(SLOT(entry, self->offsets[F_FLUSHED_MS]), stamp_obj);
     uint64_t counters[4] = {v[F_PACKETS_IN], v[F_BYTES_IN], v[F_PACKETS_OUT], v[F_BYTES_OUT]};
     write_counters(self, q, mm, v[F_HANDLE], stamp, counters);
     return 1;
 }
 
 PyDoc_STRVAR(flush_doc,
-"flush(entries, cursor, max_written, max_looked, table, stamp) -> (cursor, written, looked)\n\n"
+"flush(entries, cursor, max_written, max_looked, table, stamp, idle_ms, idle) -> (cursor, written, looked)\n\n"
 "Round robin over the list `entries` from index `cursor` (wrapping): write the counters of\n"
 "those that moved, with last-seen time `stamp` (ms), into `table` (the table's writable\n"
-"buffer), until `max_written` were written or `max_looked` looked at.");
+"buffer), until `max_written` were written or `max_looked` looked at. Those that did not\n"
+"move for more than `idle_ms` are appended to the list `idle`.");
 
 static PyObject *
 CounterFlush_flush(CounterFlush *self, PyObject *args)
 {
-    PyObject *entries, *table;
+    PyObject *entries, *table, *idle;
     Py_ssize_t cursor, max_written, max_looked;
     unsigned long long stamp;
-    if (!PyArg_ParseTuple(args, "O!nnnOK", &PyList_Type, &entries, &cursor, &max_written, &max_looked, &table,
-                          &stamp))
+    long long idle_ms;
+    if (!PyArg_ParseTuple(args, "O!nnnOKLO!", &PyList_Type, &entries, &cursor, &max_written, &max_looked, &table,
+                          &stamp, &idle_ms, &PyList_Type, &idle))
+        return NULL;
+    if (stamp > (unsigned long long)INT64_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "stamp is past 2**63 ms");
+        return NULL;
+    }
+    PyObject *stamp_obj = PyLong_FromUnsignedLongLong(stamp); /* one object, shared by every flow written */
+    if (stamp_obj == NULL)
         return NULL;
     Py_buffer view;
-    if (PyObject_GetBuffer(table, &view, PyBUF_WRITABLE) < 0)
+    if (PyObject_GetBuffer(table, &view, PyBUF_WRITABLE) < 0) {
+        Py_DECREF(stamp_obj);
         return NULL;
+    }
     if ((unsigned long long)view.len / 8 < self->words_needed || (uintptr_t)view.buf % 8) {
         PyBuffer_Release(&view);
+        Py_DECREF(stamp_obj);
         PyErr_SetString(PyExc_ValueError, "the table buffer is smaller than the partition's layout, or unaligned");
         return NULL;
     }
@@ -217,17 +253,21 @@ CounterFlush_flush(CounterFlush *self, PyObject *args)
             break;
         if (cursor >= n || cursor < 0)
             cursor = 0;
-        PyObject *entry = PyList_GET_ITEM(entries, cursor); /* borrowed: nothing here runs Python code */
+        /* borrowed: nothing here runs Python code (an entry's old ints freed are plain ints,
+         * and appending to `idle` runs none) */
+        PyObject *entry = PyList_GET_ITEM(entries, cursor);
         cursor++;
         looked++;
-        int moved = flush_entry(self, entry, q, mm, stamp);
+        int moved = flush_entry(self, entry, q, mm, stamp, stamp_obj, idle_ms, idle);
         if (moved < 0) {
             PyBuffer_Release(&view);
+            Py_DECREF(stamp_obj);
             return NULL;
         }
         written += moved;
     }
     PyBuffer_Release(&view);
+    Py_DECREF(stamp_obj);
     return Py_BuildValue("nnn", cursor, written, looked);
 }
 

@@ -43,17 +43,19 @@ _REFUSALS = {
 }
 
 
-# Flows a C flush step writes for a Python one's: a C write is ~0.27 µs at 50k flows, a Python
-# one ~3.5 µs (bench/counter_flush.py), so a C step of 4 x 32 flows takes ~35 µs there. In a
-# worker at 50k flows and 20k pps, caches cold, a C write took ~1 µs and a step 90-220 µs
-# (medians), up to 500 µs: over the issue's ~200 µs bound (see README, production shape).
-C_FLUSH_SPEEDUP = 4
+# Flows a C flush unit writes for a Python one's: a C write is ~0.27 µs at 50k flows with the
+# caches warm (bench/counter_flush.py), ~1 µs in a worker at 50k flows and 20k pps, a Python one
+# ~3.5 µs. 16 in C: a unit of ~16-30 µs there (the steps that run units: housekeeping_steps.py).
+C_FLUSH_SPEEDUP = 2
 LOOKS_PER_WRITE = 16  # flows a flush looks at for each one it may write
-# Counters of moved flows to shm: every flow a second up to FLUSH_MIN_PER_S flows, beyond that
-# a pass per idle_timeout / FLUSH_PASSES_PER_IDLE (10 s by default): a flow's write is CPU the
-# packet path needs more at 50k flows than shm needs fresh counters.
+# Counters of moved flows to shm: FLUSH_MIN_PER_S writes a second, or a pass per idle_timeout /
+# FLUSH_PASSES_PER_IDLE if that is faster: a flow's write is CPU the packet path needs more at 50k
+# flows than shm needs fresh counters. Expiry does not wait on it (the flush's own look at a flow
+# finds it idle, below). At 50k flows (bench/relay_latency.py), 3 passes per idle_timeout and
+# expiry by a sweep of shm's last_seen took 790 ms of housekeeping CPU and a p99 at 20k pps of
+# 136-148 µs; one pass and expiry from the flush, 170-196 ms and 84-102 µs.
 FLUSH_MIN_PER_S = 1024
-FLUSH_PASSES_PER_IDLE = 3
+FLUSH_PASSES_PER_IDLE = 1
 
 
 def counter_flush_for(writer: PartitionWriter) -> Any:
@@ -94,7 +96,7 @@ class FlowEntry:
     __slots__ = (
         "client_key", "client", "public_index", "handle", "prefix", "match", "hops", "tunnel_dest",
         "target", "ufrag", "packets_in", "bytes_in", "packets_out", "bytes_out", "aliases",
-        "flushed_activity", "client_address", "index", "kernel",
+        "flushed_activity", "flushed_ms", "client_address", "index", "kernel",
     )
 
     def __init__(self, client_key: bytes, client: tuple[bytes, int], public_index: int, handle: int,
@@ -110,6 +112,7 @@ class FlowEntry:
         self.ufrag = ufrag
         self.packets_in = self.bytes_in = self.packets_out = self.bytes_out = 0
         self.flushed_activity = 0  # packets_in + packets_out at the last flush
+        self.flushed_ms = 0  # when a flush last saw it move (or it was learned, adopted, taken over): ms
         self.aliases: tuple[int, ...] = ()  # (a tuple: no list per flow for the collector to walk)
         self.index = -1  # position in LocalFlows.entries
         self.kernel: Any = None  # relay.kernel_flows.KernelFlow while the kernel forwards it
@@ -176,6 +179,8 @@ class LocalFlows:
         self._flush_cursor = 0
         #: flows to remove in housekeeping steps (their transceiver went silent)
         self.doomed: list[FlowEntry] = []
+        #: flows the flush found idle for idle_timeout (expire_idle_steps removes them)
+        self.idle_found: list[FlowEntry] = []
         # transceiver sockaddr → [last heartbeat (monotonic s), draining]
         self.transceivers: dict[bytes, list[Any]] = {}
         # transceivers that went silent (tunnel sockaddr -> unix time): the checks of sessions
@@ -206,6 +211,7 @@ class LocalFlows:
         self.by_ufrag.setdefault(entry.ufrag, set()).add(entry.client_key)
         self.by_transceiver.setdefault(entry.tunnel_dest, set()).add(entry.client_key)
         entry.index = len(self.entries)
+        entry.flushed_ms = ms(now)  # (taken over or adopted: a full idle timeout from now, not from shm's last_seen)
         self.entries.append(entry)
         if self.kernel is not None:
             self.kernel.add(entry)
@@ -275,6 +281,8 @@ class LocalFlows:
         return self._add(entry, now), ""
 
     def adopt(self, client_key: bytes, public_index: int, flow: Flow, now: float) -> tuple[FlowEntry | None, str]:
+        if self._tunnel_dest(unmap(flow.target_ip), flow.target_port) is None:
+            return None, "token_target_unreachable"  # (before shm: a flow there without an entry is an orphan)
         result = self._own().adopt(flow)
         if not result.has_flow:
             return None, _REFUSALS[result.status]
@@ -331,12 +339,13 @@ class LocalFlows:
         every worker's decision); False when it had no room (counted by the caller)."""
         return self._own().record_closed(ufrag.encode(), ms(until), ms(now))
 
-    def remove(self, client_key: bytes) -> bool:
-        """Remove one flow from shm and the dicts (False: it was gone already)."""
+    def remove(self, client_key: bytes, expired: bool = False) -> bool:
+        """Remove one flow from shm and the dicts (False: it was gone already); ``expired``:
+        it idled out (the partition counts it)."""
         entry = self.by_key.get(client_key)
         if entry is None:
             return False
-        self._own().delete_handle(entry.handle)  # (a backward shift may rehandle others: _on_move)
+        self._own().delete_handle(entry.handle, expired)  # (a backward shift may rehandle others: _on_move)
         self._remove(client_key)
         return True
 
@@ -397,15 +406,31 @@ class LocalFlows:
 
     def remove_doomed_steps(self, chunk: int) -> Iterator[int]:
         """Remove the doomed flows, ``chunk`` per step (a delete is ~10 µs: 10k flows of a
-        dead transceiver at once would hold the packet path for 100 ms). Only the doomed flow
-        itself: one learned meanwhile from the same 5-tuple (a client back on a restarted
-        transceiver) stays. Yields the flows removed so far."""
+        dead transceiver at once would hold the packet path for 100 ms). Yields the flows
+        removed so far."""
+        return self._remove_steps(self.doomed, chunk, lambda entry: True, expired=False)
+
+    def expire_idle_steps(self, chunk: int) -> Iterator[int]:
+        """Remove the flows the flush found idle, ``chunk`` per step, those that are still idle
+        (a datagram may have come since). Yields the flows expired so far."""
+        return self._remove_steps(self.idle_found, chunk, self._still_idle, expired=True)
+
+    def _still_idle(self, entry: FlowEntry) -> bool:
+        if self.kernel is not None and entry.kernel is not None:
+            self.kernel.fold(entry)
+        return entry.packets_in + entry.packets_out == entry.flushed_activity
+
+    def _remove_steps(self, pending: list[FlowEntry], chunk: int, still: Callable[[FlowEntry], bool],
+                      expired: bool) -> Iterator[int]:
+        """Remove ``pending``'s flows, ``chunk`` per step, each only if it is still the entry
+        of its 5-tuple (not one learned since from the same address: a client back on a
+        restarted transceiver) and ``still`` says so."""
         removed = 0
-        while self.doomed:
-            batch = self.doomed[-chunk:]
-            del self.doomed[-chunk:]
-            removed += sum(self.remove(entry.client_key) for entry in batch
-                           if self.by_key.get(entry.client_key) is entry)
+        while pending:
+            batch = pending[-chunk:]
+            del pending[-chunk:]
+            removed += sum(self.remove(entry.client_key, expired) for entry in batch
+                           if self.by_key.get(entry.client_key) is entry and still(entry))
             yield removed
 
     def flush_counters(self, now: float) -> None:
@@ -421,15 +446,18 @@ class LocalFlows:
         limit, a worker whose 10,000 flows were idle read them all every tick: 5 ms a second.)
 
         The packet path does not stamp every packet: a flow whose counters moved since its
-        last flush was seen now (± one pass). The caller sizes ``budget`` so that a pass stays
-        well inside the idle timeout. A flow that did not move is not written: shm already
-        holds its counters and last-seen time, and it ages towards expiry."""
+        last look was seen now (± one pass). A flow that did not move is not written: shm
+        already holds its counters and last-seen time. One that did not move for idle_timeout
+        since a look saw it move joins ``idle_found`` (expire_idle_steps removes it): expiry
+        needs no second pass over the table, and never reads a last-seen time that a slow pass
+        left stale (a flow's counters are the truth, not shm's copy)."""
         kernel = self.kernel
         stamp = ms(now)
         if self.counter_flush is not None and kernel is None:
             yield from self._flush_counters_steps_c(stamp, chunk, budget)
             return
         flush = self._own().flush_counters
+        idle_ms, idle_found = ms(self.idle_timeout), self.idle_found
         entries = self.entries
         written = looked = 0
         total = min(len(entries), LOOKS_PER_WRITE * budget)
@@ -450,16 +478,20 @@ class LocalFlows:
                 activity = entry.packets_in + entry.packets_out
                 if activity != entry.flushed_activity:
                     entry.flushed_activity = activity
+                    entry.flushed_ms = stamp
                     flush(entry.handle, entry.packets_in, entry.bytes_in, entry.packets_out, entry.bytes_out, stamp)
                     written += 1
+                elif stamp - entry.flushed_ms > idle_ms:
+                    idle_found.append(entry)
             yield written
 
     def flush_budget(self, elapsed: float) -> int:
         """The counter writes a housekeeping tick makes ``elapsed`` s after the last one: a pass
         over the moved flows takes at most idle_timeout / FLUSH_PASSES_PER_IDLE of wall time
         however far apart ticks come. (The budget was per tick: an overloaded worker's ticks
-        came further apart, a pass outlasted the idle timeout, and the sweep expired flows
-        that were sending: 4.5% of 2 x 50,000 in the bench's paced search.)"""
+        came further apart, a pass outlasted the idle timeout, and the sweep, which expired by
+        shm's last_seen then, expired flows that were sending: 4.5% of 2 x 50,000 in the
+        bench's paced search.)"""
         per_s = max(FLUSH_MIN_PER_S, len(self.entries) * FLUSH_PASSES_PER_IDLE / self.idle_timeout)
         return int(per_s * elapsed) + 1
 
@@ -477,21 +509,31 @@ class LocalFlows:
         while looked < total and written < budget:
             self._flush_cursor, step_written, step_looked = flush(
                 self.entries, self._flush_cursor, min(chunk, budget - written),
-                min(LOOKS_PER_WRITE * chunk, total - looked), writer.table_buffer, stamp)
+                min(LOOKS_PER_WRITE * chunk, total - looked), writer.table_buffer, stamp,
+                ms(self.idle_timeout), self.idle_found)
             if not step_looked:
                 return  # (no entries left)
             written += step_written
             looked += step_looked
             yield written
 
-    def sweep_steps(self, now: float, slots: int, chunk: int, removals: int) -> Iterator[int]:
-        """Expire idle flows among the next ``slots`` slots of the partition, ``chunk`` slots
-        and at most ``removals`` deletes a step (call after the counter flush, so shm has the
-        latest last_seen). A step that met its delete limit did not cover its slots: it is
-        not counted against ``slots``, so every idle flow in the window goes this tick, in as
-        many short steps as it takes. Yields the flows expired so far."""
+    @property
+    def orphaned(self) -> bool:
+        """Does the partition hold flows this worker has no entry for (left by take_over: a
+        listen address the configuration dropped, a target it cannot reach)?"""
+        return self._own().flow_count > len(self.by_key)
+
+    def sweep_steps(self, now: float, slots: int, chunk: int, removals: int, idle_s: float) -> Iterator[int]:
+        """Expire the flows of the partition whose last_seen in shm is ``idle_s`` old among
+        its next ``slots`` slots, ``chunk`` slots and at most ``removals`` deletes a step. The
+        flush expires the flows this worker serves (expire_idle_steps); this catches those it
+        has no entry for (a listen address the configuration dropped, a target it cannot
+        reach), so ``idle_s`` is well above the oldest a flush pass leaves a sending flow's
+        last_seen. A step that met its delete limit did not cover its slots: it is not counted
+        against ``slots``, so every idle flow in the window goes this tick, in as many short
+        steps as it takes. Yields the flows expired so far."""
         writer = self._own()
-        idle = ms(self.idle_timeout)
+        idle = ms(idle_s)
         expired = 0
         done = 0
         while done < slots:
@@ -502,7 +544,7 @@ class LocalFlows:
                 entry = self.by_handle.get(flow.handle)
                 if entry is not None:
                     self._remove(entry.client_key)
-                    expired += 1
+            expired += len(removed)
             yield expired
 
     def _on_move(self, old_handle: int, new_handle: int) -> None:

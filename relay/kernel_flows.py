@@ -3,8 +3,8 @@
 A flow goes into the kernel when the worker learns or adopts it (after shm and the dicts: the
 kernel forwards only what the worker would) and leaves the moment it ends (closed, expired,
 its transceiver gone), its last counters folded first. Counters are per CPU in the kernel; the
-worker folds them into the flow's own (and so into shm, the expiry sweep's last-seen time and
-/metrics) during its counter flush. Flows the kernel path does not take stay on the workers'
+worker folds them into the flow's own (and so into expiry, shm's last-seen time and /metrics)
+during its counter flush. Flows the kernel path does not take stay on the workers'
 hit path: IPv6 clients, hops to another cluster, clients of a hop socket.
 """
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from relay.decision import DECISION_DROP_REASONS
+from relay.housekeeping_steps import STEP_BUCKET_COUNTERS, STEP_BUCKETS_US
 from wire.tunnel_frame import FRAME_ERROR_REASONS
 
 # Drops the worker itself decides, beyond the decision function's and the frame decoder's.
@@ -48,6 +49,8 @@ TRAFFIC_COUNTERS = (
     "flows_closed",  # session closed or transceiver gone
     "heartbeats",
     "housekeeping_stalls",  # ticks that came late (the worker did not run): they expired nothing
+    "housekeeping_step_us_total",  # CPU time of every housekeeping step (relay/housekeeping_steps.py)
+    *STEP_BUCKET_COUNTERS,  # the steps by CPU time (not cumulative)
     "internal_errors",  # batches lost to a bug (logged with a traceback): must stay 0
 )
 # The route directory (relay/worker_directory.py), by event: directory_<event>.
@@ -122,6 +125,10 @@ def render_prometheus(rows: Sequence[Mapping[str, int]], table_totals: Mapping[s
     for w, row in enumerate(rows):
         out.append(f'rtcrelay_housekeeping_step_max_seconds{{worker="{w}"}} '
                    f'{row.get("housekeeping_step_max_us", 0) / 1e6}')
+    family("housekeeping_step_seconds", "histogram",
+           "Housekeeping steps by the CPU time the worker's packet path waited for each.")
+    for w, row in enumerate(rows):
+        out.extend(_step_histogram(w, row))
     family("worker_ready", "gauge", "1 when the worker serves.")
     for w, row in enumerate(rows):
         out.append(f'rtcrelay_worker_ready{{worker="{w}"}} {row.get("ready", 0)}')
@@ -133,3 +140,17 @@ def render_prometheus(rows: Sequence[Mapping[str, int]], table_totals: Mapping[s
         for key, value in sorted(table_totals.items()):
             out.append(f'rtcrelay_table{{field="{key}"}} {value}')
     return "\n".join(out) + "\n"
+
+
+def _step_histogram(worker: int, row: Mapping[str, int]) -> list[str]:
+    """One worker's housekeeping steps as Prometheus histogram lines (cumulative buckets)."""
+    lines: list[str] = []
+    below = 0
+    for bound, name in zip((*STEP_BUCKETS_US, None), STEP_BUCKET_COUNTERS):
+        below += row.get(name, 0)
+        le = "+Inf" if bound is None else repr(bound / 1e6)
+        lines.append(f'rtcrelay_housekeeping_step_seconds_bucket{{worker="{worker}",le="{le}"}} {below}')
+    lines.append(f'rtcrelay_housekeeping_step_seconds_sum{{worker="{worker}"}} '
+                 f'{row.get("housekeeping_step_us_total", 0) / 1e6}')
+    lines.append(f'rtcrelay_housekeeping_step_seconds_count{{worker="{worker}"}} {below}')
+    return lines

@@ -20,8 +20,9 @@ flow's transceiver address, is sent on; anything else goes through the msgspec d
 clients it has a flow for: it is no reflector.
 
 Housekeeping ten times a second, in short steps between which the sockets are served:
-per-flow counters to shm, an incremental expiry sweep, the flows of transceivers past their
-heartbeat timeout, the worker's counter row (heartbeat for the supervisor's watchdog).
+per-flow counters to shm (the same look at each flow finds those idle past the timeout, then
+expired), a slow sweep of the partition for flows without an entry, the flows of transceivers
+past their heartbeat timeout, the worker's counter row (heartbeat for the supervisor's watchdog).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from relay.decision import AuthPolicy
 from relay.flows import FlowEntry, LocalFlows
 from relay.hit_path import HEADROOM, FlowSender, HitPath, open_hit_path
 from relay.hop_ingress import HopReturn
+from relay.housekeeping_steps import StepRunner
 from relay.kernel_flows import KernelFlows
 from relay.metrics import COUNTER_INDEX, WORKER_COUNTERS
 from relay.miss_budget import MissBudget
@@ -70,25 +72,30 @@ from wire.tunnel_frame import (
 log = logging.getLogger("rtcrelay.relay")
 
 BUFSIZE = 2048  # larger than any WebRTC datagram (MTU-bound); bigger ones are counted "oversized"
-# Housekeeping ticks ten times a second and runs in steps of at most ~150 µs, datagrams served
-# between steps: nothing it does grows a step with the number of flows (done in one go once a
+# Housekeeping ticks ten times a second and runs in steps of ~50 µs (relay/housekeeping_steps.py),
+# datagrams served between steps: nothing it does grows a step with the number of flows (done in one go once a
 # second it held the packet path for ~0.6 ms with 64 flows, and ~100 ms with 50k). Small ticks
 # spread its work over the second: at 10k flows the same work in one burst a second (~30 ms of
 # steps) tripled the p99 of datagrams it did not even delay (bench/relay.py; the load's CPU
 # shares the host with the worker's).
 HOUSEKEEPING_S = 0.1
-STALLED_S = 0.5  # a tick this late: the worker did not run (see housekeeping_steps)
+STALLED_S = 0.5  # a tick this late: the worker did not run (see housekeeping_units)
 GC_TICKS = 10  # the young generations once a second
 FULL_GC_TICKS = 600  # everything once every ten minutes (flows are frozen: it is small)
-FLUSH_FLOWS_PER_STEP = 32  # counter writes in Python (~3.5 µs each; C: flows.flush_step_scale times more)
-SWEEP_SLOTS_PER_STEP = 1024  # ~25 µs with nothing to expire
-SWEEP_PASSES_PER_IDLE = 4  # an idle flow goes at most idle_timeout / 4 late
-REMOVALS_PER_STEP = 8  # shm deletes (~12 µs each with the dicts and backward shifts)
+# A unit of housekeeping (a step runs as many as fit its ~50 µs): each ~5-40 µs at 50k flows
+FLUSH_FLOWS_PER_UNIT = 8  # counter writes in Python (~3.5 µs each; C: flows.flush_step_scale times more)
+SWEEP_SLOTS_PER_UNIT = 256  # ~6 µs with nothing to expire and the caches warm, ~45 µs cold
+# The flush expires the flows a worker serves. A sweep of the partition in shm expires those it
+# has no entry for, and runs only while there are some (take_over leaves them: rare): idle for
+# ORPHAN_IDLE_FACTOR x idle_timeout by shm's last_seen (which a flush pass leaves at most
+# idle_timeout / FLUSH_PASSES_PER_IDLE old), a pass in that time. (Expiry by a sweep of every
+# slot, a pass per idle_timeout / 4, cost ~3 ms of every second at 50k flows: 118 µs a unit.)
+ORPHAN_IDLE_FACTOR = 4
+REMOVALS_PER_UNIT = 2  # shm deletes (~12 µs each with the dicts and backward shifts)
 
 _C = COUNTER_INDEX
 _monotonic = time.monotonic
 _CLIENT_PACKETS, _CLIENT_BYTES = _C["client_packets"], _C["client_bytes"]
-_DONE = object()
 _SLOT_0 = (0,)
 
 
@@ -290,14 +297,14 @@ class Worker(TunnelControl, ReturnPath, MissPath):
     def drop(self, reason: str, count: int = 1) -> None:
         self.counts[_C["drop_" + reason]] += count
 
-    def housekeeping_steps(self) -> Iterator[None]:
-        """One housekeeping tick, as short steps: the caller serves the sockets between them.
-        Every step is bounded whatever the number of flows (``housekeeping_step_max_us``).
+    def housekeeping_units(self) -> Iterator[None]:
+        """One housekeeping tick, as short units of work: the caller runs them in steps of
+        bounded time (relay/housekeeping_steps.py) and serves the sockets between steps.
 
         A tick that comes STALLED_S late or more (the worker did not run: SIGSTOP, a starved
         host) expires nothing: the datagrams and heartbeats that keep its flows alive may still
         wait in its sockets, and the flush's few loop rounds read only some of them (the bench's
-        drain left 2.4% of 100,000 flows idled out that way). The next tick sweeps."""
+        drain left 2.4% of 100,000 flows idled out that way). The next tick expires."""
         self.ticks += 1
         now = time.monotonic()
         since_last = now - self.last_tick
@@ -308,22 +315,26 @@ class Worker(TunnelControl, ReturnPath, MissPath):
             yield
         cfg = self.spec.config
         flows = self.flows
-        chunk = FLUSH_FLOWS_PER_STEP * flows.flush_step_scale  # (more when the flush is in C)
+        chunk = FLUSH_FLOWS_PER_UNIT * flows.flush_step_scale  # (more when the flush is in C)
         for _ in flows.flush_counters_steps(now, chunk, flows.flush_budget(max(since_last, HOUSEKEEPING_S))):
             yield
         if stalled:
+            flows.idle_found.clear()  # (their datagrams may wait in the sockets: looked at again next pass)
             self.counts[_C["housekeeping_stalls"]] += 1
             self.publish_counters(ready=1)
             return
-        slots = max(SWEEP_SLOTS_PER_STEP,
-                    int(cfg.flow_capacity * SWEEP_PASSES_PER_IDLE / cfg.idle_timeout * HOUSEKEEPING_S))
-        expired = 0  # the steps yield the flows expired (closed, below) so far: the last value is the total
-        for expired in flows.sweep_steps(now, slots, SWEEP_SLOTS_PER_STEP, REMOVALS_PER_STEP):  # noqa: B007
+        expired = orphans = 0  # the steps yield the flows removed so far: the last value is the total
+        for expired in flows.expire_idle_steps(REMOVALS_PER_UNIT):  # noqa: B007
             yield
-        self.counts[_C["flows_expired"]] += expired
+        if flows.orphaned:
+            orphan_idle = cfg.idle_timeout * ORPHAN_IDLE_FACTOR
+            slots = int(cfg.flow_capacity * HOUSEKEEPING_S / orphan_idle) + 1
+            for orphans in flows.sweep_steps(now, slots, SWEEP_SLOTS_PER_UNIT, REMOVALS_PER_UNIT, orphan_idle):  # noqa: B007
+                yield
+        self.counts[_C["flows_expired"]] += expired + orphans
         flows.expire_silent_transceivers(now, cfg.heartbeat_timeout)
         closed = 0
-        for closed in flows.remove_doomed_steps(REMOVALS_PER_STEP):  # noqa: B007
+        for closed in flows.remove_doomed_steps(REMOVALS_PER_UNIT):  # noqa: B007
             yield
         self.counts[_C["flows_closed"]] += closed
         self.links.retain(flows.transceivers)
@@ -385,7 +396,7 @@ class Worker(TunnelControl, ReturnPath, MissPath):
         # every object it is given, ~1.2 µs per flow (64 ms at 50k flows, measured).
         gc.disable()
         gc.freeze()
-        longest = 0.0
+        steps = StepRunner(self.counts, _C)
         while not self._stop.is_set():
             await asyncio.sleep(HOUSEKEEPING_S)  # (SIGTERM sets _stop: seen within a tick)
             if self._stop.is_set():
@@ -393,15 +404,9 @@ class Worker(TunnelControl, ReturnPath, MissPath):
             if os.getppid() != self.spec.supervisor_pid:
                 log.error("worker %d: supervisor gone, exiting", self.index)
                 break
-            steps = self.housekeeping_steps()
+            units = self.housekeeping_units()
             self.housekeeping_running = True
-            while True:
-                # CPU time, not wall time: what the step costs, not when the host preempted it
-                started = time.thread_time()
-                if next(steps, _DONE) is _DONE:
-                    break
-                longest = max(longest, time.thread_time() - started)
-                self.counts[_C["housekeeping_step_max_us"]] = int(longest * 1e6)
+            while steps.step(units):
                 await asyncio.sleep(0)  # one loop iteration: ready sockets are served
             self.housekeeping_running = False
         for sock in self.public:

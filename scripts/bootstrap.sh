@@ -46,7 +46,7 @@ fi
 
 stamp="$VENV/.rtcrelay-installed"
 extras="${RTCRELAY_EXTRAS:-test}"
-want="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT"/relay/_hitpath*.[ch] "$ROOT"/relay/ebpf/*.c | sha256sum | cut -c1-16)-$extras"
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT"/relay/_*.[ch] "$ROOT"/relay/ebpf/*.c | sha256sum | cut -c1-16)-$extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e "$ROOT[$extras]"

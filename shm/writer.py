@@ -243,8 +243,14 @@ class PartitionWriter(PartitionRepair):
         self._remove_flow(i)
         return flow
 
-    def delete_handle(self, handle: int) -> Flow | None:
-        """Remove the flow a handle names (None if the handle is stale or not this partition's)."""
+    @property
+    def flow_count(self) -> int:
+        """The partition's live flows (its header's count)."""
+        return self._q[self._hw + P_FLOWS]
+
+    def delete_handle(self, handle: int, expired: bool = False) -> Flow | None:
+        """Remove the flow a handle names (None if the handle is stale or not this partition's);
+        ``expired``: it idled out (counted with the sweep's)."""
         if (handle >> HANDLE_SLOT_BITS) & HANDLE_PART_MASK != self.partition:
             return None
         i = handle & HANDLE_SLOT_MASK
@@ -255,6 +261,8 @@ class PartitionWriter(PartitionRepair):
             return None
         flow = self._record(i)
         self._remove_flow(i)
+        if expired:
+            self._q[self._hw + P_EXPIRED] += 1
         return flow
 
     def record_closed(self, ufrag: bytes, until_ms: int, now_ms: int) -> bool:

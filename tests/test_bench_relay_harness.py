@@ -465,6 +465,8 @@ def test_report_ratios_and_target_verdicts():
     results += [_result("ref", 1, 200_000, 100_000, 40.0, flows=10_000),
                 _result("relay", 1, 100_000, 90_000, 50.0, flows=10_000)]
     results[-1].flow_check = {"expected": 10_000, "held": 9_000, "ok": False}
+    results[1].housekeeping = {"steps": 900, "max_us": 150, "over_200us": 0, "cpu_ms": 40.0}
+    results[3].housekeeping = {"steps": 950, "max_us": 260, "over_200us": 1, "cpu_ms": 42.0}  # the worst worker counts
     table, targets = relay_report.report(results)
     verdicts = {t["target"]: (round(t["value"], 3) if t["value"] else None, t["verdict"]) for t in targets}
     assert verdicts == {
@@ -472,10 +474,12 @@ def test_report_ratios_and_target_verdicts():
         "64 flows/worker: relay 1 worker, paced max pps per core vs reference": (0.833, "MISS"),
         "64 flows/worker: relay 2 workers vs 1 worker, drain pps": (1.593, "PASS"),
         "64 flows/worker: relay p99 latency at 20k pps vs reference (1 worker)": (2.0, "MISS"),
+        "64 flows/worker: relay longest housekeeping step (us of CPU)": (260, "MISS"),
         "10,000 flows/worker: relay 1 worker, drain pps per core vs reference": (0.5, "MISS"),
         "10,000 flows/worker: relay 1 worker, paced max pps per core vs reference": (0.9, "PASS"),
         "10,000 flows/worker: relay 2 workers vs 1 worker, drain pps": (None, "NOT MEASURED"),
         "10,000 flows/worker: relay p99 latency at 20k pps vs reference (1 worker)": (1.25, "PASS"),
+        "10,000 flows/worker: relay longest housekeeping step (us of CPU)": (None, "NOT MEASURED"),
     }
     assert "load-bound" in next(t["note"] for t in targets if "paced" in t["target"])
     relay2 = next(line for line in table.splitlines() if line.startswith("64        rtcrelay relay  2"))

@@ -18,3 +18,5 @@ def test_two_short_runs_on_the_relay_print_their_figures() -> None:
     runs = re.findall(r"^run \d: p50 ([\d.]+) us, p99 ([\d.]+) us", done.stdout, re.M)
     assert len(runs) == 2 and all(0 < float(p50) <= float(p99) for p50, p99 in runs), done.stdout
     assert re.search(r"64 flows: p99 median [\d.]+ us, best [\d.]+ us of 2 runs", done.stdout), done.stdout
+    steps = re.search(r"^housekeeping: ([\d,]+) steps, longest (\d+) us, (\d+) over 200 us", done.stdout, re.M)
+    assert steps and int(steps[1].replace(",", "")) > 0 and int(steps[2]) > 0, done.stdout

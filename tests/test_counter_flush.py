@@ -1,6 +1,7 @@
 """relay/_counter_flush.c against its reference, shm.writer.PartitionWriter.flush_counters: from
 the same table and the same entries, both must leave the same bytes (slots, seqs, journal,
-sessions' last_seen), whatever moved, went stale or belongs to another partition."""
+sessions' last_seen) and the same entries (flushed activity and time, the idle flows found),
+whatever moved, idled, went stale or belongs to another partition."""
 from __future__ import annotations
 
 import random
@@ -44,52 +45,60 @@ def table_bytes(flows: LocalFlows) -> bytes:
     return bytes(flows._own().table_buffer)  # type: ignore[call-overload]
 
 
-def run_both(flows: LocalFlows, now: float, chunk: int, budget: int) -> tuple[list[int], list[int]]:
-    """The flush in Python, then from the same bytes and entries in C: (steps of each)."""
+def run_both(flows: LocalFlows, now: float, chunk: int, budget: int) -> tuple[list[int], list[int], int]:
+    """The flush in Python, then from the same bytes and entries in C: (steps of each, idle
+    flows found)."""
     c_flush = flows.counter_flush
     assert c_flush is not None
     before = table_bytes(flows)
-    activity = [e.flushed_activity for e in flows.entries]
+    flushed = [(e.flushed_activity, e.flushed_ms) for e in flows.entries]
     cursor = flows._flush_cursor
 
     flows.counter_flush = None
     python_steps = list(flows.flush_counters_steps(now, chunk, budget))
     python_bytes, python_cursor = table_bytes(flows), flows._flush_cursor
-    python_activity = [e.flushed_activity for e in flows.entries]
+    python_flushed = [(e.flushed_activity, e.flushed_ms) for e in flows.entries]
+    python_idle = flows.idle_found[:]
 
     flows._own().table_buffer[:] = before  # type: ignore[index]
-    for entry, value in zip(flows.entries, activity):
-        entry.flushed_activity = value
+    for entry, (activity, at) in zip(flows.entries, flushed):
+        entry.flushed_activity, entry.flushed_ms = activity, at
     flows._flush_cursor = cursor
+    flows.idle_found.clear()
     flows.counter_flush = c_flush
     c_steps = list(flows.flush_counters_steps(now, chunk, budget))
     assert table_bytes(flows) == python_bytes
     assert flows._flush_cursor == python_cursor
-    assert [e.flushed_activity for e in flows.entries] == python_activity
-    return python_steps, c_steps
+    assert [(e.flushed_activity, e.flushed_ms) for e in flows.entries] == python_flushed
+    assert flows.idle_found == python_idle
+    flows.idle_found.clear()
+    return python_steps, c_steps, len(python_idle)
 
 
 def test_c_and_python_write_the_same_bytes(flows: LocalFlows) -> None:
     rng = random.Random(7)
     now = 101.0
-    for _ in range(6):
+    idle = 0
+    for step in (0.2, 0.9, 31.0, 1.0, 3.0, 31.0):  # the session's last_seen moves only by >= 1 s
         for entry in rng.sample(flows.entries, FLOWS // 2):
             entry.packets_in += rng.randrange(1, 1000)
             entry.bytes_in += rng.randrange(1, 1 << 40)  # beyond 32 bits
             if rng.random() < 0.5:
                 entry.packets_out += 1
                 entry.bytes_out += rng.randrange(1, 1 << 20)
-        now += rng.choice((0.2, 0.9, 1.0, 3.0))  # the session's last_seen moves only by >= 1 s
-        python_steps, c_steps = run_both(flows, now, chunk=16, budget=FLOWS)
+        now += step
+        python_steps, c_steps, found = run_both(flows, now, chunk=16, budget=FLOWS)
         assert python_steps[-1] == c_steps[-1] > 0  # the same flows written
+        idle += found
+    assert idle > 0  # (the 31 s step: the flows that did not move before it were found idle)
 
 
 def test_a_budget_stops_both_at_the_same_flow(flows: LocalFlows) -> None:
     for entry in flows.entries:
         entry.packets_in += 1
-    python_steps, c_steps = run_both(flows, 105.0, chunk=8, budget=50)
+    python_steps, c_steps, _ = run_both(flows, 105.0, chunk=8, budget=50)
     assert python_steps[-1] == c_steps[-1] == 50
-    python_steps, c_steps = run_both(flows, 106.0, chunk=8, budget=50)  # the next 50, round robin
+    python_steps, c_steps, _ = run_both(flows, 106.0, chunk=8, budget=50)  # the next 50, round robin
     assert python_steps[-1] == c_steps[-1] == 50
 
 
@@ -102,7 +111,7 @@ def test_stale_and_foreign_handles_are_not_written(flows: LocalFlows) -> None:
     for entry in (stale, foreign):
         entry.packets_in += 5
     before = table_bytes(flows)
-    python_steps, c_steps = run_both(flows, 110.0, chunk=4, budget=FLOWS)
+    python_steps, c_steps, _ = run_both(flows, 110.0, chunk=4, budget=FLOWS)
     assert python_steps[-1] == c_steps[-1] == 2
     assert table_bytes(flows) == before
 
@@ -114,15 +123,16 @@ def test_an_entry_of_another_type_is_refused_before_anything_is_written(flows: L
     c_flush = flows.counter_flush
     buffer = flows._own().table_buffer
     before = table_bytes(flows)
+    idle: list[FlowEntry] = []
     with pytest.raises(TypeError, match=r"no __slots__ member (bytes_in|flushed_activity)"):
-        c_flush.flush([Bare()], 0, 10, 10, buffer, 1)
+        c_flush.flush([Bare()], 0, 10, 10, buffer, 1, 30_000, idle)
     entry = flows.entries[0]
     entry.packets_in = "x"  # type: ignore[assignment]
     with pytest.raises(TypeError, match="packets_in must be an int"):
-        c_flush.flush([entry], 0, 10, 10, buffer, 1)
-    assert table_bytes(flows) == before
+        c_flush.flush([entry], 0, 10, 10, buffer, 1, 30_000, idle)
+    assert table_bytes(flows) == before and idle == []
     with pytest.raises(ValueError, match="smaller than the partition"):
-        c_flush.flush(flows.entries, 0, 10, 10, bytearray(64), 1)
+        c_flush.flush(flows.entries, 0, 10, 10, bytearray(64), 1, 30_000, idle)
     assert isinstance(entry, FlowEntry)
 
 

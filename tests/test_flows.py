@@ -138,15 +138,55 @@ def test_a_flow_learned_again_before_its_doomed_copy_goes_stays(flows: LocalFlow
     assert flows.by_key[sockaddr_for(*client(1))].ufrag == "ufrag1"
 
 
-def test_sweep_steps_expire_every_idle_flow_in_short_steps(flows: LocalFlows) -> None:
+def test_the_flush_finds_idle_flows_and_expiry_takes_only_those_still_idle(flows: LocalFlows) -> None:
+    """A flush that looks at a flow which has not moved for idle_timeout (30 s) since a flush
+    saw it move, or since it was learned, lists it; expiry removes it from shm and the dicts
+    in steps, unless a datagram came between the look and the removal."""
+    for n in range(1, 21):
+        learn(flows, n, now=100.0)
+    for n in (5, 10, 15):
+        flows.by_key[sockaddr_for(*client(n))].packets_in += 1
+    list(flows.flush_counters_steps(now=125.0, chunk=32, budget=100))
+    assert flows.idle_found == []  # 25 s: nothing idle yet
+    list(flows.flush_counters_steps(now=131.0, chunk=32, budget=100))
+    assert sorted(e.client_address[1] - 50000 for e in flows.idle_found) == [n for n in range(1, 21) if n not in (5, 10, 15)]
+    flows.by_key[sockaddr_for(*client(7))].packets_out += 1  # a datagram back after the look
+    steps = list(flows.expire_idle_steps(3))
+    assert steps[-1] == 16 and all(b - a <= 3 for a, b in zip([0, *steps], steps))
+    assert sorted(flows.by_key) == sorted(sockaddr_for(*client(n)) for n in (5, 7, 10, 15))
+    assert flows.table.totals()["flows"] == 4 and flows.table.totals()["expired"] == 16
+    assert flows.idle_found == []
+
+
+def test_the_flush_never_expires_a_flow_that_moved_however_slow_its_pass(flows: LocalFlows) -> None:
+    """Expiry reads the flow's own counters at the look, not a last_seen a slow pass left
+    stale: with one write a tick, a pass over 20 sending flows takes 20 ticks of 2 s, longer
+    than the 30 s idle timeout, and none expires; the one that stops sending does."""
+    for n in range(1, 21):
+        learn(flows, n, now=100.0)
+    quiet = flows.by_key[sockaddr_for(*client(20))]
+    now = 100.0
+    while now < 200.0:
+        now += 2.0
+        for entry in flows.entries:
+            if entry is not quiet:
+                entry.packets_in += 1
+        list(flows.flush_counters_steps(now, chunk=1, budget=1))
+        list(flows.expire_idle_steps(8))
+        assert len(flows.by_key) >= 19, f"at {now - 100:.0f} s"
+    assert sorted(flows.by_key) == sorted(sockaddr_for(*client(n)) for n in range(1, 20))
+
+
+def test_a_sweep_of_the_table_expires_every_flow_idle_in_shm_in_short_steps(flows: LocalFlows) -> None:
+    """The sweep (orphans: flows in shm the worker has no entry for) by shm's last_seen."""
     for n in range(1, 21):
         learn(flows, n, now=100.0)
     for n in (5, 10):
         flows.by_key[sockaddr_for(*client(n))].packets_in += 1
     list(flows.flush_counters_steps(now=125.0, chunk=32, budget=100))
     # capacity 64: one window of all the slots, at most 3 deletes a step
-    steps = list(flows.sweep_steps(now=131.0, slots=64, chunk=64, removals=3))
-    assert steps[-1] == 18 and all(b - a <= 3 for a, b in zip([0] + steps, steps))
+    steps = list(flows.sweep_steps(now=131.0, slots=64, chunk=64, removals=3, idle_s=30.0))
+    assert steps[-1] == 18 and all(b - a <= 3 for a, b in zip([0, *steps], steps))
     assert sorted(flows.by_key) == sorted(sockaddr_for(*client(n)) for n in (5, 10))
     assert flows.table.totals()["flows"] == 2
 
@@ -179,12 +219,14 @@ def test_a_flush_of_idle_flows_looks_at_16_per_write_of_its_budget(flows: LocalF
 @pytest.mark.parametrize("tick_s", [0.1, 0.45], ids=["ticks-on-time", "ticks-late"])
 def test_sending_flows_outlive_the_sweep_however_far_apart_ticks_come(
         flows: LocalFlows, tick_s: float, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A worker's ticks as housekeeping_steps makes them: flush with the budget for the time
-    since the last tick, then sweep the whole table. Every flow sends between ticks, and none
-    may expire. An overloaded worker's ticks come further apart (below STALLED_S late: no
-    stall): with a budget per tick, its pass of 40 flows took 8 ticks, 3.6 s at 0.45 s,
-    longer than the 3 s idle timeout, and the sweep expired flows that were sending."""
+    """A worker's ticks as housekeeping_units makes them: flush with the budget for the time
+    since the last tick, expire what it found idle, then sweep the whole table for orphans.
+    Every flow sends between ticks, and none may expire. An overloaded worker's ticks come
+    further apart (below STALLED_S late: no stall): with a budget per tick, its pass of 40
+    flows took 8 ticks, 3.6 s at 0.45 s, longer than the 3 s idle timeout, and a sweep by
+    shm's last_seen (expiry did that then) expired flows that were sending."""
     monkeypatch.setattr("relay.flows.FLUSH_MIN_PER_S", 1)
+    monkeypatch.setattr("relay.flows.FLUSH_PASSES_PER_IDLE", 3)
     flows.idle_timeout = 3.0  # a pass: 40 flows x 3 passes / 3 s = 40 writes a second
     for n in range(1, 41):
         learn(flows, n, now=100.0)
@@ -194,5 +236,36 @@ def test_sending_flows_outlive_the_sweep_however_far_apart_ticks_come(
         for entry in flows.entries:
             entry.packets_in += 1
         list(flows.flush_counters_steps(now, chunk=4, budget=flows.flush_budget(tick_s)))
-        assert list(flows.sweep_steps(now, slots=64, chunk=64, removals=64))[-1] == 0, f"at {now - 100:.2f} s"
+        assert list(flows.expire_idle_steps(8)) == [], f"at {now - 100:.2f} s"
+        assert list(flows.sweep_steps(now, slots=64, chunk=64, removals=64, idle_s=3.0))[-1] == 0, \
+            f"at {now - 100:.2f} s"
     assert len(flows.by_key) == 40 and flows.table.totals()["flows"] == 40
+
+
+def test_flows_of_a_dropped_listen_address_are_orphans_that_the_sweep_expires(tmp_path: Path) -> None:
+    """A worker restarted with one listen address fewer takes over flows it cannot serve: no
+    entry, so no flush expires them. The partition then holds more flows than the worker has
+    entries, and the sweep runs until those idled out by shm's last_seen are gone."""
+    config = RelayConfig(name="orphans", workers=1, table_dir=str(tmp_path), flow_capacity=64, session_capacity=64)
+    table = FlowTable.create(config.table_path, partitions=1, flow_capacity=64, session_capacity=64)
+    other = (socket.inet_aton("127.0.0.1"), 3479)
+    before = LocalFlows(config, 0, socket.AF_INET, [PUBLIC, other])
+    before.take_over(now=100.0)
+    for n in range(1, 7):
+        source = client(n)
+        entry, _ = before.learn(sockaddr_for(*source), source, n % 2, Learn(f"u{n}", *TRANSCEIVER, 1), 100.0)
+        assert entry is not None
+    before.close()
+    after = LocalFlows(config, 0, socket.AF_INET, [PUBLIC])
+    after.take_over(now=101.0)
+    try:
+        assert len(after.by_key) == 3 and after.orphaned
+        assert list(after.sweep_steps(now=110.0, slots=64, chunk=64, removals=8, idle_s=30.0)) == [0]  # not idle yet
+        list(after.flush_counters_steps(now=132.0, chunk=8, budget=64))  # 31 s after the takeover
+        assert list(after.expire_idle_steps(8))[-1] == 3  # its own flows: by the flush
+        assert after.orphaned
+        assert list(after.sweep_steps(now=131.0, slots=64, chunk=64, removals=8, idle_s=30.0))[-1] == 3
+        assert not after.orphaned and after.table.totals()["flows"] == 0
+    finally:
+        after.close()
+        table.close()

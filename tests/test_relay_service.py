@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import prom
 import pytest
 from relayproc import (
     RTCRELAY,
@@ -75,6 +76,13 @@ def test_traffic_flows_both_ways_through_two_workers(relay: RelayProcess, transc
     wait_for(lambda: all(f.pkts_in == 6 and f.pkts_out == 5 for f in relay.table_flows()), 5, "per-flow counters flushed to shm")
     status, metrics = relay.http("/metrics")
     assert status == 200 and 'rtcrelay_packets_total{worker="0",direction="to_transceiver"}' in metrics
+    # every worker's housekeeping steps, as Prometheus parses a histogram
+    assert prom.families(metrics)["rtcrelay_housekeeping_step_seconds"] == "histogram"
+    for worker in ("0", "1"):
+        steps = prom.sample(metrics, "rtcrelay_housekeeping_step_seconds_count", worker=worker)
+        assert steps > 0 and prom.sample(metrics, "rtcrelay_housekeeping_step_seconds_bucket", worker=worker,
+                                         le="+Inf") == steps
+        assert 0 < prom.sample(metrics, "rtcrelay_housekeeping_step_seconds_sum", worker=worker) < steps * 0.01
     # The hit path (whichever serves: the log says) sends every known flow's datagram: the
     # worker sent only the 12 STUN checks it served as misses (they opened the links).
     rows = relay.rows()

@@ -51,11 +51,14 @@ LOOKS_PER_WRITE = 16  # flows a flush looks at for each one it may write
 # Counters of moved flows to shm: FLUSH_MIN_PER_S writes a second, or a pass per idle_timeout /
 # FLUSH_PASSES_PER_IDLE if that is faster: a flow's write is CPU the packet path needs more at 50k
 # flows than shm needs fresh counters. Expiry does not wait on it (the flush's own look at a flow
-# finds it idle, below). At 50k flows (bench/relay_latency.py), 3 passes per idle_timeout and
-# expiry by a sweep of shm's last_seen took 790 ms of housekeeping CPU and a p99 at 20k pps of
-# 136-148 µs; one pass and expiry from the flush, 170-196 ms and 84-102 µs.
+# finds it idle, below), but how soon it comes does: a flow that stopped is found idle at the
+# first look idle_timeout after a look saw it move, so it stays idle_timeout + a pass on average,
+# + 2 passes at most. At 50k flows (bench/relay_latency.py, p99 at 20k pps, median of 5 runs):
+# 3 passes and expiry by a sweep of shm's last_seen, 790 ms of housekeeping CPU and 136-148 µs;
+# expiry from the flush with 2 passes, 294 ms and 77-100 µs; with 1 pass, 177 ms and 77 µs:
+# within the noise of 2, for expiry twice as late.
 FLUSH_MIN_PER_S = 1024
-FLUSH_PASSES_PER_IDLE = 1
+FLUSH_PASSES_PER_IDLE = 2
 
 
 def counter_flush_for(writer: PartitionWriter) -> Any:

@@ -378,9 +378,8 @@ class Worker(TunnelControl, ReturnPath, MissPath):
         report = self.flows.take_over(time.monotonic())
         log.info("worker %d (pid %d) owns partition %d: %s; counter flush in %s", self.index, os.getpid(),
                  self.index, report, "Python" if self.flows.counter_flush is None else "C")
-        for which, sock in enumerate(self.public):
-            loop.add_reader(sock.fileno(), self.on_public_readable, which)
-        loop.add_reader(self.tunnel.fileno(), self.on_tunnel_readable, self.tunnel)
+        for fd, (callback, args) in self.readers.items():  # (public, tunnel and hop sockets: __init__)
+            loop.add_reader(fd, callback, *args)
         self.hops.start(loop)
         self.directory.start(loop)
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
@@ -409,10 +408,9 @@ class Worker(TunnelControl, ReturnPath, MissPath):
             while steps.step(units):
                 await asyncio.sleep(0)  # one loop iteration: ready sockets are served
             self.housekeeping_running = False
-        for sock in self.public:
-            loop.remove_reader(sock.fileno())
-        loop.remove_reader(self.tunnel.fileno())
-        self.hops.stop(loop)
+        for fd in self.readers:
+            loop.remove_reader(fd)
+        self.hops.stop()
         await self.directory.stop()
         self.links.close_all()
         self.flows.flush_counters(time.monotonic())

@@ -107,14 +107,12 @@ class WorkerHops:
     # -- the event loop -----------------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        for j, sock in enumerate(self.sockets):
-            loop.add_reader(sock.fileno(), self.ingress.on_readable, j)
+        """The DNS refresh of the routes' names (the worker reads the hop sockets: their
+        callback is ``ingress.on_readable`` with the socket's index)."""
         if self.routes is not None and self.routes.names():
             self._resolver = loop.create_task(self._resolve_forever(loop))
 
-    def stop(self, loop: asyncio.AbstractEventLoop) -> None:
-        for sock in self.sockets:
-            loop.remove_reader(sock.fileno())
+    def stop(self) -> None:
         if self._resolver is not None:
             self._resolver.cancel()
 

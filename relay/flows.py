@@ -284,13 +284,12 @@ class LocalFlows:
         return self._add(entry, now), ""
 
     def adopt(self, client_key: bytes, public_index: int, flow: Flow, now: float) -> tuple[FlowEntry | None, str]:
-        if self._tunnel_dest(unmap(flow.target_ip), flow.target_port) is None:
-            return None, "token_target_unreachable"  # (before shm: a flow there without an entry is an orphan)
         result = self._own().adopt(flow)
         if not result.has_flow:
             return None, _REFUSALS[result.status]
         entry = self._entry_from(flow, result.handle, client_key, public_index)
         if entry is None:
+            self._own().delete_handle(result.handle)  # (a flow in shm without an entry would be an orphan)
             return None, "token_target_unreachable"
         return self._add(entry, now), ""
 

@@ -72,7 +72,7 @@ from wire.tunnel_frame import (
 log = logging.getLogger("rtcrelay.relay")
 
 BUFSIZE = 2048  # larger than any WebRTC datagram (MTU-bound); bigger ones are counted "oversized"
-# Housekeeping ticks ten times a second and runs in steps of ~50 µs (relay/housekeeping_steps.py),
+# Housekeeping ticks ten times a second and runs in steps of ~20 µs (relay/housekeeping_steps.py),
 # datagrams served between steps: nothing it does grows a step with the number of flows (done in one go once a
 # second it held the packet path for ~0.6 ms with 64 flows, and ~100 ms with 50k). Small ticks
 # spread its work over the second: at 10k flows the same work in one burst a second (~30 ms of
@@ -82,7 +82,7 @@ HOUSEKEEPING_S = 0.1
 STALLED_S = 0.5  # a tick this late: the worker did not run (see housekeeping_units)
 GC_TICKS = 10  # the young generations once a second
 FULL_GC_TICKS = 600  # everything once a minute (flows are frozen: ~180 µs at 50k flows)
-# A unit of housekeeping (a step runs as many as fit its ~50 µs): each ~5-40 µs at 50k flows
+# A unit of housekeeping (a step runs as many as fit its ~20 µs): each ~5-40 µs at 50k flows
 FLUSH_FLOWS_PER_UNIT = 8  # counter writes in Python (~3.5 µs each; C: flows.flush_step_scale times more)
 SWEEP_SLOTS_PER_UNIT = 256  # ~6 µs with nothing to expire and the caches warm, ~45 µs cold
 # The flush expires the flows a worker serves. A sweep of the partition in shm expires those it

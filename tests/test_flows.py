@@ -269,3 +269,28 @@ def test_flows_of_a_dropped_listen_address_are_orphans_that_the_sweep_expires(tm
     finally:
         after.close()
         table.close()
+
+
+def test_a_flow_adopted_for_a_transceiver_it_cannot_reach_leaves_nothing_in_shm(tmp_path: Path) -> None:
+    """Another worker's flow whose target is IPv6, adopted by a worker whose tunnel is IPv4:
+    refused, and no copy stays in the adopter's partition (no entry would ever expire it)."""
+    config = RelayConfig(name="adopt", workers=2, table_dir=str(tmp_path), flow_capacity=64, session_capacity=64)
+    table = FlowTable.create(config.table_path, partitions=2, flow_capacity=64, session_capacity=64)
+    other = LocalFlows(config, 0, socket.AF_INET6, [PUBLIC])
+    other.take_over(now=100.0)
+    adopter = LocalFlows(config, 1, socket.AF_INET, [PUBLIC])
+    adopter.take_over(now=100.0)
+    try:
+        source = client(1)
+        learned = Learn("u1", socket.inet_pton(socket.AF_INET6, "fd00::2"), 40000, 1)
+        entry, refusal = other.learn(sockaddr_for(*source), source, 0, learned, 100.0)
+        assert entry is not None, refusal
+        flow = adopter.views[0].find(source)
+        assert flow is not None and flow.partition == 0
+        assert adopter.adopt(sockaddr_for(*source), 0, flow, 101.0) == (None, "token_target_unreachable")
+        assert not adopter.orphaned and adopter._own().flow_count == 0
+        assert adopter.table.totals()["flows"] == 1  # the other worker's, untouched
+    finally:
+        adopter.close()
+        other.close()
+        table.close()

@@ -1,6 +1,8 @@
 """Latency runs only, for A/B comparisons of one forwarder: learn the flows, then several
 latency runs at a fixed rate (what bench/relay.py does between its other phases, without the
-drain and the paced search). Prints each run's p50 / p99 / p99.9 and the median p99.
+drain and the paced search). Prints each run's p50 / p99 / p99.9 and the median p99, and the
+worker's housekeeping steps beside those of a fixed-work reference on its CPU
+(bench/step_reference.py).
 
     .venv/bin/python bench/relay_latency.py --forwarder relay --flows 50000 --runs 5
 
@@ -31,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(args.root))
     os.chdir(args.root)
     from bench import ctools
+    from bench.harness import processes
     from bench.relay_forwarders import make_forwarder
     from bench.relay_runs import (
         Config,
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         learn,
         placement,
         start_and_pin,
+        start_step_reference,
+        stop_step_reference,
         variant_load,
     )
 
@@ -51,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     load = variant_load(cfg, tools, 1, args.flows, True)
     ports = free_ports()
     p99s: list[float] = []
+    reference = None
     try:
         start_and_pin(fwd, ports, worker_cpus)
+        reference = start_step_reference(worker_cpus[0] if worker_cpus else None)
         learn(fwd, load, ports)
         duration = max(args.duration, 1.25 * args.flows / args.rate)
         for i in range(args.runs):
@@ -67,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         steps = housekeeping(fwd)
         if steps:
             print(describe_housekeeping(steps))
+        print(describe_housekeeping(stop_step_reference(reference), "fixed-work reference steps on the worker's CPU"))
     finally:
+        processes.reap(reference)
         fwd.stop()
     if not p99s:
         return 1

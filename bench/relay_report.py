@@ -146,9 +146,10 @@ def report(results: list[VariantResult], churn: list[ChurnResult] = ()) -> tuple
         targets.add(f"{at} p99 latency at 20k pps vs reference (1 worker)",
                     ratio(get(rel1, "latency", "p99_us"), get(ref1, "latency", "p99_us")),
                     "<=", TARGET_P99, parts("latency", rel1, ref1))
-        steps = [r.housekeeping["max_us"] for r in (rel1, rel2) if r and r.housekeeping]
-        targets.add(f"{at} longest housekeeping step (us of CPU)", max(steps) if steps else None,
-                    "<=", TARGET_STEP_US, unit=" us")
+        with_steps = [r for r in (rel1, rel2) if r and r.housekeeping]
+        targets.add(f"{at} longest housekeeping step (us of CPU)",
+                    max(r.housekeeping["max_us"] for r in with_steps) if with_steps else None,
+                    "<=", TARGET_STEP_US, notes=[step_note(r) for r in with_steps], unit=" us")
     if any(r.status == "ok" and r.cpu for r in results):
         lines += cpu_table(results)
     for kind in dict.fromkeys(r.kind for r in results if r.kind in KERNEL_KINDS):
@@ -157,6 +158,16 @@ def report(results: list[VariantResult], churn: list[ChurnResult] = ()) -> tuple
         lines += churn_table(churn, targets)
     lines += targets.lines()
     return "\n".join(lines), list(targets)
+
+
+def step_note(r: VariantResult) -> str:
+    """A relay's steps over 200 µs beside the machine's: the fixed-work reference's on its CPU."""
+    h, ref = r.housekeeping, r.step_reference
+    text = f"x{r.workers}: {h['over_200us']} of {h['steps']:,} steps over 200 us"
+    if ref:
+        text += (f", the fixed-work reference on its CPU {ref['over_200us']} of {ref['steps']:,} "
+                 f"(longest {ref['max_us']:,} us)")
+    return text
 
 
 def _cpu_row(r: VariantResult | None, rate: str) -> dict | None:

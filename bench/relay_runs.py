@@ -8,11 +8,13 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import relay_cpu, udpload
+from bench import relay_cpu, step_reference, udpload
 from bench.harness import cpu, processes, procinfo
 from bench.harness.errors import BenchError
 from bench.harness.ports import free_port
@@ -343,6 +345,7 @@ class VariantResult:
     flow_check: dict = field(default_factory=dict)   # flows held after the measurements ("ok")
     memory: dict = field(default_factory=dict)
     housekeeping: dict = field(default_factory=dict)  # the relay's housekeeping steps (housekeeping())
+    step_reference: dict = field(default_factory=dict)  # fixed-work steps on worker 0's CPU meanwhile (bench/step_reference.py)
     rounds: int = 1
     cpu: dict = field(default_factory=dict)          # per rate (str): relay_cpu.summarise
     cpu_runs: list = field(default_factory=list)
@@ -391,6 +394,7 @@ def merge_rounds(rounds: list[VariantResult]) -> VariantResult:
     merged.paced = max((r.paced for r in rounds), key=lambda p: p["max_pps"])
     merged.background_cpu = max(r.background_cpu for r in rounds)
     merged.housekeeping = max((r.housekeeping for r in rounds), key=lambda h: h.get("max_us", -1))
+    merged.step_reference = max((r.step_reference for r in rounds), key=lambda h: h.get("max_us", -1))
     merged.flow_check = next((r.flow_check for r in rounds if not r.flow_check.get("ok", True)), merged.flow_check)
     merged.rounds = len(rounds)
     summarise_drain(merged)
@@ -436,21 +440,29 @@ def housekeeping(fwd: Forwarder) -> dict:
     """The relay's housekeeping steps since its workers started, from their counters: how many,
     the longest, how many held the packet path over 200 µs, and their CPU time (the worst
     worker's figures; {} for a forwarder without them)."""
-    from relay.housekeeping_steps import STEP_BUCKET_COUNTERS, STEP_BUCKETS_US
-
     rows = fresh_counters(fwd, timeout=2.0)
     if not rows or "housekeeping_step_us_total" not in rows[0]:
         return {}
-    over = [name for bound, name in zip((*STEP_BUCKETS_US, None), STEP_BUCKET_COUNTERS) if bound is None or bound > 200]
-    return {"steps": max(sum(r[n] for n in STEP_BUCKET_COUNTERS) for r in rows),
-            "max_us": max(r["housekeeping_step_max_us"] for r in rows),
-            "over_200us": max(sum(r[n] for n in over) for r in rows),
-            "cpu_ms": max(r["housekeeping_step_us_total"] for r in rows) / 1e3}
+    per_worker = [step_reference.summary(r) for r in rows]
+    return {key: max(w[key] for w in per_worker) for key in per_worker[0]}
 
 
-def describe_housekeeping(h: dict) -> str:
-    return (f"housekeeping: {h['steps']:,} steps, longest {h['max_us']} us, {h['over_200us']} over 200 us, "
+def describe_housekeeping(h: dict, what: str = "housekeeping") -> str:
+    share = f" ({h['over_200us'] / h['steps']:.2%})" if h["steps"] else ""
+    return (f"{what}: {h['steps']:,} steps, longest {h['max_us']} us, {h['over_200us']} over 200 us{share}, "
             f"{h['cpu_ms']:,.0f} ms of CPU")
+
+
+def start_step_reference(cpus: set[int] | None) -> subprocess.Popen:
+    """bench/step_reference.py on cpus (worker 0's), stepping until stop_step_reference."""
+    return processes.spawn([sys.executable, str(Path(__file__).with_name("step_reference.py"))], cpus=cpus, stdin=True)
+
+
+def stop_step_reference(p: subprocess.Popen) -> dict:
+    assert p.stdin is not None
+    p.stdin.write(b"stop\n")  # (readable stdin ends its loop; communicate() closes the pipe)
+    p.stdin.flush()
+    return processes.json_summary(p, 10.0, "step reference")
 
 
 def start_and_pin(fwd: Forwarder, ports: Ports, worker_cpus: list[set[int]] | None) -> None:
@@ -553,6 +565,7 @@ def run_variant(fwd: Forwarder, cfg: Config, tools: dict[str, Path], pin: bool, 
         log(f"  {name}: ERROR: {res.message}")
         fwd.stop()
         return res
+    reference = start_step_reference(worker_cpus[0] if worker_cpus else None)
     try:
         res.pinning = (f"workers on CPU {','.join(str(min(c)) for c in worker_cpus)}" if worker_cpus else "unpinned")
         res.pinning += f"; load on CPU {min(load_cpus)}" if load_cpus else "; load unpinned"
@@ -605,8 +618,10 @@ def run_variant(fwd: Forwarder, cfg: Config, tools: dict[str, Path], pin: bool, 
         res.flow_check = flow_check(fwd, load.flows)
         res.memory = memory(fwd, load.flows)
         res.housekeeping = housekeeping(fwd)
+        res.step_reference = stop_step_reference(reference)
         if res.housekeeping:
             log("    " + describe_housekeeping(res.housekeeping))
+        log("    " + describe_housekeeping(res.step_reference, "fixed-work reference steps on worker 0's CPU"))
         if not res.flow_check["ok"]:
             log(f"    WARNING: the relay holds {res.flow_check['held']:,} flows after the measurements, "
                 f"not {load.flows:,} (drops: {res.flow_check['drops']})")
@@ -614,6 +629,7 @@ def run_variant(fwd: Forwarder, cfg: Config, tools: dict[str, Path], pin: bool, 
         res.status, res.message = "error", (str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}")
         log(f"  {name}: ERROR: {res.message}")
     finally:
+        processes.reap(reference)
         fwd.stop()
     return res
 

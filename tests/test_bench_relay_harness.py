@@ -467,6 +467,7 @@ def test_report_ratios_and_target_verdicts():
     results[-1].flow_check = {"expected": 10_000, "held": 9_000, "ok": False}
     results[1].housekeeping = {"steps": 900, "max_us": 150, "over_200us": 0, "cpu_ms": 40.0}
     results[3].housekeeping = {"steps": 950, "max_us": 260, "over_200us": 1, "cpu_ms": 42.0}  # the worst worker counts
+    results[3].step_reference = {"steps": 1000, "max_us": 900, "over_200us": 2, "cpu_ms": 30.0}
     table, targets = relay_report.report(results)
     verdicts = {t["target"]: (round(t["value"], 3) if t["value"] else None, t["verdict"]) for t in targets}
     assert verdicts == {
@@ -482,6 +483,9 @@ def test_report_ratios_and_target_verdicts():
         "10,000 flows/worker: relay longest housekeeping step (us of CPU)": (None, "NOT MEASURED"),
     }
     assert "load-bound" in next(t["note"] for t in targets if "paced" in t["target"])
+    step_note = next(t["note"] for t in targets if t["target"].startswith("64 flows/worker: relay longest"))
+    assert step_note == ("x1: 0 of 900 steps over 200 us; "  # (no reference ran beside x1)
+                         "x2: 1 of 950 steps over 200 us, the fixed-work reference on its CPU 2 of 1,000 (longest 900 us)")
     relay2 = next(line for line in table.splitlines() if line.startswith("64        rtcrelay relay  2"))
     assert "0.80x" in relay2 and "1.59x" in relay2  # vs ref x2 per core; scale vs relay x1
     assert "9,000 != 10,000" in table and "WARNING: 'flows held'" in table

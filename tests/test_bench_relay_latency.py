@@ -20,3 +20,6 @@ def test_two_short_runs_on_the_relay_print_their_figures() -> None:
     assert re.search(r"64 flows: p99 median [\d.]+ us, best [\d.]+ us of 2 runs", done.stdout), done.stdout
     steps = re.search(r"^housekeeping: ([\d,]+) steps, longest (\d+) us, (\d+) over 200 us", done.stdout, re.M)
     assert steps and int(steps[1].replace(",", "")) > 0 and int(steps[2]) > 0, done.stdout
+    reference = re.search(r"^fixed-work reference steps on the worker's CPU: ([\d,]+) steps, longest (\d+) us",
+                          done.stdout, re.M)
+    assert reference and int(reference[1].replace(",", "")) > 0 and int(reference[2]) > 0, done.stdout

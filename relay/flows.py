@@ -189,6 +189,10 @@ class LocalFlows:
         # transceivers that went silent (tunnel sockaddr -> unix time): the checks of sessions
         # they started are answered with an error (relay/decision.py), until they heartbeat again
         self.gone: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        #: bumped by what can turn a new session's passed check into a refusal (a session this
+        #: worker recorded closed, a transceiver it marked gone): the miss path learns a step
+        #: after the check, and checks again if this moved meanwhile
+        self.check_changes = 0
         self.views = [AllPartitionsView(self.table, local, self.is_gone, self.hops_gone) for local in publics]
         #: is this (packed IP, port) a cluster relay's hop address (a flow to it is a hop)
         self.is_hop = is_hop
@@ -339,6 +343,7 @@ class LocalFlows:
     def remember_closed(self, ufrag: str, until: float, now: float) -> bool:
         """Record an ended session in this worker's partition of the shm closed set (read by
         every worker's decision); False when it had no room (counted by the caller)."""
+        self.check_changes += 1
         return self._own().record_closed(ufrag.encode(), ms(until), ms(now))
 
     def remove(self, client_key: bytes, expired: bool = False) -> bool:
@@ -368,6 +373,7 @@ class LocalFlows:
         return frozenset(address_tuple(key)[:2] for key in self.gone)
 
     def mark_gone(self, tunnel_key: bytes) -> None:
+        self.check_changes += 1
         self.gone[tunnel_key] = time.time()
         self.gone.move_to_end(tunnel_key)
         while len(self.gone) > MAX_GONE:

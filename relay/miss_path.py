@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from relay.batchio import BatchReceiver, decode_sockaddr
-from relay.decision import Answer, Drop, Forward, Learn, decide_steps, learn_from_directory, screen
+from relay.decision import Answer, Drop, Forward, Learn, decide_then_learn_steps, learn_from_directory, screen
 from relay.hit_path import HEADROOM
 from relay.metrics import COUNTER_INDEX
 from relay.miss_budget import MISS_QUEUE_MAX, MISS_SLICE_WALL_S
@@ -157,8 +157,8 @@ class MissPath:
         entry = self.flows.by_key.get(key)  # learned from an earlier miss in the queue
         if entry is None:
             source = decode_sockaddr(key)
-            decision = yield from decide_steps(datagram, source, self.flows.views[which], self.auth, time.time(),
-                                               self.hops.hops_left(key))
+            decision = yield from decide_then_learn_steps(datagram, source, self.flows.views[which], self.auth,
+                                                          time.time, self.hops.hops_left(key), self.check_changes)
             if isinstance(decision, Drop):
                 # media from a 5-tuple unknown here: a failover may have moved it from another relay
                 if decision.reason != "unknown_flow" or not self.directory.lookup(which, key, source, datagram):
@@ -180,6 +180,9 @@ class MissPath:
         # (the send opens the flow's link to its transceiver: the C path sends its next datagrams)
         self.forward_hit(which, entry, bytearray(HEADROOM) + datagram, HEADROOM, len(datagram))
         self._miss_packets += 1
+
+    def check_changes(self: Worker) -> int:
+        return self.flows.check_changes
 
     def _wait_on(self: Worker, sock: socket.socket, callback: Callable[..., None], *args: Any) -> None:
         """Serve ``sock`` between a miss's steps with its reader callback (serve_waiting)."""

@@ -19,6 +19,7 @@ from relay.decision import (
     closed_until,
     decide,
     decide_steps,
+    decide_then_learn_steps,
 )
 from wire.route_token import RouteKeyring, derive_password, issue_token
 from wire.stun import (
@@ -130,6 +131,39 @@ def test_decide_in_steps_yields_between_its_costly_parts_and_decides_as_decide(c
     # (a young token: no session_known read, that is only for a token too old for a new session)
     assert log == ["find", "yield", "yield", "yield", "yield", "session_closed"]
     assert decision == (Drop("session_closed") if closed else Learn(u, TARGET[0], TARGET[1], 1))
+
+
+@pytest.mark.parametrize("happens", ["nothing", "closed here", "gone here", "closed elsewhere"])
+def test_learning_is_a_step_of_its_own_and_a_close_meanwhile_checks_again(happens: str) -> None:
+    """The closed-session read ends the checks' last step; the learning gets the next one. A
+    session this worker recorded closed (or a transceiver it marked gone) in between bumps
+    ``changes`` and the session is checked again; another worker's close is not seen there
+    (it is a shm write: the next check reads it, as before the split)."""
+    u = ufrag()
+    log: list[str] = []
+    view = CountingView(log)
+    changes = [0]
+    steps = decide_then_learn_steps(binding_request(u), CLIENT, view, AUTH, lambda: NOW + 1, None, lambda: changes[0])
+    yields = 0
+    try:
+        while True:
+            next(steps)
+            yields += 1
+            log.append("yield")
+            if log[-2:] == ["session_closed", "yield"] and yields == 5 and happens != "nothing":  # before learning
+                if happens == "gone here":
+                    view.gone.add(TARGET)
+                else:
+                    view.closed.add(u)
+                changes[0] += happens != "closed elsewhere"
+    except StopIteration as done:
+        decision = done.value
+    first = ["find", "yield", "yield", "yield", "yield", "session_closed", "yield"]
+    if happens in ("nothing", "closed elsewhere"):
+        assert decision == Learn(u, TARGET[0], TARGET[1], 1) and log == first
+    else:
+        assert log[:len(first)] == first and log[len(first):] == first[:-1]  # checked again, all of it
+        assert decision == Drop("session_closed") if happens == "closed here" else decision.reason == "transceiver_gone"
 
 
 def test_junk_and_known_flows_are_decided_without_a_step() -> None:

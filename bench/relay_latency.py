@@ -1,8 +1,8 @@
 """Latency runs only, for A/B comparisons of one forwarder: learn the flows, then several
 latency runs at a fixed rate (what bench/relay.py does between its other phases, without the
 drain and the paced search). Prints each run's p50 / p99 / p99.9 and the median p99, and the
-worker's housekeeping steps beside those of a fixed-work reference on its CPU
-(bench/step_reference.py).
+worker's housekeeping steps (with --step-reference, beside those of a fixed-work reference on
+its CPU: bench/step_reference.py).
 
     .venv/bin/python bench/relay_latency.py --forwarder relay --flows 50000 --runs 5
 
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--rate", type=int, default=20_000, help="pps")
     ap.add_argument("--duration", type=float, default=2.0, help="seconds per run (at least every flow sends once)")
+    ap.add_argument("--step-reference", action="store_true",
+                    help="run bench/step_reference.py on the worker's CPU meanwhile: its steps beside the "
+                         "worker's (it costs the p99: bench/relay.py pauses it for its latency runs)")
     ap.add_argument("--root", type=Path, default=ROOT, help="the checkout whose relay runs (default: this one)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(args.root))
@@ -59,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     reference = None
     try:
         start_and_pin(fwd, ports, worker_cpus)
-        reference = start_step_reference(worker_cpus[0] if worker_cpus else None)
+        if args.step_reference:
+            reference = start_step_reference(worker_cpus[0] if worker_cpus else None)
         learn(fwd, load, ports)
         duration = max(args.duration, 1.25 * args.flows / args.rate)
         for i in range(args.runs):
@@ -74,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         steps = housekeeping(fwd)
         if steps:
             print(describe_housekeeping(steps))
-        print(describe_housekeeping(stop_step_reference(reference), "fixed-work reference steps on the worker's CPU"))
+        if reference is not None:
+            print(describe_housekeeping(stop_step_reference(reference), "fixed-work reference steps on the worker's CPU"))
     finally:
         processes.reap(reference)
         fwd.stop()

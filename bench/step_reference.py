@@ -1,6 +1,7 @@
 """The same-run reference for the relay's housekeeping steps: fixed work, run in steps by the
-worker's own StepRunner, on the worker's CPU, at idle priority (it never takes the CPU from the
-worker: it runs when the worker waits).
+worker's own StepRunner, on the worker's CPU, at idle priority (it runs when the worker waits;
+yet its wake-ups and cache traffic cost the worker's p99, so bench/relay.py stops it for its
+latency and CPU runs).
 
 Why: a step's CPU time (``thread_time``) counts whatever the CPU did while the step was on it.
 This kernel charges interrupt and softirq time to the running task (no IRQ_TIME_ACCOUNTING),
@@ -8,8 +9,8 @@ and a vCPU stall that the hypervisor does not report as steal looks like CPU tim
 here is a fixed ~3-10 µs of work (16 reads and writes at random in a 50,000-entry table, the
 shape of a counter-flush unit) and a step runs them for ~20 µs (most take 25-50 µs of CPU on an
 idle machine), so a step of this reference longer than ~100 µs is the machine's doing, not the
-work's. bench/relay.py runs one beside every forwarder it measures and reports the relay's steps
-over 200 µs beside the reference's.
+work's. bench/relay.py runs one beside every forwarder it measures (learning, drain, paced
+search) and reports the relay's steps over 200 µs beside the reference's.
 
     python bench/step_reference.py [--interval 0.01] [--entries 50000]
 

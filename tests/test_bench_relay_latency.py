@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_two_short_runs_on_the_relay_print_their_figures() -> None:
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "relay_latency.py"), "--forwarder", "relay",
-                           "--flows", "64", "--runs", "2", "--duration", "0.3"],
+                           "--flows", "64", "--runs", "2", "--duration", "0.3", "--step-reference"],
                           cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     runs = re.findall(r"^run \d: p50 ([\d.]+) us, p99 ([\d.]+) us", done.stdout, re.M)

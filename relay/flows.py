@@ -273,9 +273,11 @@ class LocalFlows:
         if tunnel_dest is None:
             return None, "token_target_unreachable"
         # max_flows_per_session holds for the relay, not for each worker's partition (the
-        # insert checks its own partition only): a read of the session in every partition.
-        session = self.table.session(learned.ufrag.encode())
-        if session is not None and session.flows >= self.table.max_flows_per_session:
+        # insert checks its own partition only): the other partitions' count is read, this
+        # worker's is its own index (one worker: no read; ~14 µs of a ~57 µs learning step).
+        held = len(self.by_ufrag.get(learned.ufrag, ()))
+        if held + self.table.session_flows_elsewhere(learned.ufrag.encode(), self.index) \
+                >= self.table.max_flows_per_session:
             return None, "session_flow_limit"
         local = self.views[public_index].local
         result = self._own().insert(

@@ -379,6 +379,15 @@ class TableReader:
         """The session entry of a ufrag in one partition: Session, MISS or UNKNOWN."""
         return self._session_in(partition, ufrag, self._sref(ufrag))
 
+    def session_flows_elsewhere(self, ufrag: bytes, partition: int) -> int:
+        """The flows of ``ufrag`` in every partition but ``partition`` (its writer knows its
+        own): the relay-wide max_flows_per_session check of a learning, one read fewer."""
+        if len(ufrag) > MAX_UFRAG:
+            return 0
+        sref = self._sref(ufrag)
+        found = (self._session_in(p, ufrag, sref) for p in range(self.partitions) if p != partition)
+        return sum(r.flows for r in found if isinstance(r, Session))
+
     def session(self, ufrag: bytes) -> Session | None:
         """A session aggregated over all partitions (None if no partition has a flow of it)."""
         if len(ufrag) > MAX_UFRAG:

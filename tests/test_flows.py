@@ -294,3 +294,41 @@ def test_a_flow_adopted_for_a_transceiver_it_cannot_reach_leaves_nothing_in_shm(
         adopter.close()
         other.close()
         table.close()
+
+
+def test_the_session_flow_limit_counts_every_worker_and_reads_only_the_others(tmp_path: Path) -> None:
+    """max_flows_per_session is the relay's: a learning counts its own flows of the session
+    from its index and reads the other partitions only."""
+    config = RelayConfig(name="limit", workers=2, table_dir=str(tmp_path), flow_capacity=64, session_capacity=64,
+                         max_flows_per_session=3)
+    table = FlowTable.create(config.table_path, partitions=2, flow_capacity=64, session_capacity=64,
+                             max_flows_per_session=3)
+    first, second = LocalFlows(config, 0, socket.AF_INET, [PUBLIC]), LocalFlows(config, 1, socket.AF_INET, [PUBLIC])
+    first.take_over(now=100.0)
+    second.take_over(now=100.0)
+    session = Learn("shared", *TRANSCEIVER, 1)
+
+    def learn_on(flows: LocalFlows, n: int) -> str:
+        source = client(n)
+        return flows.learn(sockaddr_for(*source), source, 0, session, 100.0)[1]
+
+    read = first.table._session_in
+    partitions_read: list[int] = []
+
+    def recording(p: int, ufrag: bytes, sref: int):  # type: ignore[no-untyped-def]
+        partitions_read.append(p)
+        return read(p, ufrag, sref)
+
+    first.table._session_in = recording  # type: ignore[method-assign]
+    try:
+        assert [learn_on(second, 1), learn_on(second, 2), learn_on(first, 3)] == ["", "", ""]
+        assert partitions_read == [1]  # worker 0's learning read worker 1's partition, not its own
+        assert learn_on(first, 4) == "session_flow_limit" and learn_on(second, 5) == "session_flow_limit"
+        assert table.session(b"shared").flows == 3
+        second.remove(sockaddr_for(*client(1)))
+        assert learn_on(first, 4) == ""  # room again: first holds 2, second 1
+        assert learn_on(first, 6) == "session_flow_limit"
+    finally:
+        second.close()
+        first.close()
+        table.close()

@@ -258,6 +258,10 @@ def test_session_table_full_and_session_flow_limit(shm_path: str) -> None:
     w1 = t.own(1)
     assert w1.insert(*key(5), TARGET_A, 9000, b"s0", 0).ok and w1.insert(*key(6), TARGET_A, 9000, b"s0", 0).ok
     assert t.session(b"s0").flows == 4
+    # a learning's relay-wide check reads the other partitions only (its writer knows its own)
+    assert (t.session_flows_elsewhere(b"s0", 0), t.session_flows_elsewhere(b"s0", 1)) == (2, 2)
+    assert t.session_flows_elsewhere(b"s1", 0) == 0 and t.session_flows_elsewhere(b"s1", 1) == 1
+    assert t.session_flows_elsewhere(b"nobody", 0) == 0 and t.session_flows_elsewhere(b"A" * (MAX_UFRAG + 1), 0) == 0
     totals = t.totals()
     assert (totals["refused_session_table_full"], totals["refused_session_flow_limit"]) == (1, 1)
     assert t.lookup(*key(3)) is MISS and t.lookup_in(0, *key(5)) is MISS

@@ -149,7 +149,7 @@ def decide_steps(datagram: bytes, source: tuple[bytes, int], flows: FlowView[Flo
                  now: float, hops_left: int | None = None) -> Generator[None, None, Decision[FlowT]]:
     """:func:`decide` in steps: it yields between its costly parts (measured in a worker at
     2,000 new sessions/s: the table lookup ~20 µs, the STUN parse ~17, the token ~35, the
-    password and integrity ~27, the closed-session read ~25; the learning after it, ~57, is a
+    password and integrity ~27, the closed-session read ~25; the learning after it, ~55, is a
     step of its own: :func:`decide_then_learn_steps`) and returns the decision. A worker
     serves its established flows' datagrams at each yield, so they never wait behind a whole
     check."""
@@ -170,7 +170,7 @@ def decide_then_learn_steps(datagram: bytes, source: tuple[bytes, int], flows: F
                             clock: Callable[[], float], hops_left: int | None, changes: Callable[[], int],
                             ) -> Generator[None, None, Decision[FlowT]]:
     """:func:`decide_steps`, and one step more before the caller learns a Learn: the checks
-    end with the closed-session read and the learning costs ~50 µs, ~85 µs in one step (the
+    end with the closed-session read and the learning costs ~55 µs, ~85 µs in one step (the
     longest of a new session's: what an established datagram waits behind under churn). If
     ``changes()`` moved meanwhile (this worker recorded a session closed or a transceiver
     gone), the decision may be stale: the session is checked again."""

@@ -274,7 +274,7 @@ class LocalFlows:
             return None, "token_target_unreachable"
         # max_flows_per_session holds for the relay, not for each worker's partition (the
         # insert checks its own partition only): the other partitions' count is read, this
-        # worker's is its own index (one worker: no read; ~14 µs of a ~57 µs learning step).
+        # worker's is its own index (one worker: no read at all).
         held = len(self.by_ufrag.get(learned.ufrag, ()))
         if held + self.table.session_flows_elsewhere(learned.ufrag.encode(), self.index) \
                 >= self.table.max_flows_per_session:

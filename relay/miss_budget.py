@@ -1,7 +1,7 @@
 """How much of a worker's time misses (new sessions) may take. Sans-IO: times in, a verdict out.
 
 Misses (a new session: ~250 µs of a worker's CPU at 20k pps, in seven steps of 15-27 µs but
-the learning, ~57 µs: relay.worker.Worker.public_miss_steps) wait in a queue and
+the learning, ~55 µs: relay.worker.Worker.public_miss_steps) wait in a queue and
 are served between loop iterations, at most MISS_SLICE_S of miss work at a time (at least one
 step); between two steps the datagrams that wait on the worker's sockets are served
 (Worker.serve_waiting, not counted as miss work), so an established flow's datagram waits

@@ -379,23 +379,20 @@ class TableReader:
         """The session entry of a ufrag in one partition: Session, MISS or UNKNOWN."""
         return self._session_in(partition, ufrag, self._sref(ufrag))
 
+    def _session_entries(self, ufrag: bytes, skip: int | None = None) -> list[Session]:
+        """The session's entry in each partition that has one (but ``skip``)."""
+        if len(ufrag) > MAX_UFRAG:
+            return []
+        sref = self._sref(ufrag)
+        found = (self._session_in(p, ufrag, sref) for p in range(self.partitions) if p != skip)
+        return [r for r in found if isinstance(r, Session)]
+
     def session_flows_elsewhere(self, ufrag: bytes, partition: int) -> int:
         """The flows of ``ufrag`` in every partition but ``partition`` (its writer knows its
         own): the relay-wide max_flows_per_session check of a learning, one read fewer."""
-        if len(ufrag) > MAX_UFRAG:
-            return 0
-        sref = self._sref(ufrag)
-        found = (self._session_in(p, ufrag, sref) for p in range(self.partitions) if p != partition)
-        return sum(r.flows for r in found if isinstance(r, Session))
+        return sum(s.flows for s in self._session_entries(ufrag, skip=partition))
 
     def session(self, ufrag: bytes) -> Session | None:
         """A session aggregated over all partitions (None if no partition has a flow of it)."""
-        if len(ufrag) > MAX_UFRAG:
-            return None
-        sref = self._sref(ufrag)
-        entries = []
-        for p in range(self.partitions):
-            r = self._session_in(p, ufrag, sref)
-            if isinstance(r, Session):
-                entries.append(r)
+        entries = self._session_entries(ufrag)
         return aggregate_sessions(entries) if entries else None

@@ -99,8 +99,10 @@ of its shm table per flow at the largest flow count.
            default idle timeout carries 10,000 established flows per worker (or the largest
            count measured below that) at 20k pps while `loadgen churn` sends authenticated
            Binding Requests from new 5-tuples (new sessions) at each rate: the established
-           traffic's latency and loss against a no-churn run right before, the flows learned,
-           the drop counters that grew, and the workers' CPU per learned flow.
+           traffic's latency and loss against no-churn runs of the same relay, the two kinds
+           alternating (5 pairs of 2 s a rate; the p99s are the medians of the 5: a few noisy
+           seconds of this VM hit one pair, not the ratio), the flows learned, the drop
+           counters that grew, and the workers' CPU per learned flow.
 
 Only 127/8 is used (sources 127.1.0.1:2000 on, churn 127.2.0.1:2000 on, --source); every
 subprocess has a timeout and every process group the harness starts is killed on exit. The
@@ -158,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                                     "--quick 64,1000); the load has flows x workers")
     ap.add_argument("--churn", help="comma list of new sessions per second per worker for the churn phase "
                                     "(default 500,2000,10000; --quick 500; '' skips it)")
-    ap.add_argument("--churn-duration", type=float, help="seconds per churn rate (default 10, --quick 2)")
+    ap.add_argument("--churn-duration", type=float, help="seconds of churn per rate (default 10, --quick 2)")
+    ap.add_argument("--churn-pairs", type=int, help="no-churn/churn run pairs the churn-duration is split in, "
+                                                    "alternating; p99s are the medians (default 5, --quick 1)")
     ap.add_argument("--cpu-rates", help="comma list of offered rates (pps, all workers together) for the cpu phase: "
                                         "CPU per forwarded datagram, both ways (default 100000,200000; --quick "
                                         "20000, at the first flow count only; '' skips it)")
@@ -200,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.hit_path = args.hit_path
     if args.churn_duration:
         cfg.churn_duration = args.churn_duration
+    if args.churn_pairs:
+        cfg.churn_pairs = args.churn_pairs
     if args.source:
         cfg.source = args.source
     if args.size:
@@ -266,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     if {"relay", "ebpf"} & set(kinds) and cfg.churn_rates:
         established = max((n for n in cfg.flows if n <= CHURN_FLOWS), default=CHURN_FLOWS)
         log(f"churn phase: {established:,} established flows per worker, "
-            f"{', '.join(f'{r:,}' for r in cfg.churn_rates)} new sessions/s per worker, {cfg.churn_duration:g} s each")
+            f"{', '.join(f'{r:,}' for r in cfg.churn_rates)} new sessions/s per worker, {cfg.churn_duration:g} s each in {cfg.churn_pairs} pair(s) with no-churn runs")
         churn = [churn_phase(k, w, established, cfg, tools, not args.no_pin, log)
                  for w in workers for k in churn_kinds]
     table, targets = report(results, churn)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,14 +85,49 @@ def established_run(fwd: Forwarder, load: Load, ports: Ports, rate: int, duratio
             "worker_cpu_s": round(cpu, 3), "wall_s": round(wall, 3), "load_cpu": load_cpu}
 
 
+def split_evenly(total: int, parts: int) -> list[int]:
+    """``total`` in ``parts`` counts that differ by at most one."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+_SUMMED = ("sent", "received", "lost", "late", "learned", "expired", "worker_cpu_s", "wall_s")
+
+
+def combine_runs(runs: list[dict]) -> dict:
+    """Several established runs as one: counts and CPU summed, the latency percentiles the median
+    of the runs' (robust to one run a noisy host disturbed), the churn generator's summary summed
+    (its rate: sent over its seconds of sending)."""
+    out = dict(runs[-1])
+    for key in _SUMMED:
+        values = [r[key] for r in runs]
+        out[key] = None if None in values else round(sum(values), 3) if key.endswith("_s") else sum(values)
+    for key in ("p50_us", "p99_us", "p999_us", "gen_pps"):
+        out[key] = statistics.median(r[key] for r in runs)
+    loads = [r["load_cpu"] for r in runs if r["load_cpu"] is not None]
+    out["load_cpu"] = statistics.mean(loads) if loads else None
+    drops: dict[str, int] = {}
+    for r in runs:
+        for name, n in r["drops"].items():
+            drops[name] = drops.get(name, 0) + n
+    out["drops"] = drops
+    churns = [r["churn"] for r in runs if r["churn"]]
+    if churns:
+        out["churn"] = summed = {**churns[-1]}
+        for key in ("planned", "attempted", "sent", "errors", "elapsed_ns", "cpu_s"):
+            summed[key] = sum(c[key] for c in churns)
+        summed["rate"] = summed["sent"] * 1e9 / summed["elapsed_ns"] if summed["elapsed_ns"] else 0.0
+    return out
+
+
 def churn_phase(kind: str, workers: int, flows: int, cfg: Config, tools: dict[str, Path], pin: bool,
                 log) -> ChurnResult:
     """The relay under new sessions: `flows` established flows per worker carry the latency test's
     load while new 5-tuples send authenticated Binding Requests at each rate in cfg.churn_rates
-    (per second per worker), each after a no-churn run of the same relay and flows. The relay
-    runs with the default idle timeout (CHURN_IDLE_TIMEOUT): the sessions of the first rates
-    depart and expire during the later ones; its tables hold every new session of the phase
-    and the established flows (sizing for the table itself is in the README).
+    (per second per worker), in cfg.churn_pairs runs alternating with no-churn runs of the same
+    relay and flows. The relay runs with the default idle timeout (CHURN_IDLE_TIMEOUT): the
+    sessions of the first rates depart and expire during the later ones; its tables hold every
+    new session of the phase and the established flows (sizing for the table itself is in the
+    README).
     The C reference (kind "ref") takes the same load as a control: it learns any source, so
     what its established flows' p99 does under churn is the load side's doing (on 2 CPUs the
     churn generator's socket per session shares a CPU with the generator and the sink)."""
@@ -115,23 +151,30 @@ def churn_phase(kind: str, workers: int, flows: int, cfg: Config, tools: dict[st
         # between the runs it would take seconds, and established flows idle out after 5.
         t0 = time.monotonic()
         plan = cfg.churn_source  # each rate's tuples follow the last's: none is reused in this relay
-        churns = []
+        churns: list[list[tuple[str, SourcePlan, float]]] = []   # per rate, one per pair
         for rate in cfg.churn_rates:
-            n = int(rate * workers * dur)
-            # (the C reference takes anything: datagrams of a Binding Request's size)
-            files.append(udpload.write_preambles(fwd.preambles(n) or [os.urandom(100) for _ in range(n)]))
-            churns.append((files[-1], plan, rate * workers))
-            plan = plan.after(n)
+            pairs = []
+            for n in split_evenly(int(rate * workers * dur), cfg.churn_pairs):
+                # (the C reference takes anything: datagrams of a Binding Request's size)
+                files.append(udpload.write_preambles(fwd.preambles(n) or [os.urandom(100) for _ in range(n)]))
+                pairs.append((files[-1], plan, rate * workers))
+                plan = plan.after(n)
+            churns.append(pairs)
         res.build = {"requests": sum(int(r * workers * dur) for r in cfg.churn_rates),
                      "build_s": round(time.monotonic() - t0, 2)}
         log(f"  churn, {fwd.label} x{workers}: {res.build['requests']:,} new-session datagrams built in "
             f"{res.build['build_s']} s; learning {load.flows:,} established flows...")
         res.learn = learn(fwd, load, ports)
-        for rate, churn in zip(cfg.churn_rates, churns):
-            base = established_run(fwd, load, ports, cfg.latency_rate, dur)
-            run = established_run(fwd, load, ports, cfg.latency_rate, dur, churn)
+        sub = dur / cfg.churn_pairs
+        for rate, pairs in zip(cfg.churn_rates, churns):
+            bases, runs = [], []
+            for churn in pairs:  # no-churn and churn runs alternate: a noisy second hits one pair
+                bases.append(established_run(fwd, load, ports, cfg.latency_rate, sub))
+                runs.append(established_run(fwd, load, ports, cfg.latency_rate, sub, churn))
+            base, run = combine_runs(bases), combine_runs(runs)
             run.update(rate=rate, base_p99_us=base["p99_us"], base_lost=base["lost"] + base["late"],
-                       base_cpu_s=base["worker_cpu_s"], base=base)
+                       base_cpu_s=base["worker_cpu_s"], base=base,
+                       pairs=[[b["p99_us"], r["p99_us"]] for b, r in zip(bases, runs)])
             run["p99_ratio"] = ratio(run["p99_us"], base["p99_us"])
             # the workers' CPU beyond what the same established load took without churn
             extra = run["worker_cpu_s"] - base["worker_cpu_s"] * run["wall_s"] / base["wall_s"]
@@ -140,7 +183,9 @@ def churn_phase(kind: str, workers: int, flows: int, cfg: Config, tools: dict[st
             res.runs.append(run)
             log(f"    churn {rate:,}/s/worker: sent {run['churn']['sent']:,} ({run['churn']['rate']:,.0f}/s), "
                 f"learned {run['learned']}, established p99 {run['p99_us']:.1f} us (no churn "
-                f"{base['p99_us']:.1f}), lost {run['lost']}, late {run['late']}, drops {run['drops'] or 'none'}")
+                f"{base['p99_us']:.1f}; medians of {len(runs)} pairs: "
+                f"{', '.join(f'{b:.0f}/{c:.0f}' for b, c in run['pairs'])}), lost {run['lost']}, "
+                f"late {run['late']}, drops {run['drops'] or 'none'}")
     except Exception as e:  # reported, the rest of the report still prints
         res.status, res.message = "error", (str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}")
         log(f"  churn, {fwd.label} x{workers}: ERROR: {res.message}")

@@ -289,7 +289,8 @@ def churn_table(churn: list[ChurnResult], targets: Targets) -> list[str]:
     first = next((c for c in churn if c.runs), churn[0])
     lines = ["", f"churn: new sessions (authenticated Binding Requests, each from a new 5-tuple) while "
                  f"{first.flows:,} established flows/worker carry 20,000 pps; relay idle_timeout "
-                 f"{CHURN_IDLE_TIMEOUT:g} s; no-churn p99: the same run right before, without the new sessions"]
+                 f"{CHURN_IDLE_TIMEOUT:g} s; no-churn p99: runs of the same relay without the new sessions, alternating with "
+                 f"the churn runs (p50, p99, p99.9: medians of the runs; counts and CPU: sums)"]
     lines += _table(head, rows)
     lines.append("late (no churn): later than 10 ms, in the churn run (lost + late in the no-churn run). worker "
                  "CPU: per worker, of one CPU (near 100%: saturated, CPU/new flow is then a lower bound). "

@@ -47,7 +47,8 @@ class Config:
     size: int = 140
     noise_retries: int = 2        # measurements repeated when other processes took CPU meanwhile
     churn_rates: tuple[int, ...] = (500, 2000, 10_000)    # new sessions per second per worker
-    churn_duration: float = 10.0
+    churn_duration: float = 10.0  # per rate, in churn_pairs no-churn/churn pairs of runs
+    churn_pairs: int = 5
     source: SourcePlan = field(default_factory=SourcePlan)  # established flows' addresses
     hit_path: str = "c"           # the `relay` forwarder's hit path: c or python (the kernel path: `ebpf`)
     cpu_rates: tuple[int, ...] = (100_000, 200_000)  # the cpu phase's offered rates (pps, all workers)
@@ -60,7 +61,7 @@ class Config:
     def quick(cls) -> Config:
         return cls(drain_count=20_000, drain_reps=1, search_steps=3, search_duration=0.3,
                    latency_duration=0.5, latency_reps=1, noise_retries=0, flows=(64, 1000),
-                   churn_rates=(500,), churn_duration=2.0, cpu_rates=(20_000,), cpu_window=0.15,
+                   churn_rates=(500,), churn_duration=2.0, churn_pairs=1, cpu_rates=(20_000,), cpu_window=0.15,
                    cpu_warmup=0.05, cpu_reps=1, cpu_flow_counts=1)
 
     @property

@@ -575,6 +575,31 @@ def test_churn_report_and_targets():
     assert "60%" in table and "50%" in table  # load CPU, worker CPU
 
 
+def test_churn_pairs_combine_into_medians_and_sums():
+    """The churn phase's alternating runs: a rate's new sessions split over the pairs, the
+    runs' p99s become their median (one noisy run does not move it), counts and CPU add up."""
+    assert relay_churn.split_evenly(10, 3) == [4, 3, 3] and sum(relay_churn.split_evenly(20_001, 5)) == 20_001
+
+    def run(p99, sent, churn_sent=None, drops=None):
+        churn = None if churn_sent is None else {"mode": "churn", "planned": churn_sent, "attempted": churn_sent,
+                                                 "sent": churn_sent, "errors": 0, "elapsed_ns": 2 * 10**9,
+                                                 "cpu_s": 0.1, "rate": churn_sent / 2}
+        return {"sent": sent, "received": sent - 1, "lost": 1, "late": 2, "p50_us": 10.0, "p99_us": p99,
+                "p999_us": p99 * 2, "gen_pps": 20_000.0, "churn": churn, "learned": churn_sent, "expired": 3,
+                "drops": drops or {}, "flows_after": 7, "worker_cpu_s": 0.5, "wall_s": 2.0, "load_cpu": 0.5}
+
+    runs = [run(50.0, 40_000, 4000), run(9000.0, 40_000, 4000, {"drop_miss_queue_full": 2}),
+            run(60.0, 40_000, 3000, {"drop_miss_queue_full": 1})]
+    combined = relay_churn.combine_runs(runs)
+    assert combined["p99_us"] == 60.0 and combined["p999_us"] == 120.0  # the 9 ms run is outvoted
+    assert (combined["sent"], combined["lost"], combined["late"], combined["learned"]) == (120_000, 3, 6, 11_000)
+    assert combined["worker_cpu_s"] == 1.5 and combined["wall_s"] == 6.0
+    assert combined["drops"] == {"drop_miss_queue_full": 3}
+    assert combined["churn"]["sent"] == 11_000 and combined["churn"]["rate"] == 11_000 / 6
+    base = relay_churn.combine_runs([run(40.0, 40_000), run(45.0, 40_000)])
+    assert base["churn"] is None and base["learned"] is None and base["p99_us"] == 42.5
+
+
 @pytest.mark.timeout(30)
 def test_a_forwarder_that_fails_to_start_is_an_error_not_a_crash(tools):
     class Broken(relay_forwarders.CReferenceForwarder):

@@ -25,6 +25,7 @@ password derived from that ufrag; FINGERPRINT, when present, verifies.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -57,6 +58,16 @@ DECISION_DROP_REASONS = (
     | STUN_ERROR_REASONS
     | TOKEN_ERROR_REASONS
 )
+
+
+class CheckWatch(Protocol):
+    """What this worker changed that could make a passed check stale (relay/check_changes.py)."""
+
+    def mark(self) -> int:
+        """Where the changes stand now."""
+
+    def stale(self, since: int, ufrag: str, target: tuple[bytes, int]) -> bool:
+        """True when a change after ``since`` names session ``ufrag`` or its flow's ``target``."""
 
 
 class FlowView(Protocol[FlowT_co]):
@@ -94,6 +105,14 @@ class Learn:
     #: port), with ``hops`` left in the HopData frames; None: the token's transceiver is ours
     hop: tuple[str, int] | None = None
     hops: int = 0
+
+    @property
+    def destination(self) -> tuple[bytes, int]:
+        """Where the flow's datagrams go (packed IP, port): the token's transceiver, or (another
+        cluster's session on an edge) the cluster relay chosen for it."""
+        if self.hop is None:
+            return self.target_ip, self.target_port
+        return ipaddress.ip_address(self.hop[0]).packed, self.hop[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,20 +186,20 @@ def decide_steps(datagram: bytes, source: tuple[bytes, int], flows: FlowView[Flo
 
 
 def decide_then_learn_steps(datagram: bytes, source: tuple[bytes, int], flows: FlowView[FlowT], auth: AuthPolicy,
-                            clock: Callable[[], float], hops_left: int | None, changes: Callable[[], int],
+                            clock: Callable[[], float], hops_left: int | None, changes: CheckWatch,
                             ) -> Generator[None, None, Decision[FlowT]]:
     """:func:`decide_steps`, and one step more before the caller learns a Learn: the checks
     end with the closed-session read and the learning costs ~55 µs, ~85 µs in one step (the
     longest of a new session's: what an established datagram waits behind under churn). If
-    ``changes()`` moved meanwhile (this worker recorded a session closed or a transceiver
-    gone), the decision may be stale: the session is checked again."""
+    this worker meanwhile recorded the session closed or its transceiver (or hop) gone,
+    ``changes`` says so and the session is checked again."""
     while True:
-        seen = changes()
+        seen = changes.mark()
         decision = yield from decide_steps(datagram, source, flows, auth, clock(), hops_left)
         if not isinstance(decision, Learn):
             return decision
         yield
-        if changes() == seen:
+        if not changes.stale(seen, decision.ufrag, decision.destination):
             return decision
 
 

@@ -13,7 +13,6 @@ entry, so return frames the transceiver sent with it still validate.
 from __future__ import annotations
 
 import collections
-import ipaddress
 import logging
 import socket
 import time
@@ -21,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from relay.batchio import address_tuple, sockaddr_for
+from relay.check_changes import CheckChanges
 from relay.config import RelayConfig
 from relay.decision import Learn
 from shm import Flow, FlowTable, InsertStatus, PartitionWriter, TakeoverReport
@@ -189,10 +189,10 @@ class LocalFlows:
         # transceivers that went silent (tunnel sockaddr -> unix time): the checks of sessions
         # they started are answered with an error (relay/decision.py), until they heartbeat again
         self.gone: collections.OrderedDict[bytes, float] = collections.OrderedDict()
-        #: bumped by what can turn a new session's passed check into a refusal (a session this
-        #: worker recorded closed, a transceiver it marked gone): the miss path learns a step
-        #: after the check, and checks again if this moved meanwhile
-        self.check_changes = 0
+        #: what can turn a new session's passed check into a refusal (a session this worker
+        #: recorded closed, a transceiver it marked gone): the miss path learns a step after
+        #: the check, and checks again if one names the session
+        self.check_changes = CheckChanges(self._tunnel_sockaddr)
         self.views = [AllPartitionsView(self.table, local, self.is_gone, self.hops_gone) for local in publics]
         #: is this (packed IP, port) a cluster relay's hop address (a flow to it is a hop)
         self.is_hop = is_hop
@@ -264,11 +264,8 @@ class LocalFlows:
               learned: Learn, now: float) -> tuple[FlowEntry | None, str]:
         # Where the flow's datagrams go: the token's transceiver, or (another cluster's session
         # on an edge) the cluster relay chosen for it, which the table records as the target.
-        if learned.hop is not None:
-            target = (ipaddress.ip_address(learned.hop[0]).packed, learned.hop[1])
-            hops: int | None = learned.hops
-        else:
-            target, hops = (learned.target_ip, learned.target_port), None
+        target = learned.destination
+        hops = learned.hops if learned.hop is not None else None
         tunnel_dest = self._tunnel_dest(*target)
         if tunnel_dest is None:
             return None, "token_target_unreachable"
@@ -345,7 +342,7 @@ class LocalFlows:
     def remember_closed(self, ufrag: str, until: float, now: float) -> bool:
         """Record an ended session in this worker's partition of the shm closed set (read by
         every worker's decision); False when it had no room (counted by the caller)."""
-        self.check_changes += 1
+        self.check_changes.closed(ufrag)
         return self._own().record_closed(ufrag.encode(), ms(until), ms(now))
 
     def remove(self, client_key: bytes, expired: bool = False) -> bool:
@@ -375,7 +372,7 @@ class LocalFlows:
         return frozenset(address_tuple(key)[:2] for key in self.gone)
 
     def mark_gone(self, tunnel_key: bytes) -> None:
-        self.check_changes += 1
+        self.check_changes.gone(tunnel_key)
         self.gone[tunnel_key] = time.time()
         self.gone.move_to_end(tunnel_key)
         while len(self.gone) > MAX_GONE:

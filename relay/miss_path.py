@@ -158,7 +158,7 @@ class MissPath:
         if entry is None:
             source = decode_sockaddr(key)
             decision = yield from decide_then_learn_steps(datagram, source, self.flows.views[which], self.auth,
-                                                          time.time, self.hops.hops_left(key), self.check_changes)
+                                                          time.time, self.hops.hops_left(key), self.flows.check_changes)
             if isinstance(decision, Drop):
                 # media from a 5-tuple unknown here: a failover may have moved it from another relay
                 if decision.reason != "unknown_flow" or not self.directory.lookup(which, key, source, datagram):
@@ -180,10 +180,6 @@ class MissPath:
         # (the send opens the flow's link to its transceiver: the C path sends its next datagrams)
         self.forward_hit(which, entry, bytearray(HEADROOM) + datagram, HEADROOM, len(datagram))
         self._miss_packets += 1
-
-    def check_changes(self: Worker) -> int:
-        """What decide_then_learn_steps watches between a session's check and its learning."""
-        return self.flows.check_changes
 
     def _wait_on(self: Worker, sock: socket.socket, callback: Callable[..., None], *args: Any) -> None:
         """Serve ``sock`` between a miss's steps with its reader callback (serve_waiting)."""

@@ -8,6 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay.check_changes import LIMIT as CHECK_CHANGES_LIMIT
+from relay.check_changes import CheckChanges
 from relay.cluster_routes import ClusterRoutes, parse_cluster_routes
 from relay.decision import (
     DECISION_DROP_REASONS,
@@ -133,37 +135,67 @@ def test_decide_in_steps_yields_between_its_costly_parts_and_decides_as_decide(c
     assert decision == (Drop("session_closed") if closed else Learn(u, TARGET[0], TARGET[1], 1))
 
 
-@pytest.mark.parametrize("happens", ["nothing", "closed here", "gone here", "closed elsewhere"])
+def packed_destination(ip: bytes, port: int) -> bytes:
+    return ip + port.to_bytes(2, "big")
+
+
+@pytest.mark.parametrize("happens", ["nothing", "closed here", "gone here", "closed elsewhere",
+                                     "another closed here", "another gone here", "log overrun"])
 def test_learning_is_a_step_of_its_own_and_a_close_meanwhile_checks_again(happens: str) -> None:
     """The closed-session read ends the checks' last step; the learning gets the next one. A
-    session this worker recorded closed (or a transceiver it marked gone) in between bumps
-    ``changes`` and the session is checked again; another worker's close is not seen there
-    (it is a shm write: the next check reads it, as before the split)."""
+    session this worker recorded closed (or its transceiver marked gone) in between makes the
+    session's check run again; another session's close or another transceiver gone does not
+    (nor another worker's close: a shm write the next check reads, as before the split); a
+    log that no longer reaches back to the check cannot tell, and checks again."""
     u = ufrag()
     log: list[str] = []
     view = CountingView(log)
-    changes = [0]
-    steps = decide_then_learn_steps(binding_request(u), CLIENT, view, AUTH, lambda: NOW + 1, None, lambda: changes[0])
+    changes = CheckChanges(packed_destination)
+    other_ip = socket.inet_aton("127.0.0.10")
+    steps = decide_then_learn_steps(binding_request(u), CLIENT, view, AUTH, lambda: NOW + 1, None, changes)
     yields = 0
     try:
         while True:
             next(steps)
             yields += 1
             log.append("yield")
-            if log[-2:] == ["session_closed", "yield"] and yields == 5 and happens != "nothing":  # before learning
+            if log[-2:] == ["session_closed", "yield"] and yields == 5:  # before learning
                 if happens == "gone here":
                     view.gone.add(TARGET)
-                else:
+                    changes.gone(packed_destination(*TARGET))
+                elif happens in ("closed here", "closed elsewhere"):
                     view.closed.add(u)
-                changes[0] += happens != "closed elsewhere"
+                    if happens == "closed here":
+                        changes.closed(u)
+                elif happens == "another closed here":
+                    changes.closed(ufrag(NOW - 1))
+                elif happens == "another gone here":
+                    changes.gone(packed_destination(other_ip, TARGET[1]))
+                elif happens == "log overrun":
+                    for i in range(CHECK_CHANGES_LIMIT + 1):
+                        changes.gone(packed_destination(other_ip, i))
     except StopIteration as done:
         decision = done.value
     first = ["find", "yield", "yield", "yield", "yield", "session_closed", "yield"]
-    if happens in ("nothing", "closed elsewhere"):
-        assert decision == Learn(u, TARGET[0], TARGET[1], 1) and log == first
-    else:
+    if happens in ("closed here", "gone here"):
         assert log[:len(first)] == first and log[len(first):] == first[:-1]  # checked again, all of it
         assert decision == Drop("session_closed") if happens == "closed here" else decision.reason == "transceiver_gone"
+    elif happens == "log overrun":  # checked again, and learned a step later
+        assert log == first + first and decision == Learn(u, TARGET[0], TARGET[1], 1)
+    else:
+        assert decision == Learn(u, TARGET[0], TARGET[1], 1) and log == first
+
+
+def test_a_learned_flows_destination_is_its_transceiver_or_its_hop() -> None:
+    learn = Learn("u", TARGET[0], TARGET[1], 1)
+    assert learn.destination == TARGET
+    hop = Learn("u", TARGET[0], TARGET[1], 1, hop=("127.0.0.77", 7300), hops=1)
+    assert hop.destination == (socket.inet_aton("127.0.0.77"), 7300)
+    changes = CheckChanges(packed_destination)
+    mark = changes.mark()
+    changes.gone(packed_destination(*hop.destination))  # a cluster relay gone: its hop sessions are stale
+    assert changes.stale(mark, hop.ufrag, hop.destination) and not changes.stale(mark, learn.ufrag, learn.destination)
+    assert not changes.stale(changes.mark(), "u", TARGET)
 
 
 def test_junk_and_known_flows_are_decided_without_a_step() -> None:

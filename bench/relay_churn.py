@@ -55,7 +55,7 @@ def established_run(fwd: Forwarder, load: Load, ports: Ports, rate: int, duratio
     t0 = time.monotonic()
     sink = ch = gen = None
     try:
-        sink = load.sink(ports.sink, expected=round(rate * duration), idle_ms=500, max_s=duration + 20,
+        sink = load.sink(ports.sink, expected=load.paced_count(rate, duration), idle_ms=500, max_s=duration + 20,
                          late_ns=LATE_NS)
         if churn:
             ch = load.churn(ports.listen, churn[0], churn[1], churn[2], duration, max_s=duration * 2 + 5)

@@ -139,7 +139,8 @@ def cpu_run(load: Load, target_port: int, sink_port: int, rate: float, window: f
     load_only (a baseline): count the load's processes and the kernel threads, not the rest of
     ours (a forwarder waiting meanwhile)."""
     duration = warmup + window + min(TAIL_S, window)
-    planned = round(rate * duration)
+    # (c2t: the gen's shards each round their share; t2c: one tgen rounds the whole)
+    planned = load.paced_count(rate, duration) if way == "c2t" else int(rate * duration + 0.5)
     far = gen = None
     try:
         if way == "c2t":

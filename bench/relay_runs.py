@@ -165,7 +165,7 @@ def paced_run(fwd: Forwarder, load: Load, ports: Ports, rate: float, duration: f
     summary plus the generator's, and a verdict."""
     sink = gen = None
     try:
-        planned = round(rate * duration)
+        planned = load.paced_count(rate, duration)
         sink = load.sink(ports.sink, expected=planned, idle_ms=500, max_s=duration + 20, late_ns=LATE_NS,
                          check_header=check_header)
         gen = load.gen(ports.listen, rate=rate, duration=duration, batch=batch, max_s=duration * 2 + 5)

@@ -276,6 +276,18 @@ class Load:
             argv.append("-K")
         return _receiver(argv, port, self.cpus)
 
+    @property
+    def shards(self) -> int:
+        """Generator processes a run of every flow takes (open files: flows_per_process)."""
+        return -(-self.flows // self.max_flows_per_process)
+
+    def paced_count(self, rate: float, duration: float) -> int:
+        """What a paced gen() sends: each shard rounds its own share (rate / shards x duration,
+        as loadgen does), so the sum may differ from round(rate x duration) by a few: a sink
+        expecting that would stop before the last and count them lost."""
+        n = self.shards
+        return n * int(rate / n * duration + 0.5)
+
     def gen(self, target_port: int, *, count: int = 0, rate: float = 0, duration: float = 0, batch: int = 0,
             preamble_file: str | None = None, preamble_rate: float = 0, preamble_wait_ms: int = 100,
             armed: bool = False, max_s: float = 30, receive: int | None = None, receive_idle_ms: int = 300) -> Gen:
@@ -284,7 +296,7 @@ class Load:
         receive: also take what comes to the flow sockets (the clients of `tgen`'s frames),
         until that many came (the summary's "back" and one-way latencies of those) or none for
         receive_idle_ms after the first."""
-        n = -(-self.flows // self.max_flows_per_process)
+        n = self.shards
         if not rate and count:
             n = min(n, count)  # every shard needs a datagram to send
         if rate and not batch:  # as loadgen picks it for the whole rate, not for a shard's share

@@ -48,7 +48,9 @@ relay's flow count must still be exactly the flows sent. Then:
            >= 90% of their CPU in a failed step) is a lower bound for the forwarder. (The
            kernel path's work lands on the load's CPU too: there it competes with the load.)
   latency  one-way latency p50/p99/p99.9 at 20k pps (generator batch 1, timestamps in the
-           payload, CLOCK_MONOTONIC); the run with the best p99 of 3 a round.
+           payload, CLOCK_MONOTONIC); the run with the best p99 of 3 a round. The p99 target
+           is measured apart (bench/relay_pairs.py, 1 worker): the relay and the reference up
+           side by side, 4 latency runs each in turn; the median of the pairs' ratios.
   cpu      (--cpu-rates, default 100,000 and 200,000 pps; bench/relay_cpu.py) the CPU per
            forwarded datagram, each way, at fixed offered rates: what tells the forwarders
            apart where a drain cannot run and the load saturates before the kernel path.
@@ -141,6 +143,7 @@ from bench.harness import processes
 from bench.harness.errors import BenchError
 from bench.relay_churn import CHURN_FLOWS, ChurnResult, churn_phase
 from bench.relay_forwarders import FORWARDERS, make_forwarder
+from bench.relay_pairs import PairedLatency, paired_latency
 from bench.relay_report import report
 from bench.relay_runs import Config, VariantResult, merge_rounds, run_variant
 from bench.udpload import SourcePlan
@@ -252,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.drain_count = max(fit, 1000)
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
     results: list[VariantResult] = []
+    pairs: list[PairedLatency] = []
     t0 = time.monotonic()
     # At each flow and worker count the forwarders take turns, in the reverse order every other
     # round (ref, relay, relay, ref): the machine drifts by ~10% over minutes, and this way a
@@ -266,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
                     fwd = make_forwarder(k, w, n, tools, cfg.hit_path)
                     by_kind[k].append(run_variant(fwd, cfg, tools, not args.no_pin, log, wait_quiet, cpu_here))
             results.extend(merge_rounds(by_kind[k]) for k in kinds)
+            if w == 1 and cfg.latency_pairs and "ref" in kinds and "relay" in kinds:
+                log(f"{n:,} flows per worker, 1 worker: the relay's and the reference's latency runs in turn")
+                pairs.append(paired_latency(make_forwarder("relay", 1, n, tools, cfg.hit_path),
+                                            make_forwarder("ref", 1, n, tools), cfg, tools, not args.no_pin, log,
+                                            wait_quiet))
     churn: list[ChurnResult] = []
     # the relay's workers (and its kernel path), the reference as control
     churn_kinds = [k for k in kinds if k in ("ref", "relay", "ebpf")]
@@ -275,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{', '.join(f'{r:,}' for r in cfg.churn_rates)} new sessions/s per worker, {cfg.churn_duration:g} s each in {cfg.churn_pairs} pair(s) with no-churn runs")
         churn = [churn_phase(k, w, established, cfg, tools, not args.no_pin, log)
                  for w in workers for k in churn_kinds]
-    table, targets = report(results, churn)
+    table, targets = report(results, churn, pairs)
     log("")
     log(table)
     log(f"({time.monotonic() - t0:.0f} s)")
@@ -283,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({"config": asdict(cfg), "rounds": rounds,
                                                "results": [asdict(r) for r in results],
                                                "churn": [asdict(c) for c in churn],
+                                               "latency_pairs": [asdict(p) for p in pairs],
                                                "targets": targets}, indent=2))
-    if any(r.status == "error" for r in [*results, *churn]):
+    if any(r.status == "error" for r in [*results, *churn, *pairs]):
         return 1
     if args.check and any(t["verdict"] != "PASS" for t in targets):
         return 1

@@ -43,6 +43,7 @@ class Config:
     latency_rate: int = 20_000
     latency_duration: float = 2.0
     latency_reps: int = 3
+    latency_pairs: int = 4        # paired runs beside the reference for the p99 target (bench/relay_pairs.py)
     flows: tuple[int, ...] = (64, 1000, 10_000, 50_000)   # per worker
     size: int = 140
     noise_retries: int = 2        # measurements repeated when other processes took CPU meanwhile
@@ -60,7 +61,7 @@ class Config:
     @classmethod
     def quick(cls) -> Config:
         return cls(drain_count=20_000, drain_reps=1, search_steps=3, search_duration=0.3,
-                   latency_duration=0.5, latency_reps=1, noise_retries=0, flows=(64, 1000),
+                   latency_duration=0.5, latency_reps=1, latency_pairs=1, noise_retries=0, flows=(64, 1000),
                    churn_rates=(500,), churn_duration=2.0, churn_pairs=1, cpu_rates=(20_000,), cpu_window=0.15,
                    cpu_warmup=0.05, cpu_reps=1, cpu_flow_counts=1)
 
@@ -504,7 +505,8 @@ def variant_load(cfg: Config, tools: dict[str, Path], workers: int, flows: int, 
     return Load(tools, flows=flows * workers, size=cfg.size, cpus=load_cpus, host=HOST, source=cfg.source)
 
 
-def _measure(cfg: Config, log, wait_quiet: float):
+def measurer(cfg: Config, log, wait_quiet: float):
+    """measure(fn, what): fn's result, repeated (cfg.noise_retries) while other processes took CPU."""
     def measure(fn, what, max_foreign=FOREIGN_MAX):
         return quiet(fn, what, log, cfg.noise_retries, min(wait_quiet, 10.0), max_foreign)
     return measure
@@ -592,7 +594,7 @@ def run_variant(fwd: Forwarder, cfg: Config, tools: dict[str, Path], pin: bool, 
             f"({res.learn['rounds']} round(s)); smoke...")
         res.smoke = smoke(fwd, load, ports)
         flow_trace(fwd, load.flows, "smoke", log)
-        measure = _measure(cfg, log, wait_quiet)
+        measure = measurer(cfg, log, wait_quiet)
 
         if fwd.in_kernel:
             res.drain = {"skipped": fwd.in_kernel}

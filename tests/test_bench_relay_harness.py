@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 
 # bench/ is a namespace package: its modules cannot shadow the `relay` package.
-from bench import ctools, relay_churn, relay_cpu, relay_forwarders, relay_report, relay_runs, udpload  # noqa: E402
+from bench import ctools, relay_churn, relay_cpu, relay_forwarders, relay_pairs, relay_report, relay_runs, udpload  # noqa: E402
 from bench.harness import processes, procinfo  # noqa: E402
 from bench.harness.errors import BenchError  # noqa: E402
 from bench.harness.ports import free_port  # noqa: E402
@@ -447,6 +447,32 @@ def test_quick_command_line_run(tools, tmp_path):
     assert churn["kind"] == "relay" and churn["status"] == "ok" and churn["flows"] == 1000, churn["message"]
     (run,) = churn["runs"]
     assert run["rate"] == 500 and run["churn"]["sent"] == 1000 and run["learned"] == 1000, run
+    # the p99 target from runs beside the reference, one pair at each flow count (--quick)
+    assert [(p["flows"], p["kind"], p["status"]) for p in data["latency_pairs"]] == [(64, "relay", "ok"),
+                                                                                   (1000, "relay", "ok")]
+    for pair in data["latency_pairs"]:
+        assert len(pair["runs"]["relay"]) == len(pair["runs"]["ref"]) == 1 and pair["ratio"] == pair["ratios"][0] > 0
+    p99 = next(t for t in data["targets"] if t["target"] == "1,000 flows/worker: relay p99 latency at 20k pps vs "
+               "reference (1 worker)")
+    assert p99["value"] == data["latency_pairs"][1]["ratio"] and "median of 1 paired runs" in p99["note"]
+
+
+def test_paired_latency_ratio_is_the_median_of_the_pairs():
+    """A noisy stretch lands on both runs of a pair: each pair's ratio, then their median;
+    a run that timed nothing has no ratio and no vote."""
+    def runs(*p99s):
+        return [{"p99_us": p} for p in p99s]
+
+    ratios, median = relay_pairs.pair_ratios(runs(60.0, 4000.0, 90.0, None), runs(50.0, 3000.0, 30.0, 40.0))
+    assert ratios == [1.2, 4000.0 / 3000.0, 3.0, None] and median == 4000.0 / 3000.0
+    assert relay_pairs.pair_ratios(runs(None), runs(50.0)) == ([None], None)
+    paired = relay_pairs.PairedLatency("relay", 1, 64, runs={"relay": runs(60.0, 70.0), "ref": runs(50.0, 35.0)},
+                                       ratios=[1.2, 2.0], ratio=1.6)
+    ref, rel = _result("ref", 1, 100_000, 90_000, 5000.0), _result("relay", 1, 100_000, 90_000, 60.0)
+    _, targets = relay_report.report([ref, rel], [], [paired])
+    (p99,) = [t for t in targets if "p99 latency" in t["target"]]
+    assert p99["value"] == 1.6 and p99["verdict"] == "MISS"  # not the variants' 60 / 5,000 us
+    assert "median of 2 paired runs' ratios (1.20, 2.00); best runs of the variants: 0.01x" in p99["note"]
 
 
 def _result(kind, workers, drain_pps, paced_pps, p99_us, load_bound=False, flows=64):

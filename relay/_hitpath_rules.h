@@ -52,7 +52,7 @@ async_send(int err)
 {
     switch (err) {
     case ECONNREFUSED: case EHOSTUNREACH: case ENETUNREACH: case EHOSTDOWN: case ENETDOWN:
-    case EPROTO:
+    case EPROTO: case ENOPROTOOPT:
 #ifdef ENONET
     case ENONET:
 #endif

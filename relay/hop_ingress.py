@@ -35,6 +35,7 @@ from wire.tunnel_frame import (
     HOP_HEADER_LEN_V4,
     HOP_HEADER_LEN_V6,
     HOP_TAG,
+    PROBE,
     FrameError,
     Heartbeat,
     HopData,
@@ -140,6 +141,7 @@ class HopIngress:
         self.drop = drop
         self.flush = flush  # after each batch: what deliver queued goes out
         self.edges: dict[bytes, tuple[int, float]] = {}  # edge key -> (its hop socket, last heard)
+        self.sessions = 0  # what the last heartbeat said (a probe's answer says it again)
 
     def indexes(self) -> list[tuple[int, int]]:
         """(per-socket index, client family's IP length) of every hop index, in order."""
@@ -184,6 +186,10 @@ class HopIngress:
             self.drop(exc.reason)
             return
         if hop is None:
+            if buffer[off : off + length] == PROBE:  # an edge's link here was refused (ICMP): we live
+                ret.send_frame(key, Heartbeat(sessions=self.sessions, capacity=0))
+                ret.flush()
+                return
             self.drop("hop_unexpected_frame")
             return
         if isinstance(hop, HopData):  # a compact encoding: its payload in a buffer of its own
@@ -203,6 +209,7 @@ class HopIngress:
     # -- housekeeping: edges hear that this relay is alive, and which sessions ended ----------
 
     def heartbeat(self, now: float, sessions: int) -> None:
+        self.sessions = sessions
         for edge, (j, heard) in list(self.edges.items()):
             if heard < now - EDGE_IDLE_S:
                 del self.edges[edge]

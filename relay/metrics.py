@@ -48,6 +48,7 @@ TRAFFIC_COUNTERS = (
     "flows_expired",
     "flows_closed",  # session closed or transceiver gone
     "heartbeats",
+    "transceiver_refusals",  # ICMP port unreachable on a link: the transceiver is probed
     "housekeeping_stalls",  # ticks that came late (the worker did not run): they expired nothing
     "housekeeping_step_us_total",  # CPU time of every housekeeping step (relay/housekeeping_steps.py)
     *STEP_BUCKET_COUNTERS,  # the steps by CPU time (not cumulative)
@@ -94,6 +95,8 @@ def render_prometheus(rows: Sequence[Mapping[str, int]], table_totals: Mapping[s
         ("flows_expired", "Flows removed after the idle timeout."),
         ("flows_closed", "Flows removed because their session closed or their transceiver went silent."),
         ("heartbeats", "Transceiver heartbeats received."),
+        ("transceiver_refusals", "ICMP port unreachable on a transceiver's link: it is probed, and its flows "
+                                 "dropped when it does not answer within a second."),
         ("hit_path_packets", "Client datagrams the hit path (C or Python) forwarded itself (of packets_total)."),
         ("internal_errors", "Batches lost to an internal error (a bug; logged)."),
     ):

@@ -9,7 +9,9 @@ apart so each of the worker's packet paths stays readable in one file.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import select
 import socket
 import time
 from typing import TYPE_CHECKING
@@ -87,6 +89,7 @@ class ReturnPath:
         except OSError as exc:
             errors = self.tunnel_rx.errors
             errors[exc.errno] = errors.get(exc.errno, 0) + 1
+            self.rearm_link(sock)
             if exc.errno == errno.ECONNREFUSED:
                 self.link_refused(sock)
                 return False
@@ -129,6 +132,7 @@ class ReturnPath:
         packets = 0
         nbytes = 0
         refused = rx.errors.get(errno.ECONNREFUSED, 0)
+        errors = sum(rx.errors.values())
         for _ in range(MAX_BATCHES_PER_WAKEUP):
             n = rx.recv()
             if not n:
@@ -160,5 +164,28 @@ class ReturnPath:
                 break
         self.counts[_TRANSCEIVER_PACKETS] += packets
         self.counts[_TRANSCEIVER_BYTES] += nbytes
-        if rx.errors.get(errno.ECONNREFUSED, 0) != refused and sock is not self.tunnel:
-            self.link_refused(sock)
+        if sock is not self.tunnel and sum(rx.errors.values()) != errors:
+            self.rearm_link(sock)
+            if rx.errors.get(errno.ECONNREFUSED, 0) != refused:
+                self.link_refused(sock)
+
+    def rearm_link(self: Worker, sock: socket.socket) -> None:
+        """Watch a link again after it reported an error. uvloop (libuv's uv_poll) stops
+        watching a socket for good once epoll says POLLERR, which an ICMP error on a connected
+        link is: without this the worker read nothing more from that transceiver (its clients
+        heard nothing) until it was given up for silent."""
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(sock.fileno())
+        loop.add_reader(sock.fileno(), self.on_tunnel_readable, sock)
+
+    def rearm_waiting_links(self: Worker) -> None:
+        """Each housekeeping tick: a link with datagrams waiting is watched again, in case the
+        error that stopped its watch was taken by a send (the hit path's) before the reader saw it."""
+        if not self.link_dest:
+            return
+        waiting = select.poll()
+        for sock in self.link_dest:
+            waiting.register(sock, select.POLLIN)
+        by_fd = {sock.fileno(): sock for sock in self.link_dest}
+        for fd, _events in waiting.poll(0):
+            self.rearm_link(by_fd[fd])

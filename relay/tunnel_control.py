@@ -8,6 +8,7 @@ kept apart so the worker's packet paths stay readable in one file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -16,7 +17,16 @@ from typing import TYPE_CHECKING
 from relay.batchio import address_tuple, decode_sockaddr
 from relay.decision import closed_until, sender_token
 from relay.metrics import COUNTER_INDEX
-from wire.tunnel_frame import Data, Drain, FrameError, Heartbeat, SessionClosed, SessionRenamed, decode_frame
+from wire.tunnel_frame import (
+    PROBE,
+    Data,
+    Drain,
+    FrameError,
+    Heartbeat,
+    SessionClosed,
+    SessionRenamed,
+    decode_frame,
+)
 
 if TYPE_CHECKING:
     from relay.worker import Worker
@@ -65,13 +75,29 @@ class TunnelControl:
             self.drop("tunnel_unexpected_frame")
 
     def link_refused(self: Worker, sock: socket.socket) -> None:
-        """The kernel says nothing listens at a link's transceiver any more (ICMP port
-        unreachable): a crashed transceiver, known now rather than after heartbeat_timeout.
-        Its flows go at the next housekeeping tick and its sessions' checks get an error."""
+        """The kernel says nothing listens at a link's transceiver (ICMP port unreachable): a
+        crash, or a forged or passing error (relay/link_refusals.py). The transceiver is asked
+        (a Probe); unanswered, it is gone within a second (expire_refusing_transceivers)
+        rather than after heartbeat_timeout."""
         dest = self.links.dest_of(sock)
-        if dest is not None and self.flows.transceiver_refused(dest):
-            log.warning("worker %d: transceiver %s refuses the tunnel: treating it as gone",
-                        self.index, address_tuple(dest))
+        if dest is None or dest not in self.flows.transceivers:
+            return
+        self.counts[_C["transceiver_refusals"]] += 1
+        if self.refusals.refused(dest, time.monotonic()):
+            with contextlib.suppress(OSError):  # (refused again: the answer that does not come tells)
+                sock.send(PROBE)
+
+    def expire_refusing_transceivers(self: Worker, now: float) -> None:
+        """Each housekeeping tick: the refusing transceivers that did not answer their probe
+        are gone: their flows go at this tick and their sessions' checks get an error."""
+        def last_heard(dest: bytes) -> float | None:
+            state = self.flows.transceivers.get(dest)
+            return None if state is None else state[0]
+
+        for dest in self.refusals.crashed(now, last_heard):
+            if self.flows.transceiver_refused(dest):
+                log.warning("worker %d: transceiver %s refuses the tunnel and did not answer a probe: "
+                            "treating it as gone", self.index, address_tuple(dest))
 
     def remember_closed(self: Worker, ufrag: str, key: bytes) -> None:
         """A session ended: no Binding Request may open a flow for it again, on any worker,

@@ -53,6 +53,7 @@ from relay.hit_path import HEADROOM, FlowSender, HitPath, open_hit_path
 from relay.hop_ingress import HopReturn
 from relay.housekeeping_steps import StepRunner
 from relay.kernel_flows import KernelFlows
+from relay.link_refusals import LinkRefusals
 from relay.metrics import COUNTER_INDEX, WORKER_COUNTERS
 from relay.miss_budget import MissBudget
 from relay.miss_path import MissPath
@@ -138,6 +139,8 @@ class Worker(TunnelControl, ReturnPath, MissPath):
             self.tunnel, limit=cfg.tunnel_links, batch=batch, buffer_size=cfg.socket_buffer,
             on_open=self._watch_link, on_close=self._unwatch_link,
         )
+        #: the links refused (ICMP) whose transceiver was asked if it lives (relay/link_refusals.py)
+        self.refusals = LinkRefusals()
         #: per public socket: a known flow's datagram → its transceiver, in Python
         self.flow_senders = [FlowSender(header, self.links, self.tunnel_tx) for header in self.public_header]
         #: per public socket: the hit path (C or Python: the same calls)
@@ -332,6 +335,8 @@ class Worker(TunnelControl, ReturnPath, MissPath):
             for orphans in flows.sweep_steps(now, slots, SWEEP_SLOTS_PER_UNIT, REMOVALS_PER_UNIT, orphan_idle):  # noqa: B007
                 yield
         self.counts[_C["flows_expired"]] += expired + orphans
+        self.expire_refusing_transceivers(now)
+        self.rearm_waiting_links()
         flows.expire_silent_transceivers(now, cfg.heartbeat_timeout)
         closed = 0
         for closed in flows.remove_doomed_steps(REMOVALS_PER_UNIT):  # noqa: B007

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import select
 import socket
 import struct
@@ -13,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from icmp_forge import forge_unreachable
 from loopback import FAMILIES, has_ipv6
 
 from relay import batchio
@@ -239,6 +241,23 @@ def test_async_icmp_error_on_receive_is_transient(impl, udp) -> None:
     got = recv_until(rx, 1)
     assert [p for _, p in got] == [b"queued-before"]
     assert rx.errors.get(errno.ECONNREFUSED) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="forging ICMP needs a raw socket (root)")
+def test_protocol_unreachable_on_receive_is_transient(impl, udp) -> None:
+    """ICMP protocol unreachable (code 2) reaches a connected socket as ENOPROTOOPT on its next
+    call: counted, the datagram queued behind it still received."""
+    rx_cls, _ = impl
+    server, peer = udp(), udp()
+    server.connect(peer.getsockname())
+    forge_unreachable(server.getsockname(), peer.getsockname(), 2)
+    time.sleep(0.05)
+    peer.sendto(b"after", server.getsockname())
+    time.sleep(0.02)
+    rx = rx_cls(server)
+    got = recv_until(rx, 1)
+    assert [p for _, p in got] == [b"after"] and rx.errors == {errno.ENOPROTOOPT: 1}
+    assert send_action(errno.ENOPROTOOPT, False) is SendAction.RETRY_ASYNC  # (a send that reports it sent nothing)
 
 
 def test_async_icmp_error_on_recv_one_is_counted_not_raised(impl, udp) -> None:

@@ -11,6 +11,7 @@ from relay.batchio import decode_sockaddr, sockaddr_for
 from relay.hop_ingress import HopIngress, edge_of, parse_hop, virtual_key
 from wire.tunnel_frame import (
     HOP_HEADER_LEN_V4,
+    PROBE,
     Data,
     Heartbeat,
     HopData,
@@ -102,6 +103,11 @@ def test_hop_frames_are_delivered_as_virtual_clients_and_answered_through_the_ed
     assert decode_frame(harness.edge.recv(2048)) == Heartbeat(2, 0)
     harness.ingress.session_ended(SessionClosed("u"), [vkey4, vkey6])  # one edge: told once
     assert decode_frame(harness.edge.recv(2048)) == SessionClosed("u")
+    # An edge whose link here was refused (ICMP) probes: answered at once with a Heartbeat.
+    harness.edge.sendto(PROBE, harness.hop.getsockname())
+    time.sleep(0.02)
+    harness.ingress.on_readable(0)
+    assert decode_frame(harness.edge.recv(2048)) == Heartbeat(2, 0) and not harness.drops
     harness.edge.settimeout(0.2)
     with pytest.raises(TimeoutError):
         harness.edge.recv(2048)

@@ -10,7 +10,7 @@ import pytest
 
 from transceiver.tunnel import MAX_FLOWS_PER_SESSION, TunnelEndpoint
 from wire.stun import build_binding_request
-from wire.tunnel_frame import Data, Drain, Heartbeat, SessionClosed, SessionRenamed, decode_frame, encode_frame
+from wire.tunnel_frame import Data, Drain, Heartbeat, Probe, SessionClosed, SessionRenamed, decode_frame, encode_frame
 
 RELAY = ("127.0.0.1", 40000)
 RELAY2 = ("127.0.0.2", 40001)
@@ -194,6 +194,20 @@ def test_heartbeats_go_to_configured_and_heard_relays_and_drain_too() -> None:
         assert sorted(addr for f, addr in frames if isinstance(f, Heartbeat)) == sorted([("127.0.0.9", 41000), RELAY])
         assert all(f == Heartbeat(3, 10, False) for f, _ in frames if isinstance(f, Heartbeat))
         assert [f for f, _ in frames if isinstance(f, Drain)] == [Drain(12.5), Drain(12.5)]
+
+    run(body)
+
+
+def test_a_probe_is_answered_with_a_heartbeat_to_its_sender_only() -> None:
+    """A relay whose link to us was refused (ICMP) probes: a live transceiver says so at once,
+    to that relay alone; a probe from outside the relays' networks gets nothing."""
+    async def body(endpoint: TunnelEndpoint, transport: RecordingTransport) -> None:
+        prober = ("127.0.0.9", 41001)
+        endpoint.datagram_received(encode_frame(Probe()), prober)
+        assert transport.frames() == [(Heartbeat(3, 10, False), prober)]
+        transport.sent.clear()
+        endpoint.datagram_received(encode_frame(Probe()), ("192.0.2.1", 41001))
+        assert transport.frames() == [] and endpoint.counters.drops["not_allowed"] == 1
 
     run(body)
 

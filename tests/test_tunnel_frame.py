@@ -18,6 +18,7 @@ from wire.tunnel_frame import (
     FrameError,
     Heartbeat,
     HopData,
+    Probe,
     SessionClosed,
     data_header,
     data_prefix,
@@ -54,7 +55,7 @@ def test_header_refuses_oversized_payload() -> None:
 
 @pytest.mark.parametrize(
     "frame",
-    [Heartbeat(3, 100), Heartbeat(0, 0, draining=True), SessionClosed("abc+/"), Drain(12.5), Drain()],
+    [Heartbeat(3, 100), Heartbeat(0, 0, draining=True), SessionClosed("abc+/"), Drain(12.5), Drain(), Probe()],
 )
 def test_control_round_trip(frame) -> None:
     assert decode_frame(encode_frame(frame)) == frame

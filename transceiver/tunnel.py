@@ -39,6 +39,7 @@ from wire.tunnel_frame import (
     Drain,
     FrameError,
     Heartbeat,
+    Probe,
     SessionClosed,
     SessionRenamed,
     data_frame,
@@ -203,6 +204,9 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
             counters.drop(exc.reason)
             return
         if type(frame) is not Data:
+            if type(frame) is Probe:  # a relay's link to us was refused: say we are alive
+                self._send_control(self.heartbeat_source(), [relay])
+                return
             counters.drop("unexpected_frame")
             return
         self._heard[relay] = time.monotonic()
@@ -339,11 +343,13 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
             del self._heard[next(iter(self._heard))]
         return list(dict.fromkeys([*self._configured_relays, *self._heard]))
 
-    def _send_control(self, frame: Heartbeat | SessionClosed | SessionRenamed | Drain) -> None:
+    def _send_control(self, frame: Heartbeat | SessionClosed | SessionRenamed | Drain,
+                      relays: list[Addr] | None = None) -> None:
+        """``frame`` to ``relays`` (default: every relay to tell, :meth:`relays`)."""
         if self.transport is None or self.transport.is_closing():
             return
         buf = encode_frame(frame)
-        for relay in self.relays():
+        for relay in self.relays() if relays is None else relays:
             self.transport.sendto(buf, self._sendable(relay))
             self.counters.control_out += 1
 

@@ -19,6 +19,8 @@ Direction and meaning:
 - ``SessionRenamed``  transceiver→relay, after an ICE restart: the session's flows now belong to
                       ``new`` (the client restarted on the same 5-tuple: its flow is still
                       labelled ``old``), and ``old`` is closed as ``SessionClosed`` closes it.
+- ``Probe``           relay→transceiver: its link's port refused a datagram (ICMP); a live
+                      transceiver answers at once with a ``Heartbeat`` to the sender.
 - ``HopData``         edge relay→cluster relay: a client datagram of a session that lives in
                       another cluster (the route token names it), with the client's address,
                       the edge's ``handle`` for the way back (a ``Data`` frame with that handle,
@@ -83,7 +85,11 @@ class HopData(msgspec.Struct, array_like=True, frozen=True, tag=6):
             raise ValueError("ip must be 4 or 16 bytes")
 
 
-Frame = Data | Heartbeat | SessionClosed | Drain | SessionRenamed | HopData
+class Probe(msgspec.Struct, array_like=True, frozen=True, tag=7):
+    pass
+
+
+Frame = Data | Heartbeat | SessionClosed | Drain | SessionRenamed | HopData | Probe
 
 FRAME_ERROR_REASONS = frozenset({"frame_empty", "frame_bad_version", "frame_malformed"})
 
@@ -102,6 +108,10 @@ _decoder = msgspec.msgpack.Decoder(Frame)
 
 def encode_frame(frame: Frame) -> bytes:
     return _VERSION_BYTE + _encoder.encode(frame)
+
+
+#: a Probe's bytes (it has no fields): what a relay sends and a receiver can match as is
+PROBE = encode_frame(Probe())
 
 
 def decode_frame(buf: bytes | memoryview) -> Frame:

@@ -40,11 +40,13 @@ TRANSIENT_RECV = frozenset(
         errno.ENETDOWN,
         errno.EPROTO,
         errno.ETIMEDOUT,
+        errno.ENOPROTOOPT,
         _ENONET,
     }
 )
 #: Reported once by the call after an ICMP error (connected or IP_RECVERR socket); that call
-#: sent nothing, so the message it was about is retried once.
+#: sent nothing, so the message it was about is retried once. (ENOPROTOOPT: protocol
+#: unreachable, one of the "fatal" ICMP errors a connected socket is told of without IP_RECVERR.)
 ASYNC_SEND = frozenset(
     {
         errno.ECONNREFUSED,
@@ -53,6 +55,7 @@ ASYNC_SEND = frozenset(
         errno.EHOSTDOWN,
         errno.ENETDOWN,
         errno.EPROTO,
+        errno.ENOPROTOOPT,
         _ENONET,
     }
 )

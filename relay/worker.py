@@ -337,6 +337,7 @@ class Worker(TunnelControl, ReturnPath, MissPath):
         self.counts[_C["flows_expired"]] += expired + orphans
         self.expire_refusing_transceivers(now)
         self.rearm_waiting_links()
+        yield
         flows.expire_silent_transceivers(now, cfg.heartbeat_timeout)
         closed = 0
         for closed in flows.remove_doomed_steps(REMOVALS_PER_UNIT):  # noqa: B007

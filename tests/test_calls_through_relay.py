@@ -6,13 +6,17 @@ transceiver and the clients share this test's event loop.
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import aioice.ice
 import pytest
+from icmp_forge import forge_unreachable, link_to
 from relay_calls import Call, run
 from relayproc import RelayProcess, cleanup_relay, start_relay
 from webrtc_peer import wait_for
+
+from relay.link_refusals import PROBE_WAIT_S
 
 
 @pytest.fixture(autouse=True)
@@ -81,3 +85,24 @@ def test_stopped_transceiver_loses_its_flows_and_new_calls_go_elsewhere(relay: R
                 assert [f.target_port for f in second.relay_flows()] == [second.tunnel_port]
 
     run(main, timeout=120)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="forging ICMP needs a raw socket (root)")
+def test_a_forged_port_unreachable_leaves_a_real_call_up(relay: RelayProcess) -> None:
+    """A stranger's ICMP port unreachable about the relay's link to a live transceiver: the
+    relay probes, the transceiver (transceiver/tunnel.py) answers with a heartbeat, and the
+    call goes on, its flow kept (one refusal used to drop every flow of the transceiver)."""
+    async def main() -> None:
+        async with Call(relay) as call:
+            client = await call.dial()
+            await call.connected(client)
+            assert await client.roundtrip("before") == "before"
+            forge_unreachable(link_to(("127.0.0.1", call.tunnel_port)), ("127.0.0.1", call.tunnel_port), 3)
+            await asyncio.sleep(PROBE_WAIT_S + 1.0)  # past the probe's wait: a silent one would be gone now
+            assert len(call.relay_flows()) == 1
+            assert await client.roundtrip("after") == "after"
+            assert await client.hears_echo() > 1000
+            relay.wait_flushed(lambda rows: sum(r["transceiver_refusals"] for r in rows) == 1, what="the refusal")
+            assert sum(r["flows_closed"] for r in relay.rows()) == 0
+
+    run(main)

@@ -12,12 +12,11 @@ password, so the client's ICE gives up now.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
-from icmp_forge import forge_unreachable
+from icmp_forge import forge_unreachable, link_to
 from relayproc import Client, FakeTransceiver, cleanup_relay, rtp_like, start_relay, wait_for
 
 from relay.link_refusals import PROBE_WAIT_S, LinkRefusals
@@ -98,15 +97,6 @@ def test_a_refusal_asks_and_only_an_unanswered_question_is_a_crash() -> None:
     assert refusals.crashed(30.0, {}.get) == [] and len(refusals) == 0  # forgotten meanwhile: nothing to do
 
 
-def link_to(transceiver: tuple[str, int]) -> tuple[str, int]:
-    """The local address of the (one) UDP socket connected to ``transceiver``: the relay's link."""
-    want = f"{socket.inet_aton(transceiver[0])[::-1].hex().upper()}:{transceiver[1]:04X}"
-    rows = [line.split() for line in Path("/proc/net/udp").read_text().splitlines()[1:]]
-    (local,) = [row[1] for row in rows if row[2] == want]
-    ip_hex, port_hex = local.split(":")
-    return socket.inet_ntoa(bytes.fromhex(ip_hex)[::-1]), int(port_hex, 16)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="forging ICMP needs a raw socket (root)")
 @pytest.mark.parametrize("code", [3, 13, 2], ids=["port-unreachable", "filtered", "protocol-unreachable"])
 def test_a_forged_icmp_error_costs_a_live_transceiver_nothing(tmp_path: Path, code: int) -> None:
@@ -132,9 +122,9 @@ def test_a_forged_icmp_error_costs_a_live_transceiver_nothing(tmp_path: Path, co
                 probe, source = transceiver.recv()
                 assert isinstance(probe, Probe) and source == link
                 transceiver.heartbeat(link)  # (what transceiver/tunnel.py answers)
+                time.sleep(PROBE_WAIT_S + 0.3)  # past the wait: unanswered, the flows would go now
             else:
                 assert transceiver.drain(0.2) == []  # (EHOSTUNREACH, ENOPROTOOPT) no question
-            time.sleep(PROBE_WAIT_S + 0.3)  # past the wait: unanswered, the flows would go now
             media = rtp_like(2 + round_)
             client.send(media)
             assert transceiver.recv_data()[0].payload == media  # still forwarded

@@ -23,12 +23,14 @@ from relay.batchio import address_tuple, sockaddr_for
 from relay.check_changes import CheckChanges
 from relay.config import RelayConfig
 from relay.decision import Learn
+from relay.partition_view import AllPartitionsView
 from shm import Flow, FlowTable, InsertStatus, PartitionWriter, TakeoverReport
 from shm.layout import ip16
 from wire.tunnel_frame import data_prefix, hop_prefix
 
 if TYPE_CHECKING:
     from relay.kernel_flows import KernelFlows
+    from relay.warm_takeover import WarmCopy
 
 log = logging.getLogger("rtcrelay.relay")
 
@@ -128,31 +130,6 @@ class FlowEntry:
     def rehandle(self, handle: int) -> None:
         self.aliases += (self.handle,)
         self._set_handle(handle)
-
-
-class AllPartitionsView:
-    """The decision function's read-only window on the whole table (all partitions), and on
-    the worker's knowledge of which transceivers went silent."""
-
-    __slots__ = ("table", "local", "transceiver_gone", "hops_unavailable")
-
-    def __init__(self, table: FlowTable, local: tuple[bytes, int],
-                 transceiver_gone: Callable[[bytes, int, int], bool] = lambda ip, port, issued: False,
-                 hops_unavailable: Callable[[], frozenset[tuple[str, int]]] = frozenset) -> None:
-        self.table = table
-        self.local = (ip16(local[0]), local[1])
-        self.transceiver_gone = transceiver_gone
-        self.hops_unavailable = hops_unavailable
-
-    def find(self, source: tuple[bytes, int]) -> Flow | None:
-        found = self.table.lookup(ip16(source[0]), source[1], *self.local)
-        return found if isinstance(found, Flow) else None
-
-    def session_known(self, ufrag: str) -> bool:
-        return self.table.session(ufrag.encode()) is not None
-
-    def session_closed(self, ufrag: str, now: float) -> bool:
-        return self.table.session_closed(ufrag.encode(), ms(now)) > 0
 
 
 class LocalFlows:
@@ -562,29 +539,54 @@ class LocalFlows:
             if self.kernel is not None:
                 self.kernel.rehandle(entry)
 
-    def take_over(self, now: float) -> TakeoverReport:
-        """Own the partition (flock + repair what a dead predecessor left), reload the dicts."""
+    def take_over(self, now: float, warm: WarmCopy | None = None) -> TakeoverReport:
+        """Own the partition (flock + repair what a dead predecessor left), reload the dicts:
+        every flow, or only what changed since ``warm`` (a standby's copy) was refreshed."""
+        kernel, self.kernel = self.kernel, (self.kernel if warm is None else None)
         self.writer = self.table.own(self.index, on_move=self._on_move)
         report = self.writer.takeover()  # idempotent: own() already repaired; this reports it
         if self._counter_flush_wanted:
             self.counter_flush = counter_flush_for(self.writer)
-        for flow in self.writer.flows():
-            local = (unmap(flow.local_ip), flow.local_port)
-            if local not in self.publics:
-                continue  # a listen address this configuration no longer has: let it expire
-            public_index = self.publics.index(local)
-            client_ip = unmap(flow.client_ip)
-            family = socket.AF_INET if len(local[0]) == 4 else socket.AF_INET6
-            client_key = sockaddr_for(client_ip if family == socket.AF_INET else ip16(client_ip), flow.client_port,
-                                      family)
-            entry = self._entry_from(flow, flow.handle, client_key, public_index)
-            if entry is not None:
-                self._add(entry, now)
+        if warm is None:
+            for flow in self.writer.flows():
+                self.load(flow, now)
+        else:
+            warm.refresh(now, limit=None)  # (exact now: nobody else writes the partition)
+            warm.settle(now)
+            self.kernel = kernel
+            for entry in self.entries if kernel is not None else ():
+                kernel.add(entry)
         if self.kernel is not None:
             stale = self.kernel.forget_others(self.entries)
             if stale:
                 log.info("worker %d: %d flows a predecessor left in the kernel removed", self.index, stale)
         return report
+
+    def load(self, flow: Flow, now: float) -> FlowEntry | None:
+        """The entry of a flow of this partition as shm holds it (None: a listen address this
+        configuration no longer has, left to expire, or a target the tunnel cannot reach)."""
+        local = (unmap(flow.local_ip), flow.local_port)
+        if local not in self.publics:
+            return None
+        client_ip = unmap(flow.client_ip)
+        family = socket.AF_INET if len(local[0]) == 4 else socket.AF_INET6
+        client_key = sockaddr_for(client_ip if family == socket.AF_INET else ip16(client_ip), flow.client_port,
+                                  family)
+        entry = self._entry_from(flow, flow.handle, client_key, self.publics.index(local))
+        return None if entry is None else self._add(entry, now)
+
+    def remove_entry(self, entry: FlowEntry) -> None:
+        """Forget an entry from the dicts only (a standby's copy: shm is not its to change)."""
+        if self.by_key.get(entry.client_key) is entry:
+            self._remove(entry.client_key)
+
+    def restart_timers(self, now: float) -> None:
+        """A whole idle timeout for every flow and a heartbeat timeout for every transceiver
+        from ``now``: a takeover's, whatever shm's last-seen times say."""
+        for entry in self.entries:
+            entry.flushed_ms = ms(now)
+        for state in self.transceivers.values():
+            state[0] = now
 
     def close(self) -> None:
         if self.writer is not None:

@@ -61,6 +61,7 @@ from relay.return_path import ReturnPath
 from relay.tunnel_control import TunnelControl
 from relay.tunnel_links import TunnelLinks
 from relay.wakeup import BACK_TO_BACK_S, MAX_BATCHES_PER_WAKEUP
+from relay.warm_takeover import WarmCopy
 from relay.worker_directory import WorkerDirectory
 from relay.worker_hops import WorkerHops, hop_locals
 from relay.worker_spec import WorkerSpec, decode_spec
@@ -80,6 +81,7 @@ BUFSIZE = 2048  # larger than any WebRTC datagram (MTU-bound); bigger ones are c
 # steps) tripled the p99 of datagrams it did not even delay (bench/relay.py; the load's CPU
 # shares the host with the worker's).
 HOUSEKEEPING_S = 0.1
+WARM_REFRESH_S = 1.0  # a standby's copy of its partition: a slice per second (relay/warm_takeover.py)
 STALLED_S = 0.5  # a tick this late: the worker did not run (see housekeeping_units)
 GC_TICKS = 10  # the young generations once a second
 FULL_GC_TICKS = 600  # everything once a minute (flows are frozen: ~180 µs at 50k flows)
@@ -139,6 +141,8 @@ class Worker(TunnelControl, ReturnPath, MissPath):
             self.tunnel, limit=cfg.tunnel_links, batch=batch, buffer_size=cfg.socket_buffer,
             on_open=self._watch_link, on_close=self._unwatch_link,
         )
+        #: a standby's copy of its partition while it waits (relay/warm_takeover.py)
+        self.warm: WarmCopy | None = WarmCopy(self.flows) if spec.go_fd is not None else None
         #: the links refused (ICMP) whose transceiver was asked if it lives (relay/link_refusals.py)
         self.refusals = LinkRefusals()
         #: per public socket: a known flow's datagram → its transceiver, in Python
@@ -381,7 +385,8 @@ class Worker(TunnelControl, ReturnPath, MissPath):
 
     async def run(self) -> None:
         self.loop = loop = asyncio.get_running_loop()
-        report = self.flows.take_over(time.monotonic())
+        report = self.flows.take_over(time.monotonic(), self.warm)
+        self.warm = None  # (its entries are the worker's now)
         log.info("worker %d (pid %d) owns partition %d: %s; counter flush in %s", self.index, os.getpid(),
                  self.index, report, "Python" if self.flows.counter_flush is None else "C")
         for fd, (callback, args) in self.readers.items():  # (public, tunnel and hop sockets: __init__)
@@ -431,6 +436,23 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
+def _wait_warming(channel: socket.socket, worker: Worker) -> bytes:
+    """A standby's wait for the supervisor's word. Meanwhile it copies the partition it would
+    take over (relay/warm_takeover.py), a bounded slice per WARM_REFRESH_S, so that taking
+    over builds only what changed since."""
+    assert worker.warm is not None
+    channel.settimeout(WARM_REFRESH_S)
+    while True:
+        try:
+            return channel.recv(16)
+        except TimeoutError:
+            try:
+                worker.warm.refresh(time.monotonic())
+            except Exception:  # the copy is a guess take_over checks: never worth the standby
+                log.exception("worker %d (standby): the partition's copy failed; starting over", worker.index)
+                worker.warm.reset()
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     spec = decode_spec(os.environ.pop("RTCRELAY_WORKER_SPEC"))
@@ -450,7 +472,7 @@ def main() -> None:
         channel = socket.socket(fileno=spec.go_fd)
         try:
             channel.sendall(b"r")
-            go = channel.recv(16)
+            go = _wait_warming(channel, worker)
         except ConnectionError:  # the supervisor let it go while it was starting
             go = b""
         if not go:

@@ -32,6 +32,9 @@ from shm.layout import (
     SESSION_SLOT,
     SESSION_SLOT_STRUCT,
     SW_INFO,
+    W_LAST_SEEN,
+    W_TAG,
+    W_TIP_HI,
     load_limit,
     session_ref,
 )
@@ -140,6 +143,24 @@ class TableReader:
     def _flows_rows(self, p: int) -> Any:
         w = self._fw[p]
         return self._np[w : w + self.flow_capacity * 16].reshape(self.flow_capacity, 16)
+
+    def flow_identities(self, p: int) -> Any:
+        """Words 1-9 of every flow slot of partition p, copied (an array of (capacity, 9)): tag
+        with its generation, session ref, key, ports, target. A slot whose words did not change
+        holds the same flow under the same handle; words 11-15 (last seen, counters) move."""
+        return self._flows_rows(p)[:, W_TAG : W_TIP_HI + 1].copy()
+
+    def flow_counters(self, p: int) -> Any:
+        """pkts_in, bytes_in, pkts_out, bytes_out of every flow slot of partition p, copied."""
+        return self._flows_rows(p)[:, W_LAST_SEEN + 1 : W_LAST_SEEN + 5].copy()
+
+    def flow_at(self, p: int, i: int) -> Flow | None:
+        """Slot i of partition p (a seqlock-checked read): None when it is empty or its writer
+        kept it busy."""
+        t = self._copy_flow((self._fw[p] + (i << 4)) << 3)
+        if t is None or not t[1] & M32:
+            return None
+        return self._flow_record(p, i, t)
 
     def _sessions_rows(self, p: int) -> Any:
         w = self._sw[p]

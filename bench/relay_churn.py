@@ -11,7 +11,7 @@ from pathlib import Path
 from bench import udpload
 from bench.harness import processes
 from bench.harness.cpu import cpu_seconds
-from bench.harness.errors import BenchError
+from bench.harness.errors import describe_error
 from bench.relay_forwarders import HOST, CReferenceForwarder, EbpfRelayForwarder, Forwarder, PythonRelayForwarder
 from bench.relay_runs import (
     LATE_NS,
@@ -187,7 +187,7 @@ def churn_phase(kind: str, workers: int, flows: int, cfg: Config, tools: dict[st
                 f"{', '.join(f'{b:.0f}/{c:.0f}' for b, c in run['pairs'])}), lost {run['lost']}, "
                 f"late {run['late']}, drops {run['drops'] or 'none'}")
     except Exception as e:  # reported, the rest of the report still prints
-        res.status, res.message = "error", (str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}")
+        res.status, res.message = "error", describe_error(e)
         log(f"  churn, {fwd.label} x{workers}: ERROR: {res.message}")
     finally:
         fwd.stop()

@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.harness.errors import BenchError
+from bench.harness.errors import describe_error
 from bench.relay_forwarders import Forwarder
 from bench.relay_runs import (
     FOREIGN_MAX_LATENCY,
@@ -76,7 +76,7 @@ def paired_latency(mine: Forwarder, ref: Forwarder, cfg: Config, tools: dict[str
             f"p99 {', '.join(_pair(a, b) for a, b in zip(res.runs[mine.kind], res.runs['ref']))} us; "
             f"median ratio {'-' if res.ratio is None else f'{res.ratio:.2f}x'}")
     except Exception as e:  # reported, the rest of the report still prints
-        res.status, res.message = "error", (str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}")
+        res.status, res.message = "error", describe_error(e)
         log(f"  paired latency, {mine.label} x{mine.workers}, {mine.flows:,} flows/worker: ERROR: {res.message}")
     finally:
         for fwd in fwds.values():

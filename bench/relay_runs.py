@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench import relay_cpu, step_reference, udpload
 from bench.harness import cpu, processes, procinfo
-from bench.harness.errors import BenchError
+from bench.harness.errors import BenchError, describe_error
 from bench.harness.ports import free_port
 from bench.relay_forwarders import HOST, Forwarder
 from bench.udpload import Load, SourcePlan
@@ -647,7 +647,7 @@ def run_variant(fwd: Forwarder, cfg: Config, tools: dict[str, Path], pin: bool, 
             log(f"    WARNING: the relay holds {res.flow_check['held']:,} flows after the measurements, "
                 f"not {load.flows:,} (drops: {res.flow_check['drops']})")
     except Exception as e:  # reported in the table, the other variants still run
-        res.status, res.message = "error", (str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}")
+        res.status, res.message = "error", describe_error(e)
         log(f"  {name}: ERROR: {res.message}")
     finally:
         processes.reap(reference)

@@ -17,12 +17,24 @@ from pathlib import Path
 
 import pytest
 from icmp_forge import forge_unreachable, link_to
-from relayproc import Client, FakeTransceiver, cleanup_relay, rtp_like, start_relay, wait_for
+from relayproc import Client, FakeTransceiver, RelayProcess, cleanup_relay, rtp_like, start_relay, wait_for
 
 from relay.link_refusals import PROBE_WAIT_S, LinkRefusals
 from wire.route_token import derive_password
 from wire.stun import BINDING_ERROR, parse
-from wire.tunnel_frame import Probe
+from wire.tunnel_frame import Data, Probe
+
+
+def call_up(relay: RelayProcess, transceiver: FakeTransceiver, client: Client) -> tuple[str, Data, tuple[str, int]]:
+    """A session through the relay to ``transceiver``, which heartbeats: its ufrag, the first
+    media frame, and where it came from (the worker's connected link to the transceiver)."""
+    ufrag = transceiver.token(relay.keyring)
+    client.send(client.binding_request(ufrag, keyring=relay.keyring))
+    _, tunnel = transceiver.recv_data()
+    transceiver.heartbeat(tunnel)
+    client.send(rtp_like(1))
+    frame, link = transceiver.recv_data()
+    return ufrag, frame, link
 
 
 def test_a_dead_transceiver_is_known_at_once_and_its_clients_are_told(tmp_path: Path) -> None:
@@ -30,12 +42,7 @@ def test_a_dead_transceiver_is_known_at_once_and_its_clients_are_told(tmp_path: 
     transceiver = FakeTransceiver()
     client = Client(relay.address)
     try:
-        ufrag = transceiver.token(relay.keyring)
-        client.send(client.binding_request(ufrag, keyring=relay.keyring))
-        _, tunnel = transceiver.recv_data()
-        transceiver.heartbeat(tunnel)
-        client.send(rtp_like(1))
-        transceiver.recv_data()  # on the worker's connected link to this transceiver
+        ufrag, _, _ = call_up(relay, transceiver, client)
         assert len(relay.table_flows()) == 1
 
         tunnel_port = transceiver.address[1]
@@ -103,21 +110,16 @@ def test_a_refusal_asks_and_only_an_unanswered_question_is_a_crash() -> None:
 def test_a_forged_icmp_error_costs_a_live_transceiver_nothing(tmp_path: Path, code: int, hit_path: str) -> None:
     """ICMP errors, forged, about a live transceiver's link. Port unreachable: the relay asks
     (a Probe), the transceiver answers (a Heartbeat), every flow stays. Communication
-    administratively filtered (a firewall's), protocol unreachable: nothing to ask. Either way the call goes on both ways (the link is still read:
-    uvloop stops watching a socket that reported an error, and the worker watches it again),
-    twice over; and a real crash afterwards is still known within a second or two. As root
+    administratively filtered (a firewall's), protocol unreachable: nothing to ask. Either way
+    the call goes on both ways (the link is still read: uvloop stops watching a socket that
+    reported an error, and the worker watches it again), twice over; and a real crash afterwards is still known within a second or two. As root
     the relay loads its kernel path ("auto"); with the workers' C hit path ("c") their sends on
     the link may take the error before the reader sees it."""
     relay = start_relay(tmp_path, workers=2, config={"heartbeat_timeout": 30.0, "hit_path": hit_path})
     transceiver = FakeTransceiver()
     client = Client(relay.address)
     try:
-        ufrag = transceiver.token(relay.keyring)
-        client.send(client.binding_request(ufrag, keyring=relay.keyring))
-        _, tunnel = transceiver.recv_data()
-        transceiver.heartbeat(tunnel)
-        client.send(rtp_like(1))
-        frame, link = transceiver.recv_data()  # from the worker's connected link
+        _, frame, link = call_up(relay, transceiver, client)
         assert link_to(transceiver.address) == link
         for round_ in range(2):
             forge_unreachable(link, transceiver.address, code)

@@ -542,7 +542,6 @@ class LocalFlows:
     def take_over(self, now: float, warm: WarmCopy | None = None) -> TakeoverReport:
         """Own the partition (flock + repair what a dead predecessor left), reload the dicts:
         every flow, or only what changed since ``warm`` (a standby's copy) was refreshed."""
-        kernel, self.kernel = self.kernel, (self.kernel if warm is None else None)
         self.writer = self.table.own(self.index, on_move=self._on_move)
         report = self.writer.takeover()  # idempotent: own() already repaired; this reports it
         if self._counter_flush_wanted:
@@ -553,9 +552,9 @@ class LocalFlows:
         else:
             warm.refresh(now, limit=None)  # (exact now: nobody else writes the partition)
             warm.settle(now)
-            self.kernel = kernel
-            for entry in self.entries if kernel is not None else ():
-                kernel.add(entry)
+            if self.kernel is not None:  # (the copy's entries were kept out of the maps)
+                for entry in self.entries:
+                    self.kernel.add(entry)
         if self.kernel is not None:
             stale = self.kernel.forget_others(self.entries)
             if stale:

@@ -50,7 +50,8 @@ setup(
         Extension(
             "relay._hitpath",
             sources=["relay/_hitpath.c"],
-            depends=["relay/_hitpath_entry.h", "relay/_hitpath_rules.h", "relay/_slots.h"],
+            depends=["relay/_flow_fields.h", "relay/_flow_index.h", "relay/_hitpath_entry.h",
+                     "relay/_hitpath_rules.h", "relay/_slots.h"],
             extra_compile_args=C_FLAGS,
             optional=True,
         ),

@@ -19,10 +19,11 @@
  * A flow that did not move is not written; one that did not move for idle_ms since a flush saw
  * it move is appended to the caller's list (the worker expires it: relay.flows.LocalFlows).
  *
- * The entries are objects with __slots__ handle, packets_in, bytes_in, packets_out,
- * bytes_out, flushed_activity and flushed_ms (relay.flows.FlowEntry), read by offset
- * (relay/_slots.h). A look at a flow that did not move reads only what tells it so: at 50k
- * flows every int object is a cache miss.
+ * The entries are relay.flow_entry.FlowEntry: an int object slot `handle`, and the 64-bit
+ * integer members packets_in, bytes_in, packets_out, bytes_out, flushed_activity and flushed_ms
+ * (relay._hitpath.FlowFields), read and written by offset (relay/_slots.h). A look at a flow
+ * that did not move reads the entry's first two cache lines and nothing else (as int objects,
+ * three more: at 50k flows each a cache miss).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -84,15 +85,16 @@ CounterFlush_dealloc(CounterFlush *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* The entries' slot offsets, from their type; -1 (TypeError) if it lacks one. */
+/* The entries' field offsets, from their type; -1 (TypeError) if it lacks one. */
 static int
 learn_type(CounterFlush *self, PyTypeObject *type)
 {
     Py_ssize_t offsets[N_FIELDS];
     for (int f = 0; f < N_FIELDS; f++) {
-        offsets[f] = slot_offset(type, field_strings[f]);
+        offsets[f] = f == F_HANDLE ? slot_offset(type, field_strings[f]) : int_member_offset(type, field_strings[f]);
         if (offsets[f] < 0) {
-            PyErr_Format(PyExc_TypeError, "%s has no __slots__ member %s", type->tp_name, field_names[f]);
+            PyErr_Format(PyExc_TypeError, "%s has no %s member %s", type->tp_name,
+                         f == F_HANDLE ? "object" : "64-bit int", field_names[f]);
             return -1;
         }
     }
@@ -161,51 +163,36 @@ write_counters(const CounterFlush *self, uint64_t *q, uint8_t *mm, uint64_t hand
     }
 }
 
-/* The entry's int field f into *out; -1 (TypeError, OverflowError) if it is not one that fits. */
-static inline int
-read_field(const CounterFlush *self, PyObject *entry, int f, uint64_t *out)
-{
-    PyObject *o = SLOT(entry, self->offsets[f]);
-    if (o == NULL || !PyLong_Check(o)) {
-        PyErr_Format(PyExc_TypeError, "a flow entry's %s must be an int", field_names[f]);
-        return -1;
-    }
-    *out = PyLong_AsUnsignedLongLong(o);
-    return *out == (uint64_t)-1 && PyErr_Occurred() ? -1 : 0;
-}
+/* The entry's integer field f (a member). */
+#define FIELD(self, entry, f) ((uint64_t)INT_FIELD(entry, (self)->offsets[f]))
 
 /* One entry: 1 if it moved since its last flush (then written), 0 if not (appended to `idle`
- * when it has not moved for idle_ms), -1 on error. `stamp_obj` is `stamp` as an int. */
+ * when it has not moved for idle_ms), -1 on error. */
 static int
-flush_entry(CounterFlush *self, PyObject *entry, uint64_t *q, uint8_t *mm, uint64_t stamp, PyObject *stamp_obj,
-            int64_t idle_ms, PyObject *idle)
+flush_entry(CounterFlush *self, PyObject *entry, uint64_t *q, uint8_t *mm, uint64_t stamp, int64_t idle_ms,
+            PyObject *idle)
 {
     if (Py_TYPE(entry) != self->type && learn_type(self, Py_TYPE(entry)) < 0)
         return -1;
-    uint64_t v[N_FIELDS];
-    if (read_field(self, entry, F_PACKETS_IN, &v[F_PACKETS_IN]) < 0
-        || read_field(self, entry, F_PACKETS_OUT, &v[F_PACKETS_OUT]) < 0
-        || read_field(self, entry, F_FLUSHED, &v[F_FLUSHED]) < 0)
-        return -1;
-    uint64_t activity = v[F_PACKETS_IN] + v[F_PACKETS_OUT];
-    if (activity == v[F_FLUSHED]) {
-        if (read_field(self, entry, F_FLUSHED_MS, &v[F_FLUSHED_MS]) < 0)
-            return -1;
-        if ((int64_t)(stamp - v[F_FLUSHED_MS]) > idle_ms && PyList_Append(idle, entry) < 0)
+    uint64_t activity = FIELD(self, entry, F_PACKETS_IN) + FIELD(self, entry, F_PACKETS_OUT);
+    if (activity == FIELD(self, entry, F_FLUSHED)) {
+        if ((int64_t)(stamp - FIELD(self, entry, F_FLUSHED_MS)) > idle_ms && PyList_Append(idle, entry) < 0)
             return -1;
         return 0;
     }
-    if (read_field(self, entry, F_HANDLE, &v[F_HANDLE]) < 0 || read_field(self, entry, F_BYTES_IN, &v[F_BYTES_IN]) < 0
-        || read_field(self, entry, F_BYTES_OUT, &v[F_BYTES_OUT]) < 0)
+    PyObject *handle_obj = SLOT(entry, self->offsets[F_HANDLE]);
+    if (handle_obj == NULL || !PyLong_Check(handle_obj)) {
+        PyErr_SetString(PyExc_TypeError, "a flow entry's handle must be an int");
         return -1;
-    PyObject *flushed = PyLong_FromUnsignedLongLong(activity);
-    if (flushed == NULL)
+    }
+    uint64_t handle = PyLong_AsUnsignedLongLong(handle_obj);
+    if (handle == (uint64_t)-1 && PyErr_Occurred())
         return -1;
-    Py_SETREF(SLOT(entry, self->offsets[F_FLUSHED]), flushed);
-    Py_INCREF(stamp_obj);
-    Py_SETREF(SLOT(entry, self->offsets[F_FLUSHED_MS]), stamp_obj);
-    uint64_t counters[4] = {v[F_PACKETS_IN], v[F_BYTES_IN], v[F_PACKETS_OUT], v[F_BYTES_OUT]};
-    write_counters(self, q, mm, v[F_HANDLE], stamp, counters);
+    INT_FIELD(entry, self->offsets[F_FLUSHED]) = (long long)activity;
+    INT_FIELD(entry, self->offsets[F_FLUSHED_MS]) = (long long)stamp;
+    uint64_t counters[4] = {FIELD(self, entry, F_PACKETS_IN), FIELD(self, entry, F_BYTES_IN),
+                            FIELD(self, entry, F_PACKETS_OUT), FIELD(self, entry, F_BYTES_OUT)};
+    write_counters(self, q, mm, handle, stamp, counters);
     return 1;
 }
 
@@ -230,17 +217,11 @@ CounterFlush_flush(CounterFlush *self, PyObject *args)
         PyErr_SetString(PyExc_OverflowError, "stamp is past 2**63 ms");
         return NULL;
     }
-    PyObject *stamp_obj = PyLong_FromUnsignedLongLong(stamp); /* one object, shared by every flow written */
-    if (stamp_obj == NULL)
-        return NULL;
     Py_buffer view;
-    if (PyObject_GetBuffer(table, &view, PyBUF_WRITABLE) < 0) {
-        Py_DECREF(stamp_obj);
+    if (PyObject_GetBuffer(table, &view, PyBUF_WRITABLE) < 0)
         return NULL;
-    }
     if ((unsigned long long)view.len / 8 < self->words_needed || (uintptr_t)view.buf % 8) {
         PyBuffer_Release(&view);
-        Py_DECREF(stamp_obj);
         PyErr_SetString(PyExc_ValueError, "the table buffer is smaller than the partition's layout, or unaligned");
         return NULL;
     }
@@ -253,21 +234,18 @@ CounterFlush_flush(CounterFlush *self, PyObject *args)
             break;
         if (cursor >= n || cursor < 0)
             cursor = 0;
-        /* borrowed: nothing here runs Python code (an entry's old ints freed are plain ints,
-         * and appending to `idle` runs none) */
+        /* borrowed: nothing here runs Python code (appending to `idle` runs none) */
         PyObject *entry = PyList_GET_ITEM(entries, cursor);
         cursor++;
         looked++;
-        int moved = flush_entry(self, entry, q, mm, stamp, stamp_obj, idle_ms, idle);
+        int moved = flush_entry(self, entry, q, mm, stamp, idle_ms, idle);
         if (moved < 0) {
             PyBuffer_Release(&view);
-            Py_DECREF(stamp_obj);
             return NULL;
         }
         written += moved;
     }
     PyBuffer_Release(&view);
-    Py_DECREF(stamp_obj);
     return Py_BuildValue("nnn", cursor, written, looked);
 }
 

@@ -9,8 +9,9 @@
  * fallback (hit_path = "python", or no compiler at install time); both face the same tests.
  *
  * It decides nothing: a datagram goes the C way only when its source's sockaddr bytes (the
- * same bytes as relay.batchio's keys) are a key of the worker's by_key dict and the flow's
- * transceiver has an open connected link (link_fds dict, transceiver sockaddr bytes -> fd).
+ * same bytes as relay.batchio's keys) are a key of the worker's FlowIndex (by_key's copy,
+ * _flow_index.h) and the flow's transceiver has an open connected link (link_fds dict,
+ * transceiver sockaddr bytes -> fd).
  * Then the tunnel Data header is written in the headroom in front of the payload: the flow's
  * prefix and the payload length as a big-endian uint16, the layout of
  * wire/tunnel_frame.py's DATA_HEADER_V4/DATA_HEADER_V6 (the prefix comes whole from the entry,
@@ -31,6 +32,8 @@
 #include <string.h>
 #include <sys/socket.h>
 
+#include "_flow_fields.h"
+#include "_flow_index.h"
 #include "_hitpath_entry.h"
 #include "_hitpath_rules.h"
 
@@ -48,7 +51,7 @@ typedef struct {
     Py_ssize_t stride;    /* slot i's payload is at offset + i * stride */
     Py_ssize_t headroom;  /* bytes free in front of each payload */
     Py_ssize_t bufsize;   /* the largest datagram kept whole */
-    PyObject *by_key;     /* dict: client sockaddr bytes -> FlowEntry */
+    FlowIndex *index;     /* client sockaddr bytes -> FlowEntry */
     PyObject *link_fds;   /* dict: transceiver sockaddr bytes -> connected link fd */
     /* forward_one's datagram left for the worker */
     Py_ssize_t last_length;
@@ -62,85 +65,108 @@ typedef struct {
     struct mmsghdr *tx_hdrs;
     struct iovec *tx_iovs;
     int *hit_fd;          /* link fd, LEFT_FOR_PYTHON or SENT */
-    PyObject **keys;      /* the last batch's keys */
     EntryLayout entry;    /* FlowEntry's __slots__ as offsets */
 } CHitPath;
 
-/* The sockaddr bytes relay.batchio.sockaddr uses as a key for this source. */
+/* How many of the source's sockaddr bytes relay.batchio.sockaddr uses as its key. */
+static Py_ssize_t
+key_len(const struct sockaddr_storage *source, socklen_t source_len)
+{
+    if (source->ss_family == AF_INET)
+        return KEY_LEN_V4;
+    if (source->ss_family == AF_INET6)
+        return sizeof(struct sockaddr_in6);
+    return source_len;
+}
+
+/* The key as bytes: only for a datagram left for the worker (a hit needs no object). */
 static PyObject *
 key_of(const struct sockaddr_storage *source, socklen_t source_len)
 {
-    Py_ssize_t len;
-    if (source->ss_family == AF_INET)
-        len = KEY_LEN_V4;
-    else if (source->ss_family == AF_INET6)
-        len = sizeof(struct sockaddr_in6);
-    else
-        len = source_len;
-    return PyBytes_FromStringAndSize((const char *)source, len);
+    return PyBytes_FromStringAndSize((const char *)source, key_len(source, source_len));
 }
 
-/* The datagram of `key` (its payload at `payload`, `length` bytes): when it hits a flow whose
- * transceiver has a link, write the frame header in front of it, count it on the flow, and
- * return the link's fd (*frame_len: header + payload). LEFT_FOR_PYTHON when it does not go
- * the C way; -1 with an exception set. */
+/* Write the frame header of a hit in front of its payload (the prefix, then the length: the
+ * DATA_HEADER_V4/V6 of wire/tunnel_frame.py) and return the fd of dest's link
+ * (*frame_len: header + payload); LEFT_FOR_PYTHON when it has no link (the worker opens it)
+ * or the header does not fit; -1 with an exception set. */
 static int
-prepare_hit(CHitPath *self, PyObject *key, char *payload, Py_ssize_t length, size_t *frame_len)
+write_header(CHitPath *self, PyObject *dest, const char *prefix, Py_ssize_t prefix_len, char *payload,
+             Py_ssize_t length, size_t *frame_len)
 {
-    PyObject *entry = PyDict_GetItemWithError(self->by_key, key); /* borrowed */
-    if (entry == NULL)
+    PyObject *link = PyDict_GetItemWithError(self->link_fds, dest); /* borrowed */
+    Py_ssize_t header_len = prefix_len + DATA_LENGTH_LEN;
+    if (link == NULL || header_len > self->headroom || length > 0xFFFF)
         return PyErr_Occurred() ? -1 : LEFT_FOR_PYTHON;
-    Py_INCREF(entry); /* held while its attributes are read and set */
-    int fd = -1;
-    PyObject *dest = NULL, *prefix = NULL;
-    if (self->entry.type == NULL)
-        learn_entry_type(&self->entry, Py_TYPE(entry));
-    int slots = Py_TYPE(entry) == self->entry.type;
-    if (slots) {
-        prefix = SLOT(entry, self->entry.off_prefix);
-        dest = SLOT(entry, self->entry.off_tunnel_dest);
-        if (prefix == NULL || dest == NULL) {
-            PyErr_SetString(PyExc_AttributeError, "a flow entry without prefix or tunnel_dest");
-            prefix = dest = NULL;
-            goto done;
-        }
-        Py_INCREF(prefix);
-        Py_INCREF(dest);
+    int link_fd = _PyLong_AsInt(link);
+    if (link_fd < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "a link fd must be >= 0");
+        return -1;
     }
-    else if ((prefix = PyObject_GetAttr(entry, s_prefix)) == NULL)
+    char *header = payload - header_len;
+    memcpy(header, prefix, (size_t)prefix_len);
+    header[prefix_len] = (char)((length >> 8) & 0xFF);
+    header[prefix_len + 1] = (char)(length & 0xFF);
+    *frame_len = (size_t)(header_len + length);
+    return link_fd;
+}
+
+/* prepare_hit for an entry of a type without FlowFields: through its attributes. */
+static int
+prepare_hit_by_attributes(CHitPath *self, PyObject *entry, char *payload, Py_ssize_t length, size_t *frame_len)
+{
+    Py_INCREF(entry); /* held while its attributes are read and set (that may run Python code) */
+    int fd = -1;
+    PyObject *dest = NULL, *prefix = PyObject_GetAttr(entry, s_prefix);
+    if (prefix == NULL || (dest = PyObject_GetAttr(entry, s_tunnel_dest)) == NULL)
         goto done;
     if (!PyBytes_Check(prefix)) {
         PyErr_SetString(PyExc_TypeError, "a flow entry's prefix must be bytes");
         goto done;
     }
-    if (!slots && (dest = PyObject_GetAttr(entry, s_tunnel_dest)) == NULL)
-        goto done;
-    PyObject *link = PyDict_GetItemWithError(self->link_fds, dest); /* borrowed */
-    Py_ssize_t prefix_len = PyBytes_GET_SIZE(prefix);
-    Py_ssize_t header_len = prefix_len + DATA_LENGTH_LEN;
-    if (link == NULL || header_len > self->headroom || length > 0xFFFF) {
-        fd = PyErr_Occurred() ? -1 : LEFT_FOR_PYTHON; /* no link yet: the worker opens it */
-        goto done;
-    }
-    int link_fd = _PyLong_AsInt(link);
-    if (link_fd < 0) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "a link fd must be >= 0");
-        goto done;
-    }
-    /* DATA_HEADER_V4/V6 of wire/tunnel_frame.py: the prefix, then the length (!H) */
-    char *header = payload - header_len;
-    memcpy(header, PyBytes_AS_STRING(prefix), (size_t)prefix_len);
-    header[prefix_len] = (char)((length >> 8) & 0xFF);
-    header[prefix_len + 1] = (char)(length & 0xFF);
-    if (count_hit(&self->entry, entry, length) < 0)
-        goto done;
-    *frame_len = (size_t)(header_len + length);
-    fd = link_fd;
+    fd = write_header(self, dest, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix), payload, length, frame_len);
+    if (fd >= 0 && count_hit(&self->entry, entry, length) < 0)
+        fd = -1;
 done:
     Py_XDECREF(prefix);
     Py_XDECREF(dest);
     Py_DECREF(entry);
+    return fd;
+}
+
+/* The datagram from `source` (its payload at `payload`, `length` bytes): when it hits a flow
+ * whose transceiver has a link, write the frame header in front of it, count it on the flow,
+ * and return the link's fd (*frame_len: header + payload). LEFT_FOR_PYTHON when it does not go
+ * the C way; -1 with an exception set.
+ *
+ * A FlowEntry is read in place and borrowed: the index slot holds it and the object its prefix
+ * copy came from, the entry holds its tunnel_dest, and nothing here runs Python code (the link
+ * lookup's key is bytes). With the prefix copied in the slot, a hit reads two cache lines: the
+ * slot and the entry's first. */
+static int
+prepare_hit(CHitPath *self, const struct sockaddr_storage *source, socklen_t source_len, char *payload,
+            Py_ssize_t length, size_t *frame_len)
+{
+    IndexSlot *slot = index_find(self->index, (const unsigned char *)source, key_len(source, source_len));
+    if (slot == NULL)
+        return LEFT_FOR_PYTHON;
+    PyObject *entry = slot->entry;
+    if (self->entry.type == NULL)
+        learn_entry_type(&self->entry, Py_TYPE(entry));
+    if (Py_TYPE(entry) != self->entry.type)
+        return prepare_hit_by_attributes(self, entry, payload, length, frame_len);
+    PyObject *prefix = SLOT(entry, self->entry.off_prefix), *dest = SLOT(entry, self->entry.off_tunnel_dest);
+    if (prefix == NULL || dest == NULL || !PyBytes_CheckExact(dest)
+        || (prefix != slot->prefix && !PyBytes_Check(prefix))) {
+        PyErr_SetString(PyExc_TypeError, "a flow entry's prefix and tunnel_dest must be bytes");
+        return -1;
+    }
+    Py_ssize_t prefix_len;
+    const char *prefix_bytes = slot_prefix(slot, prefix, &prefix_len);
+    int fd = write_header(self, dest, prefix_bytes, prefix_len, payload, length, frame_len);
+    if (fd >= 0 && count_hit(&self->entry, entry, length) < 0)
+        return -1;
     return fd;
 }
 
@@ -175,18 +201,17 @@ forward_one(CHitPath *self, PyObject *Py_UNUSED(ignored))
     }
     int truncated = n > self->bufsize;
     Py_ssize_t length = truncated ? self->bufsize : n;
-    PyObject *key = key_of(&source, source_len);
-    if (key == NULL)
-        return NULL;
     size_t frame_len = 0;
-    int fd = truncated ? LEFT_FOR_PYTHON : prepare_hit(self, key, payload, length, &frame_len);
+    int fd = truncated ? LEFT_FOR_PYTHON : prepare_hit(self, &source, source_len, payload, length, &frame_len);
     if (fd == LEFT_FOR_PYTHON) {
+        PyObject *key = key_of(&source, source_len);
+        if (key == NULL)
+            return NULL;
         Py_XSETREF(self->last_key, key);
         self->last_length = length;
         self->last_truncated = truncated;
         return PyLong_FromLong(-1);
     }
-    Py_DECREF(key);
     if (fd < 0)
         return NULL;
     struct iovec iov = {payload - (frame_len - (size_t)length), frame_len};
@@ -261,7 +286,10 @@ leftover_of(CHitPath *self, int n)
         if (value == NULL)
             goto fail;
         PyTuple_SET_ITEM(lengths, i, value);
-        PyTuple_SET_ITEM(keys, i, Py_NewRef(self->keys[i]));
+        PyObject *key = key_of(&self->rx_names[i], self->rx_hdrs[i].msg_hdr.msg_namelen);
+        if (key == NULL)
+            goto fail;
+        PyTuple_SET_ITEM(keys, i, key);
         PyTuple_SET_ITEM(truncated, i, PyBool_FromLong(trunc));
         if (self->hit_fd[i] == LEFT_FOR_PYTHON) {
             PyObject *index = PyLong_FromLong(i);
@@ -310,15 +338,11 @@ forward_batches(CHitPath *self, PyObject *arg)
         int left = 0;
         for (int i = 0; i < n; i++) {
             struct msghdr *h = &self->rx_hdrs[i].msg_hdr;
-            PyObject *key = key_of(&self->rx_names[i], h->msg_namelen);
-            if (key == NULL)
-                return NULL;
-            Py_XSETREF(self->keys[i], key);
             Py_ssize_t length = self->rx_hdrs[i].msg_len;
             char *payload = base + self->offset + i * self->stride;
             size_t frame_len = 0;
             int fd = (h->msg_flags & MSG_TRUNC) || length > self->bufsize
-                ? LEFT_FOR_PYTHON : prepare_hit(self, key, payload, length, &frame_len);
+                ? LEFT_FOR_PYTHON : prepare_hit(self, &self->rx_names[i], h->msg_namelen, payload, length, &frame_len);
             if (fd == -1)
                 return NULL;
             self->hit_fd[i] = fd;
@@ -350,18 +374,12 @@ forward_batches(CHitPath *self, PyObject *arg)
 static void
 free_arrays(CHitPath *self)
 {
-    if (self->keys != NULL) {
-        for (int i = 0; i < self->batch; i++)
-            Py_CLEAR(self->keys[i]);
-    }
-    PyMem_Free(self->keys);
     PyMem_Free(self->rx_hdrs);
     PyMem_Free(self->rx_iovs);
     PyMem_Free(self->rx_names);
     PyMem_Free(self->tx_hdrs);
     PyMem_Free(self->tx_iovs);
     PyMem_Free(self->hit_fd);
-    self->keys = NULL;
     self->rx_hdrs = self->tx_hdrs = NULL;
     self->rx_iovs = self->tx_iovs = NULL;
     self->rx_names = NULL;
@@ -371,12 +389,12 @@ free_arrays(CHitPath *self)
 static int
 CHitPath_init(CHitPath *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", "buffer", "offset", "stride", "batch", "headroom", "bufsize", "by_key", "link_fds", NULL};
+    static char *kwlist[] = {"fd", "buffer", "offset", "stride", "batch", "headroom", "bufsize", "index", "link_fds", NULL};
     int fd, batch;
-    PyObject *buffer, *by_key, *link_fds;
+    PyObject *buffer, *index, *link_fds;
     Py_ssize_t offset, stride, headroom, bufsize;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOnninnO!O!", kwlist, &fd, &buffer, &offset, &stride,
-                                     &batch, &headroom, &bufsize, &PyDict_Type, &by_key,
+                                     &batch, &headroom, &bufsize, &FlowIndex_Type, &index,
                                      &PyDict_Type, &link_fds))
         return -1;
     if (self->buffer.obj != NULL) {
@@ -401,8 +419,7 @@ CHitPath_init(CHitPath *self, PyObject *args, PyObject *kwds)
     self->stride = stride;
     self->headroom = headroom;
     self->bufsize = bufsize;
-    Py_INCREF(by_key);
-    Py_XSETREF(self->by_key, by_key);
+    Py_XSETREF(self->index, (FlowIndex *)Py_NewRef(index));
     Py_INCREF(link_fds);
     Py_XSETREF(self->link_fds, link_fds);
     PyObject *errors = PyDict_New();
@@ -415,9 +432,8 @@ CHitPath_init(CHitPath *self, PyObject *args, PyObject *kwds)
     self->tx_hdrs = PyMem_Calloc((size_t)batch, sizeof *self->tx_hdrs);
     self->tx_iovs = PyMem_Calloc((size_t)batch, sizeof *self->tx_iovs);
     self->hit_fd = PyMem_Calloc((size_t)batch, sizeof *self->hit_fd);
-    self->keys = PyMem_Calloc((size_t)batch, sizeof *self->keys);
     if (!self->rx_hdrs || !self->rx_iovs || !self->rx_names || !self->tx_hdrs || !self->tx_iovs
-        || !self->hit_fd || !self->keys) {
+        || !self->hit_fd) {
         PyErr_NoMemory();
         return -1;
     }
@@ -435,7 +451,7 @@ CHitPath_init(CHitPath *self, PyObject *args, PyObject *kwds)
 static int
 CHitPath_traverse(CHitPath *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->by_key);
+    Py_VISIT(self->index);
     Py_VISIT(self->entry.type);
     Py_VISIT(self->link_fds);
     Py_VISIT(self->counts.errors);
@@ -448,7 +464,7 @@ CHitPath_traverse(CHitPath *self, visitproc visit, void *arg)
 static int
 CHitPath_clear(CHitPath *self)
 {
-    Py_CLEAR(self->by_key);
+    Py_CLEAR(self->index);
     Py_CLEAR(self->entry.type);
     Py_CLEAR(self->link_fds);
     Py_CLEAR(self->counts.errors);
@@ -513,11 +529,11 @@ static PyMethodDef CHitPath_methods[] = {
 };
 
 PyDoc_STRVAR(CHitPath_doc,
-"CHitPath(fd, buffer, offset, stride, batch, headroom, bufsize, by_key, link_fds)\n\n"
+"CHitPath(fd, buffer, offset, stride, batch, headroom, bufsize, index, link_fds)\n\n"
 "The hit path of one public socket over a BatchReceiver's slots (payload i at\n"
 "buffer[offset + i * stride], headroom bytes free in front, bufsize bytes): sources found in\n"
-"by_key whose transceiver is in link_fds go out on that connected socket. The dicts are the\n"
-"worker's own, read at every datagram.");
+"index (a FlowIndex) whose transceiver is in link_fds go out on that connected socket. Both are\n"
+"the worker's own, read at every datagram.");
 
 static PyTypeObject CHitPath_Type = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -547,12 +563,14 @@ PyInit__hitpath(void)
 {
     if (intern_entry_names() < 0)
         return NULL;
-    if (PyType_Ready(&CHitPath_Type) < 0)
+    if (PyType_Ready(&CHitPath_Type) < 0 || PyType_Ready(&FlowIndex_Type) < 0 || PyType_Ready(&FlowFields_Type) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&hitpath_module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "CHitPath", (PyObject *)&CHitPath_Type) < 0) {
+    if (PyModule_AddObjectRef(m, "CHitPath", (PyObject *)&CHitPath_Type) < 0
+        || PyModule_AddObjectRef(m, "FlowIndex", (PyObject *)&FlowIndex_Type) < 0
+        || PyModule_AddObjectRef(m, "FlowFields", (PyObject *)&FlowFields_Type) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,10 +1,10 @@
-/* A flow entry (relay.flows.FlowEntry) read and counted from C, for relay/_hitpath.c (included
- * once there): its prefix and tunnel_dest, and packets_in/bytes_in += a datagram.
+/* A flow entry (relay.flow_entry.FlowEntry) read and counted from C, for relay/_hitpath.c
+ * (included once there): its prefix and tunnel_dest, and packets_in/bytes_in += a datagram.
  *
- * FlowEntry has __slots__: their offsets are learned from the first entry seen, and then read
- * and written directly; at 50k flows the attribute protocol (a type lookup and a descriptor
- * call each, four a datagram) cost more than the dict lookup. An entry of any other type
- * takes the attribute protocol.
+ * FlowEntry's fields are members (relay._hitpath.FlowFields): their offsets are learned from
+ * the first entry seen, and then read and written directly; at 50k flows the attribute
+ * protocol (a type lookup and a descriptor call each, four a datagram) cost more than the
+ * dict lookup. An entry of any other type takes the attribute protocol.
  */
 #ifndef RTCRELAY_HITPATH_ENTRY_H
 #define RTCRELAY_HITPATH_ENTRY_H
@@ -56,7 +56,7 @@ static void
 learn_entry_type(EntryLayout *layout, PyTypeObject *type)
 {
     Py_ssize_t p = slot_offset(type, s_prefix), d = slot_offset(type, s_tunnel_dest);
-    Py_ssize_t i = slot_offset(type, s_packets_in), b = slot_offset(type, s_bytes_in);
+    Py_ssize_t i = int_member_offset(type, s_packets_in), b = int_member_offset(type, s_bytes_in);
     if (p < 0 || d < 0 || i < 0 || b < 0)
         return;
     Py_INCREF(type);
@@ -67,33 +67,15 @@ learn_entry_type(EntryLayout *layout, PyTypeObject *type)
     layout->off_bytes_in = b;
 }
 
-/* SLOT(entry, off) += delta, for an int slot; -1 (exception set) if it is unset or no int. */
-static int
-add_to_slot(PyObject *entry, Py_ssize_t off, long long delta)
-{
-    PyObject *old = SLOT(entry, off);
-    if (old == NULL || !PyLong_CheckExact(old)) {
-        PyErr_SetString(PyExc_TypeError, "a flow entry's counter must be an int");
-        return -1;
-    }
-    long long v = PyLong_AsLongLong(old);
-    if (v == -1 && PyErr_Occurred())
-        return -1;
-    PyObject *value = PyLong_FromLongLong(v + delta);
-    if (value == NULL)
-        return -1;
-    SLOT(entry, off) = value;
-    Py_DECREF(old);
-    return 0;
-}
-
 /* The per-flow counters of a hit: packets_in += 1, bytes_in += length. */
 static int
 count_hit(const EntryLayout *layout, PyObject *entry, Py_ssize_t length)
 {
-    if (Py_TYPE(entry) == layout->type)
-        return add_to_slot(entry, layout->off_packets_in, 1) < 0
-            || add_to_slot(entry, layout->off_bytes_in, length) < 0 ? -1 : 0;
+    if (Py_TYPE(entry) == layout->type) {
+        INT_FIELD(entry, layout->off_packets_in) += 1;
+        INT_FIELD(entry, layout->off_bytes_in) += length;
+        return 0;
+    }
     return add_to_attr(entry, s_packets_in, 1) < 0 || add_to_attr(entry, s_bytes_in, length) < 0 ? -1 : 0;
 }
 

@@ -23,10 +23,10 @@ from relay.batchio import address_tuple, sockaddr_for
 from relay.check_changes import CheckChanges
 from relay.config import RelayConfig
 from relay.decision import Learn
+from relay.flow_entry import C_FIELDS, FlowEntry
 from relay.partition_view import AllPartitionsView
 from shm import Flow, FlowTable, InsertStatus, PartitionWriter, TakeoverReport
 from shm.layout import ip16
-from wire.tunnel_frame import data_prefix, hop_prefix
 
 if TYPE_CHECKING:
     from relay.kernel_flows import KernelFlows
@@ -64,10 +64,13 @@ FLUSH_PASSES_PER_IDLE = 2
 
 
 def counter_flush_for(writer: PartitionWriter) -> Any:
-    """relay._counter_flush.CounterFlush for this partition; None when it was not built."""
+    """relay._counter_flush.CounterFlush for this partition; None when it (or the entries' C
+    fields it reads, relay._hitpath.FlowFields) was not built."""
     try:
         from relay._counter_flush import CounterFlush
     except ImportError:
+        return None
+    if not C_FIELDS:
         return None
     return CounterFlush(**writer.flush_layout())
 
@@ -87,49 +90,6 @@ def _discard(index: dict[Any, set[bytes]], name: Any, client_key: bytes) -> None
 
 def ms(seconds: float) -> int:
     return int(seconds * 1000)
-
-
-class FlowEntry:
-    """One client 5-tuple, as the packet path needs it.
-
-    ``prefix`` is what the hit path writes in front of a client datagram: a Data header, or a
-    HopData header with ``hops`` left for a session that lives in another cluster (this relay
-    is its edge, ``tunnel_dest`` a relay of that cluster). ``match`` is what the frames coming
-    back start with: a Data header with the flow's handle, from a transceiver or a cluster
-    relay alike (the same object as ``prefix`` but for hops)."""
-
-    __slots__ = (
-        "client_key", "client", "public_index", "handle", "prefix", "match", "hops", "tunnel_dest",
-        "target", "ufrag", "packets_in", "bytes_in", "packets_out", "bytes_out", "aliases",
-        "flushed_activity", "flushed_ms", "client_address", "index", "kernel",
-    )
-
-    def __init__(self, client_key: bytes, client: tuple[bytes, int], public_index: int, handle: int,
-                 tunnel_dest: bytes, target: tuple[bytes, int], ufrag: str, hops: int | None = None) -> None:
-        self.client_key = client_key
-        self.client_address = address_tuple(client_key)  # as recvfrom gives it (by_address key)
-        self.client = client
-        self.public_index = public_index
-        self.hops = hops
-        self._set_handle(handle)
-        self.tunnel_dest = tunnel_dest
-        self.target = target
-        self.ufrag = ufrag
-        self.packets_in = self.bytes_in = self.packets_out = self.bytes_out = 0
-        self.flushed_activity = 0  # packets_in + packets_out at the last flush
-        self.flushed_ms = 0  # when a flush last saw it move (or it was learned, adopted, taken over): ms
-        self.aliases: tuple[int, ...] = ()  # (a tuple: no list per flow for the collector to walk)
-        self.index = -1  # position in LocalFlows.entries
-        self.kernel: Any = None  # relay.kernel_flows.KernelFlow while the kernel forwards it
-
-    def _set_handle(self, handle: int) -> None:
-        self.handle = handle
-        self.match = data_prefix(handle, self.client[0], self.client[1])
-        self.prefix = self.match if self.hops is None else hop_prefix(handle, self.client[0], self.client[1], self.hops)
-
-    def rehandle(self, handle: int) -> None:
-        self.aliases += (self.handle,)
-        self._set_handle(handle)
 
 
 class LocalFlows:
@@ -177,6 +137,8 @@ class LocalFlows:
         #: the kernel fast path's maps (relay/kernel_flows.py), when it serves: every flow added
         #: or removed here is added to or removed from the kernel too
         self.kernel: KernelFlows | None = None
+        #: the C hit path's copy of by_key (relay._hitpath.FlowIndex: relay/hit_path.py sets it)
+        self.hit_index: Any = None
         #: the counter flush in C (relay/_counter_flush.c), set by take_over when it was built
         #: and the hit path is not "python" (then everything is Python, the reference)
         self.counter_flush: Any = None
@@ -190,6 +152,8 @@ class LocalFlows:
 
     def _add(self, entry: FlowEntry, now: float) -> FlowEntry:
         self.by_key[entry.client_key] = entry
+        if self.hit_index is not None:
+            self.hit_index.set(entry.client_key, entry)
         self.by_address[entry.client_address] = entry
         self.by_handle[entry.handle] = entry
         self.by_ufrag.setdefault(entry.ufrag, set()).add(entry.client_key)
@@ -207,6 +171,8 @@ class LocalFlows:
         entry = self.by_key.pop(client_key, None)
         if entry is None:
             return
+        if self.hit_index is not None:
+            self.hit_index.discard(client_key)
         if self.kernel is not None:
             self.kernel.remove(entry)
         self.by_address.pop(entry.client_address, None)

@@ -236,6 +236,11 @@ def open_hit_path(choice: str, rx: BatchReceiver, sender: FlowSender, flows: Loc
     c_type = c_hit_path_type(choice)
     if c_type is None:
         return PythonHitPath(rx, sender, flows.by_key, flows.by_address)
+    if flows.hit_index is None:  # one copy of by_key for the worker's public sockets
+        from relay._hitpath import FlowIndex
+        flows.hit_index = FlowIndex()
+        for key, entry in flows.by_key.items():
+            flows.hit_index.set(key, entry)
     hit_path: HitPath = c_type(rx.fd, rx.buffer, rx.offsets[0], rx.stride, rx.batch, rx.headroom, rx.bufsize,
-                               flows.by_key, link_fds)
+                               flows.hit_index, link_fds)
     return hit_path

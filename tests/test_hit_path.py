@@ -22,7 +22,7 @@ from loopback import FAMILIES
 
 from daemon.config_file import ConfigError
 from relay import batchio
-from relay._hitpath import CHitPath  # the suite's set-up (scripts/bootstrap.sh) builds it: its absence fails here
+from relay._hitpath import CHitPath, FlowIndex  # built by the set-up (scripts/bootstrap.sh)
 from relay.config import load_relay_config
 from relay.flows import FlowEntry
 from relay.hit_path import FlowSender, HitPath, HitPathError, PythonHitPath, c_hit_path_type, describe, open_hit_path
@@ -36,10 +36,16 @@ IMPLEMENTATIONS = ["c", "python"]
 
 @dataclass
 class Flows:
-    """The two dicts of relay.flows.LocalFlows the hit path reads."""
+    """What the hit path reads of relay.flows.LocalFlows: two dicts, and the C one's copy."""
 
     by_key: dict[bytes, Any] = field(default_factory=dict)
     by_address: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    hit_index: Any = None  # open_hit_path sets it for C
+
+    def put(self, key: bytes, entry: Any) -> None:
+        self.by_key[key] = entry
+        if self.hit_index is not None:
+            self.hit_index.set(key, entry)
 
 
 @dataclass
@@ -75,7 +81,7 @@ class Rig:
         key = self.key(client or self.client)
         dest = self.key(transceiver or self.transceiver)
         entry = FlowEntry(key, batchio.decode_sockaddr(key), 0, handle, dest, batchio.decode_sockaddr(dest), "ufrag")
-        self.flows.by_key[key] = entry
+        self.flows.put(key, entry)
         self.flows.by_address[entry.client_address] = entry
         if link:
             assert self.links.open(dest) is not None
@@ -296,7 +302,7 @@ def test_an_entry_of_another_type_is_served_through_its_attributes(c_rig: Rig) -
     assert rig.forward() == 6 and slotted.packets_in == 1 and slotted.bytes_in == 6
     other = rig.udp()
     plain = PlainEntry(rig.learn(handle=2, client=other))
-    rig.flows.by_key[rig.key(other)] = plain
+    rig.flows.put(rig.key(other), plain)
     other.sendto(b"\x80plain!", rig.public.getsockname())
     wait_readable(rig.public)
     assert rig.forward() == 7
@@ -341,19 +347,42 @@ def test_no_references_leak_per_datagram(c_rig: Rig) -> None:
         rig.send(b"z" * 30)
         assert rig.forward() == 30
         rig.transceiver.recvfrom(4096)
-    assert (sys.getrefcount(entry), sys.getrefcount(entry.prefix), sys.getrefcount(entry.tunnel_dest)) == before
+    after = (sys.getrefcount(entry), sys.getrefcount(entry.prefix), sys.getrefcount(entry.tunnel_dest))
+    # the index's slot keeps the prefix it copied (an IPv4 client's fits), once
+    assert after == (before[0], before[1] + (rig.family == socket.AF_INET), before[2])
+
+
+def test_a_rehandled_flow_is_framed_with_its_new_handle(c_rig: Rig) -> None:
+    """The index slot writes its copy of the entry's prefix while the entry keeps that prefix
+    object; a rehandle (a backward-shift delete moved the flow's shm slot) gives it a new one,
+    and the next hit must carry the new handle, even once the old object's memory is reused."""
+    rig = c_rig
+    entry = rig.learn(handle=7)
+    for handle in (8, 9, 10):
+        rig.send(b"\x80old")
+        assert rig.forward() == 4
+        old = rig.transceiver.recvfrom(4096)[0]
+        assert old == entry.prefix + (4).to_bytes(2, "big") + b"\x80old"
+        old_prefix = entry.prefix
+        entry.rehandle(handle)
+        rig.send(b"\x80new")
+        assert rig.forward() == 4
+        frame = rig.transceiver.recvfrom(4096)[0]
+        assert frame == entry.prefix + (4).to_bytes(2, "big") + b"\x80new" and frame[:-6] != old[:-6]
+        assert decode_frame(frame).handle == handle  # type: ignore[union-attr]
+        assert sys.getrefcount(old_prefix) == 2  # this test's (and getrefcount's): the slot let it go
 
 
 def test_constructors_check_the_slot() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         with pytest.raises(ValueError, match="do not fit"):
-            CHitPath(sock.fileno(), bytearray(4096), 64, 2048, 2, 64, 2048, {}, {})
+            CHitPath(sock.fileno(), bytearray(4096), 64, 2048, 2, 64, 2048, FlowIndex(), {})
         with pytest.raises(ValueError, match="headroom"):
-            CHitPath(sock.fileno(), bytearray(4096), 10, 2048, 1, 64, 2048, {}, {})
+            CHitPath(sock.fileno(), bytearray(4096), 10, 2048, 1, 64, 2048, FlowIndex(), {})
         with pytest.raises(BufferError):
-            CHitPath(sock.fileno(), b"\x00" * 4096, 64, 2048, 1, 64, 2048, {}, {})
+            CHitPath(sock.fileno(), b"\x00" * 4096, 64, 2048, 1, 64, 2048, FlowIndex(), {})
         with pytest.raises(TypeError):
-            CHitPath(sock.fileno(), bytearray(4096), 64, 2048, 1, 64, 2048, [], {})  # type: ignore[arg-type]
+            CHitPath(sock.fileno(), bytearray(4096), 64, 2048, 1, 64, 2048, {}, {})  # the by_key dict is not a FlowIndex
         rx = batchio.BatchReceiver(sock, batch=1, bufsize=256, headroom=16)
         sender = FlowSender(data_header_struct(b"\x7f\x00\x00\x01"), None, None)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="headroom"):

@@ -51,7 +51,7 @@ setup(
             "relay._hitpath",
             sources=["relay/_hitpath.c"],
             depends=["relay/_flow_fields.h", "relay/_flow_index.h", "relay/_hitpath_entry.h",
-                     "relay/_hitpath_rules.h", "relay/_slots.h"],
+                     "relay/_hitpath_rules.h", "relay/_returnpath.h", "relay/_slots.h"],
             extra_compile_args=C_FLAGS,
             optional=True,
         ),

@@ -36,6 +36,7 @@
 #include "_flow_index.h"
 #include "_hitpath_entry.h"
 #include "_hitpath_rules.h"
+#include "_returnpath.h"
 
 #define KEY_LEN_V4 8     /* family, port, address: sin_zero is not part of the key */
 #define DATA_LENGTH_LEN 2  /* the header's last field: the payload length (wire/tunnel_frame.py) */
@@ -554,23 +555,25 @@ static PyTypeObject CHitPath_Type = {
 static struct PyModuleDef hitpath_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "relay._hitpath",
-    .m_doc = "The relay's client -> transceiver hit path in C (see relay/hit_path.py).",
+    .m_doc = "The relay's packet paths in C: client -> transceiver (relay/hit_path.py), and back (relay/return_path.py).",
     .m_size = -1,
 };
 
 PyMODINIT_FUNC
 PyInit__hitpath(void)
 {
-    if (intern_entry_names() < 0)
+    if (intern_entry_names() < 0 || intern_return_names() < 0)
         return NULL;
-    if (PyType_Ready(&CHitPath_Type) < 0 || PyType_Ready(&FlowIndex_Type) < 0 || PyType_Ready(&FlowFields_Type) < 0)
+    if (PyType_Ready(&CHitPath_Type) < 0 || PyType_Ready(&FlowIndex_Type) < 0 || PyType_Ready(&FlowFields_Type) < 0
+        || PyType_Ready(&CReturnPath_Type) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&hitpath_module);
     if (m == NULL)
         return NULL;
     if (PyModule_AddObjectRef(m, "CHitPath", (PyObject *)&CHitPath_Type) < 0
         || PyModule_AddObjectRef(m, "FlowIndex", (PyObject *)&FlowIndex_Type) < 0
-        || PyModule_AddObjectRef(m, "FlowFields", (PyObject *)&FlowFields_Type) < 0) {
+        || PyModule_AddObjectRef(m, "FlowFields", (PyObject *)&FlowFields_Type) < 0
+        || PyModule_AddObjectRef(m, "CReturnPath", (PyObject *)&CReturnPath_Type) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,4 +1,4 @@
-/* relay.batchio's receive and send error rules, in C, for relay/_hitpath.c (included once there).
+/* relay.batchio's receive and send error rules, in C, for relay/_hitpath.c and _returnpath.h.
  *
  * The C hit path sends on the same sockets as relay.batchio's senders and must fail the same way:
  * which errors are transient, which drop the rest of a batch, which raise. Each rule names
@@ -82,7 +82,7 @@ send_with_rules(SendCounts *counts, int fd, struct mmsghdr *hdrs, int count)
 {
     int start = 0, retried_at = -1, interrupted = 0;
     while (start < count) {
-        int r = count - start == 1
+        int r = count - start == 1 && hdrs[start].msg_hdr.msg_name == NULL /* (a connected link) */
             ? (send(fd, hdrs[start].msg_hdr.msg_iov->iov_base, hdrs[start].msg_hdr.msg_iov->iov_len, MSG_DONTWAIT) >= 0)
             : sendmmsg(fd, hdrs + start, (unsigned int)(count - start), MSG_DONTWAIT);
         if (r > 0) {

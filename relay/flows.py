@@ -29,6 +29,7 @@ from shm import Flow, FlowTable, InsertStatus, PartitionWriter, TakeoverReport
 from shm.layout import ip16
 
 if TYPE_CHECKING:
+    from relay.flow_indexes import CFlowIndexes
     from relay.kernel_flows import KernelFlows
     from relay.warm_takeover import WarmCopy
 
@@ -137,8 +138,9 @@ class LocalFlows:
         #: the kernel fast path's maps (relay/kernel_flows.py), when it serves: every flow added
         #: or removed here is added to or removed from the kernel too
         self.kernel: KernelFlows | None = None
-        #: the C hit path's copy of by_key (relay._hitpath.FlowIndex: relay/hit_path.py sets it)
-        self.hit_index: Any = None
+        #: the C packet paths' copies of by_key and by_handle (relay/flow_indexes.py), once
+        #: relay/hit_path.py has set them
+        self.c_indexes: CFlowIndexes | None = None
         #: the counter flush in C (relay/_counter_flush.c), set by take_over when it was built
         #: and the hit path is not "python" (then everything is Python, the reference)
         self.counter_flush: Any = None
@@ -152,8 +154,8 @@ class LocalFlows:
 
     def _add(self, entry: FlowEntry, now: float) -> FlowEntry:
         self.by_key[entry.client_key] = entry
-        if self.hit_index is not None:
-            self.hit_index.set(entry.client_key, entry)
+        if self.c_indexes is not None:
+            self.c_indexes.add(entry)
         self.by_address[entry.client_address] = entry
         self.by_handle[entry.handle] = entry
         self.by_ufrag.setdefault(entry.ufrag, set()).add(entry.client_key)
@@ -171,8 +173,8 @@ class LocalFlows:
         entry = self.by_key.pop(client_key, None)
         if entry is None:
             return
-        if self.hit_index is not None:
-            self.hit_index.discard(client_key)
+        if self.c_indexes is not None:
+            self.c_indexes.remove(entry)
         if self.kernel is not None:
             self.kernel.remove(entry)
         self.by_address.pop(entry.client_address, None)
@@ -502,6 +504,8 @@ class LocalFlows:
         if entry is not None:
             entry.rehandle(new_handle)
             self.by_handle[new_handle] = entry
+            if self.c_indexes is not None:
+                self.c_indexes.moved(entry, old_handle)
             if self.kernel is not None:
                 self.kernel.rehandle(entry)
 

@@ -28,6 +28,7 @@ import struct
 from typing import TYPE_CHECKING, Any, Protocol
 
 from daemon.config_file import ConfigError
+from relay.flow_indexes import CFlowIndexes
 
 HEADROOM = 64  # bytes in front of each received datagram for its tunnel header (≥ DATA_HEADER_LEN_V6)
 DATA_LENGTH_LEN = 2  # a tunnel header's last field: the payload length (wire/tunnel_frame.py)
@@ -236,11 +237,21 @@ def open_hit_path(choice: str, rx: BatchReceiver, sender: FlowSender, flows: Loc
     c_type = c_hit_path_type(choice)
     if c_type is None:
         return PythonHitPath(rx, sender, flows.by_key, flows.by_address)
-    if flows.hit_index is None:  # one copy of by_key for the worker's public sockets
-        from relay._hitpath import FlowIndex
-        flows.hit_index = FlowIndex()
-        for key, entry in flows.by_key.items():
-            flows.hit_index.set(key, entry)
+    if flows.c_indexes is None:  # one copy of the dicts for the worker's public sockets
+        flows.c_indexes = CFlowIndexes(flows.by_key.values())
     hit_path: HitPath = c_type(rx.fd, rx.buffer, rx.offsets[0], rx.stride, rx.batch, rx.headroom, rx.bufsize,
-                               flows.hit_index, link_fds)
+                               flows.c_indexes.by_key, link_fds)
     return hit_path
+
+
+def open_return_path(choice: str, flows: LocalFlows, public_fds: list[int], header_lens: list[int], batch: int,
+                     bufsize: int) -> Any | None:
+    """The C return path of the worker's links (relay/_returnpath.h: ``CReturnPath``) when the
+    hit path is C (the same choice, the same extension), else None: relay/return_path.py."""
+    if c_hit_path_type(choice) is None:
+        return None
+    from relay._hitpath import CReturnPath
+
+    if flows.c_indexes is None:
+        flows.c_indexes = CFlowIndexes(flows.by_key.values())
+    return CReturnPath(flows.c_indexes.by_handle, tuple(public_fds), tuple(header_lens), batch, bufsize)

@@ -29,6 +29,7 @@ _C = COUNTER_INDEX
 _monotonic = time.monotonic
 _TRANSCEIVER_PACKETS, _TRANSCEIVER_BYTES = _C["transceiver_packets"], _C["transceiver_bytes"]
 _tag_handle = DATA_TAG_HANDLE.unpack_from
+_MIN_HEADER = DATA_TAG_HANDLE.size
 
 
 class ReturnPath:
@@ -39,6 +40,10 @@ class ReturnPath:
         (the batches' recvmmsg and sendmmsg through ctypes cost ~25 µs for one frame)."""
         try:
             dest = self.link_dest.get(sock)
+            if dest is not None and self.c_return is not None and self.allowed_networks.verdicts.get(dest):
+                self.return_link_c(sock, dest)
+                self.tunnel_done = _monotonic()
+                return
             if dest is not None and _monotonic() - self.tunnel_done > BACK_TO_BACK_S:
                 if not self.return_one(sock, dest):
                     return
@@ -55,7 +60,9 @@ class ReturnPath:
         """(flow, header length) when the frame at ``off`` is a Data frame from ``key`` for one
         of its flows, whose prefix (handle, client) and length match: it goes to that client.
         (The buffer always holds a whole header: a shorter frame leaves old bytes there, and
-        its length does not match.)"""
+        its length does not match; a frame the C return path handed back is its own bytes.)"""
+        if len(buffer) - off < _MIN_HEADER:
+            return None
         tag, handle = _tag_handle(buffer, off)
         if tag != DATA_TAG:
             return None
@@ -63,11 +70,51 @@ class ReturnPath:
         if entry is None or entry.tunnel_dest != key:
             return None
         header = self.public_header[entry.public_index]
+        if len(buffer) - off < header.size:
+            return None
         prefix, payload_len = header.unpack_from(buffer, off)
         hl = header.size
         if prefix != entry.match or payload_len != length - hl:
             return None
         return entry, hl
+
+    def return_link_c(self: Worker, sock: socket.socket, dest: bytes) -> None:
+        """The link's frames through the C return path (relay/_returnpath.h); what it hands
+        back (control frames, hop flows' frames, anything odd) as in a batch."""
+        packets, nbytes, others, oversized, error = self.c_return.forward(sock.fileno(), dest, MAX_BATCHES_PER_WAKEUP)
+        if others:
+            now = time.monotonic()
+            for frame in others:
+                sent = self.route_frame(dest, frame, 0, len(frame), now)
+                if sent >= 0:
+                    packets += 1
+                    nbytes += sent
+            for tx in self.public_tx:
+                tx.flush()
+        self.counts[_TRANSCEIVER_PACKETS] += packets
+        self.counts[_TRANSCEIVER_BYTES] += nbytes
+        if oversized:
+            self.drop("oversized", oversized)
+        if error:
+            errors = self.tunnel_rx.errors
+            errors[error] = errors.get(error, 0) + 1
+            self.rearm_link(sock)
+            if error == errno.ECONNREFUSED:
+                self.link_refused(sock)
+
+    def route_frame(self: Worker, key: bytes, buffer: memoryview | bytearray | bytes, off: int, length: int,
+                    now: float) -> int:
+        """A frame from ``key``: a Data frame of one of its flows is queued for its client (the
+        payload's length); anything else goes to the slow path (-1)."""
+        found = self.returning_flow(key, buffer, off, length)
+        if found is None:
+            self.on_tunnel_frame(key, bytes(buffer[off : off + length]), now)
+            return -1
+        entry, hl = found
+        self.public_tx[entry.public_index].add(entry.client_key, buffer[off + hl : off + length])
+        entry.packets_out += 1
+        entry.bytes_out += length - hl
+        return length - hl
 
     def tunnel_source_allowed(self: Worker, key: bytes) -> bool:
         allowed = self.allowed_networks.verdicts.get(key)
@@ -148,16 +195,10 @@ class ReturnPath:
                 if rx.truncated_count and rx.truncated(i):
                     self.drop("oversized")
                     continue
-                found = self.returning_flow(key, buffer, off, length)
-                if found is None:
-                    self.on_tunnel_frame(key, bytes(buffer[off : off + length]), now)
-                    continue
-                entry, hl = found
-                senders[entry.public_index].add(entry.client_key, buffer[off + hl : off + length])
-                entry.packets_out += 1
-                entry.bytes_out += length - hl
-                packets += 1
-                nbytes += length - hl
+                sent = self.route_frame(key, buffer, off, length, now)
+                if sent >= 0:
+                    packets += 1
+                    nbytes += sent
             for tx in senders:
                 tx.flush()
             if n < rx.batch:

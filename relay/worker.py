@@ -49,7 +49,7 @@ from daemon.networks import AllowedNetworks
 from relay.batchio import BatchReceiver, BatchSender
 from relay.decision import AuthPolicy
 from relay.flows import FlowEntry, LocalFlows
-from relay.hit_path import HEADROOM, FlowSender, HitPath, open_hit_path
+from relay.hit_path import HEADROOM, FlowSender, HitPath, open_hit_path, open_return_path
 from relay.hop_ingress import HopReturn
 from relay.housekeeping_steps import StepRunner
 from relay.kernel_flows import KernelFlows
@@ -175,6 +175,10 @@ class Worker(TunnelControl, ReturnPath, MissPath):
         #: a link's one-frame receive (return_one), and the link sockets' transceivers
         self.return_frame = bytearray(BUFSIZE + DATA_HEADER_LEN_V6)
         self.return_view = memoryview(self.return_frame)
+        #: the links' return path in C when the hit path is C (relay/_returnpath.h), else None
+        self.c_return = open_return_path(cfg.hit_path, self.flows, [s.fileno() for s in self.public],
+                                         [h.size for h in self.public_header[: len(self.public)]], batch,
+                                         len(self.return_frame))
         self.link_dest: dict[socket.socket, bytes] = {}
         self.housekeeping_running = False  # a tick's steps are under way (the loop runs them in turn)
         self._stop = asyncio.Event()

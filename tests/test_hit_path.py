@@ -40,12 +40,12 @@ class Flows:
 
     by_key: dict[bytes, Any] = field(default_factory=dict)
     by_address: dict[tuple[Any, ...], Any] = field(default_factory=dict)
-    hit_index: Any = None  # open_hit_path sets it for C
+    c_indexes: Any = None  # open_hit_path sets it for C
 
     def put(self, key: bytes, entry: Any) -> None:
         self.by_key[key] = entry
-        if self.hit_index is not None:
-            self.hit_index.set(key, entry)
+        if self.c_indexes is not None:
+            self.c_indexes.by_key.set(key, entry)
 
 
 @dataclass

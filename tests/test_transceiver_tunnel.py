@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from transceiver.tunnel import MAX_FLOWS_PER_SESSION, TunnelEndpoint
+from transceiver.tunnel import MAX_FLOWS_PER_SESSION, MAX_REPEATING, REPEATS, TunnelEndpoint
 from wire.stun import build_binding_request
 from wire.tunnel_frame import Data, Drain, Heartbeat, Probe, SessionClosed, SessionRenamed, decode_frame, encode_frame
 
@@ -263,5 +263,32 @@ def test_an_ice_restart_adds_a_ufrag_and_retires_the_old_one() -> None:
         transport.sent.clear()
         link.close()
         assert [frame for frame, _ in transport.frames()] and {f for f, _ in transport.frames()} == {SessionClosed(new)}
+
+    run(body)
+
+
+def test_closes_and_renames_are_said_again_with_the_next_heartbeats() -> None:
+    """One lost SessionClosed left the session's flows at a relay until idle_timeout: each is
+    sent again with the next REPEATS heartbeats (and a SessionRenamed too), then no more; the
+    frames waiting for repeats are bounded."""
+    async def body(endpoint: TunnelEndpoint, transport: RecordingTransport) -> None:
+        link = endpoint.register(UFRAG, lambda data, addr: None)
+        endpoint.add_ufrag(link, "B" * 38)
+        endpoint.retire_ufrag(link, UFRAG)
+        link.close()
+        relays = 1  # the configured relay (none heard from)
+        per_heartbeat = []
+        for _ in range(REPEATS + 2):
+            transport.sent.clear()
+            endpoint.send_heartbeat()
+            per_heartbeat.append([f for f, _ in transport.frames() if not isinstance(f, Heartbeat)])
+        said_again = [SessionRenamed(UFRAG, "B" * 38), SessionClosed("B" * 38)] * relays
+        assert per_heartbeat == [said_again] * REPEATS + [[], []]
+        for n in range(MAX_REPEATING + 10):
+            endpoint._tell_relays(SessionClosed(f"u{n}"))
+        transport.sent.clear()
+        endpoint.send_heartbeat()
+        repeated = [f for f, _ in transport.frames() if isinstance(f, SessionClosed)]
+        assert len(repeated) == MAX_REPEATING and repeated[0] == SessionClosed("u10")  # the oldest went unrepeated
 
     run(body)

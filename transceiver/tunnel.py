@@ -59,6 +59,11 @@ MAX_FLOWS_PER_SESSION = 16  # candidate pairs x NAT rebindings; bounded so a rel
 MAX_RELAYS = 256  # relay tunnel addresses remembered for heartbeats
 RELAY_FORGET_S = 30.0  # stop heartbeating a relay not heard from (and not configured) for this long
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+# A SessionClosed or SessionRenamed is said again with the next heartbeats, this many times:
+# one lost on the way (UDP) left the session's flows at a relay until idle_timeout, and a
+# closed session open to its client's next check. Repeats are harmless (nothing to close).
+REPEATS = 2
+MAX_REPEATING = 4096  # frames waiting for their repeats (beyond: the oldest go unrepeated)
 
 TUNNEL_DROP_REASONS = frozenset(
     {
@@ -165,6 +170,7 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._family = socket.AF_INET
+        self._repeating: dict[SessionClosed | SessionRenamed, int] = {}  # frame -> repeats left
 
     # -- asyncio protocol ---------------------------------------------------------------
 
@@ -260,7 +266,7 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
         for flow in link.flows.values():
             if flow.relay_ufrag == ufrag:
                 flow.relay_ufrag = link.ufrag  # (its handle changes: _move follows it)
-        self._send_control(SessionRenamed(ufrag, link.ufrag))
+        self._tell_relays(SessionRenamed(ufrag, link.ufrag))
 
     @property
     def session_count(self) -> int:
@@ -317,7 +323,7 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
         for ufrag in link.ufrags:
             if self._sessions.get(ufrag) is link:
                 del self._sessions[ufrag]
-            self._send_control(SessionClosed(ufrag))
+            self._tell_relays(SessionClosed(ufrag))
 
     def _send_data(self, link: SessionLink, data: bytes, addr: Addr) -> None:
         flow = link.flows.get(addr)
@@ -358,6 +364,19 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
 
     def send_heartbeat(self) -> None:
         self._send_control(self.heartbeat_source())
+        for frame, left in list(self._repeating.items()):
+            self._send_control(frame)
+            if left > 1:
+                self._repeating[frame] = left - 1
+            else:
+                del self._repeating[frame]
+
+    def _tell_relays(self, frame: SessionClosed | SessionRenamed) -> None:
+        """Now, and again with the next REPEATS heartbeats."""
+        self._send_control(frame)
+        self._repeating[frame] = REPEATS
+        while len(self._repeating) > MAX_REPEATING:
+            del self._repeating[next(iter(self._repeating))]
 
     async def _heartbeat_loop(self) -> None:
         while True:

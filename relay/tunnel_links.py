@@ -54,6 +54,7 @@ class TunnelLinks:
         self.on_close = on_close
         #: transceiver sockaddr bytes -> sender on its connected socket (the packet path's dict)
         self.senders: dict[bytes, BatchSender] = {}
+        self._closed_failures = 0  # send_failures() of the links closed so far
         #: the same links' file descriptors (the C hit path's dict, relay/_hitpath.c)
         self.fds: dict[bytes, int] = {}
         self._sockets: dict[bytes, socket.socket] = {}
@@ -95,8 +96,14 @@ class TunnelLinks:
         self.on_open(sock)
         return sender
 
+    def send_failures(self) -> int:
+        """Datagrams the kernel refused on the links, closed ones included (never goes down)."""
+        return self._closed_failures + sum(s.failed + s.dropped_eagain for s in self.senders.values())
+
     def close(self, dest: bytes) -> None:
-        self.senders.pop(dest, None)
+        sender = self.senders.pop(dest, None)
+        if sender is not None:
+            self._closed_failures += sender.failed + sender.dropped_eagain
         self.fds.pop(dest, None)  # before the close: the fd number may be reused at once
         sock = self._sockets.pop(dest, None)
         if sock is not None:

@@ -365,6 +365,7 @@ class Worker(TunnelControl, ReturnPath, MissPath):
         counts[_C["transceivers"]] = len(self.flows.transceivers)
         counts[_C["tunnel_links"]] = len(self.links)
         counts[_C["hit_path_packets"]] = sum(h.forwarded for h in self.hit_paths)
+        counts[_C["drop_send_failed"]] = self.send_failures()
         kernel = self.flows.kernel
         if kernel is not None:
             packets_in, bytes_in, packets_out, bytes_out = kernel.take_totals()
@@ -378,6 +379,15 @@ class Worker(TunnelControl, ReturnPath, MissPath):
         for event, value in self.directory.counts.items():
             counts[_C["directory_" + event]] = value
         self.counters.store_row(self.index, counts)
+
+    def send_failures(self) -> int:
+        """Datagrams the kernel refused to send (buffer full, unreachable, ...), of every sender:
+        the batch senders, the links (closed ones too), the C hit and return paths."""
+        senders = {id(s): s for s in (self.tunnel_tx, *(tx if isinstance(tx, BatchSender) else tx.tx
+                                                         for tx in self.public_tx))}
+        native = [h for h in (*self.hit_paths, self.c_return) if h is not None and hasattr(h, "failed")]
+        return (sum(s.failed + s.dropped_eagain for s in senders.values()) + self.links.send_failures()
+                + sum(n.failed + n.dropped_eagain for n in native))
 
     def reload_keys(self) -> None:
         try:

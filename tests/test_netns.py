@@ -121,3 +121,47 @@ def test_a_call_works_only_through_the_relay_across_namespaces(topology: Topolog
         stop(transceiver)
         if relay is not None:
             cleanup_relay(relay)
+
+
+def test_a_firewall_refusing_the_relays_sends_is_counted_and_costs_only_those_datagrams(
+        topology: Topology, tmp_path: Path) -> None:
+    """An nftables rule in the relay's namespace drops its sends to the client (sendto fails:
+    EPERM) in the middle of a call through the C packet paths: each refused datagram is counted
+    (drop_send_failed, rtcrelay_drops_total{reason="send_failed"}), the workers and the flow
+    stay, and the client hears the call again once the rule goes."""
+    topo = topology
+    relay = transceiver = call = None
+    try:
+        relay = start_relay(tmp_path, workers=1, prefix=topo.exec(topo.relay), wait=False, port=RELAY_PORT, config={
+            "listen": [f"{RELAY_PUBLIC_IP}:{RELAY_PORT}"], "tunnel_host": RELAY_TUNNEL_IP,
+            "transceiver_networks": ["10.250.2.0/24"], "heartbeat_timeout": 5.0, "hit_path": "c"})
+        wait_relay(relay, "its namespace")
+        transceiver, tx_log = start_transceiver(topo, relay, tmp_path)
+        wait_transceiver(transceiver, tx_log)
+        call = ClientCall(topo.exec(topo.client), topo.exec(topo.transceiver), CLIENT_SCRIPT,
+                          lambda: f"relay:\n{relay.log()[-2000:]}\ntransceiver:\n{tx_log.read_text()[-2000:]}")
+        call.start()
+        assert json.loads(call.line("the call did not complete"))["level"] > 1000
+        (flow,) = relay.table_flows()
+        assert relay.total("drop_send_failed") == 0
+        nft = topo.exec(topo.relay) + ["nft"]
+        run(nft + ["add", "table", "inet", "refuse"])
+        run(nft + ["add chain inet refuse out { type filter hook output priority 0 ; }"])
+        run(nft + ["add", "rule", "inet", "refuse", "out", "ip", "daddr", CLIENT_IP, "udp", "dport",
+                   str(flow.client_port), "drop"])
+        relay.wait_flushed(lambda rows: sum(r["drop_send_failed"] for r in rows) > 25, timeout=5,
+                           what="the refused sends counted")
+        run(nft + ["delete", "table", "inet", "refuse"])
+        refused = relay.total("drop_send_failed")
+        sent = relay.total("transceiver_packets")
+        relay.wait_flushed(lambda rows: sum(r["transceiver_packets"] for r in rows) > sent + 25, timeout=5,
+                           what="the call carried again")
+        assert relay.total("drop_send_failed") - refused <= 2  # (what was in flight as the rule went)
+        assert [f.client_port for f in relay.table_flows()] == [flow.client_port]
+        assert relay.proc.poll() is None and all(r["ready"] for r in relay.rows())
+        assert call.finish() == 0
+    finally:
+        stop(call.proc if call is not None else None)
+        stop(transceiver)
+        if relay is not None:
+            cleanup_relay(relay)

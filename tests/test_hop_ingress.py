@@ -2,6 +2,7 @@
 HopData in, each client behind an edge a virtual client, the way back framed for the edge."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -10,6 +11,7 @@ import pytest
 from relay.batchio import decode_sockaddr, sockaddr_for
 from relay.hop_ingress import HopIngress, edge_of, parse_hop, virtual_key
 from wire.tunnel_frame import (
+    CLOSE_REPEATS,
     HOP_HEADER_LEN_V4,
     PROBE,
     Data,
@@ -131,3 +133,24 @@ def test_junk_and_strangers_are_dropped_and_named() -> None:
         assert ret.unroutable == 1
     finally:
         h.close()
+
+
+def test_an_end_told_to_an_edge_is_told_again_with_the_next_heartbeats(harness: Harness) -> None:
+    """A cluster relay tells an edge of a session's end once when it happens (its flows go with
+    it, so the transceiver's repeats cannot reach the edge through them): it says it again with
+    its next CLOSE_REPEATS heartbeats to that edge, then no more."""
+    payload = b"\x80 rtp"
+    harness.send(hop_prefix(42, CLIENT4, 5000, 0) + len(payload).to_bytes(2, "big") + payload)
+    ((_i, vkey, _got, _hops),) = harness.delivered
+    harness.ingress.session_ended(SessionClosed("u"), [vkey])
+    assert decode_frame(harness.edge.recv(2048)) == SessionClosed("u")
+    harness.edge.settimeout(0.2)
+    for beat in range(CLOSE_REPEATS + 2):
+        harness.ingress.heartbeat(time.monotonic(), sessions=1)
+        frames = [decode_frame(harness.edge.recv(2048))]
+        with contextlib.suppress(TimeoutError):
+            while True:
+                frames.append(decode_frame(harness.edge.recv(2048)))
+        expected = [Heartbeat(1, 0)] + ([SessionClosed("u")] if beat < CLOSE_REPEATS else [])
+        assert frames == expected, beat
+    assert harness.ingress.repeating == {}

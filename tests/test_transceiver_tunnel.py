@@ -8,9 +8,19 @@ import os
 
 import pytest
 
-from transceiver.tunnel import MAX_FLOWS_PER_SESSION, MAX_REPEATING, REPEATS, TunnelEndpoint
+from transceiver.tunnel import MAX_FLOWS_PER_SESSION, MAX_REPEATING, TunnelEndpoint
 from wire.stun import build_binding_request
-from wire.tunnel_frame import Data, Drain, Heartbeat, Probe, SessionClosed, SessionRenamed, decode_frame, encode_frame
+from wire.tunnel_frame import (
+    CLOSE_REPEATS,
+    Data,
+    Drain,
+    Heartbeat,
+    Probe,
+    SessionClosed,
+    SessionRenamed,
+    decode_frame,
+    encode_frame,
+)
 
 RELAY = ("127.0.0.1", 40000)
 RELAY2 = ("127.0.0.2", 40001)
@@ -269,7 +279,7 @@ def test_an_ice_restart_adds_a_ufrag_and_retires_the_old_one() -> None:
 
 def test_closes_and_renames_are_said_again_with_the_next_heartbeats() -> None:
     """One lost SessionClosed left the session's flows at a relay until idle_timeout: each is
-    sent again with the next REPEATS heartbeats (and a SessionRenamed too), then no more; the
+    sent again with the next CLOSE_REPEATS heartbeats (and a SessionRenamed too), then no more; the
     frames waiting for repeats are bounded."""
     async def body(endpoint: TunnelEndpoint, transport: RecordingTransport) -> None:
         link = endpoint.register(UFRAG, lambda data, addr: None)
@@ -278,12 +288,12 @@ def test_closes_and_renames_are_said_again_with_the_next_heartbeats() -> None:
         link.close()
         relays = 1  # the configured relay (none heard from)
         per_heartbeat = []
-        for _ in range(REPEATS + 2):
+        for _ in range(CLOSE_REPEATS + 2):
             transport.sent.clear()
             endpoint.send_heartbeat()
             per_heartbeat.append([f for f, _ in transport.frames() if not isinstance(f, Heartbeat)])
         said_again = [SessionRenamed(UFRAG, "B" * 38), SessionClosed("B" * 38)] * relays
-        assert per_heartbeat == [said_again] * REPEATS + [[], []]
+        assert per_heartbeat == [said_again] * CLOSE_REPEATS + [[], []]
         for n in range(MAX_REPEATING + 10):
             endpoint._tell_relays(SessionClosed(f"u{n}"))
         transport.sent.clear()

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 from daemon.networks import AllowedNetworks
 from wire.stun import StunError, looks_like_binding_request, parse
 from wire.tunnel_frame import (
+    CLOSE_REPEATS,
     MAX_PAYLOAD,
     Data,
     Drain,
@@ -59,10 +60,9 @@ MAX_FLOWS_PER_SESSION = 16  # candidate pairs x NAT rebindings; bounded so a rel
 MAX_RELAYS = 256  # relay tunnel addresses remembered for heartbeats
 RELAY_FORGET_S = 30.0  # stop heartbeating a relay not heard from (and not configured) for this long
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
-# A SessionClosed or SessionRenamed is said again with the next heartbeats, this many times:
-# one lost on the way (UDP) left the session's flows at a relay until idle_timeout, and a
-# closed session open to its client's next check. Repeats are harmless (nothing to close).
-REPEATS = 2
+# A SessionClosed or SessionRenamed is said again with the next CLOSE_REPEATS heartbeats: one
+# lost on the way (UDP) left the session's flows at a relay until idle_timeout, and a closed
+# session open to its client's next check. Repeats are harmless (nothing left to close).
 MAX_REPEATING = 4096  # frames waiting for their repeats (beyond: the oldest go unrepeated)
 
 TUNNEL_DROP_REASONS = frozenset(
@@ -372,9 +372,9 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
                 del self._repeating[frame]
 
     def _tell_relays(self, frame: SessionClosed | SessionRenamed) -> None:
-        """Now, and again with the next REPEATS heartbeats."""
+        """Now, and again with the next CLOSE_REPEATS heartbeats."""
         self._send_control(frame)
-        self._repeating[frame] = REPEATS
+        self._repeating[frame] = CLOSE_REPEATS
         while len(self._repeating) > MAX_REPEATING:
             del self._repeating[next(iter(self._repeating))]
 

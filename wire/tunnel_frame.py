@@ -133,6 +133,10 @@ _HEADER_V6 = struct.Struct("!BBBBQBB16sBHBH")
 DATA_HEADER_LEN_V4 = _HEADER_V4.size  # 24
 DATA_HEADER_LEN_V6 = _HEADER_V6.size  # 36
 MAX_PAYLOAD = 0xFFFF
+#: SessionClosed and SessionRenamed go out at once and again with the sender's next
+#: CLOSE_REPEATS heartbeats (a transceiver's to its relays, a cluster relay's to its edges):
+#: over UDP one may be lost, and receiving one again changes nothing.
+CLOSE_REPEATS = 2
 #: The first 4 bytes of every fixed-width Data frame: version, fixarray(5), tag 1, uint64 marker.
 DATA_TAG = bytes((FRAME_VERSION, 0x95, 0x01, 0xCF))
 #: The tag and the flow's handle, the first 12 bytes: ``tag, handle = DATA_TAG_HANDLE.unpack_from(buf, off)``.

@@ -31,8 +31,8 @@ from collections.abc import Callable, Iterable
 from daemon.networks import AllowedNetworks
 from relay.batchio import BatchReceiver, BatchSender, decode_sockaddr
 from relay.batchio.sockaddr import KEY_LEN_V4, SOCKADDR_IN6_LEN
+from wire.repeats import Repeats
 from wire.tunnel_frame import (
-    CLOSE_REPEATS,
     HOP_HEADER_LEN_V4,
     HOP_HEADER_LEN_V6,
     HOP_TAG,
@@ -59,7 +59,6 @@ _HOP_FIXED_V6 = struct.Struct("!4sQBB16sBHBBH")
 _IP_LEN_AT = 13  # offset of the bin8 length byte (4 or 16)
 ROUTES_MAX = 1 << 18  # remembered ways back (virtual key -> edge): bounded, oldest out
 EDGE_IDLE_S = 60.0  # an edge with no datagram this long gets no more heartbeats
-MAX_REPEATING = 4096  # ends told, waiting to be told again (wire CLOSE_REPEATS; oldest out beyond)
 
 
 def virtual_key(ip: bytes, port: int, edge_key: bytes) -> bytes:
@@ -143,8 +142,8 @@ class HopIngress:
         self.drop = drop
         self.flush = flush  # after each batch: what deliver queued goes out
         self.edges: dict[bytes, tuple[int, float]] = {}  # edge key -> (its hop socket, last heard)
-        #: (edge, SessionClosed/SessionRenamed) -> repeats left: said again with the heartbeats
-        self.repeating: dict[tuple[bytes, SessionClosed | SessionRenamed], int] = {}
+        #: (edge, SessionClosed/SessionRenamed) told, said again with the heartbeats (wire/repeats.py)
+        self.repeating: Repeats[tuple[bytes, SessionClosed | SessionRenamed]] = Repeats()
         self.sessions = 0  # what the last heartbeat said (a probe's answer says it again)
 
     def indexes(self) -> list[tuple[int, int]]:
@@ -219,14 +218,10 @@ class HopIngress:
                 del self.edges[edge]
                 continue
             self.returns[j].send_frame(edge, Heartbeat(sessions=sessions, capacity=0))
-        for (edge, frame), left in list(self.repeating.items()):
+        for edge, frame in self.repeating.due():
             known = self.edges.get(edge)
             if known is not None:
                 self.returns[known[0]].send_frame(edge, frame)
-            if known is not None and left > 1:
-                self.repeating[(edge, frame)] = left - 1
-            else:
-                del self.repeating[(edge, frame)]
         for ret in self.returns:
             ret.flush()
 
@@ -242,8 +237,6 @@ class HopIngress:
                 continue
             told.add(edge)
             self.returns[known[0]].send_frame(edge, frame)
-            self.repeating[(edge, frame)] = CLOSE_REPEATS
-            while len(self.repeating) > MAX_REPEATING:
-                del self.repeating[next(iter(self.repeating))]
+            self.repeating.add((edge, frame))
         for ret in self.returns:
             ret.flush()

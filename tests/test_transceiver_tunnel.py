@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from transceiver.tunnel import MAX_FLOWS_PER_SESSION, MAX_REPEATING, TunnelEndpoint
+from transceiver.tunnel import MAX_FLOWS_PER_SESSION, TunnelEndpoint
+from wire.repeats import MAX_REPEATING
 from wire.stun import build_binding_request
 from wire.tunnel_frame import (
     CLOSE_REPEATS,

@@ -32,9 +32,9 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from daemon.networks import AllowedNetworks
+from wire.repeats import Repeats
 from wire.stun import StunError, looks_like_binding_request, parse
 from wire.tunnel_frame import (
-    CLOSE_REPEATS,
     MAX_PAYLOAD,
     Data,
     Drain,
@@ -60,10 +60,6 @@ MAX_FLOWS_PER_SESSION = 16  # candidate pairs x NAT rebindings; bounded so a rel
 MAX_RELAYS = 256  # relay tunnel addresses remembered for heartbeats
 RELAY_FORGET_S = 30.0  # stop heartbeating a relay not heard from (and not configured) for this long
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
-# A SessionClosed or SessionRenamed is said again with the next CLOSE_REPEATS heartbeats: one
-# lost on the way (UDP) left the session's flows at a relay until idle_timeout, and a closed
-# session open to its client's next check. Repeats are harmless (nothing left to close).
-MAX_REPEATING = 4096  # frames waiting for their repeats (beyond: the oldest go unrepeated)
 
 TUNNEL_DROP_REASONS = frozenset(
     {
@@ -170,7 +166,10 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._family = socket.AF_INET
-        self._repeating: dict[SessionClosed | SessionRenamed, int] = {}  # frame -> repeats left
+        # A SessionClosed or SessionRenamed is said again with the next heartbeats: one lost on
+        # the way left the session's flows at a relay until idle_timeout, and a closed session
+        # open to its client's next check (wire/repeats.py).
+        self._repeating: Repeats[SessionClosed | SessionRenamed] = Repeats()
 
     # -- asyncio protocol ---------------------------------------------------------------
 
@@ -364,19 +363,13 @@ class TunnelEndpoint(asyncio.DatagramProtocol):
 
     def send_heartbeat(self) -> None:
         self._send_control(self.heartbeat_source())
-        for frame, left in list(self._repeating.items()):
+        for frame in self._repeating.due():
             self._send_control(frame)
-            if left > 1:
-                self._repeating[frame] = left - 1
-            else:
-                del self._repeating[frame]
 
     def _tell_relays(self, frame: SessionClosed | SessionRenamed) -> None:
         """Now, and again with the next CLOSE_REPEATS heartbeats."""
         self._send_control(frame)
-        self._repeating[frame] = CLOSE_REPEATS
-        while len(self._repeating) > MAX_REPEATING:
-            del self._repeating[next(iter(self._repeating))]
+        self._repeating.add(frame)
 
     async def _heartbeat_loop(self) -> None:
         while True:

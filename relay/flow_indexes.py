@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from relay.flow_entry import FlowEntry
+    from relay.flows import LocalFlows
 
 
 def handle_key(handle: int) -> bytes:
@@ -41,3 +42,11 @@ class CFlowIndexes:
     def moved(self, entry: FlowEntry, old_handle: int) -> None:
         self.by_handle.discard(handle_key(old_handle))
         self.by_handle.set(handle_key(entry.handle), entry)
+
+
+def c_indexes_of(flows: LocalFlows) -> CFlowIndexes:
+    """The worker's C indexes, made (from its dicts) by the first C path that needs them: one
+    copy for all of its public sockets and its return path."""
+    if flows.c_indexes is None:
+        flows.c_indexes = CFlowIndexes(flows.by_key.values())
+    return flows.c_indexes

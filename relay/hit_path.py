@@ -28,7 +28,7 @@ import struct
 from typing import TYPE_CHECKING, Any, Protocol
 
 from daemon.config_file import ConfigError
-from relay.flow_indexes import CFlowIndexes
+from relay.flow_indexes import c_indexes_of
 
 HEADROOM = 64  # bytes in front of each received datagram for its tunnel header (≥ DATA_HEADER_LEN_V6)
 DATA_LENGTH_LEN = 2  # a tunnel header's last field: the payload length (wire/tunnel_frame.py)
@@ -237,10 +237,8 @@ def open_hit_path(choice: str, rx: BatchReceiver, sender: FlowSender, flows: Loc
     c_type = c_hit_path_type(choice)
     if c_type is None:
         return PythonHitPath(rx, sender, flows.by_key, flows.by_address)
-    if flows.c_indexes is None:  # one copy of the dicts for the worker's public sockets
-        flows.c_indexes = CFlowIndexes(flows.by_key.values())
     hit_path: HitPath = c_type(rx.fd, rx.buffer, rx.offsets[0], rx.stride, rx.batch, rx.headroom, rx.bufsize,
-                               flows.c_indexes.by_key, link_fds)
+                               c_indexes_of(flows).by_key, link_fds)
     return hit_path
 
 
@@ -252,6 +250,4 @@ def open_return_path(choice: str, flows: LocalFlows, public_fds: list[int], head
         return None
     from relay._hitpath import CReturnPath
 
-    if flows.c_indexes is None:
-        flows.c_indexes = CFlowIndexes(flows.by_key.values())
-    return CReturnPath(flows.c_indexes.by_handle, tuple(public_fds), tuple(header_lens), batch, bufsize)
+    return CReturnPath(c_indexes_of(flows).by_handle, tuple(public_fds), tuple(header_lens), batch, bufsize)
